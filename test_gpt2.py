@@ -41,11 +41,12 @@ def run_script(script, *args, cwd=HERE, env=None, check=True):
 
 
 def assert_one_line_error(proc, *words):
+    """Failed with one line that says what is wrong (after any progress output), no traceback."""
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert lines and lines[-1].startswith("error:") and "Traceback" not in proc.stderr, proc.stderr
     for word in words:
-        assert word in lines[0], lines[0]
+        assert word in lines[-1], lines[-1]
 
 
 # -----------------------------------------------------------------------------
@@ -294,3 +295,192 @@ def test_empty_prompt_is_a_clear_error(hf_pair):
     assert_one_line_error(run_script("train_gpt2.py", "--init_from", path, "--prompt", "", check=False), "prompt is empty")
     with pytest.raises(ValueError, match="empty"):
         model.generate(torch.zeros(1, 0, dtype=torch.long))
+
+
+# -----------------------------------------------------------------------------
+# prepare_data.py
+
+import prepare_data as pdata  # noqa: E402
+
+DOCS = [
+    "First document.\nIt has two lines.",
+    "Ünïcödé, 日本語 and emoji 🙂 survive the round trip.",
+    "x",
+    "A longer one: " + " ".join(f"word{i}" for i in range(300)),
+    "  leading and trailing whitespace  \n\n",
+] + [f"Document number {i}: " + "lorem ipsum " * (i % 7) for i in range(40)]
+
+
+def write_corpus(folder):
+    """The same documents as a .jsonl file and single-document .txt files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "docs.jsonl", "w", encoding="utf-8") as f:
+        for doc in DOCS[:-2]:
+            f.write(json.dumps({"text": doc, "id": 0}) + "\n")
+    for i, doc in enumerate(DOCS[-2:]):
+        (folder / f"doc{i}.txt").write_text(doc, encoding="utf-8")
+    return [folder / "docs.jsonl", folder / "doc0.txt", folder / "doc1.txt"]
+
+
+def read_split(out_dir, split):
+    meta = json.loads((out_dir / "meta.json").read_text())
+    shards = [np.load(out_dir / name) for name in meta["splits"][split]["shards"]]
+    return meta, shards
+
+
+def test_shards_decode_back_to_the_documents(tmp_path):
+    files = write_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    run_script("prepare_data.py", "--files", *files, "--out_dir", out, "--shard_size", 500, "--val_tokens", 700, "--num_proc", 2)
+    meta, val = read_split(out, "val")
+    _, train = read_split(out, "train")
+    assert [len(s) for s in val] == [500, 200]  # the val split ends where --val_tokens says
+    assert all(len(s) == 500 for s in train[:-1]) and 0 < len(train[-1]) <= 500
+    assert all(s.dtype == np.uint16 for s in val + train)
+    assert meta["splits"]["val"]["tokens"] == 700
+    assert meta["splits"]["train"]["tokens"] == sum(map(len, train))
+    tokens = np.concatenate(val + train).tolist()
+    enc = tg.get_tokenizer()
+    expected = [t for doc in DOCS for t in [tg.EOT_TOKEN] + enc.encode_ordinary(doc)]
+    assert tokens == expected  # tiktoken, document by document, each after <|endoftext|>
+    assert enc.decode(tokens).split("<|endoftext|>")[1:] == DOCS
+
+
+def test_rerun_is_identical_and_skipped_unless_overwrite(tmp_path):
+    files = write_corpus(tmp_path / "corpus")
+    args = ["--files", *files, "--shard_size", 300, "--val_tokens", 300]
+    run_script("prepare_data.py", *args, "--out_dir", tmp_path / "a", "--num_proc", 1)
+    run_script("prepare_data.py", *args, "--out_dir", tmp_path / "b", "--num_proc", 2)
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in names:  # 1 and 2 processes write the same bytes
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    shard = tmp_path / "a" / "train_000000.npy"
+    before = shard.stat().st_mtime_ns
+    assert "already prepared" in run_script("prepare_data.py", *args, "--out_dir", tmp_path / "a").stdout
+    assert shard.stat().st_mtime_ns == before
+    run_script("prepare_data.py", *args, "--out_dir", tmp_path / "a", "--overwrite")
+    assert shard.read_bytes() == (tmp_path / "b" / "train_000000.npy").read_bytes()
+
+
+def test_interrupted_run_leaves_no_complete_looking_shard(tmp_path, monkeypatch):
+    files = write_corpus(tmp_path / "corpus")
+    args = ["--files", *map(str, files), "--shard_size", "300", "--val_tokens", "300", "--num_proc", "1"]
+    pdata.main(args + ["--out_dir", str(tmp_path / "clean")])
+    real_save, saved = pdata.save_npy, []
+
+    def save_then_die(path, array):
+        if len(saved) == 3:  # killed while writing the 4th shard: half a temp file, no rename
+            with open(f"{path}.tmp", "wb") as f:
+                f.write(b"\x93NUMPY half")
+            raise KeyboardInterrupt
+        real_save(path, array)
+        saved.append(path)
+
+    monkeypatch.setattr(pdata, "save_npy", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        pdata.main(args + ["--out_dir", str(tmp_path / "cut")])
+    cut = tmp_path / "cut"
+    assert not (cut / "meta.json").exists()  # not marked complete
+    for name in map(os.path.basename, saved):  # every shard under its final name is whole
+        assert (np.load(cut / name) == np.load(tmp_path / "clean" / name)).all()
+    monkeypatch.setattr(pdata, "save_npy", real_save)
+    pdata.main(args + ["--out_dir", str(cut)])  # the re-run
+    assert sorted(p.name for p in cut.iterdir()) == sorted(p.name for p in (tmp_path / "clean").iterdir())
+    for p in cut.iterdir():
+        assert p.read_bytes() == (tmp_path / "clean" / p.name).read_bytes()
+
+
+def test_parquet_json_and_a_named_text_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"body": DOCS[:20], "n": list(range(20))}), tmp_path / "a.parquet")
+    (tmp_path / "b.json").write_text(json.dumps([{"body": d} for d in DOCS[20:]]))
+    out = tmp_path / "out"
+    run_script("prepare_data.py", "--files", tmp_path / "a.parquet", tmp_path / "b.json", "--text_column", "body",
+               "--out_dir", out, "--val_tokens", 100)
+    _, val = read_split(out, "val")
+    _, train = read_split(out, "train")
+    assert tg.get_tokenizer().decode(np.concatenate(val + train).tolist()).split("<|endoftext|>")[1:] == DOCS
+
+
+def test_small_corpus_gets_a_val_split(tmp_path):
+    if not (SHARED / "data" / "tinyshakespeare.txt").exists():
+        pytest.skip("needs ../shared/data/tinyshakespeare.txt")
+    out = tmp_path / "shakespeare"
+    run_script("prepare_data.py", "--files", SHARED / "data" / "tinyshakespeare.txt", "--out_dir", out)
+    meta = json.loads((out / "meta.json").read_text())
+    total = meta["splits"]["val"]["tokens"] + meta["splits"]["train"]["tokens"]
+    assert total == 338_025 + 1  # the data README's count, plus the leading <|endoftext|>
+    assert meta["splits"]["val"]["tokens"] == total // 10
+
+
+def test_workers_started_by_spawning(tmp_path):
+    files = write_corpus(tmp_path / "corpus")
+    code = ("import multiprocessing as mp, sys; mp.set_start_method('spawn'); import prepare_data; "
+            "prepare_data.main(sys.argv[1:])")
+    subprocess.run([sys.executable, "-c", code, "--files", *map(str, files), "--out_dir", str(tmp_path / "out"),
+                    "--val_tokens", "50", "--num_proc", "2"], cwd=HERE, check=True, capture_output=True)
+    assert (tmp_path / "out" / "meta.json").exists()
+
+
+def test_prepare_data_bad_input(tmp_path, monkeypatch):
+    def prepare(*args):
+        return run_script("prepare_data.py", *args, "--out_dir", tmp_path / "out", check=False)
+
+    assert_one_line_error(prepare("--files", tmp_path / "missing.txt"), "file not found", "missing.txt")
+    (tmp_path / "rows.jsonl").write_text('{"content": "hi", "url": "x"}\n')
+    assert_one_line_error(prepare("--files", tmp_path / "rows.jsonl"), "no column 'text'", "content, url")
+    (tmp_path / "empty.jsonl").write_text("")
+    assert_one_line_error(prepare("--files", tmp_path / "empty.jsonl"), "empty")
+    (tmp_path / "tiny.txt").write_text("just a few words")
+    assert_one_line_error(prepare("--files", tmp_path / "tiny.txt", "--val_tokens", 1000), "--val_tokens")
+
+    class HugeTokenizer:  # a tokenizer whose ids do not fit in uint16
+        def encode_ordinary(self, text):
+            return [70_000]
+
+    monkeypatch.setattr(pdata, "_encoder", HugeTokenizer())
+    with pytest.raises(pdata.DataError, match="70000 does not fit in uint16"):
+        pdata.tokenize_documents(["anything"])
+
+
+def alpaca_records(n=30):
+    if (SHARED / "data" / "alpaca_data_sample.json").exists():
+        return json.loads((SHARED / "data" / "alpaca_data_sample.json").read_text())[:n]
+    return [{"instruction": f"Say {i}.", "input": "" if i % 2 else f"n={i}", "output": f"{i} it is."} for i in range(n)]
+
+
+def test_sft_masks_exactly_the_answers(tmp_path):
+    records = alpaca_records(30) + [{"instruction": "Too long", "input": "", "output": "word " * 2000}]
+    (tmp_path / "alpaca.json").write_text(json.dumps(records))
+    out = tmp_path / "alpaca"
+    run_script("prepare_data.py", "--sft", "--files", tmp_path / "alpaca.json", "--out_dir", out, "--val_fraction", 0.2)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["dropped_too_long"] == 1
+    assert meta["splits"]["val"]["examples"] == 6 and meta["splits"]["train"]["examples"] == 24
+    enc = tg.get_tokenizer()
+    seen = []
+    for split in ("train", "val"):
+        tokens, mask, offsets = (np.load(out / f"{split}_{name}.npy") for name in ("tokens", "mask", "offsets"))
+        assert len(tokens) == len(mask) == offsets[-1] == meta["splits"][split]["tokens"]
+        for i in range(len(offsets) - 1):
+            t, m = tokens[offsets[i]:offsets[i + 1]], mask[offsets[i]:offsets[i + 1]].astype(bool)
+            prompt, answer = enc.decode(t[~m].tolist()), enc.decode(t[m].tolist())
+            assert (m == (np.arange(len(m)) >= m.argmax())).all()  # one answer span, at the end
+            record = next(r for r in records if answer == r["output"] + "<|endoftext|>")
+            template = pdata.ALPACA_PROMPT_WITH_INPUT if record["input"] else pdata.ALPACA_PROMPT
+            assert prompt == template.format(**record)
+            seen.append(record["instruction"])
+    assert sorted(seen) == sorted(r["instruction"] for r in records[:30])
+
+
+def test_hellaswag_preparation(tmp_path):
+    if not (SHARED / "data" / "hellaswag_val.jsonl").exists():
+        pytest.skip("needs ../shared/data/hellaswag_val.jsonl")
+    lines = (SHARED / "data" / "hellaswag_val.jsonl").read_text().splitlines()[:25]
+    (tmp_path / "hs.jsonl").write_text("\n".join(lines) + "\n")
+    run_script("prepare_data.py", "--hellaswag", "--files", tmp_path / "hs.jsonl", "--out_dir", tmp_path / "hs")
+    items = [json.loads(l) for l in (tmp_path / "hs" / "hellaswag_val.jsonl").read_text().splitlines()]
+    originals = [json.loads(l) for l in lines]
+    assert [(i["ctx"], i["endings"], i["label"]) for i in items] == [(o["ctx"], o["endings"], o["label"]) for o in originals]
