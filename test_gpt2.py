@@ -484,3 +484,232 @@ def test_hellaswag_preparation(tmp_path):
     items = [json.loads(l) for l in (tmp_path / "hs" / "hellaswag_val.jsonl").read_text().splitlines()]
     originals = [json.loads(l) for l in lines]
     assert [(i["ctx"], i["endings"], i["label"]) for i in items] == [(o["ctx"], o["endings"], o["label"]) for o in originals]
+
+
+# -----------------------------------------------------------------------------
+# Pretraining
+
+TINY = ["--n_layer", 2, "--n_head", 2, "--n_embd", 32, "--block_size", 32, "--batch_size", 2,
+        "--total_batch_size", 256, "--warmup_steps", 2, "--max_lr", 3e-3, "--eval_samples", 0, "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def shakespeare(tmp_path_factory):
+    """tinyshakespeare prepared by prepare_data.py (or a stand-in text if shared/ is absent)."""
+    folder = tmp_path_factory.mktemp("shakespeare")
+    source = SHARED / "data" / "tinyshakespeare.txt"
+    if not source.exists():
+        source = folder / "text.txt"
+        source.write_text(" ".join(DOCS) * 200)
+    run_script("prepare_data.py", "--files", source, "--out_dir", folder / "data", "--shard_size", 100_000)
+    return folder / "data"
+
+
+def read_log(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+
+
+def train_losses(out_dir):
+    return [(e["step"], e["loss"]) for e in read_log(out_dir) if "loss" in e]
+
+
+def test_lr_schedule():
+    lr = lambda step: tg.get_lr(step, max_lr=6e-4, min_lr=6e-5, warmup_steps=10, max_steps=110)  # noqa: E731
+    assert lr(0) == pytest.approx(6e-5)  # warmup starts at max_lr / warmup_steps
+    assert lr(9) == pytest.approx(6e-4)  # and ends at max_lr
+    assert lr(10) == pytest.approx(6e-4)  # cosine starts at the top
+    assert lr(60) == pytest.approx((6e-4 + 6e-5) / 2)  # half way down the cosine
+    assert lr(110) == pytest.approx(6e-5) and lr(500) == pytest.approx(6e-5)  # the floor
+    assert all(lr(s) >= lr(s + 1) for s in range(10, 120))
+
+
+def test_pretraining_learns(shakespeare, tmp_path):
+    out = tmp_path / "run"
+    proc = run_script("train_gpt2.py", "--mode", "pretrain", "--data_dir", shakespeare, "--out_dir", out, *TINY,
+                      "--n_embd", 64, "--batch_size", 8, "--max_lr", 1e-2,
+                      "--max_steps", 40, "--eval_interval", 20, "--val_steps", 4, "--eval_samples", 1)
+    losses = [loss for _, loss in train_losses(out)]
+    assert losses[0] == pytest.approx(math.log(50257), abs=0.1)
+    assert sum(losses[-5:]) / 5 < 7.2  # far below ln(50257) = 10.8 after 40 steps of 256 tokens
+    val = [e["val_loss"] for e in read_log(out) if "val_loss" in e]
+    assert len(val) == 2 and val[0] > val[1] and val[1] < 7.6
+    assert "sample: Hello, I'm a language model," in proc.stdout and "ETA" in proc.stdout
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
+    assert checkpoint["step"] == 40 and checkpoint["config"]["padded_vocab_size"] == 50304
+    # the checkpoint samples with --mode sample
+    run_script("train_gpt2.py", "--mode", "sample", "--init_from", out / "ckpt.pt", "--max_new_tokens", 5, "--device", "cpu")
+
+
+class RecordingOptimizer:
+    """Stands in for AdamW: keeps the gradients it is asked to apply."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def step(self):
+        self.grads = [p.grad.clone() for p in self.model.parameters()]
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
+def gradients(model, micro_batches):
+    optimizer = RecordingOptimizer(model)
+    loss, _, _ = tg.train_step(model, optimizer, micro_batches, "cpu", 1, grad_clip=1e9)
+    return loss, optimizer.grads
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32))
+    x, y = random_ids(8, 16), random_ids(8, 16, seed=1)
+    loss_big, big = gradients(model, [(x, y)])
+    loss_acc, acc = gradients(model, [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)])
+    assert loss_acc == pytest.approx(loss_big, rel=1e-6)
+    for a, b in zip(acc, big):  # float32 sums in another order: equal to ~1e-7 relative
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-8)
+    # Masked targets (fine-tuning): micro-batches with different numbers of targets must
+    # still give the mean over every target of the step.
+    y_masked = y.clone()
+    y_masked[0, :12] = -100
+    y_masked[5, 3:] = -100
+    loss_big, big = gradients(model, [(x, y_masked)])
+    loss_acc, acc = gradients(model, [(x[i:i + 2], y_masked[i:i + 2]) for i in range(0, 8, 2)])
+    assert loss_acc == pytest.approx(loss_big, rel=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(acc, big))
+
+
+def make_shards(folder, shard_lengths, val_length=100):
+    """A prepared folder whose token at stream position i is i (mod 50000), for loader tests."""
+    folder.mkdir()
+    names, position = [], val_length
+    pdata.save_npy(folder / "val_000000.npy", (np.arange(val_length) % 50000).astype(np.uint16))
+    for i, n in enumerate(shard_lengths):
+        names.append(f"train_{i:06d}.npy")
+        pdata.save_npy(folder / names[-1], (np.arange(position, position + n) % 50000).astype(np.uint16))
+        position += n
+    pdata.save_json(folder / "meta.json", {"kind": "pretrain", "splits": {
+        "val": {"tokens": val_length, "shards": ["val_000000.npy"]},
+        "train": {"tokens": sum(shard_lengths), "shards": names}}})
+    return folder
+
+
+def test_loader_reads_every_token_across_shards_and_ranks(tmp_path):
+    data = make_shards(tmp_path / "data", [37, 50, 13, 64])  # windows must cross shard ends
+    B, T, accum = 2, 8, 2
+    single = tg.PretrainLoader(data, "train", B * 2, T, seed=3)  # one rank, twice the batch
+    ranks = [tg.PretrainLoader(data, "train", B, T, rank=r, world_size=2, seed=3) for r in range(2)]
+    stream = np.concatenate([single.order[i] for i in range(4)]).astype(np.int64)
+    for step in range(2):
+        whole = single.next_step(accum)
+        parts = [loader.next_step(accum) for loader in ranks]
+        # the step's sequences, in order, are consecutive windows of the stream
+        xs = torch.cat([x for x, _ in whole]).view(-1)
+        start = step * accum * 2 * B * T
+        assert xs.tolist() == stream[start:start + len(xs)].tolist()
+        assert all((y[:, :-1] == x[:, 1:]).all() for x, y in whole)
+        # two ranks together read exactly what one reads: micro-step m, rank r
+        split = torch.cat([torch.cat([parts[r][m][0] for r in range(2)]) for m in range(accum)])
+        assert split.tolist() == torch.cat([x for x, _ in whole]).tolist()
+    # 164 tokens hold 2 steps of 64 (+1): the next step starts a new epoch, in another order
+    epoch0_order = [int(s[0]) for s in single.order]
+    single.next_step(accum)
+    assert single.epoch == 1 and [int(s[0]) for s in single.order] != epoch0_order
+    state = single.state_dict()
+    again = tg.PretrainLoader(data, "train", B * 2, T, seed=3)
+    again.load_state_dict(state)
+    assert [x.tolist() for x, _ in again.next_step(accum)] == [x.tolist() for x, _ in single.next_step(accum)]
+
+
+def test_ddp_two_processes_equal_one(shakespeare, tmp_path):
+    args = ["--mode", "pretrain", "--data_dir", shakespeare, *TINY, "--max_steps", 6, "--eval_interval", 3, "--val_steps", 4]
+    run_script("train_gpt2.py", *args, "--out_dir", tmp_path / "one")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    subprocess.run(torchrun + [str(HERE / "train_gpt2.py"), *map(str, args), "--out_dir", str(tmp_path / "two")],
+                   check=True, capture_output=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert len(one) == len(two) == 8  # 6 steps, 2 evaluations
+    for a, b in zip(one, two):
+        for key in ("loss", "val_loss", "grad_norm"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a, b)
+    keys = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"].keys()
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in keys)
+
+
+def test_training_with_torch_compile(shakespeare, tmp_path):
+    proc = run_script("train_gpt2.py", "--mode", "pretrain", "--data_dir", shakespeare, "--out_dir", tmp_path, *TINY,
+                      "--compile", 1, "--max_steps", 2, "--eval_interval", 1, "--val_steps", 2, "--eval_samples", 1)
+    assert proc.stdout.count("val_loss") == 2 and "sample: Hello" in proc.stdout  # evaluation and sampling compiled
+    keys = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"].keys()
+    assert "lm_head.weight" in keys and not any(k.startswith(("module.", "_orig_mod.")) for k in keys)
+
+
+def interrupt_and_resume(args, out_dir, signal_at_step):
+    """Run, send SIGTERM once the log shows signal_at_step, then resume to the end."""
+    import signal
+    proc = subprocess.Popen([sys.executable, str(HERE / "train_gpt2.py"), *map(str, args), "--out_dir", str(out_dir)],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # blocking reads: no sleeps
+        if line.startswith(f"step {signal_at_step:5d}/"):
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait() == 0
+    stopped_at = torch.load(out_dir / "ckpt.pt", weights_only=True)["step"]
+    run_script("train_gpt2.py", *args, "--out_dir", out_dir, "--init_from", "resume")
+    return stopped_at
+
+
+def test_resume_after_sigterm_equals_uninterrupted(shakespeare, tmp_path):
+    args = ["--mode", "pretrain", "--data_dir", shakespeare, *TINY, "--max_steps", 40, "--eval_interval", 10,
+            "--val_steps", 2, "--ckpt_interval", 1000]
+    run_script("train_gpt2.py", *args, "--out_dir", tmp_path / "straight")
+    stopped_at = interrupt_and_resume(args, tmp_path / "cut", signal_at_step=6)
+    assert 6 <= stopped_at < 40  # it stopped early, at the end of a step, and saved
+    straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "cut")
+    assert [s for s, _ in resumed] == list(range(1, 41))
+    assert resumed == straight  # bit for bit
+    val = lambda d: [e["val_loss"] for e in read_log(d) if "val_loss" in e]  # noqa: E731
+    assert val(tmp_path / "cut") == val(tmp_path / "straight")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(shakespeare, tmp_path):
+    proc = run_script("train_gpt2.py", "--mode", "pretrain", "--data_dir", shakespeare, "--out_dir", tmp_path, *TINY,
+                      "--max_lr", 1e9, "--max_steps", 50, "--ckpt_interval", 1, "--eval_interval", 1000, check=False)
+    assert_one_line_error(proc, "loss became", "ckpt.pt")
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+
+
+def main_error(*args):
+    """The one-line message train_gpt2.main exits with (in-process: no interpreter start)."""
+    with pytest.raises(SystemExit) as exit:
+        tg.main([str(a) for a in args])
+    message = str(exit.value.code)
+    assert message.startswith("error:") and "\n" not in message
+    return message
+
+
+def test_pretrain_bad_input(shakespeare, tmp_path):
+    def pretrain(*args):
+        return main_error("--mode", "pretrain", *TINY, "--max_steps", 2, "--out_dir", tmp_path / "o", *args)
+
+    proc = run_script("train_gpt2.py", "--mode", "pretrain", "--data_dir", tmp_path / "nothing", check=False)
+    assert_one_line_error(proc, "not found", "prepare_data.py")  # as the user sees it
+    assert "not a multiple" in pretrain("--data_dir", shakespeare, "--total_batch_size", 100) and "64" in pretrain(
+        "--data_dir", shakespeare, "--total_batch_size", 100)
+    assert "nothing to resume" in pretrain("--data_dir", shakespeare, "--init_from", "resume")
+    assert "no train shards" in pretrain("--data_dir", make_shards(tmp_path / "empty", []))
+    broken = make_shards(tmp_path / "broken", [500])
+    np.save(broken / "train_000000.npy", np.arange(500, dtype=np.int32))  # not uint16
+    assert "re-run prepare_data.py" in pretrain("--data_dir", broken)
+    (tmp_path / "unfinished").mkdir()
+    assert "no meta.json" in pretrain("--data_dir", tmp_path / "unfinished")
+    assert "less than one step" in pretrain("--data_dir", make_shards(tmp_path / "small", [100]))
+    tg.main(["--mode", "pretrain", *map(str, TINY), "--max_steps", "1", "--data_dir", str(shakespeare), "--out_dir", str(tmp_path / "o")])
+    assert "already holds a checkpoint" in pretrain("--data_dir", shakespeare)
+
+
+def test_bench_mode_prints_throughput():
+    proc = run_script("train_gpt2.py", "--mode", "bench", "--n_layer", 2, "--n_head", 2, "--n_embd", 32,
+                      "--block_size", 32, "--batch_size", 2, "--bench_steps", 3, "--bench_warmup", 1, "--device", "cpu")
+    assert "tokens/s" in proc.stdout.splitlines()[-1]

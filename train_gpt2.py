@@ -26,6 +26,7 @@ Every flag: python train_gpt2.py --help
 
 import argparse
 import codecs
+import contextlib
 import json
 import math
 import os
@@ -373,6 +374,633 @@ def load_checkpoint(path):
 
 
 # -----------------------------------------------------------------------------
+# Data: pretraining shards and instruction examples
+#
+# Both loaders hand out one optimizer step at a time: a list of grad_accum micro-batches
+# for this rank. Step s always covers the same sequences, however they are split over
+# micro-steps and ranks, so a run gives the same result on 1 GPU or 8 for the same total
+# batch, and the position to resume from is a step count, not a per-rank detail.
+
+
+def read_meta(data_dir, kind=None):
+    """The folder's meta.json, checked to be of this kind ('pretrain' or 'sft') if given."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"data folder {data_dir} not found: make it with prepare_data.py"
+                                + (" --sft" if kind == "sft" else ""))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{data_dir} has no meta.json: it is not prepared, or its preparation was "
+                                "interrupted; run prepare_data.py for it")
+    with open(path) as f:
+        meta = json.load(f)
+    if kind is not None and meta.get("kind") != kind:
+        want = "pretraining shards (prepare_data.py)" if kind == "pretrain" else "instruction data (prepare_data.py --sft)"
+        raise ValueError(f"{data_dir} holds {meta.get('kind')} data, but this mode reads {want}")
+    return meta
+
+
+def load_npy(path, dtype):
+    """A memory-mapped array: the OS pages in what is read, never the whole file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: re-run prepare_data.py for this folder")
+    array = np.load(path, mmap_mode="r")
+    if array.dtype != dtype or array.ndim != 1:
+        raise ValueError(f"{path} holds {array.dtype} of shape {array.shape}, expected 1-D {np.dtype(dtype)}: "
+                         "re-run prepare_data.py for this folder")
+    return array
+
+
+class PretrainLoader:
+    """(B, T) windows from uint16 token shards. An epoch reads the train shards, in an order
+    shuffled from the seed, as one stream: a window that runs off the end of a shard
+    continues in the next one, so no token is skipped. The val split is read in order."""
+
+    def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337):
+        meta = read_meta(data_dir, "pretrain")
+        names = meta["splits"][split]["shards"]
+        if not names:
+            raise ValueError(f"{data_dir} has no {split} shards: re-run prepare_data.py for it")
+        self.shards = [load_npy(os.path.join(data_dir, name), np.uint16) for name in names]
+        self.split, self.B, self.T, self.rank, self.world_size, self.seed = split, batch_size, block_size, rank, world_size, seed
+        self.total_tokens = sum(len(s) for s in self.shards)
+        self.epoch, self.position = 0, 0  # where the next step starts in the epoch's stream
+        self._set_epoch(0)
+
+    def _set_epoch(self, epoch):
+        order = np.arange(len(self.shards))
+        if self.split == "train":  # a fixed order makes the loss rise and fall with each epoch
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        self.order = [self.shards[i] for i in order]
+        self.starts = np.cumsum([0] + [len(s) for s in self.order])  # where each shard begins in the stream
+        self.epoch = epoch
+
+    def read(self, start, n):
+        """n tokens of the stream from start on, as int64, across shard boundaries."""
+        out = np.empty(n, dtype=np.int64)
+        filled = 0
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while filled < n:
+            offset = start + filled - self.starts[shard]
+            piece = self.order[shard][offset:offset + n - filled]
+            out[filled:filled + len(piece)] = piece
+            filled += len(piece)
+            shard += 1
+        return out
+
+    def window(self, start):
+        tokens = torch.from_numpy(self.read(start, self.B * self.T + 1))
+        return tokens[:-1].view(self.B, self.T), tokens[1:].view(self.B, self.T)  # inputs, next-token targets
+
+    def next_step(self, grad_accum):
+        tokens_per_step = grad_accum * self.world_size * self.B * self.T
+        if self.position + tokens_per_step + 1 > self.total_tokens:  # the epoch is used up
+            self._set_epoch(self.epoch + 1)
+            self.position = 0
+        # micro-step m of rank r reads the (m * world_size + r)-th block of B sequences
+        batches = [self.window(self.position + (m * self.world_size + self.rank) * self.B * self.T)
+                   for m in range(grad_accum)]
+        self.position += tokens_per_step
+        return batches
+
+    def eval_batches(self, max_batches):
+        """This rank's share of the first max_batches batches of the split."""
+        n = min(max_batches, (self.total_tokens - 1) // (self.B * self.T))
+        if n == 0:
+            raise ValueError(f"the {self.split} split ({self.total_tokens} tokens) is shorter than one batch of "
+                             f"{self.B} x {self.T}: lower --batch_size or --block_size")
+        for i in range(self.rank, n, self.world_size):
+            yield self.window(i * self.B * self.T)
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state):
+        self._set_epoch(state["epoch"])
+        self.position = state["position"]
+
+
+class InstructionLoader:
+    """Batches of instruction examples (prepare_data.py --sft), each padded to its longest
+    example. Labels are -100 on the prompt and on padding, so the loss counts answer tokens
+    (and the closing <|endoftext|>) only. A step's examples are sorted by length before
+    they are cut into micro-batches: less padding, and the same step."""
+
+    def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337, group_by_length=True):
+        self.meta = read_meta(data_dir, "sft")
+        path = lambda name: os.path.join(data_dir, f"{split}_{name}.npy")  # noqa: E731
+        self.tokens = load_npy(path("tokens"), np.uint16)
+        self.mask = load_npy(path("mask"), np.uint8)
+        self.offsets = load_npy(path("offsets"), np.int64)
+        self.n = len(self.offsets) - 1
+        if self.n == 0:
+            raise ValueError(f"{data_dir} has no {split} examples: re-run prepare_data.py --sft")
+        lengths = np.diff(self.offsets)
+        if lengths.max() > block_size + 1:
+            raise ValueError(f"{data_dir} has examples of {lengths.max()} tokens, more than the model's block_size "
+                             f"{block_size} + 1: re-run prepare_data.py --sft --block_size {block_size}")
+        self.split, self.B, self.rank, self.world_size, self.seed = split, batch_size, rank, world_size, seed
+        self.group_by_length = group_by_length
+        self.lengths = lengths
+        self.epoch, self.step_in_epoch = 0, 0
+
+    def batch(self, indices):
+        """(B, L) inputs and labels for these examples, L the longest of them minus one."""
+        width = max(int(self.lengths[i]) for i in indices) - 1
+        x = torch.full((len(indices), width), EOT_TOKEN, dtype=torch.long)
+        y = torch.full((len(indices), width), -100, dtype=torch.long)
+        for row, i in enumerate(indices):
+            start, end = self.offsets[i], self.offsets[i + 1]
+            tokens = torch.from_numpy(self.tokens[start:end].astype(np.int64))
+            mask = torch.from_numpy(self.mask[start + 1:end].astype(bool))  # does token t+1 count as a target?
+            x[row, :end - start - 1] = tokens[:-1]
+            y[row, :end - start - 1] = tokens[1:].masked_fill(~mask, -100)
+        return x, y
+
+    def steps_per_epoch(self, grad_accum):
+        return self.n // (grad_accum * self.world_size * self.B)
+
+    def next_step(self, grad_accum):
+        per_step = grad_accum * self.world_size * self.B
+        if self.steps_per_epoch(grad_accum) == 0:
+            raise ValueError(f"{self.n} {self.split} examples are fewer than one step of {per_step}: "
+                             "lower --total_batch_size")
+        if self.step_in_epoch >= self.steps_per_epoch(grad_accum):
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        step = order[self.step_in_epoch * per_step:(self.step_in_epoch + 1) * per_step]
+        if self.group_by_length:
+            step = step[np.argsort(self.lengths[step], kind="stable")]
+        self.step_in_epoch += 1
+        return [self.batch(step[(m * self.world_size + self.rank) * self.B:][:self.B]) for m in range(grad_accum)]
+
+    def eval_batches(self, max_batches):
+        n = min(max_batches, math.ceil(self.n / self.B))
+        for i in range(self.rank, n, self.world_size):
+            yield self.batch(range(i * self.B, min((i + 1) * self.B, self.n)))
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+
+    def load_state_dict(self, state):
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+
+
+# -----------------------------------------------------------------------------
+# Training pieces: LR schedule, distributed setup, checkpoints, MFU
+
+
+def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
+    """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def configure_optimizer(model, weight_decay, learning_rate, device):
+    """AdamW with weight decay on the matrices (matmuls and embeddings) only: decaying
+    biases and LayerNorm gains toward zero only hurts."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device.startswith("cuda")  # one kernel for all parameters instead of several per tensor
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+def setup_distributed(requested_device):
+    """(rank, local_rank, world_size, device). Under torchrun, joins the process group:
+    NCCL between GPUs, gloo between CPU processes."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1, pick_device(requested_device)
+    import torch.distributed as dist
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available() and requested_device in ("auto", "cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=torch.device(device))
+    else:
+        device = "cpu"
+        dist.init_process_group(backend="gloo")
+    return rank, local_rank, world_size, device
+
+
+def all_reduce_sum(values, world_size):
+    """Sum a list of floats over all ranks (a no-op on one process)."""
+    if world_size == 1:
+        return values
+    import torch.distributed as dist
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def save_checkpoint(path, checkpoint):
+    """Write to a temporary file and rename: a crash mid-write never hurts the last checkpoint."""
+    tmp = f"{path}.tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+# Dense bf16 tensor-core peak, TFLOP/s, by GPU name. nanoGPT hard-codes the A100's 312 and so
+# reports 104% MFU on an H100. Other GPUs: --peak_tflops.
+PEAK_TFLOPS = {"A100": 312, "H100": 989, "H200": 989, "H800": 989, "A10": 125, "L4": 121, "4090": 165, "3090": 71}
+
+
+def peak_flops(device, override=None):
+    if override:
+        return override * 1e12
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+
+
+def flops_per_token(model):
+    """Training FLOPs per token, as in nanoGPT (PaLM appendix B): 6 per parameter (forward
+    and backward matmuls), plus attention's 12 * n_layer * n_embd * block_size; position
+    embeddings do no matmul."""
+    cfg = model.config
+    n_params = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    return 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+class StopRequested:
+    """Ctrl-C or SIGTERM during training: finish the step, save a checkpoint, then exit."""
+
+    def __init__(self):
+        import signal
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self):
+        import signal
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handler(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (a checkpoint will be saved); Ctrl-C again to quit at once", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Training: pretraining and fine-tuning share one loop
+
+
+def build_model(args, checkpoint):
+    """The model to train: from the resumed checkpoint, a checkpoint of ours, OpenAI's
+    weights, or fresh (--init_from scratch) in the size the flags give."""
+    if checkpoint is not None:
+        model = GPT(GPTConfig(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["model"])
+        return model
+    if args.init_from == "scratch":
+        size = {**PRESETS[args.model], **{k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k)}}
+        return GPT(GPTConfig(block_size=args.block_size or 1024, padded_vocab_size=50304, **size))
+    model, _ = load_model(args.init_from, padded_vocab_size=50304)
+    if args.block_size and args.block_size < model.config.block_size:
+        model.config.block_size = args.block_size  # train on shorter sequences; the positions stay
+    return model
+
+
+def train(args):
+    """--mode pretrain and --mode finetune."""
+    rank, local_rank, world_size, device = setup_distributed(args.device)
+    master = rank == 0
+    print0 = print if master else (lambda *a, **k: None)
+    device_type = device.split(":")[0]
+    torch.manual_seed(args.seed)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+
+    checkpoint_path = os.path.join(args.out_dir, "ckpt.pt")
+    checkpoint = None
+    if args.init_from == "resume":
+        if not os.path.exists(checkpoint_path):
+            raise FileNotFoundError(f"nothing to resume: {checkpoint_path} does not exist (start a run with "
+                                    f"--init_from {'scratch' if args.mode == 'pretrain' else 'gpt2'})")
+        checkpoint = load_checkpoint(checkpoint_path)
+    elif os.path.exists(checkpoint_path):
+        raise ValueError(f"{args.out_dir} already holds a checkpoint: continue it with --init_from resume, "
+                         "or choose another --out_dir")
+    model = build_model(args, checkpoint)
+    model.to(device)
+    T = model.config.block_size
+
+    # Batch geometry: total = batch_size x seq_len x world_size x grad_accum
+    Loader = PretrainLoader if args.mode == "pretrain" else InstructionLoader
+    per_micro_step = args.batch_size * (T if args.mode == "pretrain" else 1) * world_size
+    unit = "tokens" if args.mode == "pretrain" else "examples"
+    if args.total_batch_size % per_micro_step:
+        raise ValueError(f"--total_batch_size {args.total_batch_size} {unit} is not a multiple of batch_size x "
+                         f"{'block_size x ' if args.mode == 'pretrain' else ''}GPUs = {per_micro_step}")
+    grad_accum = args.total_batch_size // per_micro_step
+    train_loader = Loader(args.data_dir, "train", args.batch_size, T, rank, world_size, args.seed)
+    val_loader = Loader(args.data_dir, "val", args.batch_size, T, rank, world_size, args.seed)
+    if args.mode == "pretrain":
+        steps_per_epoch = (train_loader.total_tokens - 1) // args.total_batch_size
+        if steps_per_epoch == 0:
+            raise ValueError(f"the train split has {train_loader.total_tokens:,} tokens, less than one step of "
+                             f"--total_batch_size {args.total_batch_size:,}")
+        max_steps = args.max_steps or steps_per_epoch  # default: one epoch
+    else:
+        steps_per_epoch = train_loader.steps_per_epoch(grad_accum)
+        max_steps = args.max_steps or args.epochs * max(1, steps_per_epoch)
+    template = train_loader.meta["prompt_template"] if args.mode == "finetune" else (checkpoint or {}).get("prompt_template")
+
+    optimizer = configure_optimizer(model, args.weight_decay, args.max_lr, device)
+    start_step = 0
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        train_loader.load_state_dict(checkpoint["loader"])
+        start_step = checkpoint["step"]
+        torch.set_rng_state(checkpoint["rng"]["cpu"])
+        if device_type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+        print0(f"resuming {checkpoint_path} at step {start_step}")
+
+    raw_model = model  # the plain module: for checkpoints, sampling and MFU
+    if args.compile:
+        model = torch.compile(model)
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    min_lr = args.max_lr * args.min_lr_ratio
+    peak = peak_flops(device, args.peak_tflops)
+    flops_step = flops_per_token(raw_model) * grad_accum * world_size * args.batch_size * T
+    os.makedirs(args.out_dir, exist_ok=True)
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    if master and checkpoint is None and os.path.exists(log_path):
+        os.remove(log_path)  # a new run: a log of an earlier one in this folder would mix in
+    print0(f"{args.mode}: {sum(p.numel() for p in raw_model.parameters()):,} parameters, {world_size} process(es) on "
+           f"{device_type}, {grad_accum} micro-steps of {args.batch_size} x {T if args.mode == 'pretrain' else 'longest'}"
+           f" per step, {max_steps} steps ({steps_per_epoch} per epoch)")
+
+    def log(entry):
+        if master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def checkpoint_now(step):
+        if master:
+            save_checkpoint(checkpoint_path, {
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(raw_model.config),
+                "step": step, "loader": train_loader.state_dict(), "args": vars(args), "prompt_template": template,
+                "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device_type == "cuda" else None},
+            })
+            print0(f"saved {checkpoint_path} at step {step}")
+
+    stop = StopRequested()
+    step_times = []
+    step = start_step
+    try:
+        while True:
+            last_step = step == max_steps
+            if step > start_step and (step % args.eval_interval == 0 or last_step):
+                model.eval()
+                val_loss = evaluate_loss(model, val_loader, args.val_steps, device, world_size)
+                entry = {"step": step, "val_loss": val_loss}
+                if args.hellaswag and args.mode == "pretrain":
+                    entry.update(hellaswag_eval(raw_model, args.hellaswag_path, device, rank, world_size, args.hellaswag_limit))
+                print0(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()))
+                log(entry)
+                if master and args.eval_samples:
+                    show_samples(raw_model, device, template, n=args.eval_samples)
+                model.train()
+            if step > start_step and (step % args.ckpt_interval == 0 or last_step):
+                checkpoint_now(step)
+            if last_step:
+                break
+
+            t0 = time.time()
+            lr = get_lr(step, args.max_lr, min_lr, args.warmup_steps, max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm, stop_now = train_step(model, optimizer, train_loader.next_step(grad_accum), device,
+                                                   world_size, args.grad_clip, stop.requested)
+            if not math.isfinite(loss):
+                # the optimizer did not step: the weights and the last checkpoint are still good
+                raise ValueError(f"the loss became {loss} at step {step}; the last good checkpoint is {checkpoint_path} "
+                                 "(resume it with a lower --max_lr, or check the data)")
+            if device_type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.time() - t0
+            step_times = (step_times + [dt])[-20:]
+            step += 1
+            tokens = grad_accum * world_size * args.batch_size * T if args.mode == "pretrain" else None
+            entry = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "ms": 1000 * dt}
+            if tokens:
+                entry["tok_per_s"] = tokens / dt
+            if peak:
+                entry["mfu"] = flops_step / dt / (world_size * peak)
+            log(entry)
+            eta = (max_steps - step) * sum(step_times) / len(step_times)
+            print0(f"step {step:5d}/{max_steps} | loss {loss:.6f} | lr {lr:.2e} | norm {grad_norm:.3f} | {1000 * dt:.0f} ms"
+                   + (f" | {tokens / dt:,.0f} tok/s" if tokens else "")
+                   + (f" | MFU {100 * entry['mfu']:.1f}%" if peak else "") + f" | ETA {format_duration(eta)}")
+            if stop_now:
+                checkpoint_now(step)
+                print0("stopped; continue with --init_from resume")
+                break
+    finally:
+        stop.restore()
+    if world_size > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+
+
+def train_step(model, optimizer, micro_batches, device, world_size, grad_clip, stop_requested=False):
+    """One optimizer step over this rank's micro-batches. Returns (loss, grad norm, stop?)
+    with the loss averaged over every target token of the step, on all ranks."""
+    # The loss of the step is the mean over all its target tokens. Micro-batches (and, in
+    # fine-tuning, ranks) hold different numbers of them, so each micro-batch's mean loss is
+    # weighted by its share of the step's targets. DDP averages gradients over ranks, hence
+    # the factor world_size.
+    counts = [int((y != -100).sum()) for _, y in micro_batches]
+    total, stop = all_reduce_sum([float(sum(counts)), float(stop_requested)], world_size)
+    loss_sum = 0.0
+    is_ddp = hasattr(model, "no_sync")
+    for i, (x, y) in enumerate(micro_batches):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # Gradients are all-reduced on the last micro-step only. DDP decides at forward
+        # time whether this backward syncs, so the choice is made before the forward.
+        last = i == len(micro_batches) - 1
+        sync = model.no_sync() if is_ddp and not last else contextlib.nullcontext()
+        with sync:
+            with autocast(device):
+                _, loss = model(x, y)
+            weight = counts[i] / total * world_size
+            (loss * weight).backward()
+        loss_sum += loss.detach().float() * counts[i]
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    (step_loss,) = all_reduce_sum([loss_sum.item() / total], world_size)
+    if math.isfinite(step_loss):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm.item(), stop > 0
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader, max_batches, device, world_size):
+    """Mean loss per target token over the first max_batches batches of the loader's split,
+    the batches spread over the ranks."""
+    loss_sum, count = 0.0, 0
+    for x, y in loader.eval_batches(max_batches):
+        x, y = x.to(device), y.to(device)
+        with autocast(device):
+            _, loss = model(x, y)
+        n = int((y != -100).sum())
+        loss_sum += loss.float().item() * n
+        count += n
+    loss_sum, count = all_reduce_sum([loss_sum, float(count)], world_size)
+    return loss_sum / count
+
+
+def show_samples(model, device, template=None, n=4, max_new_tokens=32):
+    """A few lines from the model during training: a glance at what it has learned."""
+    enc = get_tokenizer()
+    prompt = "Give three tips for staying healthy." if template else "Hello, I'm a language model,"
+    ids = torch.tensor([encode_prompts(enc, [prompt], template)[0]] * n, device=device)
+    generator = torch.Generator(device=device).manual_seed(42)
+    with autocast(device):
+        out = model.generate(ids, max_new_tokens=max_new_tokens, top_k=50, generator=generator)
+    for row in out.tolist():
+        new = row[ids.size(1):]
+        print(f"  sample: {prompt if not template else ''}{enc.decode(new[:new.index(EOT_TOKEN)] if EOT_TOKEN in new else new)!r}")
+
+
+def format_duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def bench(args):
+    """Training throughput on random tokens: tokens/s and MFU for the model size, batch and
+    device given, so anyone can measure their hardware without preparing data."""
+    device = pick_device(args.device)
+    device_type = device.split(":")[0]
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed)
+    size = {**PRESETS[args.model], **{k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k)}}
+    model = GPT(GPTConfig(block_size=args.block_size or 1024, padded_vocab_size=50304, **size)).to(device)
+    T = model.config.block_size
+    optimizer = configure_optimizer(model, 0.1, 6e-4, device)
+    compiled = torch.compile(model) if args.compile else model
+    peak = peak_flops(device, args.peak_tflops)
+    print(f"bench: {sum(p.numel() for p in model.parameters()):,} parameters, batch {args.batch_size} x {T}, "
+          f"{device} ({torch.cuda.get_device_name(device) if device_type == 'cuda' else device_type}), compile {bool(args.compile)}")
+    times = []
+    for step in range(args.bench_steps):
+        x = torch.randint(0, 50257, (args.batch_size, T + 1))
+        t0 = time.time()
+        train_step(compiled, optimizer, [(x[:, :-1], x[:, 1:])], device, 1, 1.0)
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.time() - t0)
+        print(f"step {step + 1}/{args.bench_steps}: {1000 * times[-1]:.0f} ms" + (" (warm-up, not counted)" if step < args.bench_warmup else ""))
+    measured = sorted(times[args.bench_warmup:])
+    dt = measured[len(measured) // 2]  # median: robust to a stray slow step
+    tok_per_s = args.batch_size * T / dt
+    print(f"median step {1000 * dt:.1f} ms | {tok_per_s:,.0f} tokens/s"
+          + (f" | MFU {100 * flops_per_token(model) * tok_per_s / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s" if peak else ""))
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: HellaSwag
+
+
+def load_hellaswag(path, limit=None):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: run prepare_data.py --hellaswag (or pass --hellaswag_path)")
+    with open(path) as f:
+        items = [json.loads(line) for line in f if line.strip()]
+    return items[:limit] if limit else items
+
+
+@torch.no_grad()
+def score_endings(model, enc, items, device, items_per_batch=16):
+    """Loss of each of the 4 endings of each item, given its context: (n, 4) summed over the
+    ending's tokens and (n, 4) averaged over them. The 4 x items_per_batch candidates run
+    as one right-padded batch; padding sits after the tokens that count, so a causal
+    model's losses for them do not change."""
+    T = model.config.block_size
+    sums, means = [], []
+    for first in range(0, len(items), items_per_batch):
+        rows, spans = [], []
+        for item in items[first:first + items_per_batch]:
+            context = enc.encode(item["ctx"])
+            for ending in item["endings"]:
+                ending_tokens = enc.encode(" " + ending)  # the space belongs to the ending's first token
+                tokens = (context + ending_tokens)[-T - 1:]  # too long: keep the end
+                rows.append(tokens)
+                spans.append(min(len(ending_tokens), len(tokens) - 1))
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), EOT_TOKEN, dtype=torch.long)
+        ending_mask = torch.zeros((len(rows), width - 1), dtype=torch.bool)  # over the targets
+        for i, (tokens, span) in enumerate(zip(rows, spans)):
+            ids[i, :len(tokens)] = torch.tensor(tokens)
+            ending_mask[i, len(tokens) - 1 - span:len(tokens) - 1] = True
+        ids, ending_mask = ids.to(device), ending_mask.to(device)
+        with autocast(device):
+            logits, _ = model(ids[:, :-1])
+        losses = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (rows, width - 1)
+        summed = (losses * ending_mask).sum(dim=1)
+        sums.append(summed.view(-1, 4).cpu())
+        means.append((summed / ending_mask.sum(dim=1)).view(-1, 4).cpu())
+    return torch.cat(sums), torch.cat(means)
+
+
+def hellaswag_eval(model, path, device, rank=0, world_size=1, limit=None):
+    """acc: the ending with the lowest total loss is right; acc_norm: the lowest loss per
+    token (GPT-2 124M: 0.2859 / 0.2955 on all 10,042 items). Items are split over ranks."""
+    items = load_hellaswag(path, limit)
+    mine = items[rank::world_size]
+    was_training = model.training
+    model.eval()
+    sums, means = score_endings(model, get_tokenizer(), mine, device) if mine else (torch.zeros(0, 4), torch.zeros(0, 4))
+    model.train(was_training)
+    labels = torch.tensor([item["label"] for item in mine], dtype=torch.long)
+    correct = float((sums.argmin(dim=1) == labels).sum())
+    correct_norm = float((means.argmin(dim=1) == labels).sum())
+    correct, correct_norm, n = all_reduce_sum([correct, correct_norm, float(len(mine))], world_size)
+    return {"hellaswag_acc": correct / n, "hellaswag_acc_norm": correct_norm / n, "hellaswag_items": int(n)}
+
+
+def evaluate(args):
+    """--mode eval: validation loss and HellaSwag of a model, as a table and as JSON."""
+    rank, _, world_size, device = setup_distributed(args.device)
+    model, checkpoint = load_model(args.init_from or "gpt2")
+    model.to(device).eval()
+    results = {"model": args.init_from or "gpt2"}
+    t0 = time.time()
+    if args.data_dir:
+        Loader = PretrainLoader if read_meta(args.data_dir)["kind"] == "pretrain" else InstructionLoader
+        loader = Loader(args.data_dir, "val", args.batch_size, model.config.block_size, rank, world_size, args.seed)
+        results["val_loss"] = evaluate_loss(model, loader, args.val_steps, device, world_size)
+    if args.hellaswag:
+        results.update(hellaswag_eval(model, args.hellaswag_path, device, rank, world_size, args.hellaswag_limit))
+        results["hellaswag_items_per_s"] = results["hellaswag_items"] / (time.time() - t0)
+    if rank == 0:
+        width = max(map(len, results))
+        for key, value in results.items():
+            print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    if world_size > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    return results
+
+
+# -----------------------------------------------------------------------------
 # Sampling
 
 
@@ -451,32 +1079,174 @@ def sample(args):
 
 
 # -----------------------------------------------------------------------------
+# Chat with a fine-tuned model
+
+
+def chat(args, input_fn=input):
+    """Type an instruction, read the answer as it is generated; /quit leaves. Each
+    instruction stands alone: Alpaca teaches single-turn answers."""
+    device = pick_device(args.device)
+    model, checkpoint = load_model(args.init_from or "out/finetune/ckpt.pt")
+    template = (checkpoint or {}).get("prompt_template")
+    if template is None:
+        raise ValueError(f"{args.init_from} is not fine-tuned (it has no prompt template): chat needs a "
+                         "--mode finetune checkpoint; use --mode sample for a pretrained model")
+    model.to(device).eval()
+    enc = get_tokenizer()
+    generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
+    print("Type an instruction and press Enter; /quit to leave.")
+    while True:
+        try:
+            instruction = input_fn("> ").strip()
+        except EOFError:
+            break
+        if instruction in ("/quit", "/exit"):
+            break
+        if instruction:
+            stream_text(model, enc, encode_prompts(enc, [instruction], template)[0], device, args, generator)
+
+
+# -----------------------------------------------------------------------------
+# Plot a run
+
+
+def plot(args):
+    """--mode plot: train and val loss, and HellaSwag accuracy, over steps, from log.jsonl."""
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    if not os.path.exists(log_path):
+        raise FileNotFoundError(f"{log_path} not found: point --out_dir at a training run's folder")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--mode plot needs matplotlib: pip install matplotlib") from None
+    with open(log_path) as f:
+        entries = [json.loads(line) for line in f if line.strip()]
+    series = lambda key: ([e["step"] for e in entries if key in e], [e[key] for e in entries if key in e])  # noqa: E731
+    has_hellaswag = any("hellaswag_acc_norm" in e for e in entries)
+    fig, axes = plt.subplots(1, 2 if has_hellaswag else 1, figsize=(12 if has_hellaswag else 6, 4.5), squeeze=False)
+    ax = axes[0][0]
+    ax.plot(*series("loss"), label="train loss", alpha=0.7)
+    ax.plot(*series("val_loss"), "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if has_hellaswag:
+        ax = axes[0][1]
+        ax.plot(*series("hellaswag_acc_norm"), "o-", label="HellaSwag acc_norm")
+        ax.axhline(0.2955, color="gray", linestyle="--", label="OpenAI GPT-2 124M")
+        ax.axhline(0.25, color="lightgray", linestyle=":", label="chance")
+        ax.set_xlabel("step")
+        ax.set_ylabel("accuracy")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(args.out_dir)
+    fig.tight_layout()
+    path = os.path.join(args.out_dir, "plot.png")
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
+# Flags whose default depends on the mode (None in the parser).
+MODE_DEFAULTS = {
+    "pretrain": dict(init_from="scratch", data_dir="data/fineweb_edu_10B", out_dir="out/pretrain", batch_size=64,
+                     total_batch_size=524288, max_lr=6e-4, warmup_steps=715, eval_interval=250, ckpt_interval=5000,
+                     val_steps=160, hellaswag=0),
+    "finetune": dict(init_from="gpt2", data_dir="data/alpaca", out_dir="out/finetune", batch_size=8,
+                     total_batch_size=32, max_lr=2e-5, warmup_steps=100, eval_interval=200, ckpt_interval=1000,
+                     val_steps=50, hellaswag=0),
+    "eval": dict(out_dir="out/eval", batch_size=16, val_steps=160, hellaswag=1),
+    "bench": dict(batch_size=64),
+    "plot": dict(out_dir="out/pretrain"),
+}
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="GPT-2: pretrain, fine-tune, evaluate, sample.",
+
+def parse_args(argv=None, defaults=None):
+    """defaults: values that replace the parser's own, as a resumed run's saved flags do."""
+    p = argparse.ArgumentParser(description="GPT-2: pretrain, fine-tune, evaluate, sample, chat.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--mode", choices=["sample"], default="sample")
-    p.add_argument("--init_from", default=None,
-                   help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a Hugging Face GPT-2 directory | a checkpoint .pt")
+    p.add_argument("--mode", choices=["pretrain", "finetune", "eval", "sample", "chat", "bench", "plot"], default="sample")
+    p.add_argument("--init_from", default=None, help="scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a Hugging "
+                   "Face GPT-2 directory | a checkpoint .pt (default: scratch to pretrain, gpt2 to fine-tune or sample)")
+    p.add_argument("--data_dir", default=None, help="prepared data (default: data/fineweb_edu_10B, or data/alpaca to fine-tune)")
+    p.add_argument("--out_dir", default=None, help="checkpoints and logs (default: out/<mode>)")
     p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
-    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    g = p.add_argument_group("sampling")
+    p.add_argument("--seed", type=int, default=None, help="data order, init and sampling (default: 1337; sampling: random)")
+    g = p.add_argument_group("model size, for --init_from scratch and --mode bench")
+    g.add_argument("--model", choices=list(PRESETS), default="gpt2")
+    g.add_argument("--n_layer", type=int, default=None)
+    g.add_argument("--n_head", type=int, default=None)
+    g.add_argument("--n_embd", type=int, default=None)
+    g.add_argument("--block_size", type=int, default=None, help="sequence length (default: 1024)")
+    g = p.add_argument_group("training")
+    g.add_argument("--batch_size", type=int, default=None, help="micro-batch per GPU: sequences (pretrain), examples (finetune)")
+    g.add_argument("--total_batch_size", type=int, default=None, help="per optimizer step, over all GPUs: tokens "
+                   "(pretrain: 524288), examples (finetune: 32); the rest is gradient accumulation")
+    g.add_argument("--max_lr", type=float, default=None, help="peak learning rate (pretrain 6e-4, finetune 2e-5)")
+    g.add_argument("--min_lr_ratio", type=float, default=0.1, help="the LR decays to max_lr x this")
+    g.add_argument("--warmup_steps", type=int, default=None)
+    g.add_argument("--max_steps", type=int, default=None, help="default: one epoch (pretrain), --epochs (finetune)")
+    g.add_argument("--epochs", type=int, default=2, help="finetune: passes over the examples")
+    g.add_argument("--weight_decay", type=float, default=0.1)
+    g.add_argument("--grad_clip", type=float, default=1.0)
+    g.add_argument("--compile", type=int, default=None, help="torch.compile (default: 1 on CUDA, 0 elsewhere)")
+    g.add_argument("--eval_interval", type=int, default=None)
+    g.add_argument("--val_steps", type=int, default=None, help="val batches per evaluation, over all GPUs together")
+    g.add_argument("--eval_samples", type=int, default=4, help="lines sampled at each evaluation")
+    g.add_argument("--ckpt_interval", type=int, default=None)
+    g.add_argument("--peak_tflops", type=float, default=None, help="GPU peak for MFU, if not an A100/H100/H200")
+    g.add_argument("--bench_steps", type=int, default=20)
+    g.add_argument("--bench_warmup", type=int, default=5, help="first bench steps not counted (compilation)")
+    g = p.add_argument_group("HellaSwag")
+    g.add_argument("--hellaswag", type=int, default=None, help="1: score HellaSwag (every eval when pretraining)")
+    g.add_argument("--hellaswag_path", default="data/hellaswag/hellaswag_val.jsonl")
+    g.add_argument("--hellaswag_limit", type=int, default=None, help="score only the first N items")
+    g = p.add_argument_group("sampling and chat")
     g.add_argument("--prompt", action="append", help="repeat for several prompts")
     g.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
     g.add_argument("--max_new_tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     g.add_argument("--top_k", type=int, default=None)
     g.add_argument("--top_p", type=float, default=None)
-    return p.parse_args(argv)
+    if defaults:
+        p.set_defaults(**defaults)
+    args = p.parse_args(argv)
+    for key, value in MODE_DEFAULTS.get(args.mode, {}).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.seed is None and args.mode not in ("sample", "chat"):
+        args.seed = 1337
+    if args.compile is None:
+        args.compile = int(torch.cuda.is_available() and args.device in ("auto", "cuda") or args.device.startswith("cuda"))
+    for name in ("batch_size", "total_batch_size", "eval_interval", "ckpt_interval", "val_steps", "num_samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    return args
+
+
+def resumed_args(argv, args):
+    """A resumed run takes the flags it was started with; flags given now override them."""
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        return args  # train() says there is nothing to resume
+    saved = load_checkpoint(path)["args"]
+    saved = {k: v for k, v in saved.items() if k not in ("init_from", "mode", "out_dir")}
+    return parse_args(argv, defaults=saved)
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    modes = {"pretrain": train, "finetune": train, "eval": evaluate, "sample": sample, "chat": chat, "bench": bench, "plot": plot}
     try:
-        if args.mode == "sample":
-            sample(args)
+        if args.init_from == "resume":
+            args = resumed_args(argv, args)
+        modes[args.mode](args)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 
