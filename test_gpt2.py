@@ -713,3 +713,136 @@ def test_bench_mode_prints_throughput():
     proc = run_script("train_gpt2.py", "--mode", "bench", "--n_layer", 2, "--n_head", 2, "--n_embd", 32,
                       "--block_size", 32, "--batch_size", 2, "--bench_steps", 3, "--bench_warmup", 1, "--device", "cpu")
     assert "tokens/s" in proc.stdout.splitlines()[-1]
+
+
+# -----------------------------------------------------------------------------
+# Instruction fine-tuning
+
+INSTRUCTIONS = [
+    {"instruction": "What color is the sky?", "input": "", "output": "The sky is blue."},
+    {"instruction": "Name a fruit.", "input": "", "output": "An apple, crisp and red."},
+    {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    {"instruction": "Who wrote Hamlet?", "input": "", "output": "William Shakespeare wrote Hamlet."},
+    {"instruction": "Say hello.", "input": "", "output": "Hello there, friend!"},
+    {"instruction": "Count to three.", "input": "", "output": "One, two, three."},
+    {"instruction": "What is the opposite of hot?", "input": "", "output": "Cold."},
+]
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sft")
+    (folder / "records.json").write_text(json.dumps(INSTRUCTIONS))
+    run_script("prepare_data.py", "--sft", "--files", folder / "records.json", "--out_dir", folder / "data",
+               "--val_fraction", 0.125, "--block_size", 128)
+    return folder / "data"
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    """A small random GPT-2 with room for the Alpaca prompt (128 positions), as one of our
+    checkpoints (starting from it needs no transformers import: faster tests)."""
+    path = tmp_path_factory.mktemp("base")
+    make_hf_gpt2(path, n_positions=128)
+    model = tg.GPT.from_pretrained(str(path))
+    torch.save({"model": model.state_dict(), "config": tg.asdict(model.config)}, path / "base.pt")
+    return path / "base.pt"
+
+
+def train_examples(data):
+    """The (instruction, output) pairs of the train split, decoded back."""
+    enc = tg.get_tokenizer()
+    tokens, mask, offsets = (np.load(data / f"train_{n}.npy") for n in ("tokens", "mask", "offsets"))
+    pairs = []
+    for i in range(len(offsets) - 1):
+        t, m = tokens[offsets[i]:offsets[i + 1]], mask[offsets[i]:offsets[i + 1]].astype(bool)
+        prompt, answer = enc.decode(t[~m].tolist()), enc.decode(t[m][:-1].tolist())
+        pairs.append(next((r["instruction"], answer) for r in INSTRUCTIONS if r["output"] == answer and r["instruction"] in prompt))
+    return pairs
+
+
+def test_loss_counts_answer_tokens_only_and_ignores_padding(sft_data):
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32))
+    loader = tg.InstructionLoader(sft_data, "train", 3, 128)
+    x, y = loader.batch([0, 1, 2])
+    with torch.no_grad():
+        _, loss = model(x, y)
+        # by hand: every example alone, unpadded, cross-entropy at its answer positions only
+        total, count = 0.0, 0
+        for i in range(3):
+            start, end = loader.offsets[i], loader.offsets[i + 1]
+            tokens = torch.tensor(loader.tokens[start:end].astype(np.int64))
+            answer = torch.tensor(loader.mask[start + 1:end].astype(bool))
+            logits, _ = model(tokens[None, :-1])
+            log_probs = logits[0].log_softmax(-1)[torch.arange(len(tokens) - 1), tokens[1:]]
+            total -= log_probs[answer].sum().item()
+            count += int(answer.sum())
+        assert count == int((y != -100).sum())
+        assert loss.item() == pytest.approx(total / count, rel=1e-5)
+        for width in (60, 80):  # padded further: same loss
+            x_wide = torch.full((3, width), tg.EOT_TOKEN)
+            y_wide = torch.full((3, width), -100)
+            x_wide[:, :x.size(1)], y_wide[:, :y.size(1)] = x, y
+            assert model(x_wide, y_wide)[1].item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+FINETUNE = ["--mode", "finetune", "--batch_size", 7, "--total_batch_size", 7, "--max_lr", 3e-3,
+            "--warmup_steps", 5, "--eval_interval", 20, "--val_steps", 2, "--eval_samples", 0, "--device", "cpu"]
+
+
+def test_finetuned_model_answers_and_stops(sft_data, base_model, tmp_path):
+    out = tmp_path / "ft"
+    run_script("train_gpt2.py", *FINETUNE, "--init_from", base_model, "--data_dir", sft_data, "--out_dir", out,
+               "--max_steps", 40)
+    losses = [loss for _, loss in train_losses(out)]
+    assert losses[-1] < 0.1 * losses[0]  # memorized the handful of answers
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
+    assert checkpoint["prompt_template"] == pdata.ALPACA_PROMPT  # the checkpoint remembers its template
+    no_input = [r["instruction"] for r in INSTRUCTIONS if not r["input"]]
+    (instruction, answer), (chat_instruction, chat_answer) = [p for p in train_examples(sft_data) if p[0] in no_input][:2]
+    # --mode sample wraps the prompt in the template and stops at <|endoftext|>
+    proc = run_script("train_gpt2.py", "--mode", "sample", "--init_from", out / "ckpt.pt", "--prompt", instruction,
+                      "--temperature", 0, "--max_new_tokens", 40, "--device", "cpu")
+    assert proc.stdout == f"{instruction}\n{answer}\n"
+    # and chat does the same, one instruction at a time, until /quit
+    proc = subprocess.run([sys.executable, str(HERE / "train_gpt2.py"), "--mode", "chat", "--init_from", str(out / "ckpt.pt"),
+                           "--temperature", "0", "--device", "cpu"], input=f"{chat_instruction}\n/quit\n",
+                          capture_output=True, text=True, cwd=HERE, check=True)
+    answer = chat_answer
+    assert f"> {answer}\n> " in proc.stdout
+
+
+def test_sample_applies_the_template_only_to_finetuned_checkpoints(base_model, tmp_path):
+    model, _ = tg.load_model(str(base_model))
+    enc = tg.get_tokenizer()
+    prompt = "Name a fruit."
+    for template in (None, pdata.ALPACA_PROMPT):
+        path = tmp_path / f"{template is None}.pt"
+        torch.save({"model": model.state_dict(), "config": tg.asdict(model.config), "prompt_template": template}, path)
+        tokens = enc.encode(template.format(instruction=prompt) if template else prompt)
+        new = model.generate(torch.tensor([tokens]), max_new_tokens=10, temperature=0)[0, len(tokens):].tolist()
+        new = new[:new.index(tg.EOT_TOKEN)] if tg.EOT_TOKEN in new else new
+        proc = run_script("train_gpt2.py", "--mode", "sample", "--init_from", path, "--prompt", prompt,
+                          "--temperature", 0, "--max_new_tokens", 10, "--device", "cpu")
+        assert proc.stdout == (f"{prompt}\n" if template else prompt) + enc.decode(new) + "\n"
+    assert "not fine-tuned" in main_error("--mode", "chat", "--init_from", tmp_path / "True.pt")
+
+
+def test_finetune_resume_equals_uninterrupted(sft_data, base_model, tmp_path):
+    args = [*FINETUNE, "--init_from", base_model, "--data_dir", sft_data, "--max_steps", 16, "--ckpt_interval", 1000,
+            "--batch_size", 2, "--total_batch_size", 4, "--eval_interval", 8]
+    run_script("train_gpt2.py", *args, "--out_dir", tmp_path / "straight")
+    stopped_at = interrupt_and_resume(args, tmp_path / "cut", signal_at_step=4)
+    assert 4 <= stopped_at < 16
+    assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "straight")
+
+
+def test_finetune_bad_input(sft_data, shakespeare, base_model, tmp_path):
+    def finetune(*args):
+        return main_error(*FINETUNE, "--init_from", base_model, "--out_dir", tmp_path / "o", *args)
+
+    assert "--sft" in finetune("--data_dir", shakespeare)  # pretraining shards are not instruction data
+    assert "not found" in finetune("--data_dir", tmp_path / "missing")
+    assert "fewer than one step" in finetune("--data_dir", sft_data, "--total_batch_size", 70, "--batch_size", 7)

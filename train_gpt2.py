@@ -781,8 +781,9 @@ def train(args):
             lr = get_lr(step, args.max_lr, min_lr, args.warmup_steps, max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, grad_norm, stop_now = train_step(model, optimizer, train_loader.next_step(grad_accum), device,
-                                                   world_size, args.grad_clip, stop.requested)
+            micro_batches = train_loader.next_step(grad_accum)
+            loss, grad_norm, stop_now = train_step(model, optimizer, micro_batches, device, world_size,
+                                                   args.grad_clip, stop.requested)
             if not math.isfinite(loss):
                 # the optimizer did not step: the weights and the last checkpoint are still good
                 raise ValueError(f"the loss became {loss} at step {step}; the last good checkpoint is {checkpoint_path} "
@@ -792,17 +793,15 @@ def train(args):
             dt = time.time() - t0
             step_times = (step_times + [dt])[-20:]
             step += 1
-            tokens = grad_accum * world_size * args.batch_size * T if args.mode == "pretrain" else None
-            entry = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "ms": 1000 * dt}
-            if tokens:
-                entry["tok_per_s"] = tokens / dt
-            if peak:
+            tokens = sum(x.numel() for x, _ in micro_batches) * world_size  # fine-tuning: padding included
+            entry = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "ms": 1000 * dt, "tok_per_s": tokens / dt}
+            if peak and args.mode == "pretrain":
                 entry["mfu"] = flops_step / dt / (world_size * peak)
             log(entry)
             eta = (max_steps - step) * sum(step_times) / len(step_times)
             print0(f"step {step:5d}/{max_steps} | loss {loss:.6f} | lr {lr:.2e} | norm {grad_norm:.3f} | {1000 * dt:.0f} ms"
-                   + (f" | {tokens / dt:,.0f} tok/s" if tokens else "")
-                   + (f" | MFU {100 * entry['mfu']:.1f}%" if peak else "") + f" | ETA {format_duration(eta)}")
+                   + f" | {tokens / dt:,.0f} tok/s" + (f" | MFU {100 * entry['mfu']:.1f}%" if "mfu" in entry else "")
+                   + f" | ETA {format_duration(eta)}")
             if stop_now:
                 checkpoint_now(step)
                 print0("stopped; continue with --init_from resume")
