@@ -846,3 +846,72 @@ def test_finetune_bad_input(sft_data, shakespeare, base_model, tmp_path):
     assert "--sft" in finetune("--data_dir", shakespeare)  # pretraining shards are not instruction data
     assert "not found" in finetune("--data_dir", tmp_path / "missing")
     assert "fewer than one step" in finetune("--data_dir", sft_data, "--total_batch_size", 70, "--batch_size", 7)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: HellaSwag, --mode eval, --mode plot
+
+
+@pytest.fixture(scope="module")
+def hellaswag_file(tmp_path_factory):
+    """The first 12 items of HellaSwag's validation set, prepared by prepare_data.py."""
+    if not (SHARED / "data" / "hellaswag_val.jsonl").exists():
+        pytest.skip("needs ../shared/data/hellaswag_val.jsonl")
+    folder = tmp_path_factory.mktemp("hellaswag")
+    lines = (SHARED / "data" / "hellaswag_val.jsonl").read_text().splitlines()[:12]
+    (folder / "raw.jsonl").write_text("\n".join(lines) + "\n")
+    run_script("prepare_data.py", "--hellaswag", "--files", folder / "raw.jsonl", "--out_dir", folder)
+    return folder / "hellaswag_val.jsonl"
+
+
+def test_hellaswag_scores_match_transformers_and_a_plain_loop(hellaswag_file, tmp_path):
+    hf_model = make_hf_gpt2(tmp_path, n_positions=256)
+    model = tg.GPT.from_pretrained(str(tmp_path)).eval()
+    enc = tg.get_tokenizer()
+    items = tg.load_hellaswag(hellaswag_file)
+    sums, means = tg.score_endings(model, enc, items, "cpu", items_per_batch=5)  # batches of 20 rows, padded
+    by_hand = []
+    with torch.no_grad():
+        for i, item in enumerate(items):
+            context = enc.encode(item["ctx"])
+            for j, ending in enumerate(item["endings"]):  # one forward pass per ending, no padding
+                ending_tokens = enc.encode(" " + ending)
+                ids = torch.tensor([context + ending_tokens])
+                losses = torch.nn.functional.cross_entropy(hf_model(ids).logits[0, :-1], ids[0, 1:], reduction="none")
+                theirs = losses[-len(ending_tokens):]
+                assert sums[i, j].item() == pytest.approx(theirs.sum().item(), abs=1e-3)
+                assert means[i, j].item() == pytest.approx(theirs.mean().item(), abs=1e-4)
+                ours = torch.nn.functional.cross_entropy(model(ids)[0][0, :-1], ids[0, 1:], reduction="none")
+                by_hand.append(ours[-len(ending_tokens):].mean().item())
+    by_hand = torch.tensor(by_hand).view(-1, 4)
+    assert means.argmin(1).tolist() == by_hand.argmin(1).tolist()
+    result = tg.hellaswag_eval(model, hellaswag_file, "cpu")
+    labels = torch.tensor([item["label"] for item in items])
+    assert result["hellaswag_acc_norm"] == pytest.approx((by_hand.argmin(1) == labels).double().mean().item())
+    assert result["hellaswag_acc"] == pytest.approx((sums.argmin(1) == labels).double().mean().item())
+
+
+def test_eval_mode_with_two_ranks_equals_one(hellaswag_file, shakespeare, base_model, tmp_path):
+    args = ["--mode", "eval", "--init_from", base_model, "--hellaswag_path", hellaswag_file, "--data_dir", shakespeare,
+            "--batch_size", 2, "--val_steps", 5, "--device", "cpu"]
+    proc = run_script("train_gpt2.py", *args, "--out_dir", tmp_path / "one")
+    assert "hellaswag_acc_norm" in proc.stdout and "val_loss" in proc.stdout
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    subprocess.run(torchrun + [str(HERE / "train_gpt2.py"), *map(str, args), "--out_dir", str(tmp_path / "two")],
+                   check=True, capture_output=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    one, two = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "two"))
+    assert one["hellaswag_items"] == two["hellaswag_items"] == 12
+    assert one["hellaswag_acc"] == two["hellaswag_acc"] and one["hellaswag_acc_norm"] == two["hellaswag_acc_norm"]
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-6)  # the same 5 batches, split over 2 ranks
+
+
+def test_hellaswag_during_pretraining_and_plot(shakespeare, hellaswag_file, tmp_path):
+    run_script("train_gpt2.py", "--mode", "pretrain", "--data_dir", shakespeare, "--out_dir", tmp_path, *TINY,
+               "--block_size", 128, "--max_steps", 4, "--eval_interval", 2, "--val_steps", 2,
+               "--hellaswag", 1, "--hellaswag_path", hellaswag_file, "--hellaswag_limit", 4)
+    evals = [e for e in read_log(tmp_path) if "val_loss" in e]
+    assert [e["step"] for e in evals] == [2, 4] and all(e["hellaswag_items"] == 4 for e in evals)
+    run_script("train_gpt2.py", "--mode", "plot", "--out_dir", tmp_path)
+    png = (tmp_path / "plot.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert "log.jsonl not found" in main_error("--mode", "plot", "--out_dir", tmp_path / "nothing")
