@@ -832,10 +832,11 @@ def test_sample_applies_the_template_only_to_finetuned_checkpoints(base_model, t
 
 def test_finetune_resume_equals_uninterrupted(sft_data, base_model, tmp_path):
     args = [*FINETUNE, "--init_from", base_model, "--data_dir", sft_data, "--max_steps", 16, "--ckpt_interval", 1000,
-            "--batch_size", 2, "--total_batch_size", 4, "--eval_interval", 8]
+            "--batch_size", 2, "--total_batch_size", 4, "--eval_interval", 8, "--block_size", 100]  # 100 < the model's 128
     run_script("train_gpt2.py", *args, "--out_dir", tmp_path / "straight")
     stopped_at = interrupt_and_resume(args, tmp_path / "cut", signal_at_step=4)
     assert 4 <= stopped_at < 16
+    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["model"]["transformer.wpe.weight"].shape == (100, 64)
     assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "straight")
 
 
@@ -915,3 +916,9 @@ def test_hellaswag_during_pretraining_and_plot(shakespeare, hellaswag_file, tmp_
     png = (tmp_path / "plot.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert "log.jsonl not found" in main_error("--mode", "plot", "--out_dir", tmp_path / "nothing")
+
+
+def test_bench_generate_methods_agree():
+    proc = run_script("train_gpt2.py", "--mode", "bench_generate", "--n_layer", 1, "--n_head", 2, "--n_embd", 32,
+                      "--block_size", 64, "--max_new_tokens", 8, "--bench_steps", 1, "--device", "cpu")
+    assert "same tokens from all three: True" in proc.stdout and "transformers generate" in proc.stdout

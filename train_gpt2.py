@@ -651,6 +651,13 @@ class StopRequested:
 # Training: pretraining and fine-tuning share one loop
 
 
+def config_from_args(args):
+    """A fresh model's size: the --model preset, with any of --n_layer --n_head --n_embd
+    --block_size instead. The vocabulary is padded to 50304 for speed."""
+    size = {**PRESETS[args.model], **{k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k)}}
+    return GPTConfig(block_size=args.block_size or 1024, padded_vocab_size=50304, **size)
+
+
 def build_model(args, checkpoint):
     """The model to train: from the resumed checkpoint, a checkpoint of ours, OpenAI's
     weights, or fresh (--init_from scratch) in the size the flags give."""
@@ -659,11 +666,12 @@ def build_model(args, checkpoint):
         model.load_state_dict(checkpoint["model"])
         return model
     if args.init_from == "scratch":
-        size = {**PRESETS[args.model], **{k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k)}}
-        return GPT(GPTConfig(block_size=args.block_size or 1024, padded_vocab_size=50304, **size))
+        return GPT(config_from_args(args))
     model, _ = load_model(args.init_from, padded_vocab_size=50304)
     if args.block_size and args.block_size < model.config.block_size:
-        model.config.block_size = args.block_size  # train on shorter sequences; the positions stay
+        # Train on shorter sequences: keep the first block_size learned positions.
+        model.config.block_size = args.block_size
+        model.transformer.wpe.weight = nn.Parameter(model.transformer.wpe.weight[:args.block_size].clone())
     return model
 
 
@@ -723,6 +731,8 @@ def train(args):
         if device_type == "cuda" and checkpoint["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
         print0(f"resuming {checkpoint_path} at step {start_step}")
+    resumed = checkpoint is not None
+    checkpoint = None  # the weights and optimizer state are in place: free the copy
 
     raw_model = model  # the plain module: for checkpoints, sampling and MFU
     if args.compile:
@@ -735,7 +745,7 @@ def train(args):
     flops_step = flops_per_token(raw_model) * grad_accum * world_size * args.batch_size * T
     os.makedirs(args.out_dir, exist_ok=True)
     log_path = os.path.join(args.out_dir, "log.jsonl")
-    if master and checkpoint is None and os.path.exists(log_path):
+    if master and not resumed and os.path.exists(log_path):
         os.remove(log_path)  # a new run: a log of an earlier one in this folder would mix in
     print0(f"{args.mode}: {sum(p.numel() for p in raw_model.parameters()):,} parameters, {world_size} process(es) on "
            f"{device_type}, {grad_accum} micro-steps of {args.batch_size} x {T if args.mode == 'pretrain' else 'longest'}"
@@ -887,8 +897,7 @@ def bench(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
-    size = {**PRESETS[args.model], **{k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k)}}
-    model = GPT(GPTConfig(block_size=args.block_size or 1024, padded_vocab_size=50304, **size)).to(device)
+    model = GPT(config_from_args(args)).to(device)
     T = model.config.block_size
     optimizer = configure_optimizer(model, 0.1, 6e-4, device)
     compiled = torch.compile(model) if args.compile else model
@@ -910,6 +919,57 @@ def bench(args):
     print(f"median step {1000 * dt:.1f} ms | {tok_per_s:,.0f} tokens/s"
           + (f" | MFU {100 * flops_per_token(model) * tok_per_s / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s" if peak else ""))
 
+
+
+def bench_generate(args):
+    """Generation speed on random weights, greedy, every method producing the same tokens:
+    our KV cache, recomputing the whole sequence for every token (build-nanogpt's way), and
+    transformers' generate on the very same weights."""
+    import tempfile
+    from transformers import GPT2Config, GPT2LMHeadModel
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    cfg = config_from_args(args)
+    with tempfile.TemporaryDirectory() as tmp:  # one set of weights for both libraries
+        GPT2LMHeadModel(GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                   n_positions=cfg.block_size)).save_pretrained(tmp)
+        hf_model = GPT2LMHeadModel.from_pretrained(tmp).to(device).eval()
+        model = GPT.from_pretrained(tmp).to(device).eval()
+    prompt = torch.randint(0, 50257, (1, 16), device=device)
+    n = args.max_new_tokens
+
+    @torch.no_grad()
+    def recompute():
+        ids = prompt
+        for _ in range(n):
+            logits, _ = model(ids[:, -cfg.block_size:])
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return ids
+
+    methods = {
+        "KV cache (this file)": lambda: model.generate(prompt, max_new_tokens=n, temperature=0, eos_token_id=None),
+        "recompute every step": recompute,
+        "transformers generate": lambda: hf_model.generate(prompt, max_new_tokens=n, do_sample=False,
+                                                           eos_token_id=None, pad_token_id=EOT_TOKEN),
+    }
+    print(f"bench_generate: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, batch 1, "
+          f"16-token prompt, {n} new tokens, greedy, {device}, median of {args.bench_steps} runs")
+    outputs, medians = [], {}
+    for name, method in methods.items():
+        outputs.append(method().tolist())  # warm-up, and the tokens to compare
+        times = []
+        for _ in range(args.bench_steps):
+            t0 = time.time()
+            method()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.time() - t0)
+        medians[name] = sorted(times)[len(times) // 2]
+        print(f"{name:<24} {1000 * medians[name]:8.1f} ms  {n / medians[name]:8.0f} tokens/s")
+    ours = medians["KV cache (this file)"]
+    print(f"same tokens from all three: {outputs[0] == outputs[1] == outputs[2]}; KV cache is "
+          f"{medians['recompute every step'] / ours:.1f}x faster than recomputing, "
+          f"{medians['transformers generate'] / ours:.2f}x faster than transformers")
 
 # -----------------------------------------------------------------------------
 # Evaluation: HellaSwag
@@ -1160,7 +1220,10 @@ MODE_DEFAULTS = {
                      total_batch_size=32, max_lr=2e-5, warmup_steps=100, eval_interval=200, ckpt_interval=1000,
                      val_steps=50, hellaswag=0),
     "eval": dict(out_dir="out/eval", batch_size=16, val_steps=160, hellaswag=1),
-    "bench": dict(batch_size=64),
+    "bench": dict(batch_size=64, bench_steps=20),
+    "bench_generate": dict(n_layer=4, n_head=4, n_embd=256, max_new_tokens=200, bench_steps=7),
+    "sample": dict(max_new_tokens=64),
+    "chat": dict(max_new_tokens=256),
     "plot": dict(out_dir="out/pretrain"),
 }
 
@@ -1169,7 +1232,7 @@ def parse_args(argv=None, defaults=None):
     """defaults: values that replace the parser's own, as a resumed run's saved flags do."""
     p = argparse.ArgumentParser(description="GPT-2: pretrain, fine-tune, evaluate, sample, chat.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--mode", choices=["pretrain", "finetune", "eval", "sample", "chat", "bench", "plot"], default="sample")
+    p.add_argument("--mode", choices=["pretrain", "finetune", "eval", "sample", "chat", "bench", "bench_generate", "plot"], default="sample")
     p.add_argument("--init_from", default=None, help="scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a Hugging "
                    "Face GPT-2 directory | a checkpoint .pt (default: scratch to pretrain, gpt2 to fine-tune or sample)")
     p.add_argument("--data_dir", default=None, help="prepared data (default: data/fineweb_edu_10B, or data/alpaca to fine-tune)")
@@ -1199,7 +1262,7 @@ def parse_args(argv=None, defaults=None):
     g.add_argument("--eval_samples", type=int, default=4, help="lines sampled at each evaluation")
     g.add_argument("--ckpt_interval", type=int, default=None)
     g.add_argument("--peak_tflops", type=float, default=None, help="GPU peak for MFU, if not an A100/H100/H200")
-    g.add_argument("--bench_steps", type=int, default=20)
+    g.add_argument("--bench_steps", type=int, default=None, help="bench: timed steps (20); bench_generate: runs (7)")
     g.add_argument("--bench_warmup", type=int, default=5, help="first bench steps not counted (compilation)")
     g = p.add_argument_group("HellaSwag")
     g.add_argument("--hellaswag", type=int, default=None, help="1: score HellaSwag (every eval when pretraining)")
@@ -1208,7 +1271,7 @@ def parse_args(argv=None, defaults=None):
     g = p.add_argument_group("sampling and chat")
     g.add_argument("--prompt", action="append", help="repeat for several prompts")
     g.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
-    g.add_argument("--max_new_tokens", type=int, default=64)
+    g.add_argument("--max_new_tokens", type=int, default=None, help="default: 64 (chat: 256)")
     g.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     g.add_argument("--top_k", type=int, default=None)
     g.add_argument("--top_p", type=float, default=None)
@@ -1233,7 +1296,7 @@ def resumed_args(argv, args):
     path = os.path.join(args.out_dir, "ckpt.pt")
     if not os.path.exists(path):
         return args  # train() says there is nothing to resume
-    saved = load_checkpoint(path)["args"]
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["args"]  # mmap: reads only the args
     saved = {k: v for k, v in saved.items() if k not in ("init_from", "mode", "out_dir")}
     return parse_args(argv, defaults=saved)
 
@@ -1241,7 +1304,8 @@ def resumed_args(argv, args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    modes = {"pretrain": train, "finetune": train, "eval": evaluate, "sample": sample, "chat": chat, "bench": bench, "plot": plot}
+    modes = {"pretrain": train, "finetune": train, "eval": evaluate, "sample": sample, "chat": chat, "bench": bench,
+             "bench_generate": bench_generate, "plot": plot}
     try:
         if args.init_from == "resume":
             args = resumed_args(argv, args)
