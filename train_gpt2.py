@@ -341,6 +341,12 @@ def pick_device(requested="auto"):
     return "cpu"
 
 
+def enable_tf32():
+    """float32 matmuls (what autocast leaves in float32) on tensor cores: ~8x faster, 10-bit mantissa."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def autocast(device):
     """bf16 autocast on CUDA (the weights stay float32, the matmuls run in bf16); elsewhere a no-op."""
     device_type = device.split(":")[0]
@@ -683,8 +689,7 @@ def train(args):
     device_type = device.split(":")[0]
     torch.manual_seed(args.seed)
     if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
-        torch.backends.cudnn.allow_tf32 = True
+        enable_tf32()
 
     checkpoint_path = os.path.join(args.out_dir, "ckpt.pt")
     checkpoint = None
@@ -819,8 +824,7 @@ def train(args):
     finally:
         stop.restore()
     if world_size > 1:
-        import torch.distributed as dist
-        dist.destroy_process_group()
+        torch.distributed.destroy_process_group()
 
 
 def train_step(model, optimizer, micro_batches, device, world_size, grad_clip, stop_requested=False):
@@ -879,8 +883,7 @@ def show_samples(model, device, template=None, n=4, max_new_tokens=32):
     with autocast(device):
         out = model.generate(ids, max_new_tokens=max_new_tokens, top_k=50, generator=generator)
     for row in out.tolist():
-        new = row[ids.size(1):]
-        print(f"  sample: {prompt if not template else ''}{enc.decode(new[:new.index(EOT_TOKEN)] if EOT_TOKEN in new else new)!r}")
+        print(f"  sample: {prompt if not template else ''}{enc.decode(until_eot(row[ids.size(1):]))!r}")
 
 
 def format_duration(seconds):
@@ -894,8 +897,7 @@ def bench(args):
     device = pick_device(args.device)
     device_type = device.split(":")[0]
     if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        enable_tf32()
     torch.manual_seed(args.seed)
     model = GPT(config_from_args(args)).to(device)
     T = model.config.block_size
@@ -1054,8 +1056,7 @@ def evaluate(args):
         with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
             json.dump(results, f, indent=2)
     if world_size > 1:
-        import torch.distributed as dist
-        dist.destroy_process_group()
+        torch.distributed.destroy_process_group()
     return results
 
 
@@ -1071,6 +1072,11 @@ def encode_prompts(enc, prompts, template=None):
         text = template.format(instruction=prompt) if template else prompt
         token_lists.append(enc.encode(text, allowed_special={"<|endoftext|>"}))
     return token_lists
+
+
+def until_eot(tokens):
+    """Generated tokens up to (not including) the first <|endoftext|>."""
+    return tokens[:tokens.index(EOT_TOKEN)] if EOT_TOKEN in tokens else tokens
 
 
 def left_pad(token_lists, pad_id=EOT_TOKEN):
@@ -1131,9 +1137,8 @@ def sample(args):
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              generator=generator)
     for row, tokens in enumerate(batch):
-        new = out[row, ids.size(1):].tolist()
-        new = new[:new.index(EOT_TOKEN)] if EOT_TOKEN in new else new
         text = prompts[row // args.num_samples] if template is None else ""
+        new = until_eot(out[row, ids.size(1):].tolist())
         print(f"--- sample {row % args.num_samples + 1} of prompt {row // args.num_samples + 1}\n{text}{enc.decode(new)}")
 
 
