@@ -562,7 +562,7 @@ class RecordingOptimizer:
 
 def gradients(model, micro_batches):
     optimizer = RecordingOptimizer(model)
-    loss, _, _ = tg.train_step(model, optimizer, micro_batches, "cpu", 1, grad_clip=1e9)
+    loss, _ = tg.train_step(model, optimizer, micro_batches, "cpu", 1, grad_clip=1e9)
     return loss, optimizer.grads
 
 
@@ -679,12 +679,21 @@ def test_resume_after_sigterm_equals_uninterrupted(shakespeare, tmp_path):
     assert val(tmp_path / "cut") == val(tmp_path / "straight")
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(shakespeare, tmp_path):
-    proc = run_script("train_gpt2.py", "--mode", "pretrain", "--data_dir", shakespeare, "--out_dir", tmp_path, *TINY,
-                      "--max_lr", 1e9, "--max_steps", 50, "--ckpt_interval", 1, "--eval_interval", 1000, check=False)
-    assert_one_line_error(proc, "loss became", "ckpt.pt")
-    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+def test_non_finite_loss_names_a_checkpoint_that_resumes(shakespeare, tmp_path):
+    # The LR climbs to 1e3 over 20 steps: the loss blows up a few steps in. With a checkpoint
+    # due at every step, the one at the step before the blow-up holds weights whose next
+    # loss is already huge; the error must name an earlier one, proven by a finite step.
+    args = ["--mode", "pretrain", "--data_dir", shakespeare, "--out_dir", tmp_path, *TINY, "--max_lr", 1e3,
+            "--warmup_steps", 20, "--max_steps", 50, "--ckpt_interval", 1, "--eval_interval", 1000]
+    message = main_error(*args)
+    assert "loss became non-finite" in message and "ckpt.pt" in message
+    failed_at = int(message.split("at step ")[1].split()[0])
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"]
+    assert f"at step {saved} " in message and saved < failed_at - 1
+    # resumed exactly as the message advises, the named checkpoint trains on: a finite step
+    tg.main([str(a) for a in args] + ["--init_from", "resume", "--max_steps", str(saved + 1)])
+    resumed = [loss for step, loss in train_losses(tmp_path) if step == saved + 1]
+    assert len(resumed) == 2 and resumed[0] == resumed[1] and math.isfinite(resumed[1])  # logged twice: before and after
 
 
 def main_error(*args):
@@ -714,6 +723,221 @@ def test_pretrain_bad_input(shakespeare, tmp_path):
     assert "less than one step" in pretrain("--data_dir", make_shards(tmp_path / "small", [100]))
     tg.main(["--mode", "pretrain", *map(str, TINY), "--max_steps", "1", "--data_dir", str(shakespeare), "--out_dir", str(tmp_path / "o")])
     assert "already holds a checkpoint" in pretrain("--data_dir", shakespeare)
+
+
+# Every mistake a user can make with train_gpt2.py, in every mode: each must end the command
+# with one line that names the problem, and leave every file the user has exactly as it was.
+
+
+def folder_hashes(*folders):
+    import hashlib
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+            for folder in folders for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def one_line_failure(capsys, args):
+    """Run train_gpt2.main in-process; return the one error line it exited with."""
+    with pytest.raises(SystemExit) as exit:
+        tg.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    code = exit.value.code
+    assert code not in (0, None) and "Traceback" not in err
+    message = code if isinstance(code, str) else err.strip()  # argparse prints its own line
+    assert message.startswith("error:") and "\n" not in message.strip(), message
+    return message
+
+
+@pytest.fixture(scope="module")
+def user_files(tmp_path_factory, shakespeare, sft_data, base_model):
+    """What a user has made by now: prepared data, a base checkpoint, a finished pretraining
+    run, a fine-tuning run, HellaSwag files good and bad, a Hugging Face folder."""
+    root = tmp_path_factory.mktemp("user")
+    args = ["--mode", "pretrain", *map(str, TINY), "--data_dir", str(shakespeare), "--max_steps", "2"]
+    tg.main(args + ["--out_dir", str(root / "run")])
+    tg.main([*map(str, FINETUNE), "--init_from", str(base_model), "--data_dir", str(sft_data), "--max_steps", "1",
+             "--out_dir", str(root / "ft")])
+    good = json.dumps({"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 1})
+    for name, text in {"hs_two_endings": '{"ctx": "A", "endings": ["a", "b"], "label": 0}', "hs_label_9": good.replace(
+            '"label": 1', '"label": 9'), "hs_empty": "\n", "hs_not_json": "{ctx: A", "hs_good": good}.items():
+        (root / f"{name}.jsonl").write_text(text + "\n")
+    (root / "log_bad").mkdir()
+    (root / "log_bad" / "log.jsonl").write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "lo\n')
+    (root / "truncated.pt").write_bytes((root / "run" / "ckpt.pt").read_bytes()[:5000])
+    (root / "random.pt").write_bytes(os.urandom(3000))
+    torch.save({"weights": torch.zeros(3)}, root / "foreign.pt")
+    (root / "a_file").write_text("not a folder")
+    for field, value in [("layer_norm_epsilon", 1e-6), ("scale_attn_weights", False), ("tie_word_embeddings", False)]:
+        from transformers import GPT2Config, GPT2LMHeadModel
+        GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=32, **{field: value})).save_pretrained(root / field)
+    from transformers import BertConfig
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(root / "bert")
+    return {"root": root, "data": shakespeare, "sft": sft_data, "base": base_model}
+
+
+def broken_shards(tmp, kind):
+    """A copy of a small prepared folder, broken in one way."""
+    data = make_shards(tmp / kind, [3000, 3000], val_length=300)
+    meta_path = data / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    if kind == "meta_not_json":
+        meta_path.write_text("{not json")
+    elif kind == "meta_no_splits":
+        meta_path.write_text(json.dumps({"kind": "pretrain"}))
+    elif kind == "token_too_big":
+        np.save(data / "train_000000.npy", np.full(3000, 50300, dtype=np.uint16))
+    elif kind == "shorter_than_meta":
+        np.save(data / "train_000001.npy", np.zeros(2000, dtype=np.uint16))
+    elif kind == "truncated_npy":
+        path = data / "train_000001.npy"
+        path.write_bytes(path.read_bytes()[:1000])
+    elif kind == "shard_tokens_disagree":
+        meta["splits"]["train"]["shard_tokens"] = [3000, 2999]
+        meta_path.write_text(json.dumps(meta))
+    elif kind == "tiny_val":
+        meta["splits"]["val"]["tokens"] = 20
+        np.save(data / "val_000000.npy", np.zeros(20, dtype=np.uint16))
+        meta_path.write_text(json.dumps(meta))
+    return data
+
+
+PRETRAIN = ["--mode", "pretrain", *TINY, "--max_steps", 3]
+BAD_TRAIN_INPUTS = {  # name: (arguments given the user's files u and a scratch folder t, words of the error)
+    # flags outside their domain, refused before anything runs
+    "max_steps -1": (lambda u, t: PRETRAIN + ["--max_steps", -1, "--data_dir", u["data"]], ["--max_steps", ">= 1"]),
+    "grad_clip -1": (lambda u, t: PRETRAIN + ["--grad_clip", -1], ["--grad_clip"]),
+    "max_lr nan": (lambda u, t: PRETRAIN + ["--max_lr", "nan"], ["--max_lr", "> 0"]),
+    "min_lr_ratio 2": (lambda u, t: PRETRAIN + ["--min_lr_ratio", 2], ["--min_lr_ratio"]),
+    "batch_size 0": (lambda u, t: PRETRAIN + ["--batch_size", 0], ["--batch_size"]),
+    "eval_samples -1": (lambda u, t: PRETRAIN + ["--eval_samples", -1], ["--eval_samples"]),
+    "abbreviated flag": (lambda u, t: PRETRAIN + ["--max_l", 1e-3], ["unrecognized", "--max_l"]),
+    "device cuda without CUDA": (lambda u, t: ["--device", "cuda"], ["--device", "no CUDA"]),
+    "device that does not exist": (lambda u, t: ["--device", "tpu7"], ["--device", "not a device"]),
+    "temperature -1": (lambda u, t: ["--temperature", -1, "--init_from", u["base"]], ["--temperature"]),
+    "top_p 0": (lambda u, t: ["--top_p", 0, "--init_from", u["base"]], ["--top_p", "(0, 1]"]),
+    "top_k -5": (lambda u, t: ["--top_k", -5, "--init_from", u["base"]], ["--top_k"]),
+    "max_new_tokens -3": (lambda u, t: ["--max_new_tokens", -3, "--init_from", u["base"]], ["--max_new_tokens"]),
+    "hellaswag_limit 0": (lambda u, t: ["--mode", "eval", "--hellaswag_limit", 0], ["--hellaswag_limit"]),
+    "bench warmup eats every step": (lambda u, t: ["--mode", "bench", "--bench_steps", 3, "--bench_warmup", 3],
+                                     ["--bench_warmup"]),
+    "n_embd not a multiple of n_head": (lambda u, t: PRETRAIN + ["--n_embd", 30, "--n_head", 4, "--data_dir", u["data"],
+                                                                 "--out_dir", t / "o"], ["--n_embd 30", "--n_head 4"]),
+    "block_size beyond the checkpoint": (lambda u, t: ["--mode", "finetune", *FINETUNE[2:], "--init_from", u["base"],
+                                                       "--data_dir", u["sft"], "--block_size", 500, "--out_dir", t / "o"],
+                                         ["--block_size 500", "128"]),
+    # data folders, checked when opened
+    "data folder missing": (lambda u, t: PRETRAIN + ["--data_dir", t / "nope", "--out_dir", t / "o"], ["not found"]),
+    "meta.json not JSON": (lambda u, t: PRETRAIN + ["--data_dir", broken_shards(t, "meta_not_json"), "--out_dir", t / "o"],
+                           ["meta.json", "prepare_data.py"]),
+    "meta.json without its fields": (lambda u, t: PRETRAIN + ["--data_dir", broken_shards(t, "meta_no_splits"),
+                                                              "--out_dir", t / "o"], ["meta.json", "splits"]),
+    "shard shorter than meta.json": (lambda u, t: PRETRAIN + ["--data_dir", broken_shards(t, "shorter_than_meta"),
+                                                              "--out_dir", t / "o"], ["meta.json says", "prepare_data.py"]),
+    "shard length against shard_tokens": (lambda u, t: PRETRAIN + ["--data_dir", broken_shards(t, "shard_tokens_disagree"),
+                                                                   "--out_dir", t / "o"], ["train_000001.npy", "2,999"]),
+    "truncated shard": (lambda u, t: PRETRAIN + ["--data_dir", broken_shards(t, "truncated_npy"), "--out_dir", t / "o"],
+                        ["train_000001.npy", "not a whole .npy"]),
+    "token id outside the vocabulary": (lambda u, t: PRETRAIN + ["--data_dir", broken_shards(t, "token_too_big"),
+                                                                 "--out_dir", t / "o"], ["train_000000.npy", "50300"]),
+    "val split shorter than a batch": (lambda u, t: PRETRAIN + ["--data_dir", broken_shards(t, "tiny_val"),
+                                                                "--out_dir", t / "o"], ["val split", "--batch_size"]),
+    "train split smaller than a step": (lambda u, t: PRETRAIN + ["--data_dir", make_shards(t / "s", [100]),
+                                                                 "--out_dir", t / "o"], ["less than one step"]),
+    "instruction data to pretrain": (lambda u, t: PRETRAIN + ["--data_dir", u["sft"], "--out_dir", t / "o"],
+                                     ["sft data", "prepare_data.py"]),
+    "pretraining shards to fine-tune": (lambda u, t: [*FINETUNE, "--init_from", u["base"], "--data_dir", u["data"],
+                                                      "--out_dir", t / "o"], ["--sft"]),
+    "too few examples for a step": (lambda u, t: [*FINETUNE, "--init_from", u["base"], "--data_dir", u["sft"],
+                                                  "--batch_size", 7, "--total_batch_size", 70, "--out_dir", t / "o"],
+                                    ["--total_batch_size"]),
+    # output folders and checkpoints
+    "out_dir is a file": (lambda u, t: PRETRAIN + ["--data_dir", u["data"], "--out_dir", u["root"] / "a_file"],
+                          ["is a file"]),
+    "out_dir cannot be made": (lambda u, t: PRETRAIN + ["--data_dir", u["data"], "--out_dir", "/proc/gpt2_run"],
+                               ["cannot write", "/proc/gpt2_run"]),
+    "a new run over a finished one": (lambda u, t: PRETRAIN + ["--data_dir", u["data"], "--out_dir", u["root"] / "run"],
+                                      ["already holds a checkpoint", "--init_from resume"]),
+    "resume with nothing to resume": (lambda u, t: PRETRAIN + ["--data_dir", u["data"], "--init_from", "resume",
+                                                               "--out_dir", t / "o"], ["nothing to resume"]),
+    "resume past --max_steps": (lambda u, t: PRETRAIN + ["--data_dir", u["data"], "--init_from", "resume",
+                                                         "--max_steps", 1, "--out_dir", u["root"] / "run"],
+                                ["step 2", "--max_steps"]),
+    "fine-tune run resumed as pretraining": (lambda u, t: PRETRAIN + ["--data_dir", u["data"], "--init_from", "resume",
+                                                                      "--out_dir", u["root"] / "ft"],
+                                             ["--mode finetune run"]),
+    "pretraining run resumed as fine-tuning": (lambda u, t: [*FINETUNE, "--data_dir", u["sft"], "--init_from", "resume",
+                                                             "--out_dir", u["root"] / "run"], ["--mode pretrain run"]),
+    "truncated checkpoint": (lambda u, t: ["--init_from", u["root"] / "truncated.pt"], ["truncated.pt", "not a readable"]),
+    "random bytes as checkpoint": (lambda u, t: ["--mode", "eval", "--init_from", u["root"] / "random.pt", "--hellaswag", 0,
+                                                 "--out_dir", t / "e"], ["random.pt", "not a readable"]),
+    "foreign checkpoint": (lambda u, t: ["--init_from", u["root"] / "foreign.pt"], ["not a checkpoint of train_gpt2.py",
+                                                                                    "weights"]),
+    "foreign checkpoint to start a run": (lambda u, t: [*FINETUNE, "--init_from", u["root"] / "foreign.pt", "--data_dir",
+                                                        u["sft"], "--out_dir", t / "o"], ["foreign.pt"]),
+    "unknown model name": (lambda u, t: ["--init_from", "gpt5"], ["unknown model", "run folder", "gpt2-xl"]),
+    "checkpoint file missing": (lambda u, t: ["--init_from", t / "nope.pt"], ["not found"]),
+    # Hugging Face folders this GPT-2 does not compute exactly
+    "layer_norm_epsilon 1e-6": (lambda u, t: ["--init_from", u["root"] / "layer_norm_epsilon"], ["layer_norm_epsilon"]),
+    "scale_attn_weights off": (lambda u, t: ["--init_from", u["root"] / "scale_attn_weights"], ["scale_attn_weights"]),
+    "untied embeddings": (lambda u, t: ["--init_from", u["root"] / "tie_word_embeddings"], ["tie_word_embeddings"]),
+    "not a GPT-2 checkpoint": (lambda u, t: ["--init_from", u["root"] / "bert"], ["bert", "not a GPT-2"]),
+    # HellaSwag files, checked before the model loads (eval) or before step 1 (pretrain)
+    "HellaSwag file missing": (lambda u, t: ["--mode", "eval", "--init_from", u["base"], "--hellaswag_path", t / "hs.jsonl",
+                                             "--out_dir", t / "e"], ["not found", "--hellaswag"]),
+    "HellaSwag item with 2 endings": (lambda u, t: ["--mode", "eval", "--init_from", u["base"], "--hellaswag_path",
+                                                    u["root"] / "hs_two_endings.jsonl", "--out_dir", t / "e"], ["line 1"]),
+    "HellaSwag label 9": (lambda u, t: ["--mode", "eval", "--init_from", u["base"], "--hellaswag_path",
+                                        u["root"] / "hs_label_9.jsonl", "--out_dir", t / "e"], ["line 1", "label"]),
+    "HellaSwag file with no items": (lambda u, t: PRETRAIN + ["--data_dir", u["data"], "--hellaswag", 1, "--hellaswag_path",
+                                                              u["root"] / "hs_empty.jsonl", "--out_dir", t / "o"],
+                                     ["no HellaSwag items"]),
+    "HellaSwag file not JSON": (lambda u, t: PRETRAIN + ["--data_dir", u["data"], "--hellaswag", 1, "--hellaswag_path",
+                                                         u["root"] / "hs_not_json.jsonl", "--out_dir", t / "o"], ["line 1"]),
+    # sampling, chat, plot
+    "empty prompt": (lambda u, t: ["--init_from", u["base"], "--prompt", ""], ["prompt is empty"]),
+    "chat with a model that is not fine-tuned": (lambda u, t: ["--mode", "chat", "--init_from", u["base"]], ["not fine-tuned"]),
+    "plot without a log": (lambda u, t: ["--mode", "plot", "--out_dir", t / "nothing"], ["log.jsonl not found"]),
+    "plot of a log cut short": (lambda u, t: ["--mode", "plot", "--out_dir", u["root"] / "log_bad"], ["line 2"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TRAIN_INPUTS)
+def test_train_gpt2_bad_input(case, user_files, tmp_path, capsys):
+    make_args, words = BAD_TRAIN_INPUTS[case]
+    args = make_args(user_files, tmp_path)
+    args = args if "--device" in args else args + ["--device", "cpu"]
+    before = folder_hashes(user_files["root"], user_files["data"], user_files["sft"], tmp_path)
+    message = one_line_failure(capsys, args)
+    for word in words:
+        assert word in message, message
+    after = folder_hashes(user_files["root"], user_files["data"], user_files["sft"], tmp_path)
+    assert after == before  # nothing the user had, changed; nothing new either
+
+
+def test_another_run_in_the_same_folder_is_refused(shakespeare, tmp_path, capsys):
+    import fcntl
+    (tmp_path / "o").mkdir()
+    folder = os.open(tmp_path / "o", os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a run in progress holds it
+        message = one_line_failure(capsys, PRETRAIN + ["--data_dir", shakespeare, "--out_dir", tmp_path / "o"])
+    finally:
+        os.close(folder)
+    assert "another run is using" in message and not list((tmp_path / "o").iterdir())
+
+
+def test_a_failure_after_training_started_saves_the_steps_done(tmp_path, capsys):
+    # Steps read 128 (+1) tokens each; a token id past the vocabulary at 900 stops the 8th
+    # step. The 7 steps done must not be lost, although no checkpoint was due.
+    data = make_shards(tmp_path / "data", [1400], val_length=300)
+    bad = np.load(data / "train_000000.npy")
+    bad[900] = 50300
+    np.save(data / "train_000000.npy", bad)
+    args = ["--mode", "pretrain", *TINY, "--total_batch_size", 128, "--data_dir", data, "--out_dir", tmp_path / "o",
+            "--max_steps", 10, "--eval_interval", 100, "--ckpt_interval", 100]
+    message = one_line_failure(capsys, args)
+    assert "train_000000.npy" in message and "50300" in message
+    assert [e["step"] for e in read_log(tmp_path / "o") if "loss" in e] == list(range(1, 8))
+    assert torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)["step"] == 7
 
 
 def test_bench_mode_prints_throughput():

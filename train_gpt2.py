@@ -31,6 +31,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -43,6 +44,11 @@ from torch.nn import functional as F
 # The model
 
 EOT_TOKEN = 50256  # <|endoftext|>: separates documents, ends an answer, stops generation
+
+
+class UserError(ValueError):
+    """A mistake the user can fix (a flag, a path, a file): the command line prints it as one
+    line. Anything else that goes wrong is a bug and keeps its traceback."""
 
 
 @dataclass
@@ -215,27 +221,45 @@ class GPT(nn.Module):
         Face hub) or a local directory with a Hugging Face GPT-2 checkpoint. Pass
         padded_vocab_size=50304 to train it further at full speed."""
         if name_or_path not in PRESETS and not os.path.isdir(name_or_path):
-            raise ValueError(f"unknown model {name_or_path!r}: use one of {', '.join(PRESETS)}, "
-                             "or a directory holding a Hugging Face GPT-2 checkpoint")
+            raise UserError(f"unknown model {name_or_path!r}: use one of {', '.join(PRESETS)}, "
+                            "or a directory holding a Hugging Face GPT-2 checkpoint")
         try:
-            from transformers import GPT2LMHeadModel  # only needed here, so imported here
-        except ImportError:
-            raise ValueError("reading Hugging Face GPT-2 weights needs transformers: pip install transformers") from None
-        try:
+            from transformers import AutoConfig, GPT2LMHeadModel  # only needed here, so imported here
             from transformers.utils import logging as hf_logging
-            hf_logging.set_verbosity_error()  # we report missing or mismatched weights ourselves
-            hf_logging.disable_progress_bar()
-            hf_model, info = GPT2LMHeadModel.from_pretrained(name_or_path, output_loading_info=True)
-        except (OSError, ValueError) as e:
+        except ImportError:
+            raise UserError("reading Hugging Face GPT-2 weights needs transformers: pip install transformers") from None
+        hf_logging.set_verbosity_error()  # we report missing or mismatched weights ourselves
+        hf_logging.disable_progress_bar()
+        try:
+            hf = AutoConfig.from_pretrained(name_or_path)
+            if hf.model_type == "gpt2":
+                hf_model, info = GPT2LMHeadModel.from_pretrained(name_or_path, output_loading_info=True)
+        except (OSError, ValueError) as e:  # transformers' own words for a missing or broken folder
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"could not load {name_or_path!r} as a GPT-2 checkpoint: {first_line}") from None
+            raise UserError(f"could not load {name_or_path!r} as a GPT-2 checkpoint: {first_line}") from None
+        if hf.model_type != "gpt2":
+            raise UserError(f"{name_or_path!r} is a {hf.model_type} checkpoint, not a GPT-2 checkpoint")
         for problem in ("missing_keys", "mismatched_keys"):
             if info[problem]:
-                raise ValueError(f"checkpoint {name_or_path!r} is broken: {problem.replace('_', ' ')}: "
-                                 f"{', '.join(sorted(map(str, info[problem])))}")
-        hf = hf_model.config
-        if hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh") or hf.scale_attn_by_inverse_layer_idx or hf.reorder_and_upcast_attn:
-            raise ValueError(f"checkpoint {name_or_path!r} is a GPT-2 variant this model does not implement")
+                raise UserError(f"checkpoint {name_or_path!r} is broken: {problem.replace('_', ' ')}: "
+                                f"{', '.join(sorted(map(str, info[problem])))}")
+        # Every field of GPT2Config that changes the computation is either what this model
+        # computes or refused by name: loading it anyway would silently give another model.
+        implemented = {
+            "activation_function": ("gelu_new", "gelu_pytorch_tanh"),  # both the tanh approximation
+            "layer_norm_epsilon": (1e-5,),
+            "scale_attn_weights": (True,),  # scores divided by sqrt(head size)
+            "scale_attn_by_inverse_layer_idx": (False,),
+            "reorder_and_upcast_attn": (False,),
+            "tie_word_embeddings": (True,),
+            "n_inner": (None, 4 * hf.n_embd),  # the MLP's width; None means 4 x n_embd
+            "add_cross_attention": (False,),
+        }
+        for field, supported in implemented.items():
+            value = getattr(hf, field, supported[0])
+            if value not in supported:
+                raise UserError(f"checkpoint {name_or_path!r} sets {field}={value!r}, which this GPT-2 does not "
+                                f"implement (it computes {field}={supported[0]!r})")
         config = GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size, n_layer=hf.n_layer,
                            n_head=hf.n_head, n_embd=hf.n_embd,
                            padded_vocab_size=max(padded_vocab_size or 0, hf.vocab_size))
@@ -246,14 +270,14 @@ class GPT(nn.Module):
         with torch.no_grad():
             for key, param in ours.items():
                 if key not in theirs:
-                    raise ValueError(f"checkpoint {name_or_path!r} has no weight {key!r}")
+                    raise UserError(f"checkpoint {name_or_path!r} has no weight {key!r}")
                 src = theirs[key].t() if key.endswith(transposed) else theirs[key]
                 if key in ("transformer.wte.weight", "lm_head.weight"):
                     param[src.size(0):].normal_(0.0, 0.02)  # padded rows: never used, just tidy
                     param = param[:src.size(0)]
                 if src.shape != param.shape:
-                    raise ValueError(f"checkpoint {name_or_path!r}: weight {key!r} has shape "
-                                     f"{tuple(src.shape)}, expected {tuple(param.shape)}")
+                    raise UserError(f"checkpoint {name_or_path!r}: weight {key!r} has shape "
+                                    f"{tuple(src.shape)}, expected {tuple(param.shape)}")
                 param.copy_(src)
         return model
 
@@ -359,24 +383,45 @@ def get_tokenizer():
 
 
 def load_model(init_from, padded_vocab_size=None):
-    """A model from a checkpoint of ours (a .pt file) or from Hugging Face GPT-2 weights,
-    with the checkpoint's dict (None for Hugging Face weights)."""
+    """A model from a checkpoint of ours (a .pt file, or a run folder holding ckpt.pt) or
+    from Hugging Face GPT-2 weights, with the checkpoint's dict (None for Hugging Face)."""
+    if os.path.isfile(os.path.join(init_from, "ckpt.pt")):
+        init_from = os.path.join(init_from, "ckpt.pt")  # a run folder: its checkpoint
     if os.path.isfile(init_from):
         checkpoint = load_checkpoint(init_from)
-        model = GPT(GPTConfig(**checkpoint["config"]))
-        model.load_state_dict(checkpoint["model"])
-        return model, checkpoint
+        return model_from_checkpoint(checkpoint, init_from), checkpoint
     if init_from.endswith(".pt"):
-        raise FileNotFoundError(f"checkpoint {init_from} not found")
+        raise UserError(f"checkpoint {init_from} not found")
+    if init_from not in PRESETS and not os.path.isdir(init_from):
+        raise UserError(f"unknown model {init_from!r}: use one of {', '.join(PRESETS)}, a checkpoint .pt of ours, "
+                        "a run folder holding ckpt.pt, or a folder holding a Hugging Face GPT-2 checkpoint")
     return GPT.from_pretrained(init_from, padded_vocab_size), None
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, resuming=False):
+    """A checkpoint written by this file, checked to be one before anything trusts its keys."""
     try:
         # weights_only: a checkpoint is data, and loading it must not run code
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}): re-save it, or pick another") from None
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, random bytes, or pickled code: all unreadable to us
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): it may be truncated or "
+                        "not a PyTorch file; pick another checkpoint") from None
+    needed = ("model", "config") + (("optimizer", "step", "loader", "rng", "args") if resuming else ())
+    missing = [key for key in needed if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        found = ", ".join(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise UserError(f"{path} is not a {'resumable ' if resuming else ''}checkpoint of train_gpt2.py: it has no "
+                        f"{', '.join(missing)} (found: {found[:200]})")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint, path):
+    try:
+        model = GPT(GPTConfig(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError) as e:  # another model's config or weights
+        raise UserError(f"{path} does not hold this file's GPT-2: {str(e).strip().splitlines()[0][:200]}") from None
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -388,31 +433,47 @@ def load_checkpoint(path):
 # batch, and the position to resume from is a step count, not a per-rank detail.
 
 
+REPREPARE = "re-run prepare_data.py for this folder (prepare_data.py --verify names the broken file)"
+
+
 def read_meta(data_dir, kind=None):
     """The folder's meta.json, checked to be of this kind ('pretrain' or 'sft') if given."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"data folder {data_dir} not found: make it with prepare_data.py"
-                                + (" --sft" if kind == "sft" else ""))
+        raise UserError(f"data folder {data_dir} not found: make it with prepare_data.py"
+                        + (" --sft" if kind == "sft" else ""))
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{data_dir} has no meta.json: it is not prepared, or its preparation was "
-                                "interrupted; run prepare_data.py for it")
-    with open(path) as f:
-        meta = json.load(f)
-    if kind is not None and meta.get("kind") != kind:
+        raise UserError(f"{data_dir} has no meta.json: it is not prepared, or its preparation was "
+                        "interrupted; run prepare_data.py for it (the same command resumes an interrupted one)")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        splits = meta["splits"]
+        for split in ("val", "train"):
+            if meta["kind"] == "pretrain":
+                int(splits[split]["tokens"]), list(splits[split]["shards"])
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, or not ours
+        raise UserError(f"{path} is not a meta.json written by prepare_data.py ({type(e).__name__}: {e}): "
+                        f"{REPREPARE}") from None
+    if kind is not None and meta["kind"] != kind:
         want = "pretraining shards (prepare_data.py)" if kind == "pretrain" else "instruction data (prepare_data.py --sft)"
-        raise ValueError(f"{data_dir} holds {meta.get('kind')} data, but this mode reads {want}")
+        raise UserError(f"{data_dir} holds {meta['kind']} data, but this mode reads {want}")
     return meta
 
 
-def load_npy(path, dtype):
-    """A memory-mapped array: the OS pages in what is read, never the whole file."""
+def load_npy(path, dtype, length=None):
+    """A memory-mapped array: the OS pages in what is read, never the whole file. Its header
+    and length are checked against what meta.json says, which costs nothing."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: re-run prepare_data.py for this folder")
-    array = np.load(path, mmap_mode="r")
+        raise UserError(f"{path} is missing: {REPREPARE}")
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:  # a header numpy cannot read, or fewer bytes than it promises
+        raise UserError(f"{path} is not a whole .npy file ({e}): {REPREPARE}") from None
     if array.dtype != dtype or array.ndim != 1:
-        raise ValueError(f"{path} holds {array.dtype} of shape {array.shape}, expected 1-D {np.dtype(dtype)}: "
-                         "re-run prepare_data.py for this folder")
+        raise UserError(f"{path} holds {array.dtype} of shape {array.shape}, expected 1-D {np.dtype(dtype)}: {REPREPARE}")
+    if length is not None and len(array) != length:
+        raise UserError(f"{path} holds {len(array):,} tokens but meta.json says {length:,}: {REPREPARE}")
     return array
 
 
@@ -425,10 +486,19 @@ class PretrainLoader:
         meta = read_meta(data_dir, "pretrain")
         names = meta["splits"][split]["shards"]
         if not names:
-            raise ValueError(f"{data_dir} has no {split} shards: re-run prepare_data.py for it")
-        self.shards = [load_npy(os.path.join(data_dir, name), np.uint16) for name in names]
+            raise UserError(f"{data_dir} has no {split} shards: re-run prepare_data.py for it")
+        # prepare_data.py records each shard's length; older folders only the split's total
+        lengths = meta["splits"][split].get("shard_tokens", [None] * len(names))
+        self.names = [os.path.join(data_dir, name) for name in names]
+        self.shards = [load_npy(path, np.uint16, n) for path, n in zip(self.names, lengths)]
         self.split, self.B, self.T, self.rank, self.world_size, self.seed = split, batch_size, block_size, rank, world_size, seed
         self.total_tokens = sum(len(s) for s in self.shards)
+        if self.total_tokens != meta["splits"][split]["tokens"]:
+            raise UserError(f"the {split} shards of {data_dir} hold {self.total_tokens:,} tokens but meta.json says "
+                            f"{meta['splits'][split]['tokens']:,}: {REPREPARE}")
+        if split == "val" and self.total_tokens - 1 < self.B * self.T:  # found now, not at the first evaluation
+            raise UserError(f"the val split of {data_dir} ({self.total_tokens:,} tokens) is shorter than one batch of "
+                            f"{self.B} x {self.T}: lower --batch_size or --block_size, or prepare more val tokens")
         self.epoch, self.position = 0, 0  # where the next step starts in the epoch's stream
         self._set_epoch(0)
 
@@ -437,6 +507,7 @@ class PretrainLoader:
         if self.split == "train":  # a fixed order makes the loss rise and fall with each epoch
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
         self.order = [self.shards[i] for i in order]
+        self.order_names = [self.names[i] for i in order]
         self.starts = np.cumsum([0] + [len(s) for s in self.order])  # where each shard begins in the stream
         self.epoch = epoch
 
@@ -448,6 +519,9 @@ class PretrainLoader:
         while filled < n:
             offset = start + filled - self.starts[shard]
             piece = self.order[shard][offset:offset + n - filled]
+            if len(piece) and piece.max() >= 50257:  # the embedding would fail with a device-side assert
+                raise UserError(f"{self.order_names[shard]} holds token id {int(piece.max())} near position "
+                                f"{offset:,}, outside GPT-2's 50,257: {REPREPARE}")
             out[filled:filled + len(piece)] = piece
             filled += len(piece)
             shard += 1
@@ -470,10 +544,7 @@ class PretrainLoader:
 
     def eval_batches(self, max_batches):
         """This rank's share of the first max_batches batches of the split."""
-        n = min(max_batches, (self.total_tokens - 1) // (self.B * self.T))
-        if n == 0:
-            raise ValueError(f"the {self.split} split ({self.total_tokens} tokens) is shorter than one batch of "
-                             f"{self.B} x {self.T}: lower --batch_size or --block_size")
+        n = min(max_batches, (self.total_tokens - 1) // (self.B * self.T))  # at least 1: checked in __init__
         for i in range(self.rank, n, self.world_size):
             yield self.window(i * self.B * self.T)
 
@@ -498,12 +569,17 @@ class InstructionLoader:
         self.mask = load_npy(path("mask"), np.uint8)
         self.offsets = load_npy(path("offsets"), np.int64)
         self.n = len(self.offsets) - 1
-        if self.n == 0:
-            raise ValueError(f"{data_dir} has no {split} examples: re-run prepare_data.py --sft")
+        if self.n < 1:
+            raise UserError(f"{data_dir} has no {split} examples: re-run prepare_data.py --sft")
         lengths = np.diff(self.offsets)
+        # Instruction data is small (Alpaca: ~10M tokens), so it is checked whole, up front.
+        if (self.offsets[0] != 0 or self.offsets[-1] != len(self.tokens) or len(self.mask) != len(self.tokens)
+                or (lengths < 2).any() or self.tokens.max() >= 50257):
+            raise UserError(f"the {split} files of {data_dir} do not agree with each other (lengths, offsets or "
+                            "token ids): re-run prepare_data.py --sft for this folder")
         if lengths.max() > block_size + 1:
-            raise ValueError(f"{data_dir} has examples of {lengths.max()} tokens, more than the model's block_size "
-                             f"{block_size} + 1: re-run prepare_data.py --sft --block_size {block_size}")
+            raise UserError(f"{data_dir} has examples of {lengths.max()} tokens, more than the model's block_size "
+                            f"{block_size} + 1: re-run prepare_data.py --sft --block_size {block_size}")
         self.split, self.B, self.rank, self.world_size, self.seed = split, batch_size, rank, world_size, seed
         self.group_by_length = group_by_length
         self.lengths = lengths
@@ -527,9 +603,6 @@ class InstructionLoader:
 
     def next_step(self, grad_accum):
         per_step = grad_accum * self.world_size * self.B
-        if self.steps_per_epoch(grad_accum) == 0:
-            raise ValueError(f"{self.n} {self.split} examples are fewer than one step of {per_step}: "
-                             "lower --total_batch_size")
         if self.step_in_epoch >= self.steps_per_epoch(grad_accum):
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
@@ -603,11 +676,57 @@ def all_reduce_sum(values, world_size):
     return t.tolist()
 
 
-def save_checkpoint(path, checkpoint):
-    """Write to a temporary file and rename: a crash mid-write never hurts the last checkpoint."""
+def atomic_write(path, write):
+    """write(f) into a temporary file, then rename it to path: a crash or a full disk midway
+    never leaves a half-written file under the final name, and never hurts the previous one."""
     tmp = f"{path}.tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the real file
+        os.replace(tmp, path)
+    except OSError as e:  # full disk, read-only folder, quota: the user can fix these
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not write {path}: {e.strerror or e}; the previous version, if any, is intact") from None
+
+
+def save_checkpoint(path, checkpoint):
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+@contextlib.contextmanager
+def claim_out_dir(out_dir):
+    """Hold out_dir for one run: checked writable, and locked, since two runs writing one
+    folder would mix their checkpoints and logs. The lock is on the folder itself, so a
+    refused run leaves no file behind, and the kernel drops it when the process dies."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out_dir {out_dir} is a file: choose a folder")
+    created = not os.path.exists(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()  # can we write here? (leaves no file)
+    except OSError as e:
+        raise UserError(f"cannot write to --out_dir {out_dir}: {e.strerror or e}") from None
+    try:
+        import fcntl  # POSIX only: on Windows runs are not locked
+        folder = os.open(out_dir, os.O_RDONLY)
+    except ImportError:
+        folder = None
+    try:
+        if folder is not None:
+            try:
+                fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise UserError(f"another run is using {out_dir}: wait for it to finish, or choose another --out_dir") from None
+        yield
+    finally:
+        if folder is not None:
+            os.close(folder)
+        if created:
+            with contextlib.suppress(OSError):  # removes the folder only if the run left it empty
+                os.rmdir(out_dir)
 
 
 # Dense bf16 tensor-core peak, TFLOP/s, by GPU name. nanoGPT hard-codes the A100's 312 and so
@@ -634,7 +753,7 @@ def flops_per_token(model):
 
 
 class StopRequested:
-    """Ctrl-C or SIGTERM during training: finish the step, save a checkpoint, then exit."""
+    """Ctrl-C or SIGTERM during training: save a checkpoint at the next step, then exit."""
 
     def __init__(self):
         import signal
@@ -650,7 +769,7 @@ class StopRequested:
         if self.requested:  # a second Ctrl-C: stop at once
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstopping after this step (a checkpoint will be saved); Ctrl-C again to quit at once", flush=True)
+        print("\nstopping: a checkpoint will be saved at the next step; Ctrl-C again to quit at once", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -661,6 +780,9 @@ def config_from_args(args):
     """A fresh model's size: the --model preset, with any of --n_layer --n_head --n_embd
     --block_size instead. The vocabulary is padded to 50304 for speed."""
     size = {**PRESETS[args.model], **{k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k)}}
+    if size["n_embd"] % size["n_head"]:
+        raise UserError(f"--n_embd {size['n_embd']} is not a multiple of --n_head {size['n_head']}: "
+                        "each head takes an equal slice of the width")
     return GPTConfig(block_size=args.block_size or 1024, padded_vocab_size=50304, **size)
 
 
@@ -674,6 +796,9 @@ def build_model(args, checkpoint):
     if args.init_from == "scratch":
         return GPT(config_from_args(args))
     model, _ = load_model(args.init_from, padded_vocab_size=50304)
+    if args.block_size and args.block_size > model.config.block_size:
+        raise UserError(f"--block_size {args.block_size} is longer than the {model.config.block_size} positions "
+                        f"{args.init_from} has learned: give at most {model.config.block_size}")
     if args.block_size and args.block_size < model.config.block_size:
         # Train on shorter sequences: keep the first block_size learned positions.
         model.config.block_size = args.block_size
@@ -681,9 +806,40 @@ def build_model(args, checkpoint):
     return model
 
 
+def checkpoint_to_resume(args):
+    """The checkpoint to resume (None for a new run), after every check that can refuse the
+    run: nothing in the folder is touched by a refused run."""
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    if args.init_from != "resume":
+        for name, what in (("ckpt.pt", "a checkpoint"), ("log.jsonl", "the log")):  # never overwrite a run's work
+            if os.path.exists(os.path.join(args.out_dir, name)):
+                raise UserError(f"{args.out_dir} already holds {what} of an earlier run ({name}): continue it with "
+                                "--init_from resume, or choose another --out_dir")
+        return None
+    if not os.path.exists(path):
+        raise UserError(f"nothing to resume: {path} does not exist (start a run with "
+                        f"--init_from {'scratch' if args.mode == 'pretrain' else 'gpt2'})")
+    checkpoint = load_checkpoint(path, resuming=True)
+    if checkpoint["args"].get("mode", args.mode) != args.mode:
+        raise UserError(f"{path} is a --mode {checkpoint['args']['mode']} run: resume it with --mode "
+                        f"{checkpoint['args']['mode']}, or start a {args.mode} run with --init_from {path}")
+    return checkpoint
+
+
+def rng_state(device):
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}
+
+
 def train(args):
-    """--mode pretrain and --mode finetune."""
+    """--mode pretrain and --mode finetune: one process of the run, --out_dir locked while it lives."""
     rank, local_rank, world_size, device = setup_distributed(args.device)
+    with claim_out_dir(args.out_dir) if rank == 0 else contextlib.nullcontext():
+        run_training(args, rank, local_rank, world_size, device)
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+def run_training(args, rank, local_rank, world_size, device):
     master = rank == 0
     print0 = print if master else (lambda *a, **k: None)
     device_type = device.split(":")[0]
@@ -691,16 +847,10 @@ def train(args):
     if device_type == "cuda":
         enable_tf32()
 
+    # Every check that can refuse the run happens here, before step 1: a check that fires
+    # later throws trained steps away.
+    checkpoint = checkpoint_to_resume(args)
     checkpoint_path = os.path.join(args.out_dir, "ckpt.pt")
-    checkpoint = None
-    if args.init_from == "resume":
-        if not os.path.exists(checkpoint_path):
-            raise FileNotFoundError(f"nothing to resume: {checkpoint_path} does not exist (start a run with "
-                                    f"--init_from {'scratch' if args.mode == 'pretrain' else 'gpt2'})")
-        checkpoint = load_checkpoint(checkpoint_path)
-    elif os.path.exists(checkpoint_path):
-        raise ValueError(f"{args.out_dir} already holds a checkpoint: continue it with --init_from resume, "
-                         "or choose another --out_dir")
     model = build_model(args, checkpoint)
     model.to(device)
     T = model.config.block_size
@@ -710,33 +860,37 @@ def train(args):
     per_micro_step = args.batch_size * (T if args.mode == "pretrain" else 1) * world_size
     unit = "tokens" if args.mode == "pretrain" else "examples"
     if args.total_batch_size % per_micro_step:
-        raise ValueError(f"--total_batch_size {args.total_batch_size} {unit} is not a multiple of batch_size x "
-                         f"{'block_size x ' if args.mode == 'pretrain' else ''}GPUs = {per_micro_step}")
+        raise UserError(f"--total_batch_size {args.total_batch_size} {unit} is not a multiple of batch_size x "
+                        f"{'block_size x ' if args.mode == 'pretrain' else ''}GPUs = {per_micro_step}")
     grad_accum = args.total_batch_size // per_micro_step
     train_loader = Loader(args.data_dir, "train", args.batch_size, T, rank, world_size, args.seed)
     val_loader = Loader(args.data_dir, "val", args.batch_size, T, rank, world_size, args.seed)
     if args.mode == "pretrain":
         steps_per_epoch = (train_loader.total_tokens - 1) // args.total_batch_size
-        if steps_per_epoch == 0:
-            raise ValueError(f"the train split has {train_loader.total_tokens:,} tokens, less than one step of "
-                             f"--total_batch_size {args.total_batch_size:,}")
         max_steps = args.max_steps or steps_per_epoch  # default: one epoch
     else:
         steps_per_epoch = train_loader.steps_per_epoch(grad_accum)
-        max_steps = args.max_steps or args.epochs * max(1, steps_per_epoch)
+        max_steps = args.max_steps or args.epochs * steps_per_epoch
+    if steps_per_epoch == 0:
+        raise UserError(f"the train split of {args.data_dir} is less than one step: it holds fewer than one step "
+                        f"of --total_batch_size {args.total_batch_size:,} {unit}; lower --total_batch_size")
+    if args.hellaswag and args.mode == "pretrain":
+        load_hellaswag(args.hellaswag_path, args.hellaswag_limit)  # a missing or malformed file fails now
     template = train_loader.meta["prompt_template"] if args.mode == "finetune" else (checkpoint or {}).get("prompt_template")
 
     optimizer = configure_optimizer(model, args.weight_decay, args.max_lr, device)
     start_step = 0
     if checkpoint is not None:
+        start_step = checkpoint["step"]
+        if max_steps < start_step:
+            raise UserError(f"{checkpoint_path} is at step {start_step}, past --max_steps {max_steps}: "
+                            f"give a --max_steps of at least {start_step}")
         optimizer.load_state_dict(checkpoint["optimizer"])
         train_loader.load_state_dict(checkpoint["loader"])
-        start_step = checkpoint["step"]
         torch.set_rng_state(checkpoint["rng"]["cpu"])
         if device_type == "cuda" and checkpoint["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
         print0(f"resuming {checkpoint_path} at step {start_step}")
-    resumed = checkpoint is not None
     checkpoint = None  # the weights and optimizer state are in place: free the copy
 
     raw_model = model  # the plain module: for checkpoints, sampling and MFU
@@ -748,10 +902,7 @@ def train(args):
     min_lr = args.max_lr * args.min_lr_ratio
     peak = peak_flops(device, args.peak_tflops)
     flops_step = flops_per_token(raw_model) * grad_accum * world_size * args.batch_size * T
-    os.makedirs(args.out_dir, exist_ok=True)
     log_path = os.path.join(args.out_dir, "log.jsonl")
-    if master and not resumed and os.path.exists(log_path):
-        os.remove(log_path)  # a new run: a log of an earlier one in this folder would mix in
     print0(f"{args.mode}: {sum(p.numel() for p in raw_model.parameters()):,} parameters, {world_size} process(es) on "
            f"{device_type}, {grad_accum} micro-steps of {args.batch_size} x {T if args.mode == 'pretrain' else 'longest'}"
            f" per step, {max_steps} steps ({steps_per_epoch} per epoch)")
@@ -761,20 +912,26 @@ def train(args):
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
-    def checkpoint_now(step):
+    saved_step = start_step if start_step else None  # the step of the checkpoint on disk
+
+    def checkpoint_now(state):
+        """Save the model and optimizer as they are, with the loader and RNG state of the
+        same step (taken before that step's batches were read)."""
+        nonlocal saved_step
         if master:
             save_checkpoint(checkpoint_path, {
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(raw_model.config),
-                "step": step, "loader": train_loader.state_dict(), "args": vars(args), "prompt_template": template,
-                "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device_type == "cuda" else None},
-            })
-            print0(f"saved {checkpoint_path} at step {step}")
+                "args": vars(args), "prompt_template": template, **state})
+            print0(f"saved {checkpoint_path} at step {state['step']}")
+        saved_step = state["step"]
 
     stop = StopRequested()
     step_times = []
     step = start_step
+    weights_bad = False
     try:
         while True:
+            state = {"step": step, "loader": train_loader.state_dict(), "rng": rng_state(device)}
             last_step = step == max_steps
             if step > start_step and (step % args.eval_interval == 0 or last_step):
                 model.eval()
@@ -787,9 +944,9 @@ def train(args):
                 if master and args.eval_samples:
                     show_samples(raw_model, device, template, n=args.eval_samples)
                 model.train()
-            if step > start_step and (step % args.ckpt_interval == 0 or last_step):
-                checkpoint_now(step)
             if last_step:
+                if step > start_step:
+                    checkpoint_now(state)
                 break
 
             t0 = time.time()
@@ -797,12 +954,25 @@ def train(args):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro_batches = train_loader.next_step(grad_accum)
-            loss, grad_norm, stop_now = train_step(model, optimizer, micro_batches, device, world_size,
-                                                   args.grad_clip, stop.requested)
-            if not math.isfinite(loss):
-                # the optimizer did not step: the weights and the last checkpoint are still good
-                raise ValueError(f"the loss became {loss} at step {step}; the last good checkpoint is {checkpoint_path} "
-                                 "(resume it with a lower --max_lr, or check the data)")
+            loss, grad_norm, stop_now = forward_backward(model, micro_batches, device, world_size,
+                                                         args.grad_clip, stop.requested)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                # The optimizer has not stepped, and every checkpoint this run saved was written
+                # only after the step following it came out finite: it resumes to a finite loss.
+                where = (f"the last good checkpoint is {checkpoint_path} at step {saved_step} (resume it with a lower "
+                         "--max_lr, or check the data)" if saved_step not in (None, step) else
+                         "no checkpoint before it to go back to: start again with a lower --max_lr")
+                weights_bad = True
+                raise UserError(f"the loss became non-finite at step {step + 1} (loss {loss:.4g}, gradient norm "
+                                f"{grad_norm:.4g}); {where}")
+            # A checkpoint due at this step is written now that its weights proved finite.
+            if stop_now or (step > start_step and step % args.ckpt_interval == 0):
+                checkpoint_now(state)
+            if stop_now:  # this step's update is dropped: the checkpoint resumes it exactly
+                print0("stopped; continue with --init_from resume")
+                break
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             if device_type == "cuda":
                 torch.cuda.synchronize()
             dt = time.time() - t0
@@ -817,19 +987,23 @@ def train(args):
             print0(f"step {step:5d}/{max_steps} | loss {loss:.6f} | lr {lr:.2e} | norm {grad_norm:.3f} | {1000 * dt:.0f} ms"
                    + f" | {tokens / dt:,.0f} tok/s" + (f" | MFU {100 * entry['mfu']:.1f}%" if "mfu" in entry else "")
                    + f" | ETA {format_duration(eta)}")
-            if stop_now:
-                checkpoint_now(step)
-                print0("stopped; continue with --init_from resume")
-                break
+    except Exception:
+        # No trained step is thrown away: whatever failed (an evaluation, the disk, the data),
+        # the steps done since the last checkpoint are saved first, unless the weights are bad.
+        if not weights_bad and state["step"] == step and saved_step != step and step > start_step:
+            try:
+                checkpoint_now(state)
+            except Exception:
+                pass  # the original error is the one to report
+        raise
     finally:
         stop.restore()
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
 
 
-def train_step(model, optimizer, micro_batches, device, world_size, grad_clip, stop_requested=False):
-    """One optimizer step over this rank's micro-batches. Returns (loss, grad norm, stop?)
-    with the loss averaged over every target token of the step, on all ranks."""
+def forward_backward(model, micro_batches, device, world_size, grad_clip, stop_requested=False):
+    """The gradients of one optimizer step over this rank's micro-batches, clipped to a global
+    norm of grad_clip (0: not clipped). Returns (loss, grad norm, stop?) with the loss averaged
+    over every target token of the step, on all ranks."""
     # The loss of the step is the mean over all its target tokens. Micro-batches (and, in
     # fine-tuning, ranks) hold different numbers of them, so each micro-batch's mean loss is
     # weighted by its share of the step's targets. DDP averages gradients over ranks, hence
@@ -850,12 +1024,19 @@ def train_step(model, optimizer, micro_batches, device, world_size, grad_clip, s
             weight = counts[i] / total * world_size
             (loss * weight).backward()
         loss_sum += loss.detach().float() * counts[i]
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    # max_norm inf measures the norm without clipping (0 means "off", as in nanoGPT)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
     (step_loss,) = all_reduce_sum([loss_sum.item() / total], world_size)
-    if math.isfinite(step_loss):
+    return step_loss, grad_norm.item(), stop > 0
+
+
+def train_step(model, optimizer, micro_batches, device, world_size, grad_clip):
+    """forward_backward, then the update if the loss and gradients are finite."""
+    loss, grad_norm, _ = forward_backward(model, micro_batches, device, world_size, grad_clip)
+    if math.isfinite(loss) and math.isfinite(grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return step_loss, grad_norm.item(), stop > 0
+    return loss, grad_norm
 
 
 @torch.no_grad()
@@ -978,11 +1159,30 @@ def bench_generate(args):
 
 
 def load_hellaswag(path, limit=None):
+    """HellaSwag items as prepare_data.py --hellaswag writes them, each checked: a context,
+    4 endings and a label in 0..3 (a broken item would be scored silently as a wrong one)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: run prepare_data.py --hellaswag (or pass --hellaswag_path)")
-    with open(path) as f:
-        items = [json.loads(line) for line in f if line.strip()]
-    return items[:limit] if limit else items
+        raise UserError(f"{path} not found: run prepare_data.py --hellaswag (or pass --hellaswag_path)")
+    items = []
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported like any bad line
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                ok = (isinstance(item["ctx"], str) and isinstance(item["endings"], list) and len(item["endings"]) == 4
+                      and all(isinstance(e, str) for e in item["endings"]) and item["label"] in (0, 1, 2, 3))
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if not ok:
+                raise UserError(f"{path}, line {number}: not a HellaSwag item (a ctx, 4 endings and a label 0-3): "
+                                "re-run prepare_data.py --hellaswag")
+            items.append(item)
+            if limit and len(items) == limit:
+                break
+    if not items:
+        raise UserError(f"{path} holds no HellaSwag items: re-run prepare_data.py --hellaswag")
+    return items
 
 
 @torch.no_grad()
@@ -1037,26 +1237,34 @@ def hellaswag_eval(model, path, device, rank=0, world_size=1, limit=None):
 def evaluate(args):
     """--mode eval: validation loss and HellaSwag of a model, as a table and as JSON."""
     rank, _, world_size, device = setup_distributed(args.device)
-    model, checkpoint = load_model(args.init_from or "gpt2")
+    with claim_out_dir(args.out_dir) if rank == 0 else contextlib.nullcontext():
+        results = evaluate_model(args, rank, world_size, device)
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+    return results
+
+
+def evaluate_model(args, rank, world_size, device):
+    # What can be wrong with the inputs is found before the model loads (a minute for gpt2-xl).
+    kind = read_meta(args.data_dir)["kind"] if args.data_dir else None
+    if args.hellaswag:
+        load_hellaswag(args.hellaswag_path, args.hellaswag_limit)
+    model, _ = load_model(args.init_from)
     model.to(device).eval()
-    results = {"model": args.init_from or "gpt2"}
-    t0 = time.time()
+    results = {"model": args.init_from}
     if args.data_dir:
-        Loader = PretrainLoader if read_meta(args.data_dir)["kind"] == "pretrain" else InstructionLoader
+        Loader = PretrainLoader if kind == "pretrain" else InstructionLoader
         loader = Loader(args.data_dir, "val", args.batch_size, model.config.block_size, rank, world_size, args.seed)
         results["val_loss"] = evaluate_loss(model, loader, args.val_steps, device, world_size)
     if args.hellaswag:
+        t0 = time.time()
         results.update(hellaswag_eval(model, args.hellaswag_path, device, rank, world_size, args.hellaswag_limit))
         results["hellaswag_items_per_s"] = results["hellaswag_items"] / (time.time() - t0)
     if rank == 0:
         width = max(map(len, results))
         for key, value in results.items():
             print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
-        os.makedirs(args.out_dir, exist_ok=True)
-        with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
-            json.dump(results, f, indent=2)
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
+        atomic_write(os.path.join(args.out_dir, "eval.json"), lambda f: f.write(json.dumps(results, indent=2).encode()))
     return results
 
 
@@ -1113,8 +1321,8 @@ def sample(args):
     device = pick_device(args.device)
     prompts = args.prompt or ["Hello, I'm a language model,"]
     if not all(prompts):  # before loading a model that may take a minute
-        raise ValueError('the prompt is empty: give some text, or --prompt "<|endoftext|>" to sample unconditionally')
-    model, checkpoint = load_model(args.init_from or "gpt2")
+        raise UserError('the prompt is empty: give some text, or --prompt "<|endoftext|>" to sample unconditionally')
+    model, checkpoint = load_model(args.init_from)
     model.to(device).eval()
     enc = get_tokenizer()
     template = (checkpoint or {}).get("prompt_template")  # set by --mode finetune
@@ -1146,28 +1354,36 @@ def sample(args):
 # Chat with a fine-tuned model
 
 
-def chat(args, input_fn=input):
+def chat(args):
     """Type an instruction, read the answer as it is generated; /quit leaves. Each
     instruction stands alone: Alpaca teaches single-turn answers."""
     device = pick_device(args.device)
-    model, checkpoint = load_model(args.init_from or "out/finetune/ckpt.pt")
+    model, checkpoint = load_model(args.init_from)
     template = (checkpoint or {}).get("prompt_template")
     if template is None:
-        raise ValueError(f"{args.init_from} is not fine-tuned (it has no prompt template): chat needs a "
-                         "--mode finetune checkpoint; use --mode sample for a pretrained model")
+        raise UserError(f"{args.init_from} is not fine-tuned (it has no prompt template): chat needs a "
+                        "--mode finetune checkpoint; use --mode sample for a pretrained model")
     model.to(device).eval()
     enc = get_tokenizer()
     generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
-    print("Type an instruction and press Enter; /quit to leave.")
+    try:
+        import readline  # noqa: F401  (importing it gives input() line editing and history)
+    except ImportError:  # Windows
+        pass
+    print("Type an instruction and press Enter; Ctrl-C stops an answer; /quit or Ctrl-D leaves.")
     while True:
         try:
-            instruction = input_fn("> ").strip()
-        except EOFError:
+            instruction = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: leave
+            print()
             break
         if instruction in ("/quit", "/exit"):
             break
         if instruction:
-            stream_text(model, enc, encode_prompts(enc, [instruction], template)[0], device, args, generator)
+            try:
+                stream_text(model, enc, encode_prompts(enc, [instruction], template)[0], device, args, generator)
+            except KeyboardInterrupt:  # Ctrl-C while answering: drop the answer, keep the chat
+                print(" [stopped]")
 
 
 # -----------------------------------------------------------------------------
@@ -1178,15 +1394,22 @@ def plot(args):
     """--mode plot: train and val loss, and HellaSwag accuracy, over steps, from log.jsonl."""
     log_path = os.path.join(args.out_dir, "log.jsonl")
     if not os.path.exists(log_path):
-        raise FileNotFoundError(f"{log_path} not found: point --out_dir at a training run's folder")
+        raise UserError(f"{log_path} not found: point --out_dir at a training run's folder")
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no window
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ValueError("--mode plot needs matplotlib: pip install matplotlib") from None
-    with open(log_path) as f:
-        entries = [json.loads(line) for line in f if line.strip()]
+        raise UserError("--mode plot needs matplotlib: pip install matplotlib") from None
+    entries = []
+    with open(log_path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                entry = json.loads(line) if line.strip() else {}
+            except ValueError:  # a line cut short by a crash, or edited by hand
+                raise UserError(f"{log_path}, line {number}, is not JSON: remove that line and plot again") from None
+            if isinstance(entry, dict) and isinstance(entry.get("step"), int):  # other lines hold nothing to plot
+                entries.append(entry)
     series = lambda key: ([e["step"] for e in entries if key in e], [e[key] for e in entries if key in e])  # noqa: E731
     has_hellaswag = any("hellaswag_acc_norm" in e for e in entries)
     fig, axes = plt.subplots(1, 2 if has_hellaswag else 1, figsize=(12 if has_hellaswag else 6, 4.5), squeeze=False)
@@ -1224,62 +1447,123 @@ MODE_DEFAULTS = {
     "finetune": dict(init_from="gpt2", data_dir="data/alpaca", out_dir="out/finetune", batch_size=8,
                      total_batch_size=32, max_lr=2e-5, warmup_steps=100, eval_interval=200, ckpt_interval=1000,
                      val_steps=50, hellaswag=0),
-    "eval": dict(out_dir="out/eval", batch_size=16, val_steps=160, hellaswag=1),
+    "eval": dict(init_from="gpt2", out_dir="out/eval", batch_size=16, val_steps=160, hellaswag=1),
     "bench": dict(batch_size=64, bench_steps=20),
     "bench_generate": dict(n_layer=4, n_head=4, n_embd=256, max_new_tokens=200, bench_steps=7),
-    "sample": dict(max_new_tokens=64),
-    "chat": dict(max_new_tokens=256),
+    "sample": dict(init_from="gpt2", max_new_tokens=64),
+    "chat": dict(init_from="out/finetune", max_new_tokens=256),
     "plot": dict(out_dir="out/pretrain"),
 }
 
 
+def flag(kind, low=None, high=None, above=False):
+    """An argparse type: the text parsed as kind and checked against its domain, so that a
+    value outside it (--max_steps -1, --top_p 0) is refused before anything runs."""
+    domain = (f"> {low}" if above else f">= {low}") if high is None else f"in {'(' if above else '['}{low}, {high}]"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or (low is not None and (value <= low if above else value < low)) \
+                or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {domain}")
+        return value
+    return parse
+
+
+def device_flag(text):
+    """A device that exists on this machine: --device cuda without a GPU is a mistake."""
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA GPU that PyTorch can use; use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise argparse.ArgumentTypeError(f"{text}: Apple's Metal (mps) is not available here; use cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text!r}: use auto, cpu, cuda, cuda:N or mps")
+    return text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line, like every other mistake; argparse's default prints the whole usage first."""
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it depends on the mode; those say theirs in words."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def mode_default(name):
+    """' (default: pretrain 6e-4, finetune 2e-5)', from MODE_DEFAULTS: one place for them."""
+    values = [f"{mode} {defaults[name]}" for mode, defaults in MODE_DEFAULTS.items() if name in defaults]
+    return f" (default: {', '.join(values)})" if values else ""
+
+
 def parse_args(argv=None, defaults=None):
     """defaults: values that replace the parser's own, as a resumed run's saved flags do."""
-    p = argparse.ArgumentParser(description="GPT-2: pretrain, fine-tune, evaluate, sample, chat.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--mode", choices=["pretrain", "finetune", "eval", "sample", "chat", "bench", "bench_generate", "plot"], default="sample")
-    p.add_argument("--init_from", default=None, help="scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a Hugging "
-                   "Face GPT-2 directory | a checkpoint .pt (default: scratch to pretrain, gpt2 to fine-tune or sample)")
-    p.add_argument("--data_dir", default=None, help="prepared data (default: data/fineweb_edu_10B, or data/alpaca to fine-tune)")
-    p.add_argument("--out_dir", default=None, help="checkpoints and logs (default: out/<mode>)")
-    p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
-    p.add_argument("--seed", type=int, default=None, help="data order, init and sampling (default: 1337; sampling: random)")
+    p = ArgumentParser(description="GPT-2: pretrain, fine-tune, evaluate, sample, chat.",
+                                formatter_class=HelpFormatter, allow_abbrev=False)  # --max_l is not --max_lr
+    count, positive = flag(int, 1), flag(float, 0, above=True)
+
+    def add(group, name, default=None, help="", **kw):
+        group.add_argument(f"--{name}", default=default, help=help + mode_default(name), **kw)
+
+    add(p, "mode", "sample", "what to do", choices=["pretrain", "finetune", "eval", "sample", "chat", "bench",
+                                                    "bench_generate", "plot"])
+    add(p, "init_from", help="scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a Hugging Face GPT-2 "
+        "folder | a checkpoint .pt | a run folder holding ckpt.pt")
+    add(p, "data_dir", help="a folder made by prepare_data.py")
+    add(p, "out_dir", help="checkpoints, log.jsonl, eval.json, plot.png")
+    add(p, "device", "auto", "auto picks cuda, then mps, then cpu", type=device_flag)
+    add(p, "seed", help="data order, init, sampling (default: 1337; sample and chat: a random seed)", type=int)
     g = p.add_argument_group("model size, for --init_from scratch and --mode bench")
-    g.add_argument("--model", choices=list(PRESETS), default="gpt2")
-    g.add_argument("--n_layer", type=int, default=None)
-    g.add_argument("--n_head", type=int, default=None)
-    g.add_argument("--n_embd", type=int, default=None)
-    g.add_argument("--block_size", type=int, default=None, help="sequence length (default: 1024)")
+    add(g, "model", "gpt2", "a GPT-2 size; --n_layer, --n_head, --n_embd override its numbers", choices=list(PRESETS))
+    add(g, "n_layer", help="transformer blocks, instead of the --model's", type=count)
+    add(g, "n_head", help="attention heads, instead of the --model's", type=count)
+    add(g, "n_embd", help="width of the residual stream, instead of the --model's", type=count)
+    add(g, "block_size", help="sequence length (default: 1024, or the checkpoint's)", type=count)
     g = p.add_argument_group("training")
-    g.add_argument("--batch_size", type=int, default=None, help="micro-batch per GPU: sequences (pretrain), examples (finetune)")
-    g.add_argument("--total_batch_size", type=int, default=None, help="per optimizer step, over all GPUs: tokens "
-                   "(pretrain: 524288), examples (finetune: 32); the rest is gradient accumulation")
-    g.add_argument("--max_lr", type=float, default=None, help="peak learning rate (pretrain 6e-4, finetune 2e-5)")
-    g.add_argument("--min_lr_ratio", type=float, default=0.1, help="the LR decays to max_lr x this")
-    g.add_argument("--warmup_steps", type=int, default=None)
-    g.add_argument("--max_steps", type=int, default=None, help="default: one epoch (pretrain), --epochs (finetune)")
-    g.add_argument("--epochs", type=int, default=2, help="finetune: passes over the examples")
-    g.add_argument("--weight_decay", type=float, default=0.1)
-    g.add_argument("--grad_clip", type=float, default=1.0)
-    g.add_argument("--compile", type=int, default=None, help="torch.compile (default: 1 on CUDA, 0 elsewhere)")
-    g.add_argument("--eval_interval", type=int, default=None)
-    g.add_argument("--val_steps", type=int, default=None, help="val batches per evaluation, over all GPUs together")
-    g.add_argument("--eval_samples", type=int, default=4, help="lines sampled at each evaluation")
-    g.add_argument("--ckpt_interval", type=int, default=None)
-    g.add_argument("--peak_tflops", type=float, default=None, help="GPU peak for MFU, if not an A100/H100/H200")
-    g.add_argument("--bench_steps", type=int, default=None, help="bench: timed steps (20); bench_generate: runs (7)")
-    g.add_argument("--bench_warmup", type=int, default=5, help="first bench steps not counted (compilation)")
+    add(g, "batch_size", help="micro-batch per GPU: sequences (pretrain), examples (finetune)", type=count)
+    add(g, "total_batch_size", help="per optimizer step, over all GPUs: tokens (pretrain), examples (finetune); "
+        "the rest is gradient accumulation", type=count)
+    add(g, "max_lr", help="peak learning rate", type=positive)
+    add(g, "min_lr_ratio", 0.1, "the LR decays to max_lr x this", type=flag(float, 0, 1))
+    add(g, "warmup_steps", help="steps of linear warmup to max_lr", type=flag(int, 0))
+    add(g, "max_steps", help="optimizer steps (default: one epoch when pretraining, --epochs when fine-tuning)", type=count)
+    add(g, "epochs", 2, "finetune: passes over the examples", type=count)
+    add(g, "weight_decay", 0.1, "AdamW's, on matrices only", type=flag(float, 0))
+    add(g, "grad_clip", 1.0, "clip the gradient's global norm to this; 0: no clipping", type=flag(float, 0))
+    add(g, "compile", help="1: torch.compile the model (default: 1 on CUDA, 0 elsewhere)", type=int, choices=[0, 1])
+    add(g, "eval_interval", help="steps between evaluations", type=count)
+    add(g, "val_steps", help="val batches per evaluation, over all GPUs together", type=count)
+    add(g, "eval_samples", 4, "lines sampled at each evaluation; 0: none", type=flag(int, 0))
+    add(g, "ckpt_interval", help="steps between checkpoints (one is also saved at the end)", type=count)
+    add(g, "peak_tflops", help="the GPU's bf16 peak for MFU (default: known for A100/H100/H200)", type=positive)
+    add(g, "bench_steps", help="bench: timed steps; bench_generate: timed runs", type=count)
+    add(g, "bench_warmup", 5, "bench: first steps not counted (compilation)", type=flag(int, 0))
     g = p.add_argument_group("HellaSwag")
-    g.add_argument("--hellaswag", type=int, default=None, help="1: score HellaSwag (every eval when pretraining)")
-    g.add_argument("--hellaswag_path", default="data/hellaswag/hellaswag_val.jsonl")
-    g.add_argument("--hellaswag_limit", type=int, default=None, help="score only the first N items")
+    add(g, "hellaswag", help="1: score HellaSwag (at every evaluation when pretraining)", type=int, choices=[0, 1])
+    add(g, "hellaswag_path", "data/hellaswag/hellaswag_val.jsonl", "made by prepare_data.py --hellaswag")
+    add(g, "hellaswag_limit", help="score only the first N items (default: all 10,042)", type=count)
     g = p.add_argument_group("sampling and chat")
-    g.add_argument("--prompt", action="append", help="repeat for several prompts")
-    g.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
-    g.add_argument("--max_new_tokens", type=int, default=None, help="default: 64 (chat: 256)")
-    g.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    g.add_argument("--top_k", type=int, default=None)
-    g.add_argument("--top_p", type=float, default=None)
+    add(g, "prompt", help="repeat for several prompts (default: \"Hello, I'm a language model,\")", action="append")
+    add(g, "num_samples", 1, "samples per prompt", type=count)
+    add(g, "max_new_tokens", help="tokens to generate at most", type=flag(int, 0))
+    add(g, "temperature", 1.0, "0 is greedy", type=flag(float, 0))
+    add(g, "top_k", 0, "sample among the k likeliest tokens; 0: all", type=flag(int, 0))
+    add(g, "top_p", 1.0, "sample among the likeliest tokens holding this probability; 1: all", type=flag(float, 0, 1, above=True))
     if defaults:
         p.set_defaults(**defaults)
     args = p.parse_args(argv)
@@ -1289,10 +1573,9 @@ def parse_args(argv=None, defaults=None):
     if args.seed is None and args.mode not in ("sample", "chat"):
         args.seed = 1337
     if args.compile is None:
-        args.compile = int(torch.cuda.is_available() and args.device in ("auto", "cuda") or args.device.startswith("cuda"))
-    for name in ("batch_size", "total_batch_size", "eval_interval", "ckpt_interval", "val_steps", "num_samples"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
+        args.compile = int(args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available())
+    if args.mode == "bench" and args.bench_warmup >= args.bench_steps:
+        p.error(f"--bench_warmup {args.bench_warmup} leaves none of the {args.bench_steps} --bench_steps to time")
     return args
 
 
@@ -1301,8 +1584,11 @@ def resumed_args(argv, args):
     path = os.path.join(args.out_dir, "ckpt.pt")
     if not os.path.exists(path):
         return args  # train() says there is nothing to resume
-    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["args"]  # mmap: reads only the args
-    saved = {k: v for k, v in saved.items() if k not in ("init_from", "mode", "out_dir")}
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["args"]  # mmap: reads only the args
+        saved = {k: v for k, v in saved.items() if k not in ("init_from", "mode", "out_dir")}
+    except Exception:  # truncated or foreign: train() loads it again and says what is wrong
+        return args
     return parse_args(argv, defaults=saved)
 
 
@@ -1315,8 +1601,11 @@ def main(argv=None):
         if args.init_from == "resume":
             args = resumed_args(argv, args)
         modes[args.mode](args)
-    except (ValueError, FileNotFoundError) as e:
+    except UserError as e:  # a mistake the user can fix: one line; a bug keeps its traceback
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C (training handles its first one itself, and saves)
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)  # the shell's code for "killed by SIGINT"
 
 
 if __name__ == "__main__":
