@@ -374,34 +374,6 @@ def test_rerun_is_identical_and_skipped_unless_overwrite(tmp_path):
     assert shard.read_bytes() == (tmp_path / "b" / "train_000000.npy").read_bytes()
 
 
-def test_interrupted_run_leaves_no_complete_looking_shard(tmp_path, monkeypatch):
-    files = write_corpus(tmp_path / "corpus")
-    args = ["--files", *map(str, files), "--shard_size", "300", "--val_tokens", "300", "--num_proc", "1"]
-    pdata.main(args + ["--out_dir", str(tmp_path / "clean")])
-    real_save, saved = pdata.save_npy, []
-
-    def save_then_die(path, array):
-        if len(saved) == 3:  # killed while writing the 4th shard: half a temp file, no rename
-            with open(f"{path}.tmp", "wb") as f:
-                f.write(b"\x93NUMPY half")
-            raise KeyboardInterrupt
-        real_save(path, array)
-        saved.append(path)
-
-    monkeypatch.setattr(pdata, "save_npy", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        pdata.main(args + ["--out_dir", str(tmp_path / "cut")])
-    cut = tmp_path / "cut"
-    assert not (cut / "meta.json").exists()  # not marked complete
-    for name in map(os.path.basename, saved):  # every shard under its final name is whole
-        assert (np.load(cut / name) == np.load(tmp_path / "clean" / name)).all()
-    monkeypatch.setattr(pdata, "save_npy", real_save)
-    pdata.main(args + ["--out_dir", str(cut)])  # the re-run
-    assert sorted(p.name for p in cut.iterdir()) == sorted(p.name for p in (tmp_path / "clean").iterdir())
-    for p in cut.iterdir():
-        assert p.read_bytes() == (tmp_path / "clean" / p.name).read_bytes()
-
-
 def test_parquet_json_and_a_named_text_column(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -433,18 +405,318 @@ def test_workers_started_by_spawning(tmp_path):
     assert (tmp_path / "out" / "meta.json").exists()
 
 
-def test_prepare_data_bad_input(tmp_path, monkeypatch):
-    def prepare(*args):
-        return run_script("prepare_data.py", *args, "--out_dir", tmp_path / "out", check=False)
+def test_interrupted_run_resumes_after_the_last_shard(tmp_path, monkeypatch, capsys):
+    files = write_corpus(tmp_path / "corpus")
+    args = ["--files", *map(str, files), "--shard_size", "300", "--val_tokens", "300", "--num_proc", "1"]
+    monkeypatch.setattr(pdata, "BATCH_CHARS", 500)  # many batches, so that there is something to skip
+    pdata.main(args + ["--out_dir", str(tmp_path / "clean")])
+    real_save, saved = pdata.save_npy, []
 
-    assert_one_line_error(prepare("--files", tmp_path / "missing.txt"), "file not found", "missing.txt")
-    (tmp_path / "rows.jsonl").write_text('{"content": "hi", "url": "x"}\n')
-    assert_one_line_error(prepare("--files", tmp_path / "rows.jsonl"), "no column 'text'", "content, url")
-    (tmp_path / "empty.jsonl").write_text("")
-    assert_one_line_error(prepare("--files", tmp_path / "empty.jsonl"), "empty")
-    (tmp_path / "tiny.txt").write_text("just a few words")
-    assert_one_line_error(prepare("--files", tmp_path / "tiny.txt", "--val_tokens", 1000), "--val_tokens")
+    def save_then_die(path, array):
+        if len(saved) == 3:  # Ctrl-C while writing the 4th shard: half a temp file, no rename
+            with open(f"{path}.tmp", "wb") as f:
+                f.write(b"\x93NUMPY half")
+            raise KeyboardInterrupt
+        saved.append(path)
+        return real_save(path, array)
 
+    monkeypatch.setattr(pdata, "save_npy", save_then_die)
+    with pytest.raises(SystemExit, match="interrupted.*same command resumes"):
+        pdata.main(args + ["--out_dir", str(tmp_path / "cut")])
+    cut, partial = tmp_path / "cut", tmp_path / "cut.partial"
+    assert not cut.exists()  # nothing under the final name until it is whole
+    for name in map(os.path.basename, saved):  # every shard under its final name is whole
+        assert (np.load(partial / name) == np.load(tmp_path / "clean" / name)).all()
+    monkeypatch.setattr(pdata, "save_npy", real_save)
+    capsys.readouterr()
+    pdata.main(args + ["--out_dir", str(cut)])  # the re-run
+    out = capsys.readouterr().out
+    assert "resuming" in out and tokenized(out) < total_tokens(cut) - 3 * 300 + 500  # at most one batch again
+    assert_same_folder(cut, tmp_path / "clean")
+    assert not partial.exists()
+
+
+def tokenized(stdout):
+    """How many tokens a run tokenized, from its last line."""
+    return int(stdout.split("this run tokenized ")[1].split(" tokens")[0].replace(",", ""))
+
+
+def total_tokens(folder):
+    meta = json.loads((folder / "meta.json").read_text())
+    return sum(s["tokens"] for s in meta["splits"].values())
+
+
+def assert_same_folder(a, b):
+    """Byte-identical: the same files with the same bytes."""
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    for p in a.iterdir():
+        assert p.read_bytes() == (b / p.name).read_bytes(), p.name
+
+
+def snapshot(folder):
+    """sha256 of every file under folder, by relative path (folders too, so that a new empty one shows)."""
+    import hashlib
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+KILL_ENV = {"PREPARE_DATA_BATCH_CHARS": "400"}  # ~100 tokens a batch: a resumed run re-reads little
+
+
+def many_documents(path, n=150, first=0):
+    """A .jsonl file of n short documents, so that a resume has whole batches to skip."""
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(first, first + n):
+            f.write(json.dumps({"text": f"Document {i}: " + DOCS[i % len(DOCS)][:200]}) + "\n")
+    return path
+
+
+def prepare_in_process(*args):
+    pdata.main([str(a) for a in args])
+
+
+@pytest.mark.parametrize("point", [
+    "batch:4",        # mid-shard, tokens in memory
+    "shard_tmp:3",    # a shard's temp file written, not renamed
+    "shard_saved:3",  # renamed, state.json not yet updated
+    "meta",           # every shard written, just before meta.json
+])
+def test_kill_9_then_rerun_equals_uninterrupted(tmp_path, point):
+    files = [many_documents(tmp_path / "docs.jsonl"), *write_corpus(tmp_path / "corpus")]
+    args = ["--files", *files, "--shard_size", 500, "--val_tokens", 500, "--num_proc", 1]
+    prepare_in_process(*args, "--out_dir", tmp_path / "clean")  # 1 MB batches: the batch size changes nothing
+    out = tmp_path / "out"
+    proc = run_script("prepare_data.py", *args, "--out_dir", out, check=False,
+                      env={**KILL_ENV, "PREPARE_DATA_DIE_AT": point})
+    assert proc.returncode == 137 and not out.exists()  # a real process death, workers and all
+    again = run_script("prepare_data.py", *args, "--out_dir", out, env=KILL_ENV).stdout
+    assert_same_folder(out, tmp_path / "clean")
+    if point != "batch:4":  # finished shards are not tokenized again
+        assert tokenized(again) < total_tokens(out) - 2 * 500 + 200
+    assert not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize("point, num_proc", [("batch:3", 2), ("shard_saved:2", 1), ("publish", 1), ("swap", 1)])
+def test_kill_9_during_overwrite_keeps_the_old_dataset_or_the_whole_new_one(tmp_path, point, num_proc):
+    files = write_corpus(tmp_path / "corpus")
+    new = ["--files", many_documents(tmp_path / "other.jsonl"), "--shard_size", 500, "--val_tokens", 500, "--num_proc", num_proc]
+    out = tmp_path / "out"
+    prepare_in_process("--files", *files, "--out_dir", out, "--shard_size", 400, "--num_proc", 1)
+    old = snapshot(out)
+    prepare_in_process(*new, "--out_dir", tmp_path / "clean")
+    proc = run_script("prepare_data.py", *new, "--out_dir", out, "--overwrite", check=False,
+                      env={**KILL_ENV, "PREPARE_DATA_DIE_AT": point})
+    assert proc.returncode == 137
+    if point == "swap":  # past the atomic exchange: the new dataset (our bookkeeping goes at the next run)
+        assert {k: v for k, v in snapshot(out).items() if k not in ("state.json", "lock")} == snapshot(tmp_path / "clean")
+    else:
+        assert snapshot(out) == old
+    prepare_in_process(*new, "--out_dir", out, "--overwrite")
+    assert_same_folder(out, tmp_path / "clean")
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_kill_9_and_resume_of_a_streamed_dataset(tmp_path, capsys):
+    """The hub code path (datasets' streaming IterableDataset), on a local folder of jsonl files."""
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    for k in range(3):
+        many_documents(folder / f"part{k}.jsonl", n=50, first=50 * k)
+    args = ["--dataset", folder, "--shard_size", 300, "--val_tokens", 300, "--num_proc", 1]
+    out = tmp_path / "out"
+    proc = run_script("prepare_data.py", *args, "--out_dir", out, check=False,
+                      env={**KILL_ENV, "PREPARE_DATA_DIE_AT": "shard_saved:6"})
+    assert proc.returncode == 137 and not out.exists()
+    state = json.loads((tmp_path / "out.partial" / "state.json").read_text())
+    assert state["resume"]["position"]["stream"]  # datasets' own state_dict, not a count of rows to re-read
+    os.environ["PREPARE_DATA_BATCH_CHARS"] = "400"
+    try:
+        pdata.BATCH_CHARS = 400
+        pdata.main([*map(str, args), "--out_dir", str(out)])
+        again = capsys.readouterr().out
+        pdata.main([*map(str, args), "--out_dir", str(tmp_path / "clean")])
+    finally:
+        pdata.BATCH_CHARS = 1 << 20
+        del os.environ["PREPARE_DATA_BATCH_CHARS"]
+    assert_same_folder(out, tmp_path / "clean")
+    assert tokenized(again) < total_tokens(out) - 5 * 300 + 200
+    assert pdata.parse_args(["--dataset", str(folder)]).out_dir == os.path.join("data", "hub")
+
+
+def test_ctrl_c_with_two_processes_is_one_line_and_resumable(tmp_path):
+    import signal
+    files = write_corpus(tmp_path / "corpus")
+    args = [sys.executable, str(HERE / "prepare_data.py"), "--files", *map(str, files), "--out_dir", str(tmp_path / "out"),
+            "--shard_size", "300", "--val_tokens", "300", "--num_proc", "2"]
+    env = {**os.environ, **KILL_ENV, "PREPARE_DATA_DIE_AT": "batch:3:pause"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    assert proc.stdout.readline().startswith("paused at batch")  # the workers are up and busy
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C: to the whole process group
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    lines = stderr.strip().splitlines()
+    assert "Traceback" not in stderr and lines[-1].startswith("error: interrupted"), stderr
+    assert "same command resumes" in lines[-1]
+    env.pop("PREPARE_DATA_DIE_AT")
+    subprocess.run(args, check=True, capture_output=True, env=env, timeout=60)
+    assert (tmp_path / "out" / "meta.json").exists()
+
+
+def test_verify_names_the_bad_shard(tmp_path, capsys):
+    files = write_corpus(tmp_path / "corpus")
+    for name, extra in (("a", []), ("b", ["--encoding_errors", "replace"])):
+        pdata.main(["--files", *map(str, files[:2 if name == "a" else 3]), "--out_dir", str(tmp_path / name),
+                    "--shard_size", "300", "--val_tokens", "300", "--num_proc", "1", *extra])
+    a = tmp_path / "a"
+    capsys.readouterr()
+    pdata.main(["--verify", str(a)])
+    assert capsys.readouterr().out.startswith("ok:")
+
+    def verify_error():
+        with pytest.raises(SystemExit) as e:
+            pdata.main(["--verify", str(a)])
+        return str(e.value.code)
+
+    shard = a / "train_000001.npy"
+    good = shard.read_bytes()
+    shard.write_bytes(good[:-3] + bytes([good[-3] ^ 1]) + good[-2:])  # one bit of one token
+    assert verify_error().startswith(f"error: {shard} differs") and "--overwrite" in verify_error()
+    shard.write_bytes(good[:-10])
+    assert "train_000001.npy is truncated" in verify_error()
+    shard.write_bytes((tmp_path / "b" / "train_000000.npy").read_bytes())  # another folder's shard, same length
+    assert f"{shard} differs" in verify_error()
+    shard.write_bytes(good)
+    (a / "val_000000.npy").unlink()
+    assert "val_000000.npy is missing" in verify_error()
+
+
+def test_sft_and_hellaswag_defaults_and_verify(tmp_path, monkeypatch, capsys):
+    assert pdata.parse_args(["--sft", "--files", "alpaca_data_sample.json"]).out_dir == os.path.join("data", "alpaca")
+    assert pdata.parse_args(["--hellaswag", "--files", "hs.jsonl"]).out_dir == os.path.join("data", "hellaswag")
+    assert pdata.parse_args(["--files", "x/input.txt"]).out_dir == os.path.join("data", "input")
+    (tmp_path / "alpaca.json").write_text(json.dumps(alpaca_records(20)))
+    monkeypatch.chdir(tmp_path)  # the defaults are relative to where the user runs it
+    pdata.main(["--sft", "--files", "alpaca.json"])
+    pdata.main(["--verify", "data/alpaca"])
+    assert "ok:" in capsys.readouterr().out
+    (tmp_path / "data" / "alpaca" / "val_mask.npy").write_bytes(b"changed")
+    with pytest.raises(SystemExit, match="val_mask.npy differs"):
+        pdata.main(["--verify", "data/alpaca"])
+
+
+def test_bom_and_replaced_bad_bytes_are_accepted(tmp_path):
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfHello")
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "World"}\n')
+    (tmp_path / "latin1.txt").write_bytes("Caf\xe9".encode("latin-1"))
+    pdata.main(["--files", *(str(tmp_path / n) for n in ("bom.txt", "bom.jsonl", "latin1.txt")),
+                "--out_dir", str(tmp_path / "out"), "--val_tokens", "1", "--encoding_errors", "replace", "--num_proc", "1"])
+    _, val = read_split(tmp_path / "out", "val")
+    _, train = read_split(tmp_path / "out", "train")
+    assert tg.get_tokenizer().decode(np.concatenate(val + train).tolist()).split("<|endoftext|>")[1:] == \
+        ["Hello", "World", "Caf\ufffd"]
+
+
+def hold_the_lock(tmp):
+    import fcntl
+    (tmp / "out.partial").mkdir()
+    fd = os.open(tmp / "out.partial" / "lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a running preparation holds it (released when the test ends)
+    return fd
+
+
+def half_made_by_another_command(tmp):
+    def interrupt(point):
+        if point == "shard_saved":
+            raise KeyboardInterrupt
+    real, pdata.die_here = pdata.die_here, interrupt
+    try:
+        with pytest.raises(SystemExit):
+            pdata.main(["--files", str(tmp / "in" / "ok.jsonl"), "--out_dir", str(tmp / "out"), "--shard_size", "5",
+                        "--val_tokens", "5", "--num_proc", "1"])
+    finally:
+        pdata.die_here = real
+    assert (tmp / "out.partial" / "state.json").exists()
+
+
+def prepared(tmp):
+    pdata.main(["--files", str(tmp / "in" / "ok.jsonl"), "--out_dir", str(tmp / "out"), "--val_tokens", "5", "--num_proc", "1"])
+
+
+def disk_full(tmp):
+    def no_space(path, array):
+        raise OSError(28, "No space left on device", f"{path}.tmp")
+    pdata.save_npy = no_space
+
+
+GOOD = {"ok.jsonl": "".join(json.dumps({"text": d}) + "\n" for d in DOCS[:5])}
+HS_ITEM = {"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 1}
+BAD_INPUTS = [  # (name, files in in/, arguments after --files, setup, words the one line must hold)
+    ("missing file", {}, ["in/missing.txt"], None, ["file not found", "missing.txt"]),
+    ("a folder as a file", {}, ["in"], None, ["cannot read", "folder"]),
+    ("latin-1 text", {"a.txt": "ok\nCaf\xe9".encode("latin-1")}, ["in/a.txt"], None,
+     ["a.txt, line 2", "not UTF-8", "--encoding_errors replace"]),
+    ("latin-1 jsonl", {"a.jsonl": b'{"text": "ok"}\n\n{"text": "Caf\xe9"}\n'}, ["in/a.jsonl"], None,
+     ["a.jsonl, line 3", "not UTF-8"]),
+    ("malformed jsonl", {"a.jsonl": '{"text": "ok"}\n{"text": "no end\n'}, ["in/a.jsonl"], None,
+     ["a.jsonl, line 2", "not valid JSON"]),
+    ("null text", {"a.jsonl": '{"text": null}\n'}, ["in/a.jsonl"], None, ["line 1", "'text' is null"]),
+    ("number text", {"a.jsonl": '{"text": "ok"}\n{"text": 42}\n'}, ["in/a.jsonl"], None, ["line 2", "'text' is 42"]),
+    ("jsonl line not an object", {"a.jsonl": '["text"]\n'}, ["in/a.jsonl"], None, ["line 1", "not an object"]),
+    ("json not a list", {"a.json": '{"text": "hi"}'}, ["in/a.json"], None, ["a.json", "JSON list", ".jsonl"]),
+    ("broken json", {"a.json": '[{"text": "hi"},\n'}, ["in/a.json"], None, ["a.json, line 2", "not valid JSON"]),
+    ("fake parquet", {"a.parquet": "not parquet at all"}, ["in/a.parquet"], None, ["a.parquet", "not a readable parquet"]),
+    ("no text column", {"a.jsonl": '{"content": "hi", "url": "x"}\n'}, ["in/a.jsonl"], None, ["no column 'text'", "content, url"]),
+    ("empty corpus", {"a.jsonl": ""}, ["in/a.jsonl"], None, ["empty"]),
+    ("all tokens in val", {"a.txt": "just a few words"}, ["in/a.txt", "--val_tokens", "1000"], None, ["--val_tokens"]),
+    ("hellaswag 3 endings", {"hs.jsonl": json.dumps({**HS_ITEM, "endings": ["a", "b", "c"]}) + "\n"},
+     ["in/hs.jsonl", "--hellaswag"], None, ["hs.jsonl, line 1", "exactly 4 endings"]),
+    ("hellaswag label 7", {"hs.jsonl": json.dumps(HS_ITEM) + "\n" + json.dumps({**HS_ITEM, "label": 7}) + "\n"},
+     ["in/hs.jsonl", "--hellaswag"], None, ["hs.jsonl, line 2", "label 7", "0..3"]),
+    ("hellaswag no items", {"hs.jsonl": "\n"}, ["in/hs.jsonl", "--hellaswag"], None, ["empty"]),
+    ("alpaca without output", {"al.json": json.dumps([{"instruction": "hi"}])}, ["in/al.json", "--sft"], None,
+     ["al.json, row 1", "no column 'output'"]),
+    ("out_dir is a file", {"out": "my notes"}, ["in/ok.jsonl"], None, ["out is a file"]),
+    ("out_dir is someone's folder", {"out/notes.txt": "mine"}, ["in/ok.jsonl"], None, ["not a prepared dataset"]),
+    ("foreign file in a dataset", {}, ["in/ok.jsonl", "--overwrite"],
+     lambda tmp: (prepared(tmp), (tmp / "out" / "notes.txt").write_text("mine")), ["notes.txt", "not part of its dataset"]),
+    ("bad input over a dataset", {"bad.jsonl": "{oops\n"}, ["in/bad.jsonl", "--overwrite"], prepared,
+     ["bad.jsonl, line 1", "not valid JSON"]),
+    ("second preparation at once", {}, ["in/ok.jsonl"], hold_the_lock, ["another prepare_data.py is writing"]),
+    ("half-made by another command", {}, ["in/ok.jsonl", "--shard_size", "7", "--val_tokens", "5"],
+     half_made_by_another_command, ["another command", "shard_size", "delete"]),
+    ("disk full", {}, ["in/ok.jsonl"], disk_full, ["cannot write", "No space left", ".tmp"]),
+    ("shard_size 0", {}, ["in/ok.jsonl", "--shard_size", "0"], None, ["--shard_size", "at least 1"]),
+    ("num_proc -1", {}, ["in/ok.jsonl", "--num_proc", "-1"], None, ["--num_proc", "at least 1"]),
+    ("val_fraction 1.5", {}, ["in/ok.jsonl", "--sft", "--val_fraction", "1.5"], None, ["--val_fraction", "between 0 and 1"]),
+]
+
+
+@pytest.mark.parametrize("name, files, args, setup, words", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_prepare_data_bad_input(tmp_path, monkeypatch, capsys, name, files, args, setup, words):
+    """One line that names the problem, exit non-zero, and every file as it was."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pdata, "save_npy", pdata.save_npy)  # undone after the test, if setup replaces it
+    for path, content in {**GOOD, **files}.items():
+        (tmp_path / "in" / path if not path.startswith("out") else tmp_path / path).parent.mkdir(exist_ok=True)
+        target = tmp_path / "in" / path if not path.startswith("out") else tmp_path / path
+        target.write_bytes(content if isinstance(content, bytes) else content.encode())
+    lock = setup(tmp_path) if setup else None
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        pdata.main(["--files", *args[:1], "--out_dir", "out", "--num_proc", "1", *args[1:]])
+    # our errors are the exit message; argparse's are printed, with exit status 2
+    line = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code != 0 and "\n" not in line and "error:" in line, line
+    for word in words:
+        assert word in line, line
+    assert snapshot(tmp_path) == before
+    if isinstance(lock, int):
+        os.close(lock)
+
+
+def test_tokens_that_do_not_fit_uint16(monkeypatch):
     class HugeTokenizer:  # a tokenizer whose ids do not fit in uint16
         def encode_ordinary(self, text):
             return [70_000]
@@ -452,6 +724,17 @@ def test_prepare_data_bad_input(tmp_path, monkeypatch):
     monkeypatch.setattr(pdata, "_encoder", HugeTokenizer())
     with pytest.raises(pdata.DataError, match="70000 does not fit in uint16"):
         pdata.tokenize_documents(["anything"])
+
+
+def test_save_npy_writes_what_np_save_writes(tmp_path):
+    import hashlib
+    import io
+    array = np.arange(1000, dtype=np.uint16)[::2]  # not contiguous
+    digest = pdata.save_npy(tmp_path / "a.npy", array)
+    expected = io.BytesIO()
+    np.save(expected, array)
+    assert (tmp_path / "a.npy").read_bytes() == expected.getvalue()
+    assert digest == hashlib.sha256(expected.getvalue()).hexdigest()
 
 
 def alpaca_records(n=30):
@@ -1090,8 +1373,8 @@ def hellaswag_file(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hellaswag")
     lines = needs_shared("hellaswag_val.jsonl").read_text().splitlines()[:12]
     (folder / "raw.jsonl").write_text("\n".join(lines) + "\n")
-    run_script("prepare_data.py", "--hellaswag", "--files", folder / "raw.jsonl", "--out_dir", folder)
-    return folder / "hellaswag_val.jsonl"
+    run_script("prepare_data.py", "--hellaswag", "--files", folder / "raw.jsonl", "--out_dir", folder / "hs")
+    return folder / "hs" / "hellaswag_val.jsonl"
 
 
 def test_hellaswag_scores_match_transformers_and_a_plain_loop(hellaswag_file, tmp_path):
