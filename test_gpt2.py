@@ -1076,9 +1076,8 @@ def test_finetuned_export_carries_its_chat_template(exports):
     assert text == template.format(instruction="x")
 
 
-def test_export_bad_input(exports, tmp_path, monkeypatch):
+def test_export_bad_input(tmp_path, monkeypatch):
     import hashlib
-    _, out = exports["hf_folder"]
     source = tmp_path / "model.pt"
     ours = tg.GPT(tg.GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=8))
     torch.save({"model": ours.state_dict(), "config": tg.asdict(ours.config)}, source)
