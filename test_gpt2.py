@@ -1434,3 +1434,181 @@ def test_bench_generate_methods_agree():
     proc = run_script("train_gpt2.py", "--mode", "bench_generate", "--n_layer", 1, "--n_head", 2, "--n_embd", 32,
                       "--block_size", 64, "--max_new_tokens", 8, "--bench_steps", 1, "--device", "cpu")
     assert "same tokens from all three: True" in proc.stdout and "transformers generate" in proc.stdout
+
+
+# -----------------------------------------------------------------------------
+# Export to Hugging Face
+
+EXPORT_TEXTS = [
+    "Hello world. Hello, I'm a language model,",
+    " leading space, trailing space ",
+    "Accents: naïve café, déjà vu, Ångström, Straße, İstanbul, ÆØÅ æøå",
+    "CJK: 日本語のテキスト、中文字符，한국어 문장",
+    "Emoji: 🤖👍🏽 👨‍👩‍👧 🇫🇷 ❤️",
+    "def f(x):\n\treturn {'a': x ** 2}  # code\n\n\nif __name__ == \"__main__\":\n    f(3)\n",
+    "whitespace runs:   \t\t  \n\n\n    end    ",
+    "numbers 1234567890 3.14159 1,000,000 and contractions: don't, we'll, they're, I'M",
+    "<|endoftext|>",
+    "one document<|endoftext|>the next <|endoftext|> and <|endoftext a broken marker",
+    "control \x00\x01\x7f bytes, a lone surrogate-free mix: Ω≈ç√∫˜µ≤≥÷ ﬁ ﬂ",
+]
+
+
+def export_to(source, out_dir):
+    tg.main(["--mode", "export", "--init_from", str(source), "--out_dir", str(out_dir)])
+    return out_dir
+
+
+def randomize(model, seed=0):
+    """Weights of a larger scale than the init (LayerNorms and biases included), as make_hf_gpt2:
+    every weight must land in the right place, transposed right, for the logits to match."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "ln_" in name and name.endswith("weight"):
+                param.copy_(1 + 0.2 * torch.randn_like(param))
+            else:
+                param.copy_(0.1 * torch.randn_like(param))
+    return model
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """{case: (our model, the folder exported from it)}: one of our fine-tuned checkpoints with the
+    vocabulary padded to 50304, and a Hugging Face folder re-exported (--init_from DIR)."""
+    folder = tmp_path_factory.mktemp("export")
+    model = randomize(tg.GPT(tg.GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32, padded_vocab_size=50304)))
+    checkpoint = {"model": model.state_dict(), "config": tg.asdict(model.config), "prompt_template": pdata.ALPACA_PROMPT}
+    torch.save(checkpoint, folder / "finetuned.pt")
+    make_hf_gpt2(folder / "hf", n_head=4, n_embd=64, n_layer=2, n_positions=64, seed=1)
+    return {"padded_finetuned_pt": (model.eval(), export_to(folder / "finetuned.pt", folder / "out_pt")),
+            "hf_folder": (tg.GPT.from_pretrained(str(folder / "hf")).eval(), export_to(folder / "hf", folder / "out_hf"))}
+
+
+@pytest.mark.parametrize("case", ["padded_finetuned_pt", "hf_folder"])
+def test_export_matches_in_transformers(exports, case):
+    from transformers import AutoModelForCausalLM
+    ours, out = exports[case]
+    hf_model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert type(hf_model).__name__ == "GPT2LMHeadModel" and hf_model.dtype == torch.float32
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weight
+    assert hf_model.lm_head.weight.data_ptr() == hf_model.transformer.wte.weight.data_ptr()  # tied again
+    ids = random_ids(3, 64, seed=2)
+    with torch.no_grad():
+        diff = (hf_model.eval()(ids).logits - ours(ids)[0]).abs().max().item()
+    print(f"{case}: max |logit diff| {diff:.2e} over {ids.numel()} positions x 50257")
+    assert diff <= 1e-5
+    # Greedy generation, a left-padded batch of prompts of different lengths, token for token.
+    prompts, mask = tg.left_pad([random_ids(1, n, seed=n)[0].tolist() for n in (5, 12, 1)])
+    theirs = hf_model.generate(prompts, attention_mask=mask, do_sample=False, max_new_tokens=40, pad_token_id=tg.EOT_TOKEN)
+    mine = ours.generate(prompts, mask, max_new_tokens=40, temperature=0)
+    print(f"{case}: greedy generation equal over {theirs[:, prompts.size(1):].numel()} new tokens")
+    assert torch.equal(theirs, mine)
+
+
+@pytest.mark.parametrize("case", ["padded_finetuned_pt", "hf_folder"])
+def test_export_reloads_exactly(exports, case):
+    ours, out = exports[case]
+    reloaded, _ = tg.load_model(str(out))  # what --init_from DIR does
+    theirs = reloaded.state_dict()
+    for key, tensor in ours.state_dict().items():  # ours may have padded rows: compare the real ones
+        assert torch.equal(tensor[:theirs[key].size(0)], theirs[key]), key
+    assert reloaded.config.vocab_size == 50257 and reloaded.config.padded_vocab_size == 50257
+
+
+def test_re_export_is_identical(exports, tmp_path):
+    _, out = exports["padded_finetuned_pt"]
+    again = export_to(out, tmp_path / "again")  # --init_from an exported folder
+    assert sorted(os.listdir(again)) == sorted(os.listdir(out))
+    for name in os.listdir(out):  # the prompt template included: it is read back from config.json
+        assert (again / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def tiktoken_cached(url):
+    """A file tiktoken downloaded and cached, or None (the name is the sha1 of its URL)."""
+    import hashlib
+    path = Path(os.environ.get("TIKTOKEN_CACHE_DIR", "/nonexistent")) / hashlib.sha1(url.encode()).hexdigest()
+    return path if path.exists() else None
+
+
+def test_exported_tokenizer_matches_tiktoken(exports):
+    from transformers import AutoTokenizer
+    _, out = exports["padded_finetuned_pt"]
+    enc = tg.get_tokenizer()
+    texts = EXPORT_TEXTS + [needs_shared("tinyshakespeare.txt").read_text()[:20000]]
+    tokenizers = {}
+    for use_fast in (True, False):  # both where both exist (transformers 5 has one class)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(out, use_fast=use_fast)
+        except (ValueError, ImportError):
+            continue
+        tokenizers.setdefault(type(tokenizer).__name__, tokenizer)
+    assert tokenizers
+    compared = 0
+    for name, tokenizer in tokenizers.items():
+        assert len(tokenizer) == 50257 and tokenizer.eos_token_id == tokenizer.bos_token_id == tg.EOT_TOKEN
+        for text in texts:
+            expected = enc.encode(text, allowed_special="all")  # "<|endoftext|>" is the one token 50256
+            ids = tokenizer(text)["input_ids"]
+            assert ids == expected, (name, text[:40])
+            assert tokenizer.decode(ids) == text
+            compared += len(ids)
+    print(f"tokenizers {', '.join(tokenizers)}: {compared} tokens equal to tiktoken's over {len(texts)} texts")
+    # The files rebuilt from tiktoken's ranks are OpenAI's own, where tiktoken cached those.
+    encoder_json = tiktoken_cached("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json")
+    vocab_bpe = tiktoken_cached("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe")
+    if encoder_json and vocab_bpe:
+        assert json.loads((out / "vocab.json").read_text()) == json.loads(encoder_json.read_text())
+        openai_merges = vocab_bpe.read_text(encoding="utf-8").split("\n")[1:]
+        assert (out / "merges.txt").read_text(encoding="utf-8").split("\n")[1:] == openai_merges
+
+
+def test_finetuned_export_carries_its_chat_template(exports):
+    from transformers import AutoConfig, AutoTokenizer
+    _, out = exports["padded_finetuned_pt"]
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    enc = tg.get_tokenizer()
+    assert AutoConfig.from_pretrained(out).prompt_template == pdata.ALPACA_PROMPT  # the plain field
+    for instruction in ["Who wrote Hamlet?", 'Quote "this" and {{ that }} {% raw %} \\n', "Übersetze: 猫 🐈\n\nzwei Zeilen"]:
+        messages = [{"role": "user", "content": instruction}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert text == pdata.ALPACA_PROMPT.format(instruction=instruction)
+        assert tokenizer(text)["input_ids"] == tg.encode_prompts(enc, [instruction], pdata.ALPACA_PROMPT)[0]  # what --mode sample feeds
+        answered = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": "Fine."}], tokenize=False)
+        assert answered == text + "Fine.<|endoftext|>"  # as a fine-tuning example ends
+    # Any str.format template: braces, quotes and backslashes in it stay text, not Jinja.
+    template = 'Q {{literal}} "quoted" \\ {{% not a tag %}} ☃:\n{instruction}\nA:'  # formats to "{% not a tag %}"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                         chat_template=tg.jinja_chat_template(template))
+    assert text == template.format(instruction="x")
+
+
+def test_export_bad_input(tmp_path, monkeypatch):
+    import hashlib
+    source = tmp_path / "model.pt"
+    ours = tg.GPT(tg.GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=8))
+    torch.save({"model": ours.state_dict(), "config": tg.asdict(ours.config)}, source)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("a user's file")
+    (taken / "config.json").write_text("{}")
+
+    def hashes():
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in taken.iterdir()}
+
+    before = hashes()
+    message = main_error("--mode", "export", "--init_from", source, "--out_dir", taken)
+    assert "not an empty folder" in message and "--out_dir" in message
+    assert hashes() == before
+    assert "not an empty folder" in main_error("--mode", "export", "--init_from", source, "--out_dir", taken / "notes.txt")
+    assert "--init_from" in main_error("--mode", "export", "--out_dir", tmp_path / "new")
+    assert "--out_dir" in main_error("--mode", "export", "--init_from", source)
+    assert "not found" in main_error("--mode", "export", "--init_from", tmp_path / "missing.pt", "--out_dir", tmp_path / "new")
+    # A failure half-way leaves nothing behind: no folder, no partial sibling.
+    monkeypatch.setattr(tg, "bpe_merges", lambda ranks: (_ for _ in ()).throw(ValueError("disk full, say")))
+    assert "disk full" in main_error("--mode", "export", "--init_from", source, "--out_dir", tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "taken"]
+    monkeypatch.undo()
+    (tmp_path / "empty").mkdir()  # an empty folder is fine to fill
+    export_to(source, tmp_path / "empty")
+    assert (tmp_path / "empty" / "model.safetensors").exists()

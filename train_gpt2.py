@@ -1387,6 +1387,193 @@ def chat(args):
 
 
 # -----------------------------------------------------------------------------
+# Export to Hugging Face
+#
+# A folder that transformers (and what builds on it: pipelines, vLLM, TGI, llama.cpp's
+# converter) loads as OpenAI's GPT-2 loads: the weights in GPT2LMHeadModel's names and
+# layout, and GPT-2's tokenizer files, rebuilt offline from tiktoken's data.
+
+
+def bytes_to_unicode():
+    """GPT-2's map from each byte to a printable character (OpenAI's encoder.py). vocab.json and
+    merges.txt are text, and a BPE token is bytes that need not be valid UTF-8: so each byte is
+    written as one visible character, the printable ones as themselves and the other 68 (space,
+    control bytes, ...) as the characters from U+0100 on; a space becomes 'Ġ', hence 'Ġthe'."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def bpe_merges(ranks):
+    """GPT-2's merge list from tiktoken's ranks ({token bytes: id}), in rank order: (left, right)
+    pairs whose merge made each token of two or more bytes. tiktoken keeps only the ranks, as
+    rank order is merge order: so token r was made by the merge BPE performs last when only
+    the merges below r exist, and running BPE on its bytes with those finds the pair."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) == 1:
+            continue  # the 256 single bytes: the alphabet, not merges
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:  # BPE: merge the adjacent pair of lowest rank, below this token's own
+            pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts, parts[1:])]
+            i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+            if pair_ranks[i] >= rank:
+                raise UserError(f"tiktoken's GPT-2 ranks are not BPE merges at token {rank}: reinstall tiktoken")
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def jinja_chat_template(template):
+    """The fine-tuning prompt template (str.format, with {instruction}) as a Jinja chat template:
+    a user message renders to exactly template.format(instruction=content), and an assistant
+    message to its content and <|endoftext|>, as a fine-tuning example ends. The template's
+    text goes in as Jinja string literals, so no brace or quote in it can read as Jinja."""
+    from string import Formatter  # the parser str.format itself uses: '{{' and '}}' come out unescaped
+    pieces = []
+    for literal, field, spec, conversion in Formatter().parse(template):
+        if literal:
+            pieces.append("{{ " + json.dumps(literal, ensure_ascii=False) + " }}")
+        if field is not None:
+            if field != "instruction" or spec or conversion:
+                raise UserError(f"the checkpoint's prompt template has a field {{{field}}}: only {{instruction}} can be exported")
+            pieces.append("{{ message['content'] }}")
+    return ("{% for message in messages %}"
+            "{% if message['role'] == 'user' %}" + "".join(pieces) +
+            "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+            "{% else %}{{ raise_exception('this model was fine-tuned on user and assistant messages only') }}"
+            "{% endif %}{% endfor %}")
+
+
+def write_gpt2_tokenizer(folder, enc, max_length, chat_template=None):
+    """vocab.json, merges.txt and tokenizer_config.json: the files of OpenAI's GPT-2 tokenizer as
+    transformers reads them, from tiktoken's data (no download). tiktoken's ranks are GPT-2's
+    token ids and its byte strings the tokens, so only their spelling changes."""
+    byte_char = bytes_to_unicode()
+    as_text = lambda token: "".join(byte_char[b] for b in token)  # noqa: E731
+    ranks = enc._mergeable_ranks  # tiktoken's own table: {token bytes: id}, no special tokens
+    vocab = {as_text(token): rank for token, rank in ranks.items()} | {"<|endoftext|>": EOT_TOKEN}
+    merges = bpe_merges(ranks)
+    print(f"tokenizer: {len(vocab)} tokens, {len(merges)} merges rebuilt from tiktoken's GPT-2 ranks"
+          + (", chat template from the fine-tuning prompt" if chat_template else ""))
+    tokenizer_config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": max_length,
+        "add_prefix_space": False,  # "Hello" and " Hello" are different tokens, as in tiktoken
+        "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        # special: "<|endoftext|>" in text is the one token 50256, as with tiktoken's allowed_special
+        "added_tokens_decoder": {str(EOT_TOKEN): {"content": "<|endoftext|>", "special": True, "normalized": True,
+                                                  "lstrip": False, "rstrip": False, "single_word": False}},
+    }
+    if chat_template:
+        tokenizer_config["chat_template"] = chat_template  # tokenizer.apply_chat_template reads it here
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        # a version line first: transformers skips the first line (and the empty one after the last newline)
+        f.write("#version: 0.2\n" + "".join(f"{as_text(a)} {as_text(b)}\n" for a, b in merges))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(tokenizer_config, f, indent=2, ensure_ascii=False)
+
+
+def export(args):
+    """--mode export: write --init_from as a Hugging Face GPT-2 folder at --out_dir. The folder is
+    built beside it and renamed into place when complete: a crash leaves no half folder."""
+    import shutil  # only export needs it
+    if not args.init_from:
+        raise UserError("--mode export needs --init_from: a checkpoint .pt (e.g. out/finetune/ckpt.pt), "
+                        "a Hugging Face GPT-2 folder or a name such as gpt2")
+    if not args.out_dir:
+        raise UserError("--mode export needs --out_dir: a new folder to write the Hugging Face model into")
+    out_dir = os.path.abspath(args.out_dir)
+    if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and not os.listdir(out_dir)):
+        raise UserError(f"{args.out_dir} exists and is not an empty folder: export never overwrites files; "
+                        "give a new --out_dir, or move that one away first")
+    try:
+        from safetensors.torch import save_file  # imported here: nothing else needs it
+    except ImportError:
+        raise UserError("--mode export writes safetensors: pip install safetensors") from None
+    start = time.time()
+    print(f"reading {args.init_from}")  # a line per stage: a 1.5B model takes a while at each
+    model, checkpoint = load_model(args.init_from)
+    config, template = model.config, None
+    if checkpoint is not None:
+        template = checkpoint.get("prompt_template")  # set by --mode finetune
+        del checkpoint  # a training checkpoint holds the optimizer's state too: twice the model, freed now
+    elif os.path.isfile(os.path.join(args.init_from, "config.json")):  # re-exporting a folder we wrote: keep its template
+        with open(os.path.join(args.init_from, "config.json")) as f:
+            template = json.load(f).get("prompt_template")
+    enc = get_tokenizer()
+    if config.vocab_size != enc.n_vocab:
+        raise UserError(f"the model reads {config.vocab_size} token ids but GPT-2's tokenizer has {enc.n_vocab}: "
+                        "export writes GPT-2's tokenizer, so it can only export models of GPT-2's vocabulary")
+    chat_template = jinja_chat_template(template) if template else None  # before writing anything
+
+    # The weights, in GPT2LMHeadModel's names (ours are the same) and layout.
+    transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    tensors = {}
+    for key, tensor in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue  # the same tensor as wte (tied); transformers re-ties it on load, as for OpenAI's files
+        if key == "transformer.wte.weight":
+            tensor = tensor[:config.vocab_size]  # the padded rows (50257 -> 50304) are never read or predicted
+        if key.endswith(transposed):
+            tensor = tensor.t()  # OpenAI's Conv1D stores (in, out); nn.Linear holds (out, in)
+        tensors[key] = tensor.contiguous()  # safetensors writes whole, dense tensors
+    n_params = sum(t.numel() for t in tensors.values())
+    dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    # OpenAI's config.json for GPT-2, with this model's sizes and every setting that differs
+    # from transformers' defaults spelled out (a default may change between its versions).
+    hf_config = {
+        "architectures": ["GPT2LMHeadModel"],  # what AutoModelForCausalLM builds
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,  # 50257, never the padded size: the rows were cut above
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,  # the same, under the name older transformers read
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,  # None means 4 * n_embd, our MLP's width
+        "activation_function": "gelu_new",  # GELU's tanh approximation, as our MLP
+        "layer_norm_epsilon": 1e-5,  # nn.LayerNorm's default, which our blocks use
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,  # we train without dropout
+        "initializer_range": 0.02,  # used only for weights a user adds (a classification head, ...)
+        "scale_attn_weights": True,  # softmax(q k / sqrt(head size)), as scaled_dot_product_attention
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,  # lm_head is wte, as in our GPT
+        "bos_token_id": EOT_TOKEN,  # GPT-2 has one special token for all three roles
+        "eos_token_id": EOT_TOKEN,
+        "torch_dtype": dtype,  # what from_pretrained(dtype="auto") loads it as
+    }
+    if template:
+        # model.config.prompt_template: the plain str.format template, for code that does not chat
+        hf_config["prompt_template"] = template
+
+    tmp = f"{out_dir}.partial-{os.getpid()}"  # a sibling, so that the final rename stays on one filesystem
+    os.makedirs(tmp)
+    try:
+        size_mb = n_params * model.lm_head.weight.element_size() / 1e6
+        print(f"model: {n_params / 1e6:.1f}M parameters, {size_mb:.1f} MB of {dtype} -> model.safetensors")
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})  # "pt": transformers checks it
+        del tensors
+        # safetensors writes its file private (0600); give it the mode the user's umask gave config.json
+        shutil.copymode(os.path.join(tmp, "config.json"), os.path.join(tmp, "model.safetensors"))
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump({"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN}, f, indent=2)  # stop at <|endoftext|>
+        write_gpt2_tokenizer(tmp, enc, config.block_size, chat_template)
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # empty (checked above); rmdir refuses if files appeared since
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {args.out_dir} ({', '.join(sorted(os.listdir(out_dir)))}) in {time.time() - start:.1f}s")
+
+
+# -----------------------------------------------------------------------------
 # Plot a run
 
 
@@ -1514,14 +1701,14 @@ def mode_default(name):
 def parse_args(argv=None, defaults=None):
     """defaults: values that replace the parser's own, as a resumed run's saved flags do."""
     p = ArgumentParser(description="GPT-2: pretrain, fine-tune, evaluate, sample, chat.",
-                                formatter_class=HelpFormatter, allow_abbrev=False)  # --max_l is not --max_lr
+                       formatter_class=HelpFormatter, allow_abbrev=False)  # --max_l is not --max_lr
     count, positive = flag(int, 1), flag(float, 0, above=True)
 
     def add(group, name, default=None, help="", **kw):
         group.add_argument(f"--{name}", default=default, help=help + mode_default(name), **kw)
 
     add(p, "mode", "sample", "what to do", choices=["pretrain", "finetune", "eval", "sample", "chat", "bench",
-                                                    "bench_generate", "plot"])
+                                                    "bench_generate", "plot", "export"])
     add(p, "init_from", help="scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a Hugging Face GPT-2 "
         "folder | a checkpoint .pt | a run folder holding ckpt.pt")
     add(p, "data_dir", help="a folder made by prepare_data.py")
@@ -1596,7 +1783,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     modes = {"pretrain": train, "finetune": train, "eval": evaluate, "sample": sample, "chat": chat, "bench": bench,
-             "bench_generate": bench_generate, "plot": plot}
+             "bench_generate": bench_generate, "plot": plot, "export": export}
     try:
         if args.init_from == "resume":
             args = resumed_args(argv, args)
