@@ -1223,6 +1223,50 @@ def test_a_failure_after_training_started_saves_the_steps_done(tmp_path, capsys)
     assert torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)["step"] == 7
 
 
+def test_half_precision_trains_on_cpu(shakespeare, tmp_path, capsys):
+    """bfloat16 autocast and float16 with its gradient scaler, run on a CPU: the path a GPU
+    takes, exercised where CI can run it."""
+    for dtype in ("bfloat16", "float16"):
+        out = tmp_path / dtype
+        tg.main([*map(str, TINY), "--mode", "pretrain", "--data_dir", str(shakespeare), "--out_dir", str(out),
+                 "--max_lr", "1e-2", "--batch_size", "4", "--max_steps", "8", "--eval_interval", "8", "--val_steps", "2",
+                 "--dtype", dtype])
+        losses = [loss for _, loss in train_losses(out)]
+        assert losses[-1] < losses[0] - 1.0  # it learns
+        scaler = torch.load(out / "ckpt.pt", weights_only=True)["scaler"]
+        assert (scaler.get("_growth_tracker") == 8) == (dtype == "float16")  # the scaler ran every step, fp16 only
+    capsys.readouterr()
+    tg.main(["--init_from", str(tmp_path / "bfloat16"), "--dtype", "bfloat16", "--device", "cpu", "--max_new_tokens", "5",
+             "--temperature", "0"])
+    assert capsys.readouterr().out.startswith("Hello, I'm a language model,")
+
+
+def test_dtype_follows_the_gpu(monkeypatch):
+    assert tg.pick_dtype("cpu") == torch.float32 and tg.pick_dtype("cpu", "bfloat16") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # A100, H100
+    assert tg.pick_dtype("cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # T4, V100
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    assert tg.pick_dtype("cuda") == torch.float16 and tg.pick_dtype("cuda:0", "float32") == torch.float32
+    with pytest.raises(tg.UserError, match="Tesla T4 has no bfloat16"):
+        tg.pick_dtype("cuda", "bfloat16")
+
+
+def test_wandb_logs_what_the_log_holds(shakespeare, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    tg.main([*map(str, TINY), "--mode", "pretrain", "--data_dir", str(shakespeare), "--out_dir", str(out),
+             "--max_steps", "2", "--eval_interval", "2", "--val_steps", "1", "--wandb_project", "gpt2-test"])
+    import wandb
+    wandb.teardown()  # wandb's service writes the run file for good when it stops, as at exit
+    (run,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    record = run.read_bytes()
+    for key in ("loss", "val_loss", "grad_norm", "lr", "tok_per_s", "gpt2-test"):
+        assert key.encode() in record, key
+    assert torch.load(out / "ckpt.pt", weights_only=True)["wandb_id"] in run.name  # a resume continues this run
+
+
 def test_bench_mode_prints_throughput():
     proc = run_script("train_gpt2.py", "--mode", "bench", "--n_layer", 2, "--n_head", 2, "--n_embd", 32,
                       "--block_size", 32, "--batch_size", 2, "--bench_steps", 3, "--bench_warmup", 1, "--device", "cpu")

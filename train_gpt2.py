@@ -371,15 +371,34 @@ def enable_tf32():
     torch.backends.cudnn.allow_tf32 = True
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (the weights stay float32, the matmuls run in bf16); elsewhere a no-op."""
+def pick_dtype(device, requested="auto"):
+    """The dtype the matmuls run in (the weights stay float32). bfloat16 where the GPU has it
+    (A100, H100, RTX 30xx and later); float16 on older GPUs (T4, V100: free notebooks), whose
+    narrow range needs a gradient scaler; float32 on CPUs and Macs, where half types are
+    rarely faster. A bfloat16 run on a CPU is still allowed: the tests use it."""
     device_type = device.split(":")[0]
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda")
+    if requested == "auto":
+        if device_type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if requested == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"{torch.cuda.get_device_name(device)} has no bfloat16: use --dtype float16 (or auto)")
+    return getattr(torch, requested)
+
+
+def autocast(device, dtype=None):
+    """Mixed precision: matmuls in dtype (default: pick_dtype's), the rest in float32."""
+    dtype = dtype or pick_dtype(device)
+    return torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
 
 
 def get_tokenizer():
     import tiktoken  # imported late so the model above can be copied without it
-    return tiktoken.get_encoding("gpt2")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken downloads GPT-2's files once; offline that fails deep in requests
+        raise UserError(f"tiktoken could not load GPT-2's BPE files ({type(e).__name__}): it downloads them once; "
+                        "offline, set TIKTOKEN_CACHE_DIR to a folder holding them") from None
 
 
 def load_model(init_from, padded_vocab_size=None):
@@ -826,6 +845,18 @@ def checkpoint_to_resume(args):
     return checkpoint
 
 
+def start_wandb(args, checkpoint):
+    """A Weights & Biases run that receives what log.jsonl receives (imported only here); a
+    resumed run continues the same wandb run."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb_project needs wandb: pip install wandb") from None
+    run_id = (checkpoint or {}).get("wandb_id")
+    return wandb.init(project=args.wandb_project, name=os.path.basename(os.path.normpath(args.out_dir)), config=vars(args),
+                      dir=args.out_dir, id=run_id, resume="allow" if run_id else None)
+
+
 def rng_state(device):
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}
 
@@ -891,6 +922,11 @@ def run_training(args, rank, local_rank, world_size, device):
         if device_type == "cuda" and checkpoint["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
         print0(f"resuming {checkpoint_path} at step {start_step}")
+    dtype = pick_dtype(device, args.dtype)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)  # a no-op unless float16
+    if checkpoint is not None and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    tracker = start_wandb(args, checkpoint) if master and args.wandb_project else None
     checkpoint = None  # the weights and optimizer state are in place: free the copy
 
     raw_model = model  # the plain module: for checkpoints, sampling and MFU
@@ -911,6 +947,8 @@ def run_training(args, rank, local_rank, world_size, device):
         if master:
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
+            if tracker:
+                tracker.log(entry, step=entry["step"])
 
     saved_step = start_step if start_step else None  # the step of the checkpoint on disk
 
@@ -921,7 +959,8 @@ def run_training(args, rank, local_rank, world_size, device):
         if master:
             save_checkpoint(checkpoint_path, {
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(raw_model.config),
-                "args": vars(args), "prompt_template": template, **state})
+                "args": vars(args), "prompt_template": template, "scaler": scaler.state_dict(),
+                "wandb_id": tracker.id if tracker else None, **state})
             print0(f"saved {checkpoint_path} at step {state['step']}")
         saved_step = state["step"]
 
@@ -935,14 +974,14 @@ def run_training(args, rank, local_rank, world_size, device):
             last_step = step == max_steps
             if step > start_step and (step % args.eval_interval == 0 or last_step):
                 model.eval()
-                val_loss = evaluate_loss(model, val_loader, args.val_steps, device, world_size)
+                val_loss = evaluate_loss(model, val_loader, args.val_steps, device, world_size, dtype)
                 entry = {"step": step, "val_loss": val_loss}
                 if args.hellaswag and args.mode == "pretrain":
                     entry.update(hellaswag_eval(raw_model, args.hellaswag_path, device, rank, world_size, args.hellaswag_limit))
                 print0(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()))
                 log(entry)
                 if master and args.eval_samples:
-                    show_samples(raw_model, device, template, n=args.eval_samples)
+                    show_samples(raw_model, device, template, n=args.eval_samples, dtype=dtype)
                 model.train()
             if last_step:
                 if step > start_step:
@@ -954,9 +993,10 @@ def run_training(args, rank, local_rank, world_size, device):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro_batches = train_loader.next_step(grad_accum)
-            loss, grad_norm, stop_now = forward_backward(model, micro_batches, device, world_size,
-                                                         args.grad_clip, stop.requested)
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            loss, grad_norm, stop_now = forward_backward(model, micro_batches, device, world_size, args.grad_clip,
+                                                         stop.requested, dtype, scaler, optimizer)
+            # float16 overflows now and then: the scaler skips that update and lowers its scale
+            if not (math.isfinite(loss) and (math.isfinite(grad_norm) or scaler.is_enabled())):
                 # The optimizer has not stepped, and every checkpoint this run saved was written
                 # only after the step following it came out finite: it resumes to a finite loss.
                 where = (f"the last good checkpoint is {checkpoint_path} at step {saved_step} (resume it with a lower "
@@ -971,7 +1011,8 @@ def run_training(args, rank, local_rank, world_size, device):
             if stop_now:  # this step's update is dropped: the checkpoint resumes it exactly
                 print0("stopped; continue with --init_from resume")
                 break
-            optimizer.step()
+            scaler.step(optimizer)  # optimizer.step(), unless float16 gradients overflowed
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if device_type == "cuda":
                 torch.cuda.synchronize()
@@ -998,12 +1039,17 @@ def run_training(args, rank, local_rank, world_size, device):
         raise
     finally:
         stop.restore()
+        if tracker:
+            tracker.finish()
 
 
-def forward_backward(model, micro_batches, device, world_size, grad_clip, stop_requested=False):
+def forward_backward(model, micro_batches, device, world_size, grad_clip, stop_requested=False,
+                     dtype=None, scaler=None, optimizer=None):
     """The gradients of one optimizer step over this rank's micro-batches, clipped to a global
     norm of grad_clip (0: not clipped). Returns (loss, grad norm, stop?) with the loss averaged
-    over every target token of the step, on all ranks."""
+    over every target token of the step, on all ranks. With float16, scaler (a GradScaler of
+    optimizer) scales the loss up so small gradients do not underflow, and back down before
+    the norm is taken."""
     # The loss of the step is the mean over all its target tokens. Micro-batches (and, in
     # fine-tuning, ranks) hold different numbers of them, so each micro-batch's mean loss is
     # weighted by its share of the step's targets. DDP averages gradients over ranks, hence
@@ -1019,11 +1065,13 @@ def forward_backward(model, micro_batches, device, world_size, grad_clip, stop_r
         last = i == len(micro_batches) - 1
         sync = model.no_sync() if is_ddp and not last else contextlib.nullcontext()
         with sync:
-            with autocast(device):
+            with autocast(device, dtype):
                 _, loss = model(x, y)
             weight = counts[i] / total * world_size
-            (loss * weight).backward()
+            (scaler.scale(loss * weight) if scaler else loss * weight).backward()
         loss_sum += loss.detach().float() * counts[i]
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # the true gradients, for their norm and the clipping
     # max_norm inf measures the norm without clipping (0 means "off", as in nanoGPT)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
     (step_loss,) = all_reduce_sum([loss_sum.item() / total], world_size)
@@ -1040,13 +1088,13 @@ def train_step(model, optimizer, micro_batches, device, world_size, grad_clip):
 
 
 @torch.no_grad()
-def evaluate_loss(model, loader, max_batches, device, world_size):
+def evaluate_loss(model, loader, max_batches, device, world_size, dtype=None):
     """Mean loss per target token over the first max_batches batches of the loader's split,
     the batches spread over the ranks."""
     loss_sum, count = 0.0, 0
     for x, y in loader.eval_batches(max_batches):
         x, y = x.to(device), y.to(device)
-        with autocast(device):
+        with autocast(device, dtype):
             _, loss = model(x, y)
         n = int((y != -100).sum())
         loss_sum += loss.float().item() * n
@@ -1055,13 +1103,13 @@ def evaluate_loss(model, loader, max_batches, device, world_size):
     return loss_sum / count
 
 
-def show_samples(model, device, template=None, n=4, max_new_tokens=32):
+def show_samples(model, device, template=None, n=4, max_new_tokens=32, dtype=None):
     """A few lines from the model during training: a glance at what it has learned."""
     enc = get_tokenizer()
     prompt = "Give three tips for staying healthy." if template else "Hello, I'm a language model,"
     ids = torch.tensor([encode_prompts(enc, [prompt], template)[0]] * n, device=device)
     generator = torch.Generator(device=device).manual_seed(42)
-    with autocast(device):
+    with autocast(device, dtype):
         out = model.generate(ids, max_new_tokens=max_new_tokens, top_k=50, generator=generator)
     for row in out.tolist():
         print(f"  sample: {prompt if not template else ''}{enc.decode(until_eot(row[ids.size(1):]))!r}")
@@ -1305,7 +1353,7 @@ def stream_text(model, enc, tokens, device, args, generator=None):
     # BPE tokens can split a UTF-8 character: decode bytes incrementally, never mid-character.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     pieces = []
-    with autocast(device):
+    with autocast(device, pick_dtype(device, args.dtype)):
         for token in model.stream(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_k=args.top_k, top_p=args.top_p, generator=generator):
             if token.item() == EOT_TOKEN:
@@ -1340,7 +1388,7 @@ def sample(args):
     # Every prompt times num_samples, generated as one left-padded batch.
     batch = [tokens for tokens in token_lists for _ in range(args.num_samples)]
     ids, mask = left_pad(batch)
-    with autocast(device):
+    with autocast(device, pick_dtype(device, args.dtype)):
         out = model.generate(ids.to(device), mask.to(device), max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              generator=generator)
@@ -1637,8 +1685,10 @@ MODE_DEFAULTS = {
     "eval": dict(init_from="gpt2", out_dir="out/eval", batch_size=16, val_steps=160, hellaswag=1),
     "bench": dict(batch_size=64, bench_steps=20),
     "bench_generate": dict(n_layer=4, n_head=4, n_embd=256, max_new_tokens=200, bench_steps=7),
-    "sample": dict(init_from="gpt2", max_new_tokens=64),
-    "chat": dict(init_from="out/finetune", max_new_tokens=256),
+    # nanoGPT's sampling defaults: a 124M model at temperature 1 over all 50,257 tokens drifts
+    # into noise within a sentence; 0.8 and the 200 likeliest keep it readable and varied.
+    "sample": dict(init_from="gpt2", max_new_tokens=64, temperature=0.8, top_k=200),
+    "chat": dict(init_from="out/finetune", max_new_tokens=256, temperature=0.8, top_k=200),
     "plot": dict(out_dir="out/pretrain"),
 }
 
@@ -1715,6 +1765,8 @@ def parse_args(argv=None, defaults=None):
     add(p, "out_dir", help="checkpoints, log.jsonl, eval.json, plot.png")
     add(p, "device", "auto", "auto picks cuda, then mps, then cpu", type=device_flag)
     add(p, "seed", help="data order, init, sampling (default: 1337; sample and chat: a random seed)", type=int)
+    add(p, "dtype", "auto", "the matmuls' precision; auto: bfloat16 on GPUs that have it, float16 with a gradient "
+        "scaler on older GPUs (T4, V100), float32 on CPUs and Macs", choices=["auto", "bfloat16", "float16", "float32"])
     g = p.add_argument_group("model size, for --init_from scratch and --mode bench")
     add(g, "model", "gpt2", "a GPT-2 size; --n_layer, --n_head, --n_embd override its numbers", choices=list(PRESETS))
     add(g, "n_layer", help="transformer blocks, instead of the --model's", type=count)
@@ -1740,6 +1792,7 @@ def parse_args(argv=None, defaults=None):
     add(g, "peak_tflops", help="the GPU's bf16 peak for MFU (default: known for A100/H100/H200)", type=positive)
     add(g, "bench_steps", help="bench: timed steps; bench_generate: timed runs", type=count)
     add(g, "bench_warmup", 5, "bench: first steps not counted (compilation)", type=flag(int, 0))
+    add(g, "wandb_project", help="also log to this Weights & Biases project (pip install wandb)")
     g = p.add_argument_group("HellaSwag")
     add(g, "hellaswag", help="1: score HellaSwag (at every evaluation when pretraining)", type=int, choices=[0, 1])
     add(g, "hellaswag_path", "data/hellaswag/hellaswag_val.jsonl", "made by prepare_data.py --hellaswag")
@@ -1748,8 +1801,8 @@ def parse_args(argv=None, defaults=None):
     add(g, "prompt", help="repeat for several prompts (default: \"Hello, I'm a language model,\")", action="append")
     add(g, "num_samples", 1, "samples per prompt", type=count)
     add(g, "max_new_tokens", help="tokens to generate at most", type=flag(int, 0))
-    add(g, "temperature", 1.0, "0 is greedy", type=flag(float, 0))
-    add(g, "top_k", 0, "sample among the k likeliest tokens; 0: all", type=flag(int, 0))
+    add(g, "temperature", help="0 is greedy; below 1 sharpens the distribution", type=flag(float, 0))
+    add(g, "top_k", help="sample among the k likeliest tokens; 0: all", type=flag(int, 0))
     add(g, "top_p", 1.0, "sample among the likeliest tokens holding this probability; 1: all", type=flag(float, 0, 1, above=True))
     if defaults:
         p.set_defaults(**defaults)
