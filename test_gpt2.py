@@ -1267,6 +1267,51 @@ def test_wandb_logs_what_the_log_holds(shakespeare, tmp_path, monkeypatch):
     assert torch.load(out / "ckpt.pt", weights_only=True)["wandb_id"] in run.name  # a resume continues this run
 
 
+def readme_commands(heading):
+    """The python command lines of the first bash block under a README heading, joined
+    across backslash continuations."""
+    section = (HERE / "README.md").read_text().split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    return [line.split("  #")[0].strip() for line in block.splitlines() if line.startswith("python ")]
+
+
+def test_readme_quick_start_fine_tune_and_eval_run_as_written(tmp_path, monkeypatch, capsys):
+    """The README's commands, in a fresh folder, with the shared files in place of the
+    downloads, a small random GPT-2 in place of OpenAI's, and fewer steps."""
+    import io
+    import shlex
+    hf = tmp_path / "tiny_gpt2"
+    make_hf_gpt2(hf, n_positions=1024)
+    files = {"input.txt": needs_shared("tinyshakespeare.txt"), "alpaca_data.json": needs_shared("alpaca_data_sample.json"),
+             "hellaswag_val.jsonl": needs_shared("hellaswag_val.jsonl")}
+    fewer = {"pretrain": ["--max_steps", "1", "--eval_interval", "1", "--val_steps", "1", "--eval_samples", "1",
+                          "--total_batch_size", "2048"],
+             "finetune": ["--max_steps", "1", "--eval_interval", "1", "--val_steps", "1", "--batch_size", "4",
+                          "--total_batch_size", "4", "--eval_samples", "1"],
+             "eval": ["--val_steps", "1", "--batch_size", "2", "--hellaswag_limit", "4"], "sample": ["--max_new_tokens", "4"],
+             "chat": ["--max_new_tokens", "4"]}
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    for heading in ("Quick start on a laptop: tiny Shakespeare", "Fine-tune and chat", "Evaluate and plot"):
+        for line in readme_commands(heading):
+            args = [str(files.get(a, a)) for a in shlex.split(line)[2:]]
+            if line.startswith("python prepare_data.py"):
+                if "--files" not in args:
+                    continue  # the Hub, which this machine cannot reach: the same code as --files
+                pdata.main(args)
+            else:
+                if "--mode pretrain" in line and "--data_dir" not in line or "out/pretrain" in line:
+                    continue  # FineWeb-Edu's defaults, and plotting that run: a GPU's work
+                args = [str(hf) if a == "gpt2" else a for a in args] + ["--device", "cpu"]
+                args += fewer.get(args[args.index("--mode") + 1], [])
+                monkeypatch.setattr("sys.stdin", io.StringIO("Name a fruit.\n/quit\n"))
+                tg.main(args)
+            ran.append(line.split()[1] + " " + " ".join(a for a in args if a.startswith("--mode") or a in tg.MODE_DEFAULTS))
+    assert len(ran) == 10, ran
+    assert (tmp_path / "out" / "shakespeare" / "plot.png").exists() and (tmp_path / "data" / "alpaca" / "meta.json").exists()
+    assert json.loads((tmp_path / "out" / "eval" / "eval.json").read_text())["hellaswag_items"] == 4
+
+
 def test_bench_mode_prints_throughput():
     proc = run_script("train_gpt2.py", "--mode", "bench", "--n_layer", 2, "--n_head", 2, "--n_embd", 32,
                       "--block_size", 32, "--batch_size", 2, "--bench_steps", 3, "--bench_warmup", 1, "--device", "cpu")
