@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1441,6 +1442,54 @@ def test_finetune_resume_equals_uninterrupted(sft_data, base_model, tmp_path):
     assert 4 <= stopped_at < 16
     assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["model"]["transformer.wpe.weight"].shape == (100, 64)
     assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "straight")
+
+
+def read_until(proc, text, timeout=120):
+    """What the process has printed up to and including text (blocking reads, no sleeps)."""
+    import select
+    out, deadline = b"", time.time() + timeout
+    while text.encode() not in out:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.time()))
+        chunk = os.read(proc.stdout.fileno(), 4096) if ready else b""
+        assert chunk, f"no {text!r} in time; got {out[-300:]!r}"
+        out += chunk
+    return out.decode(errors="replace")
+
+
+def test_ctrl_c_in_sample_and_chat(base_model, tmp_path):
+    """Ctrl-C as a terminal sends it, to the whole process group: sample ends with one line;
+    chat drops the answer in progress and asks for the next instruction."""
+    import signal
+    model, _ = tg.load_model(str(base_model))
+    chat_model = tmp_path / "chat.pt"
+    torch.save({"model": model.state_dict(), "config": tg.asdict(model.config), "prompt_template": pdata.ALPACA_PROMPT},
+               chat_model)
+    endless = ["--max_new_tokens", 100_000, "--temperature", 0, "--device", "cpu"]  # slides past 128 positions: long
+    for mode, checkpoint in (("sample", base_model), ("chat", chat_model)):
+        proc = subprocess.Popen([sys.executable, str(HERE / "train_gpt2.py"), "--mode", mode, "--init_from", str(checkpoint),
+                                 "--prompt", "Once", *map(str, endless)], cwd=HERE, start_new_session=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+        try:
+            if mode == "chat":
+                read_until(proc, "> ")
+                proc.stdin.write(b"Name a fruit.\n")
+                proc.stdin.flush()
+            read_until(proc, " ")  # generating
+            os.killpg(proc.pid, signal.SIGINT)
+            if mode == "chat":
+                seen = read_until(proc, "[stopped]\n> ")  # back at the prompt, still running
+                proc.stdin.write(b"/quit\n")
+                proc.stdin.flush()
+            out, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        err = err.decode()
+        assert "Traceback" not in err, err
+        if mode == "sample":
+            assert proc.returncode == 130 and err.strip() == "interrupted"
+        else:
+            assert proc.returncode == 0 and "[stopped]" in seen
 
 
 def test_finetune_bad_input(sft_data, shakespeare, base_model, tmp_path):
