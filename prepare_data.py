@@ -253,7 +253,10 @@ def hellaswag_item(row, where):
     if label not in ("0", "1", "2", "3"):
         raise DataError(f"{where}: label {row['label']!r} is not 0..3 (the test split has no labels: "
                         "use the validation split)")
-    return {"ctx": row["ctx"], "endings": endings, "label": int(label)}
+    item = {"ctx": row["ctx"], "endings": endings, "label": int(label)}
+    # lm-evaluation-harness builds its query from these three instead of ctx: kept when there
+    item.update({key: row[key] for key in ("activity_label", "ctx_a", "ctx_b") if isinstance(row.get(key), str)})
+    return item
 
 
 def check_row(args, row, where):
@@ -724,7 +727,8 @@ def prepare_sft(args, staging, state, lock_fd):
 
 
 def prepare_hellaswag(args, staging, state, lock_fd):
-    """HellaSwag's validation items as JSON lines: ctx, the 4 endings, the label."""
+    """HellaSwag's validation items as JSON lines: ctx, the 4 endings, the label (and the
+    activity label and the two halves of ctx, which lm-evaluation-harness's query uses)."""
     items = [hellaswag_item(row, where) for row, where, _ in read_rows(args)]
     if not items:
         raise DataError(f"{describe_source(args)} has no items")

@@ -775,6 +775,8 @@ def test_hellaswag_preparation(tmp_path):
     items = [json.loads(l) for l in (tmp_path / "hs" / "hellaswag_val.jsonl").read_text().splitlines()]
     originals = [json.loads(l) for l in lines]
     assert [(i["ctx"], i["endings"], i["label"]) for i in items] == [(o["ctx"], o["endings"], o["label"]) for o in originals]
+    keys = ("activity_label", "ctx_a", "ctx_b")  # what lm-evaluation-harness's query is made of
+    assert [[i[k] for k in keys] for i in items] == [[o[k] for k in keys] for o in originals]
 
 
 # -----------------------------------------------------------------------------
