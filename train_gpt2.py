@@ -348,9 +348,9 @@ def stream_tokens(model, input_ids, attention_mask=None, max_new_tokens=64, temp
     padded = attention_mask is not None and not bool(attention_mask.all())
     mask = attention_mask[:, -window:] if padded else None  # (B, T) at most window wide
     ids = input_ids[:, -window:]  # a prompt longer than the model can read: keep its end
-    new_cache = lambda capacity: KVCache(model.config, B, capacity, input_ids.device, model.lm_head.weight.dtype)  # noqa: E731
-    cache = new_cache(min(window, ids.size(1) + max_new_tokens))
-    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    device, dtype = input_ids.device, model.lm_head.weight.dtype
+    cache = KVCache(model.config, B, min(window, ids.size(1) + max_new_tokens), device, dtype)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         if step == 0:
             logits = forward_cached(model, ids, cache, mask)
@@ -361,7 +361,7 @@ def stream_tokens(model, input_ids, attention_mask=None, max_new_tokens=64, temp
             # so the cache cannot shift with it: recompute the window, as without a cache.
             ids = ids[:, -window:]
             mask = mask[:, -window:] if padded else None
-            cache = new_cache(window)
+            cache = KVCache(model.config, B, window, device, dtype)
             logits = forward_cached(model, ids, cache, mask)
         next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
         if eos_token_id is not None:
