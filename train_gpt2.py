@@ -1078,18 +1078,18 @@ def bench(args):
         if i < args.bench_warmup:
             print(f"warm-up round {i + 1}/{args.bench_warmup}: not counted")
     x = torch.randint(0, 50257, (args.batch_size, T + 1))
+    medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}  # median: robust to a stray slow step
     for name, step in steps.items():
-        dt = sorted(times[name])[len(times[name]) // 2]  # median: robust to a stray slow step
-        times[name] = dt
-        tok_per_s = args.batch_size * T / dt
-        grown = peak_memory_growth(lambda: step(x), device)
-        print(f"{name:<14} median step {1000 * dt:8.1f} ms | {tok_per_s:10,.0f} tokens/s"
+        tok_per_s = args.batch_size * T / medians[name]
+        grown = peak_memory_growth(lambda: step(x), device)  # one more step, measured alone
+        print(f"{name:<14} median step {1000 * medians[name]:8.1f} ms | {tok_per_s:10,.0f} tokens/s"
               + (f" | MFU {100 * flops_per_token(model) * tok_per_s / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s" if peak else "")
               + (f" | peak memory +{grown / 2**20:,.0f} MiB" if grown is not None else ""))
     if args.bench_anchor:
-        print(f"ours is {times['build-nanogpt'] / times['ours']:.2f}x build-nanogpt's speed (median step time ratio)")
-    print("peak memory: " + ("torch.cuda.max_memory_allocated during one step, above what was allocated before it"
-                             if device_type == "cuda" else "the rise of the process's RSS during one step (sampled each ms)"))
+        print(f"ours is {medians['build-nanogpt'] / medians['ours']:.2f}x build-nanogpt's speed (median step time ratio)")
+    if grown is not None:
+        print("peak memory: " + ("torch.cuda.max_memory_allocated during one step, above what was allocated before it"
+                                 if device_type == "cuda" else "the rise of the process's RSS during one step (sampled each ms)"))
 
 
 def bench_generate(args):
