@@ -30,6 +30,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -56,7 +57,7 @@ class GPTConfig:
     block_size: int = 1024  # longest sequence the model can read (learned positions)
     vocab_size: int = 50257  # GPT-2's BPE vocabulary: the token ids the model reads and writes
     # Rows of the embedding / LM head. 50304 = 128 * 393 makes the biggest matmul of the model
-    # tile evenly on a GPU; the extra rows are never read or predicted (forward cuts them off).
+    # tile evenly on a GPU; the extra rows are never read or predicted (a -inf bias, see forward).
     padded_vocab_size: int = 50257
     n_layer: int = 12
     n_head: int = 12
@@ -78,29 +79,11 @@ PRESETS = {
 }
 
 
-class KVCache:
-    """Keys and values of the positions seen so far, for every layer, so that generating
-    one more token costs one position's work instead of the whole sequence's."""
-
-    def __init__(self, n_layer, batch_size, n_head, capacity, head_size, device, dtype):
-        shape = (n_layer, batch_size, n_head, capacity, head_size)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions already stored; GPT.forward advances it after the last layer
-
-    def update(self, layer, k, v):
-        """Store this step's (B, nh, T, hs) keys and values; return all of them so far."""
-        end = self.length + k.size(2)
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx=0):
         super().__init__()
         self.n_head = config.n_head
-        self.layer_idx = layer_idx  # which slot of a KVCache is ours
+        self.layer_idx = layer_idx  # which slot of a generation KVCache is ours
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # query, key, value in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = 1  # adds into the residual stream: see GPT._init_weights
@@ -111,13 +94,13 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if kv_cache is not None:
+        if kv_cache is not None:  # generating: the positions fed earlier are keys too
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hs)
-        if attn_mask is not None:  # padding in the batch: an explicit (B, 1, T, past + T) mask
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        else:  # no padding: is_causal lets PyTorch pick the flash kernel
-            # with a cache and T == 1 the one query may see every stored key, so no mask at all
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        # Without a mask, is_causal lets PyTorch pick the flash kernel. It aligns its triangle
+        # top-left, which is right only when the keys start where the queries do (training,
+        # or a cache's first step) or for one query, which sees every key; for anything else
+        # KVCache.extend builds the mask (see the Generation section).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.c_proj(y)
 
@@ -163,6 +146,13 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         # Weight tying (as GPT-2): the same matrix reads tokens in and scores them out.
         self.transformer.wte.weight = self.lm_head.weight
+        # 0 on the real columns of the LM head, -inf on the padded ones: see forward. A buffer
+        # so that it moves with .to(device); not saved, as it follows from the config.
+        vocab_bias = None
+        if config.padded_vocab_size > config.vocab_size:
+            vocab_bias = torch.zeros(config.padded_vocab_size)
+            vocab_bias[config.vocab_size:] = float("-inf")
+        self.register_buffer("vocab_bias", vocab_bias, persistent=False)
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -178,42 +168,31 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, attention_mask=None, kv_cache=None):
-        """idx: (B, T) token ids. targets: (B, T) next-token ids, -100 where no loss is wanted.
-        attention_mask: (B, past + T), 1 for real tokens and 0 for (left) padding, as in
-        transformers; positions count real tokens only, so a padded row computes exactly
-        what it computes alone. kv_cache: a KVCache to read past positions from and append
-        to; then only the last position's logits are returned, as generation needs no more."""
+    def forward(self, idx, targets=None):
+        """idx: (B, T) token ids; targets: (B, T) next-token ids, -100 where no loss is wanted.
+        Returns (B, T, vocab_size) logits and the mean loss over the counted targets (or None).
+        Whole sequences, as training and scoring read them; generation, with its KV cache and
+        left padding, drives the same pieces from its own section below."""
         B, T = idx.size()
-        past = kv_cache.length if kv_cache is not None else 0
-        if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens is longer than block_size {self.config.block_size}")
-        attn_mask = None
-        if attention_mask is None:
-            pos = torch.arange(past, past + T, device=idx.device)  # (T,)
-        else:
-            real = attention_mask.bool()  # (B, past + T)
-            pos = (real.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
-            query_pos = torch.arange(past, past + T, device=idx.device).view(T, 1)
-            key_pos = torch.arange(past + T, device=idx.device).view(1, past + T)
-            # A query sees earlier real tokens, and always itself: a padding query with
-            # nothing to see would make softmax return NaN, which then leaks everywhere.
-            attn_mask = (key_pos <= query_pos) & (real[:, None, None, :] | (key_pos == query_pos))  # (B, 1, T, past + T)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x, attn_mask, kv_cache)
+            x = block(x)
         x = self.transformer.ln_f(x)
-        if kv_cache is not None:
-            kv_cache.length += T
-            if targets is None:
-                x = x[:, -1:, :]  # generating: the next token depends on the last position only
-        # The matmul runs over the padded vocabulary (fast shapes); the padded columns are cut
-        # off before softmax, so they are never sampled and never change a loss.
-        logits = self.lm_head(x)[..., :self.config.vocab_size]  # (B, T, vocab_size)
+        # The LM head multiplies by all padded_vocab_size rows (the fast shape), and its bias
+        # is -inf on the padded columns (see __init__), so softmax gives them exactly 0: they
+        # are never predicted, never change a loss, and their gradient is exactly 0. Cutting
+        # them off instead, logits[..., :vocab_size] before the loss, copies the (B, T, 50304)
+        # logits forward and their gradient backward in eager mode. Compiled, both ways fuse
+        # the same: the bias add into the matmul or the softmax that reads its output.
+        logits = F.linear(x, self.lm_head.weight, self.vocab_bias)  # (B, T, padded_vocab_size)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+            # (B * T, padded_vocab_size) is a view of the contiguous logits: no copy
+            loss = F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(-1), ignore_index=-100)
+        return logits[..., :self.config.vocab_size], loss  # a view: (B, T, vocab_size)
 
     @classmethod
     def from_pretrained(cls, name_or_path, padded_vocab_size=None):
@@ -281,55 +260,86 @@ class GPT(nn.Module):
                 param.copy_(src)
         return model
 
-    # -- generation ------------------------------------------------------------------
+    # Generation has its own section below (KV cache, left padding, sampling); these two give
+    # it transformers' calling convention: model.generate(input_ids, attention_mask, ...).
+    def generate(self, *args, **kwargs):
+        return generate_tokens(self, *args, **kwargs)
 
-    @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, max_new_tokens=64, temperature=1.0,
-                 top_k=None, top_p=None, eos_token_id=EOT_TOKEN, generator=None):
-        """The prompt followed by up to max_new_tokens new tokens, (B, T + new), like
-        transformers' generate; a row that stopped early is padded with eos_token_id."""
-        new_tokens = list(self.stream(input_ids, attention_mask, max_new_tokens, temperature,
-                                      top_k, top_p, eos_token_id, generator))
-        return torch.cat([input_ids] + [t[:, None] for t in new_tokens], dim=1)
+    def stream(self, *args, **kwargs):
+        return stream_tokens(self, *args, **kwargs)
 
-    @torch.no_grad()
-    def stream(self, input_ids, attention_mask=None, max_new_tokens=64, temperature=1.0,
-               top_k=None, top_p=None, eos_token_id=EOT_TOKEN, generator=None):
-        """Yields the next token of every row, (B,), as soon as it is chosen (see generate).
-        The prompt is left-padded where rows differ in length, with attention_mask 0 there."""
-        B, T = input_ids.size()
-        if T == 0:
-            raise ValueError("the prompt is empty: give at least one token")
-        window = self.config.block_size
-        padded = attention_mask is not None and not bool(attention_mask.all())
-        mask = attention_mask[:, -window:].bool() if padded else None
-        ids = input_ids[:, -window:]  # a prompt longer than the model can read: keep its end
-        head_size = self.config.n_embd // self.config.n_head
-        cache = KVCache(self.config.n_layer, B, self.config.n_head, min(window, T + max_new_tokens),
-                        head_size, input_ids.device, self.lm_head.weight.dtype)
-        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        for step in range(max_new_tokens):
-            if step == 0:
-                logits, _ = self(ids, attention_mask=mask, kv_cache=cache)
-            elif ids.size(1) <= window:  # the usual step: one new position, the rest is cached
-                logits, _ = self(ids[:, -1:], attention_mask=mask, kv_cache=cache)
-            else:
-                # Past block_size the window slides. Positions are baked into the cached keys,
-                # so the cache cannot shift with it: recompute the window, as without a cache.
-                ids = ids[:, -window:]
-                mask = mask[:, -window:] if padded else None
-                cache.length = 0
-                logits, _ = self(ids, attention_mask=mask, kv_cache=cache)
-            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                next_token = torch.where(finished, eos_token_id, next_token)
-                finished |= next_token == eos_token_id
-            yield next_token
-            if eos_token_id is not None and bool(finished.all()):
-                return
-            ids = torch.cat([ids, next_token[:, None]], dim=1)
-            if padded:
-                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+
+# -----------------------------------------------------------------------------
+# Generation: the KV cache, left padding, sampling
+#
+# Training reads whole sequences, so GPT.forward needs no positions or masks but the causal
+# one. Generation feeds a prompt and then one token at a time, and the rows of a batch may
+# be left-padded to one length. The cache keeps the keys and values of what was fed, and from
+# its own length and padding works out each new position and the attention mask it needs;
+# forward_cached drives the model's pieces with them.
+
+
+class KVCache:
+    """Keys and values of the positions fed so far, for every layer, so that generating one
+    more token costs one position's work instead of the whole sequence's; and which of those
+    positions hold real tokens and which left padding, which fixes positions and masks."""
+
+    def __init__(self, config, batch_size, capacity, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_head, capacity, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (n_layer, B, nh, capacity, hs)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.real = torch.ones(batch_size, capacity, dtype=torch.bool, device=device)  # False: padding
+        self.padded = False  # no padding yet: positions and masks are the simple ones
+        self.start, self.length = 0, 0  # positions start:length are the ones being fed now
+
+    def extend(self, T, real=None):
+        """Take T more positions; real (B, T) is 0 where they are padding (None: all real).
+        Returns their positions, (T,) or (B, T), and the attention mask the layers need:
+        None (see CausalSelfAttention), or (B or 1, 1, T, past + T), True where a query may look."""
+        past, end = self.length, self.length + T
+        if end > self.k.size(3):
+            raise ValueError(f"the KV cache holds {self.k.size(3)} positions, {end} asked")
+        self.start, self.length = past, end
+        device = self.k.device
+        if real is not None and not bool(real.all()):
+            self.real[:, past:end] = real.bool()
+            self.padded = True
+        if not self.padded:
+            pos = torch.arange(past, end, device=device)  # (T,)
+            if past == 0 or T == 1:
+                return pos, None
+            # T > 1 tokens after past cached ones (a prompt fed in pieces): query i sees keys
+            # 0 .. past + i, a triangle aligned bottom-right, which is_causal would get wrong.
+            return pos, (torch.arange(end, device=device) <= pos[:, None])[None, None]  # (1, 1, T, past + T)
+        # A row's positions count its real tokens only, so a padded row computes exactly
+        # what it computes alone.
+        pos = (self.real[:, :end].long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+        key_pos = torch.arange(end, device=device)  # (past + T,)
+        query_pos = torch.arange(past, end, device=device)[:, None]  # (T, 1)
+        # A query sees earlier real tokens, and always itself: a padding query with nothing
+        # to see would make softmax return NaN, which then leaks everywhere.
+        visible = self.real[:, None, None, :end] | (key_pos == query_pos)  # (B, 1, T, past + T)
+        return pos, (key_pos <= query_pos) & visible
+
+    def update(self, layer, k, v):
+        """Store one layer's (B, nh, T, hs) keys and values of the new positions; return all so far."""
+        self.k[layer, :, :, self.start:self.length] = k
+        self.v[layer, :, :, self.start:self.length] = v
+        return self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length]  # (B, nh, past + T, hs)
+
+
+def forward_cached(model, idx, cache, real=None):
+    """Feed idx (B, T) after what the cache holds (real: as in KVCache.extend); return the
+    (B, vocab_size) logits of the last position, the only ones generation needs."""
+    pos, attn_mask = cache.extend(idx.size(1), real)
+    x = model.transformer.wte(idx) + model.transformer.wpe(pos)  # (B, T, C)
+    for block in model.transformer.h:
+        x = block(x, attn_mask, cache)
+    x = model.transformer.ln_f(x[:, -1, :])  # (B, C)
+    # (padded_vocab, C) @ (C, B): the same product as x @ W.T, in the layout CPU BLAS runs
+    # ~2.5x faster for a few rows (measured at batch 8). The padded rows are cut off here.
+    logits = model.lm_head.weight @ x.t()  # (padded_vocab_size, B)
+    return logits.t()[:, :model.config.vocab_size]  # (B, vocab_size)
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -349,6 +359,55 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def stream_tokens(model, input_ids, attention_mask=None, max_new_tokens=64, temperature=1.0,
+                  top_k=None, top_p=None, eos_token_id=EOT_TOKEN, generator=None):
+    """Yields the next token of every row, (B,), as soon as it is chosen (see generate_tokens).
+    The prompt is left-padded where rows differ in length, with attention_mask 0 there."""
+    B, T = input_ids.size()
+    if T == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    window = model.config.block_size
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    mask = attention_mask[:, -window:] if padded else None  # (B, T) at most window wide
+    ids = input_ids[:, -window:]  # a prompt longer than the model can read: keep its end
+    device, dtype = input_ids.device, model.lm_head.weight.dtype
+    cache = KVCache(model.config, B, min(window, ids.size(1) + max_new_tokens), device, dtype)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        if step == 0:
+            logits = forward_cached(model, ids, cache, mask)
+        elif ids.size(1) <= window:  # the usual step: one new position, the rest is cached
+            logits = forward_cached(model, ids[:, -1:], cache)
+        else:
+            # Past block_size the window slides. Positions are baked into the cached keys,
+            # so the cache cannot shift with it: recompute the window, as without a cache.
+            ids = ids[:, -window:]
+            mask = mask[:, -window:] if padded else None
+            cache = KVCache(model.config, B, window, device, dtype)
+            logits = forward_cached(model, ids, cache, mask)
+        next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+        if eos_token_id is not None:
+            next_token = torch.where(finished, eos_token_id, next_token)
+            finished |= next_token == eos_token_id
+        yield next_token
+        if eos_token_id is not None and bool(finished.all()):
+            return
+        ids = torch.cat([ids, next_token[:, None]], dim=1)  # (B, T + 1)
+        if padded:
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+
+
+@torch.no_grad()
+def generate_tokens(model, input_ids, attention_mask=None, max_new_tokens=64, temperature=1.0,
+                    top_k=None, top_p=None, eos_token_id=EOT_TOKEN, generator=None):
+    """The prompt followed by up to max_new_tokens new tokens, (B, T + new), like
+    transformers' generate; a row that stopped early is padded with eos_token_id."""
+    new_tokens = list(stream_tokens(model, input_ids, attention_mask, max_new_tokens, temperature,
+                                    top_k, top_p, eos_token_id, generator))
+    return torch.cat([input_ids] + [t[:, None] for t in new_tokens], dim=1)
 
 
 # -----------------------------------------------------------------------------
@@ -748,9 +807,30 @@ def claim_out_dir(out_dir):
                 os.rmdir(out_dir)
 
 
-# Dense bf16 tensor-core peak, TFLOP/s, by GPU name. nanoGPT hard-codes the A100's 312 and so
-# reports 104% MFU on an H100. Other GPUs: --peak_tflops.
-PEAK_TFLOPS = {"A100": 312, "H100": 989, "H200": 989, "H800": 989, "A10": 125, "L4": 121, "4090": 165, "3090": 71}
+# Dense bf16 tensor-core peak, TFLOP/s, by GPU model as its name spells it. nanoGPT hard-codes
+# the A100's 312 and so reports 104% MFU on an H100. A name must match a model exactly: an
+# "L40S" is not an "L4" (3x apart), an "A10G" not an "A10". Other GPUs: --peak_tflops.
+PEAK_TFLOPS = {
+    "H100 SXM": 989, "H100 PCIe": 756, "H100 NVL": 835, "H200 SXM": 989, "H200 NVL": 835,
+    "H800 SXM": 989, "H800 PCIe": 756, "A100": 312, "A800": 312, "L40S": 362, "L40": 181, "L4": 121,
+    "GH200": 989, "A10G": 70, "A10": 125, "RTX 4090": 165, "RTX 3090": 71,
+}
+
+
+def gpu_peak_tflops(name):
+    """The PEAK_TFLOPS entry for a name as torch.cuda.get_device_name gives it, e.g. "NVIDIA
+    H100 80GB HBM3" (an SXM board), "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB", "NVIDIA
+    GeForce RTX 4090"; None for a GPU not in the table."""
+    words = [w for w in name.replace("-", " ").split() if w not in ("NVIDIA", "GeForce", "Tesla")]
+    if not words:
+        return None
+    # A data-centre GPU is its first word, the rest memory and board ("A100 SXM4 80GB"); a
+    # GeForce is every word ("RTX 4090", but "RTX 4090 D" or "RTX 3090 Ti" are other GPUs).
+    model = " ".join(words) if words[0] == "RTX" else words[0]
+    if model in ("H100", "H200", "H800"):  # one chip at different power budgets
+        upper = [w.upper() for w in words]
+        model += " PCIe" if "PCIE" in upper else " NVL" if "NVL" in upper else " SXM"
+    return PEAK_TFLOPS.get(model)
 
 
 def peak_flops(device, override=None):
@@ -758,8 +838,8 @@ def peak_flops(device, override=None):
         return override * 1e12
     if not device.startswith("cuda"):
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+    tflops = gpu_peak_tflops(torch.cuda.get_device_name(device))
+    return tflops * 1e12 if tflops else None
 
 
 def flops_per_token(model):
@@ -906,7 +986,7 @@ def run_training(args, rank, local_rank, world_size, device):
         raise UserError(f"the train split of {args.data_dir} is less than one step: it holds fewer than one step "
                         f"of --total_batch_size {args.total_batch_size:,} {unit}; lower --total_batch_size")
     if args.hellaswag and args.mode == "pretrain":
-        load_hellaswag(args.hellaswag_path, args.hellaswag_limit)  # a missing or malformed file fails now
+        load_hellaswag(args.hellaswag_path, args.hellaswag_limit, args.hellaswag_convention)  # fails now, not at step N
     template = train_loader.meta["prompt_template"] if args.mode == "finetune" else (checkpoint or {}).get("prompt_template")
 
     optimizer = configure_optimizer(model, args.weight_decay, args.max_lr, device)
@@ -934,7 +1014,8 @@ def run_training(args, rank, local_rank, world_size, device):
         model = torch.compile(model)
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+        # broadcast_buffers off: the only buffer is the LM head's constant padding mask
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
     min_lr = args.max_lr * args.min_lr_ratio
     peak = peak_flops(device, args.peak_tflops)
     flops_step = flops_per_token(raw_model) * grad_accum * world_size * args.batch_size * T
@@ -977,7 +1058,8 @@ def run_training(args, rank, local_rank, world_size, device):
                 val_loss = evaluate_loss(model, val_loader, args.val_steps, device, world_size, dtype)
                 entry = {"step": step, "val_loss": val_loss}
                 if args.hellaswag and args.mode == "pretrain":
-                    entry.update(hellaswag_eval(raw_model, args.hellaswag_path, device, rank, world_size, args.hellaswag_limit))
+                    entry.update(hellaswag_eval(raw_model, args.hellaswag_path, device, rank, world_size,
+                                                args.hellaswag_limit, args.hellaswag_convention))
                 print0(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()))
                 log(entry)
                 if master and args.eval_samples:
@@ -1066,7 +1148,7 @@ def forward_backward(model, micro_batches, device, world_size, grad_clip, stop_r
         sync = model.no_sync() if is_ddp and not last else contextlib.nullcontext()
         with sync:
             with autocast(device, dtype):
-                _, loss = model(x, y)
+                loss = model(x, y)[1]  # the logits are not kept: one logits-sized buffer less in backward
             weight = counts[i] / total * world_size
             (scaler.scale(loss * weight) if scaler else loss * weight).backward()
         loss_sum += loss.detach().float() * counts[i]
@@ -1088,11 +1170,13 @@ def train_step(model, optimizer, micro_batches, device, world_size, grad_clip):
 
 
 @torch.no_grad()
-def evaluate_loss(model, loader, max_batches, device, world_size, dtype=None):
+def evaluate_loss(model, loader, max_batches, device, world_size, dtype=None, progress=False):
     """Mean loss per target token over the first max_batches batches of the loader's split,
     the batches spread over the ranks."""
+    from tqdm import tqdm
     loss_sum, count = 0.0, 0
-    for x, y in loader.eval_batches(max_batches):
+    batches = tqdm(loader.eval_batches(max_batches), desc="val loss", unit="batch", disable=not progress, leave=False)
+    for x, y in batches:
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
             _, loss = model(x, y)
@@ -1120,9 +1204,78 @@ def format_duration(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def build_nanogpt_forward(model, idx, targets):
+    """build-nanogpt's forward and loss on our model's weights, the anchor --bench_anchor times
+    ours against: the same blocks, and the LM head over all 50304 padded columns with the
+    loss taken over them too, as build-nanogpt trains (its vocab_size is 50304)."""
+    B, T = idx.size()
+    pos = torch.arange(T, device=idx.device)  # (T,)
+    x = model.transformer.wte(idx) + model.transformer.wpe(pos)  # (B, T, C)
+    for block in model.transformer.h:
+        x = block(x)
+    logits = model.lm_head(model.transformer.ln_f(x))  # (B, T, 50304)
+    return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def build_nanogpt_step(forward, model, optimizer, x, y, device):
+    """build-nanogpt's optimizer step (one micro-step): forward, backward, clip, AdamW."""
+    optimizer.zero_grad()
+    with autocast(device):
+        _, loss = forward(model, x.to(device), y.to(device))
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.item(), norm.item()  # build-nanogpt prints both, so it waits for them
+
+
+def peak_memory_growth(fn, device):
+    """Run fn(); return how far memory rose above its level before, in bytes: on CUDA,
+    torch's peak allocation; on a Linux CPU, the process's resident memory (RSS) sampled
+    every millisecond, after handing freed heap back to the OS so that the level before is
+    honest; elsewhere None."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(device) - before
+    if device != "cpu" or not os.path.exists("/proc/self/statm"):
+        return None
+    import ctypes
+    import threading
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page  # the second field: resident pages
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # free heap kept by malloc would hide a step's growth
+    before = rss()
+    peak, done = [before], threading.Event()
+
+    def sample():  # torch releases the GIL while it computes, so this thread keeps sampling
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], rss()) - before
+
+
 def bench(args):
-    """Training throughput on random tokens: tokens/s and MFU for the model size, batch and
-    device given, so anyone can measure their hardware without preparing data."""
+    """--mode bench: a training step on random tokens, timed (median of --bench_steps after
+    --bench_warmup), as tokens/s, MFU (CUDA) and the step's peak memory; with --bench_anchor 1
+    build-nanogpt's step too, the two interleaved round by round, and their ratio. With
+    --bench_generate 1, generation instead (bench_generate)."""
+    if args.bench_generate:
+        return bench_generate(args)
     device = pick_device(args.device)
     device_type = device.split(":")[0]
     if device_type == "cuda":
@@ -1130,32 +1283,54 @@ def bench(args):
     torch.manual_seed(args.seed)
     model = GPT(config_from_args(args)).to(device)
     T = model.config.block_size
+    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    # Each way gets its own copy of the same weights and its own AdamW.
     optimizer = configure_optimizer(model, 0.1, 6e-4, device)
     compiled = torch.compile(model) if args.compile else model
+    steps = {"ours": lambda x: train_step(compiled, optimizer, [(x[:, :-1], x[:, 1:])], device, 1, 1.0)}
+    if args.bench_anchor:
+        anchor = GPT(model.config).to(device)
+        anchor.load_state_dict(model.state_dict())
+        anchor_optimizer = configure_optimizer(anchor, 0.1, 6e-4, device)
+        forward = torch.compile(build_nanogpt_forward) if args.compile else build_nanogpt_forward
+        steps["build-nanogpt"] = lambda x: build_nanogpt_step(forward, anchor, anchor_optimizer, x[:, :-1], x[:, 1:], device)
     peak = peak_flops(device, args.peak_tflops)
     print(f"bench: {sum(p.numel() for p in model.parameters()):,} parameters, batch {args.batch_size} x {T}, "
-          f"{device} ({torch.cuda.get_device_name(device) if device_type == 'cuda' else device_type}), compile {bool(args.compile)}")
-    times = []
-    for step in range(args.bench_steps):
+          f"{device} ({torch.cuda.get_device_name(device) if device_type == 'cuda' else device_type}), "
+          f"compile {bool(args.compile)}, {args.bench_steps} timed rounds after {args.bench_warmup}")
+    times = {name: [] for name in steps}
+    for i in range(args.bench_warmup + args.bench_steps):
         x = torch.randint(0, 50257, (args.batch_size, T + 1))
-        t0 = time.time()
-        train_step(compiled, optimizer, [(x[:, :-1], x[:, 1:])], device, 1, 1.0)
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.time() - t0)
-        print(f"step {step + 1}/{args.bench_steps}: {1000 * times[-1]:.0f} ms" + (" (warm-up, not counted)" if step < args.bench_warmup else ""))
-    measured = sorted(times[args.bench_warmup:])
-    dt = measured[len(measured) // 2]  # median: robust to a stray slow step
-    tok_per_s = args.batch_size * T / dt
-    print(f"median step {1000 * dt:.1f} ms | {tok_per_s:,.0f} tokens/s"
-          + (f" | MFU {100 * flops_per_token(model) * tok_per_s / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s" if peak else ""))
-
+        # interleaved, the order alternating: a slow spell of a shared machine hits both ways
+        for name in (list(steps) if i % 2 == 0 else list(steps)[::-1]):
+            sync()
+            t0 = time.perf_counter()
+            steps[name](x)
+            sync()
+            if i >= args.bench_warmup:
+                times[name].append(time.perf_counter() - t0)
+        if i < args.bench_warmup:
+            print(f"warm-up round {i + 1}/{args.bench_warmup}: not counted")
+    x = torch.randint(0, 50257, (args.batch_size, T + 1))
+    medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}  # median: robust to a stray slow step
+    for name, step in steps.items():
+        tok_per_s = args.batch_size * T / medians[name]
+        grown = peak_memory_growth(lambda: step(x), device)  # one more step, measured alone
+        print(f"{name:<14} median step {1000 * medians[name]:8.1f} ms | {tok_per_s:10,.0f} tokens/s"
+              + (f" | MFU {100 * flops_per_token(model) * tok_per_s / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s" if peak else "")
+              + (f" | peak memory +{grown / 2**20:,.0f} MiB" if grown is not None else ""))
+    if args.bench_anchor:
+        print(f"ours is {medians['build-nanogpt'] / medians['ours']:.2f}x build-nanogpt's speed (median step time ratio)")
+    if grown is not None:
+        print("peak memory: " + ("torch.cuda.max_memory_allocated during one step, above what was allocated before it"
+                                 if device_type == "cuda" else "the rise of the process's RSS during one step (sampled each ms)"))
 
 
 def bench_generate(args):
-    """Generation speed on random weights, greedy, every method producing the same tokens:
-    our KV cache, recomputing the whole sequence for every token (build-nanogpt's way), and
-    transformers' generate on the very same weights."""
+    """--mode bench --bench_generate 1: greedy generation on random weights, at batch 1 and at
+    batch 8 with prompts of different lengths (left-padded): our KV cache, recomputing the
+    whole sequence for every token (build-nanogpt's way), and transformers' generate on the
+    very same weights, interleaved round by round; checks that all give the same tokens."""
     import tempfile
     from transformers import GPT2Config, GPT2LMHeadModel
     device = pick_device(args.device)
@@ -1166,47 +1341,58 @@ def bench_generate(args):
                                    n_positions=cfg.block_size)).save_pretrained(tmp)
         hf_model = GPT2LMHeadModel.from_pretrained(tmp).to(device).eval()
         model = GPT.from_pretrained(tmp).to(device).eval()
-    prompt = torch.randint(0, 50257, (1, 16), device=device)
     n = args.max_new_tokens
 
     @torch.no_grad()
-    def recompute():
-        ids = prompt
+    def recompute(ids, mask):
         for _ in range(n):
-            logits, _ = model(ids[:, -cfg.block_size:])
-            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            window = ids[:, -cfg.block_size:]
+            if mask is None:  # build-nanogpt's loop
+                logits = model(window)[0][:, -1]
+            else:  # it has no padding: a fresh cache every token recomputes everything
+                cache = KVCache(model.config, ids.size(0), window.size(1), device, torch.float32)
+                logits = forward_cached(model, window, cache, mask[:, -cfg.block_size:])
+                mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
         return ids
 
     methods = {
-        "KV cache (this file)": lambda: model.generate(prompt, max_new_tokens=n, temperature=0, eos_token_id=None),
+        "KV cache (this file)": lambda ids, mask: model.generate(ids, mask, max_new_tokens=n, temperature=0, eos_token_id=None),
         "recompute every step": recompute,
-        "transformers generate": lambda: hf_model.generate(prompt, max_new_tokens=n, do_sample=False,
-                                                           eos_token_id=None, pad_token_id=EOT_TOKEN),
+        "transformers generate": lambda ids, mask: hf_model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                                                                     eos_token_id=None, pad_token_id=EOT_TOKEN),
     }
-    print(f"bench_generate: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, batch 1, "
-          f"16-token prompt, {n} new tokens, greedy, {device}, median of {args.bench_steps} runs")
-    outputs, medians = [], {}
-    for name, method in methods.items():
-        outputs.append(method().tolist())  # warm-up, and the tokens to compare
-        times = []
+    lengths = [16, 5, 11, 8, 14, 3, 9, 12]  # batch 8: prompts of 3 to 16 tokens, left-padded
+    prompts = {1: (torch.randint(0, 50257, (1, 16)), None),
+               8: left_pad([torch.randint(0, 50257, (length,)).tolist() for length in lengths])}
+    print(f"bench generate: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, {n} new tokens, greedy, "
+          f"{device}, median of {args.bench_steps} interleaved rounds")
+    for batch, (ids, mask) in prompts.items():
+        ids, mask = ids.to(device), mask.to(device) if mask is not None else None
+        outputs = {name: method(ids, mask).tolist() for name, method in methods.items()}  # warm-up, and the tokens
+        times = {name: [] for name in methods}
         for _ in range(args.bench_steps):
-            t0 = time.time()
-            method()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.time() - t0)
-        medians[name] = sorted(times)[len(times) // 2]
-        print(f"{name:<24} {1000 * medians[name]:8.1f} ms  {n / medians[name]:8.0f} tokens/s")
-    ours = medians["KV cache (this file)"]
-    print(f"same tokens from all three: {outputs[0] == outputs[1] == outputs[2]}; KV cache is "
-          f"{medians['recompute every step'] / ours:.1f}x faster than recomputing, "
-          f"{medians['transformers generate'] / ours:.2f}x faster than transformers")
+            for name, method in methods.items():
+                t0 = time.perf_counter()
+                method(ids, mask)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - t0)
+        medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+        label = "batch 1, a 16-token prompt" if batch == 1 else "batch 8, prompts of 3-16 tokens, left-padded"
+        print(f"{label}:")
+        for name, dt in medians.items():
+            print(f"  {name:<24} {1000 * dt:8.1f} ms  {batch * n / dt:8.0f} tokens/s")
+        ours = medians["KV cache (this file)"]
+        same = all(out == outputs["transformers generate"] for out in outputs.values())
+        print(f"  same tokens from all three: {same}; KV cache is {medians['recompute every step'] / ours:.1f}x "
+              f"faster than recomputing, {medians['transformers generate'] / ours:.2f}x faster than transformers")
 
 # -----------------------------------------------------------------------------
 # Evaluation: HellaSwag
 
 
-def load_hellaswag(path, limit=None):
+def load_hellaswag(path, limit=None, convention="completion"):
     """HellaSwag items as prepare_data.py --hellaswag writes them, each checked: a context,
     4 endings and a label in 0..3 (a broken item would be scored silently as a wrong one)."""
     if not os.path.exists(path):
@@ -1225,6 +1411,9 @@ def load_hellaswag(path, limit=None):
             if not ok:
                 raise UserError(f"{path}, line {number}: not a HellaSwag item (a ctx, 4 endings and a label 0-3): "
                                 "re-run prepare_data.py --hellaswag")
+            if convention != "completion" and not all(isinstance(item.get(k), str) for k in ("activity_label", "ctx_a", "ctx_b")):
+                raise UserError(f"{path}, line {number}: no activity_label, ctx_a and ctx_b, which the harness convention "
+                                "asks with: re-run prepare_data.py --hellaswag --overwrite")
             items.append(item)
             if limit and len(items) == limit:
                 break
@@ -1233,53 +1422,95 @@ def load_hellaswag(path, limit=None):
     return items
 
 
+def harness_item(item):
+    """The item as lm-evaluation-harness asks it (its hellaswag task): the query is the activity
+    label and both halves of the context, the second capitalized, and query and endings are
+    cleaned of the bracketed tags of HellaSwag's WikiHow half ("[title]", "[step]")."""
+    def clean(text):
+        text = text.strip().replace(" [title]", ". ")
+        return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+    query = clean(item["activity_label"] + ": " + item["ctx_a"] + " " + item["ctx_b"].capitalize())
+    return {"ctx": query, "endings": [clean(ending) for ending in item["endings"]], "label": item["label"]}
+
+
 @torch.no_grad()
-def score_endings(model, enc, items, device, items_per_batch=16):
+def score_endings(model, enc, items, device, max_batch_tokens=8192, progress=False):
     """Loss of each of the 4 endings of each item, given its context: (n, 4) summed over the
-    ending's tokens and (n, 4) averaged over them. The 4 x items_per_batch candidates run
-    as one right-padded batch; padding sits after the tokens that count, so a causal
+    ending's tokens and (n, 4) averaged over them. Only the ending's positions count, so the
+    LM head (most of a small model's work) and the loss run at those positions alone. The
+    candidates are sorted by length and cut into right-padded batches of at most
+    max_batch_tokens positions, padding included: memory stays bounded whatever the items,
+    and little of the work is padding, which sits after the tokens that count, so a causal
     model's losses for them do not change."""
     T = model.config.block_size
-    sums, means = [], []
-    for first in range(0, len(items), items_per_batch):
-        rows, spans = [], []
-        for item in items[first:first + items_per_batch]:
-            context = enc.encode(item["ctx"])
-            for ending in item["endings"]:
-                ending_tokens = enc.encode(" " + ending)  # the space belongs to the ending's first token
-                tokens = (context + ending_tokens)[-T - 1:]  # too long: keep the end
-                rows.append(tokens)
-                spans.append(min(len(ending_tokens), len(tokens) - 1))
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), EOT_TOKEN, dtype=torch.long)
-        ending_mask = torch.zeros((len(rows), width - 1), dtype=torch.bool)  # over the targets
-        for i, (tokens, span) in enumerate(zip(rows, spans)):
-            ids[i, :len(tokens)] = torch.tensor(tokens)
-            ending_mask[i, len(tokens) - 1 - span:len(tokens) - 1] = True
-        ids, ending_mask = ids.to(device), ending_mask.to(device)
+    rows, spans = [], []  # each candidate's tokens, and how many at its end are the ending's
+    for item in items:
+        context = enc.encode(item["ctx"])
+        for ending in item["endings"]:
+            ending_tokens = enc.encode(" " + ending)  # the space belongs to the ending's first token
+            tokens = (context + ending_tokens)[-T - 1:]  # too long: keep the end
+            rows.append(tokens)
+            spans.append(min(len(ending_tokens), len(tokens) - 1))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    sums = torch.zeros(len(rows))
+    start = 0
+    from tqdm import tqdm
+    bar = tqdm(total=len(items), unit="item", desc="HellaSwag", disable=not progress, leave=False,
+               bar_format="{desc}: {n:.0f}/{total} items [{elapsed}<{remaining}, {rate_fmt}]")
+    while start < len(order):
+        # Sorted, so a batch's last row is its widest: grow the batch while it fits.
+        end = start + 1
+        while end < len(order) and (end + 1 - start) * (len(rows[order[end]]) - 1) <= max_batch_tokens:
+            end += 1
+        batch = order[start:end]
+        width = len(rows[batch[-1]]) - 1  # a row's last token is only a target
+        ids = torch.full((len(batch), width), EOT_TOKEN, dtype=torch.long)
+        targets = torch.full((len(batch), width), -100, dtype=torch.long)  # -100: not the ending's
+        for r, i in enumerate(batch):
+            tokens, n = torch.tensor(rows[i]), len(rows[i]) - 1
+            ids[r, :n] = tokens[:-1]
+            targets[r, n - spans[i]:n] = tokens[n - spans[i] + 1:]
+        ids, targets = ids.to(device), targets.to(device)
+        counted = targets != -100  # (b, width)
         with autocast(device):
-            logits, _ = model(ids[:, :-1])
-        losses = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (rows, width - 1)
-        summed = (losses * ending_mask).sum(dim=1)
-        sums.append(summed.view(-1, 4).cpu())
-        means.append((summed / ending_mask.sum(dim=1)).view(-1, 4).cpu())
-    return torch.cat(sums), torch.cat(means)
+            x = model.transformer.wte(ids) + model.transformer.wpe(torch.arange(width, device=device))  # (b, width, C)
+            for block in model.transformer.h:
+                x = block(x)
+            x = model.transformer.ln_f(x[counted])  # (N, C): the N positions that count, rows one after another
+            logits = F.linear(x, model.lm_head.weight, model.vocab_bias)  # (N, padded_vocab_size), as in forward
+        losses = F.cross_entropy(logits.float(), targets[counted], reduction="none")  # (N,)
+        row_of = counted.nonzero()[:, 0]  # (N,): which row of the batch each loss belongs to
+        sums[batch] = torch.zeros(len(batch), device=device).index_add_(0, row_of, losses).cpu()
+        bar.update(len(batch) / 4)  # 4 candidates an item
+        start = end
+    bar.close()
+    sums = sums.view(-1, 4)  # (n, 4): the 4 endings of an item are consecutive rows
+    return sums, sums / torch.tensor(spans, dtype=torch.float).view(-1, 4)
 
 
-def hellaswag_eval(model, path, device, rank=0, world_size=1, limit=None):
-    """acc: the ending with the lowest total loss is right; acc_norm: the lowest loss per
-    token (GPT-2 124M: 0.2859 / 0.2955 on all 10,042 items). Items are split over ranks."""
-    items = load_hellaswag(path, limit)
+def hellaswag_eval(model, path, device, rank=0, world_size=1, limit=None, convention="completion", progress=False):
+    """HellaSwag accuracy; items are split over ranks. Two conventions are quoted:
+    completion (GPT-2/GPT-3 papers, build-nanogpt): the context, then " " + ending; acc picks
+    the lowest summed loss, acc_norm the lowest loss per token (GPT-2 124M: 0.2859 / 0.2955).
+    harness (lm-evaluation-harness): its cleaned query and endings; acc_norm divides the
+    summed loss by the ending's length in characters (GPT-2 124M: acc_norm 0.3114)."""
+    items = load_hellaswag(path, limit, convention)
     mine = items[rank::world_size]
+    labels = torch.tensor([item["label"] for item in mine], dtype=torch.long)
+    enc, results, counts = get_tokenizer(), {}, []
     was_training = model.training
     model.eval()
-    sums, means = score_endings(model, get_tokenizer(), mine, device) if mine else (torch.zeros(0, 4), torch.zeros(0, 4))
+    for name in ("completion", "harness") if convention == "both" else (convention,):
+        asked = [harness_item(item) for item in mine] if name == "harness" else mine
+        sums, per_token = score_endings(model, enc, asked, device, progress=progress) if mine else (torch.zeros(0, 4),) * 2
+        chars = torch.tensor([[len(e) for e in item["endings"]] for item in asked], dtype=torch.float).view(-1, 4)
+        normed = per_token if name == "completion" else sums / chars
+        counts += [float((sums.argmin(dim=1) == labels).sum()), float((normed.argmin(dim=1) == labels).sum())]
+        prefix = "hellaswag" if name == "completion" else "hellaswag_harness"
+        results.update({f"{prefix}_acc": len(counts) - 2, f"{prefix}_acc_norm": len(counts) - 1})
     model.train(was_training)
-    labels = torch.tensor([item["label"] for item in mine], dtype=torch.long)
-    correct = float((sums.argmin(dim=1) == labels).sum())
-    correct_norm = float((means.argmin(dim=1) == labels).sum())
-    correct, correct_norm, n = all_reduce_sum([correct, correct_norm, float(len(mine))], world_size)
-    return {"hellaswag_acc": correct / n, "hellaswag_acc_norm": correct_norm / n, "hellaswag_items": int(n)}
+    *counts, n = all_reduce_sum(counts + [float(len(mine))], world_size)
+    return {**{key: counts[i] / n for key, i in results.items()}, "hellaswag_items": int(n)}
 
 
 def evaluate(args):
@@ -1296,17 +1527,18 @@ def evaluate_model(args, rank, world_size, device):
     # What can be wrong with the inputs is found before the model loads (a minute for gpt2-xl).
     kind = read_meta(args.data_dir)["kind"] if args.data_dir else None
     if args.hellaswag:
-        load_hellaswag(args.hellaswag_path, args.hellaswag_limit)
+        load_hellaswag(args.hellaswag_path, args.hellaswag_limit, args.hellaswag_convention)
     model, _ = load_model(args.init_from)
     model.to(device).eval()
     results = {"model": args.init_from}
     if args.data_dir:
         Loader = PretrainLoader if kind == "pretrain" else InstructionLoader
         loader = Loader(args.data_dir, "val", args.batch_size, model.config.block_size, rank, world_size, args.seed)
-        results["val_loss"] = evaluate_loss(model, loader, args.val_steps, device, world_size)
+        results["val_loss"] = evaluate_loss(model, loader, args.val_steps, device, world_size, progress=rank == 0)
     if args.hellaswag:
         t0 = time.time()
-        results.update(hellaswag_eval(model, args.hellaswag_path, device, rank, world_size, args.hellaswag_limit))
+        results.update(hellaswag_eval(model, args.hellaswag_path, device, rank, world_size, args.hellaswag_limit,
+                                      args.hellaswag_convention, progress=rank == 0))
         results["hellaswag_items_per_s"] = results["hellaswag_items"] / (time.time() - t0)
     if rank == 0:
         width = max(map(len, results))
@@ -1678,13 +1910,12 @@ def plot(args):
 MODE_DEFAULTS = {
     "pretrain": dict(init_from="scratch", data_dir="data/fineweb_edu_10B", out_dir="out/pretrain", batch_size=64,
                      total_batch_size=524288, max_lr=6e-4, warmup_steps=715, eval_interval=250, ckpt_interval=5000,
-                     val_steps=160, hellaswag=0),
+                     val_steps=160, hellaswag=0, hellaswag_convention="completion"),
     "finetune": dict(init_from="gpt2", data_dir="data/alpaca", out_dir="out/finetune", batch_size=8,
                      total_batch_size=32, max_lr=2e-5, warmup_steps=100, eval_interval=200, ckpt_interval=1000,
                      val_steps=50, hellaswag=0),
-    "eval": dict(init_from="gpt2", out_dir="out/eval", batch_size=16, val_steps=160, hellaswag=1),
-    "bench": dict(batch_size=64, bench_steps=20),
-    "bench_generate": dict(n_layer=4, n_head=4, n_embd=256, max_new_tokens=200, bench_steps=7),
+    "eval": dict(init_from="gpt2", out_dir="out/eval", batch_size=16, val_steps=160, hellaswag=1, hellaswag_convention="both"),
+    "bench": dict(batch_size=64, bench_steps=20, max_new_tokens=200),
     # nanoGPT's sampling defaults: a 124M model at temperature 1 over all 50,257 tokens drifts
     # into noise within a sentence; 0.8 and the 200 likeliest keep it readable and varied.
     "sample": dict(init_from="gpt2", max_new_tokens=64, temperature=0.8, top_k=200),
@@ -1758,7 +1989,7 @@ def parse_args(argv=None, defaults=None):
         group.add_argument(f"--{name}", default=default, help=help + mode_default(name), **kw)
 
     add(p, "mode", "sample", "what to do", choices=["pretrain", "finetune", "eval", "sample", "chat", "bench",
-                                                    "bench_generate", "plot", "export"])
+                                                    "plot", "export"])
     add(p, "init_from", help="scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a Hugging Face GPT-2 "
         "folder | a checkpoint .pt | a run folder holding ckpt.pt")
     add(p, "data_dir", help="a folder made by prepare_data.py")
@@ -1789,14 +2020,19 @@ def parse_args(argv=None, defaults=None):
     add(g, "val_steps", help="val batches per evaluation, over all GPUs together", type=count)
     add(g, "eval_samples", 4, "lines sampled at each evaluation; 0: none", type=flag(int, 0))
     add(g, "ckpt_interval", help="steps between checkpoints (one is also saved at the end)", type=count)
-    add(g, "peak_tflops", help="the GPU's bf16 peak for MFU (default: known for A100/H100/H200)", type=positive)
-    add(g, "bench_steps", help="bench: timed steps; bench_generate: timed runs", type=count)
+    add(g, "peak_tflops", help="the GPU's bf16 peak for MFU (default: known for A100, H100, H200, L4, ...)",
+        type=positive)
+    add(g, "bench_steps", help="bench: timed steps, or rounds of generation", type=count)
     add(g, "bench_warmup", 5, "bench: first steps not counted (compilation)", type=flag(int, 0))
+    add(g, "bench_anchor", 0, "bench: 1 also times build-nanogpt's step, interleaved", type=int, choices=[0, 1])
+    add(g, "bench_generate", 0, "bench: 1 times generation against transformers instead", type=int, choices=[0, 1])
     add(g, "wandb_project", help="also log to this Weights & Biases project (pip install wandb)")
     g = p.add_argument_group("HellaSwag")
     add(g, "hellaswag", help="1: score HellaSwag (at every evaluation when pretraining)", type=int, choices=[0, 1])
     add(g, "hellaswag_path", "data/hellaswag/hellaswag_val.jsonl", "made by prepare_data.py --hellaswag")
     add(g, "hellaswag_limit", help="score only the first N items (default: all 10,042)", type=count)
+    add(g, "hellaswag_convention", help="completion: GPT-2 paper / build-nanogpt (acc_norm per token); harness: "
+        "lm-evaluation-harness (acc_norm per character); both", choices=["completion", "harness", "both"])
     g = p.add_argument_group("sampling and chat")
     add(g, "prompt", help="repeat for several prompts (default: \"Hello, I'm a language model,\")", action="append")
     add(g, "num_samples", 1, "samples per prompt", type=count)
@@ -1814,7 +2050,7 @@ def parse_args(argv=None, defaults=None):
         args.seed = 1337
     if args.compile is None:
         args.compile = int(args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available())
-    if args.mode == "bench" and args.bench_warmup >= args.bench_steps:
+    if args.mode == "bench" and not args.bench_generate and args.bench_warmup >= args.bench_steps:
         p.error(f"--bench_warmup {args.bench_warmup} leaves none of the {args.bench_steps} --bench_steps to time")
     return args
 
@@ -1836,7 +2072,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     modes = {"pretrain": train, "finetune": train, "eval": evaluate, "sample": sample, "chat": chat, "bench": bench,
-             "bench_generate": bench_generate, "plot": plot, "export": export}
+             "plot": plot, "export": export}
     try:
         if args.init_from == "resume":
             args = resumed_args(argv, args)
