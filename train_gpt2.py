@@ -8,6 +8,8 @@ Sample from OpenAI's GPT-2 (downloads the weights through Hugging Face once):
 Pretrain GPT-2 124M on FineWeb-Edu 10B (first: python prepare_data.py):
     one GPU, a Mac or a CPU:  python train_gpt2.py --mode pretrain
     8 GPUs on one node:       torchrun --standalone --nproc_per_node=8 train_gpt2.py --mode pretrain
+    GPT-2 XL on 8 small GPUs: torchrun --standalone --nproc_per_node=8 train_gpt2.py --mode pretrain \
+                                  --model gpt2-xl --batch_size 8 --fsdp 1 --activation_checkpointing 1
     2 nodes of 8 GPUs:        on each node, with --node_rank=0 on the first and 1 on the second:
         torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --master_addr=IP_OF_NODE_0 --master_port=29500 \
             train_gpt2.py --mode pretrain
