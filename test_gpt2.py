@@ -1384,6 +1384,124 @@ def test_bench_mode_prints_throughput_memory_and_the_anchor(capsys):
 
 
 # -----------------------------------------------------------------------------
+# FSDP and activation checkpointing
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # every compared run: no thread-count-dependent sums on a busy machine
+
+
+def torchrun(n, *args, out_dir, stop_after=None):
+    """train_gpt2.py on n ranks (gloo, CPU); with stop_after, SIGTERM once rank 0 logs that step.
+    torchrun passes the signal on to the ranks, which save at the next step and exit."""
+    import signal
+    proc = subprocess.Popen(TORCHRUN + [f"--nproc_per_node={n}", str(HERE / "train_gpt2.py"), *map(str, args),
+                                        "--out_dir", str(out_dir)], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **ONE_THREAD})
+    output = []
+    for line in proc.stdout:  # blocking reads: no sleeps
+        output.append(line)
+        if stop_after and line.startswith(f"step {stop_after:5d}/"):
+            proc.send_signal(signal.SIGTERM)
+    code = proc.wait()
+    assert stop_after or code == 0, "".join(output)  # torchrun itself exits non-zero when signalled
+    return "".join(output)
+
+
+def test_fsdp_equals_one_process_and_resumes_on_one_process_and_ddp(shakespeare, tmp_path):
+    """FSDP (with activation checkpointing) on 2 ranks against one process, over steps with
+    gradient accumulation (2 micro-steps per rank) and clipping (grad_clip 0.1 < every norm).
+    Stopped by SIGTERM, its checkpoint resumes on one process, under DDP, and from the older
+    index-keyed optimizer format. Tolerances: losses rel 1e-5 (observed < 1e-7: FSDP sums
+    the same numbers in another order). Gradient norms rel 1e-3: a float32 norm over 1.6M
+    numbers sums in another order over shards, which moves it by ~1e-5 of itself (both are
+    ~2e-5 from the float64 norm), and the clip carries that into the weights."""
+    import shutil
+    args = ["--mode", "pretrain", "--data_dir", shakespeare, *TINY, "--grad_clip", 0.1, "--max_steps", 8,
+            "--eval_interval", 4, "--val_steps", 3, "--ckpt_interval", 1000]  # 3 val batches: 2 ranks get 2 and 1
+    run_script("train_gpt2.py", *args, "--out_dir", tmp_path / "one", env=ONE_THREAD)
+    fsdp = tmp_path / "fsdp"
+    torchrun(2, *args, "--fsdp", 1, "--activation_checkpointing", 1, out_dir=fsdp, stop_after=2)
+    checkpoint = torch.load(fsdp / "ckpt.pt", weights_only=True)
+    stopped_at = checkpoint["step"]
+    assert 2 <= stopped_at < 8 and checkpoint["args"]["fsdp"] == 1
+    # the same file as a single process writes: full weights under plain names, AdamW by name
+    assert checkpoint["model"].keys() == tg.GPT(tg.GPTConfig(**checkpoint["config"])).state_dict().keys()
+    assert checkpoint["model"]["lm_head.weight"] is checkpoint["model"]["transformer.wte.weight"]
+    assert "transformer.wte.weight" in checkpoint["optimizer"]["state"]
+    for name in ("ddp", "legacy"):
+        shutil.copytree(fsdp, tmp_path / name)
+    run_script("train_gpt2.py", *args, "--fsdp", 0, "--init_from", "resume", "--out_dir", fsdp, env=ONE_THREAD)
+    torchrun(2, *args, "--fsdp", 0, "--init_from", "resume", out_dir=tmp_path / "ddp")
+    # A checkpoint from before FSDP: AdamW's state keyed by index, as optimizer.state_dict() has it.
+    model = tg.GPT(tg.GPTConfig(**checkpoint["config"]))
+    optimizer = tg.configure_optimizer(model, 0.1, 3e-3, "cpu")
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=StateDictOptions(full_state_dict=True))
+    torch.save({**checkpoint, "optimizer": optimizer.state_dict()}, tmp_path / "legacy" / "ckpt.pt")
+    assert 0 in torch.load(tmp_path / "legacy" / "ckpt.pt", weights_only=True)["optimizer"]["state"]
+    tg.main([str(a) for a in args] + ["--fsdp", "0", "--init_from", "resume", "--out_dir", str(tmp_path / "legacy")])
+
+    one = read_log(tmp_path / "one")
+    assert len(one) == 10 and all(e["grad_norm"] > 0.1 for e in one if "grad_norm" in e)  # 8 steps, 2 evaluations
+    for run in (fsdp, tmp_path / "ddp", tmp_path / "legacy"):
+        log = [e for e in read_log(run) if not ("val_loss" in e and e["step"] == stopped_at)]  # logged twice
+        assert [e["step"] for e in log] == [e["step"] for e in one], run
+        for a, b in zip(one, log):
+            for key, rel in (("loss", 1e-5), ("val_loss", 1e-5), ("grad_norm", 1e-3)):
+                if key in a:
+                    assert b[key] == pytest.approx(a[key], rel=rel), (run.name, key, a, b)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_fsdp_rank_holds_its_share_of_the_bytes(ranks):
+    """Parameters, gradients and AdamW state stored by each rank (the DTensors' local shards),
+    as --mode bench reports them, against one process's."""
+    size = ["--n_layer", 2, "--n_head", 2, "--n_embd", 32, "--block_size", 32, "--batch_size", 2]
+    proc = subprocess.run(TORCHRUN + [f"--nproc_per_node={ranks}", str(HERE / "train_gpt2.py"), "--mode", "bench",
+                                      *map(str, size), "--bench_steps", "2", "--bench_warmup", "1", "--device", "cpu",
+                                      "--fsdp", "1"], cwd=HERE, capture_output=True, text=True,
+                          env={**os.environ, **ONE_THREAD}, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    held = [float(line.split("AdamW state ")[1].split()[0]) for line in proc.stdout.splitlines() if line.startswith("rank ")]
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, padded_vocab_size=50304))
+    optimizer = tg.configure_optimizer(model, 0.1, 6e-4, "cpu")
+    x = random_ids(2, 33)
+    tg.train_step(model, optimizer, [(x[:, :-1], x[:, 1:])], "cpu", 1, 1.0)
+    tg.forward_backward(model, [(x[:, :-1], x[:, 1:])], "cpu", 1, 1.0)
+    one = tg.bytes_held(model, optimizer) / 2**20  # 16 bytes per parameter: weight, gradient, 2 Adam moments
+    assert one == pytest.approx(16 * sum(p.numel() for p in model.parameters()) / 2**20, rel=1e-3)
+    assert len(held) == ranks and all(h == pytest.approx(one / ranks, rel=0.01) for h in held), (held, one)
+
+
+def test_activation_checkpointing_same_gradients_fewer_saved_bytes():
+    """The same loss and gradients, bit for bit (the forward runs again exactly), and far
+    fewer bytes saved for the backward pass: a block keeps only its input."""
+    import copy
+    torch.manual_seed(0)
+    # a small vocabulary, so that the blocks' activations, not the logits, dominate
+    plain = tg.GPT(tg.GPTConfig(block_size=64, vocab_size=128, padded_vocab_size=128, n_layer=4, n_head=2, n_embd=64))
+    checkpointed = tg.shard_and_checkpoint(copy.deepcopy(plain), "cpu", fsdp=0, activation_checkpointing=1,
+                                           compile_blocks=0)
+    assert checkpointed.state_dict().keys() == plain.state_dict().keys()  # the wrapper leaves no trace in names
+    x, y = random_ids(4, 64, vocab=128), random_ids(4, 64, seed=1, vocab=128)
+
+    def run(model):
+        saved = []  # bytes of every tensor autograd keeps for the backward pass
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            _, loss = model(x, y)
+        loss.backward()
+        return sum(saved), loss.item(), [p.grad for p in model.parameters()]
+
+    saved_plain, loss_plain, grads_plain = run(plain)
+    saved_ckpt, loss_ckpt, grads_ckpt = run(checkpointed)
+    assert loss_ckpt == loss_plain
+    assert all(torch.equal(a, b) for a, b in zip(grads_plain, grads_ckpt))
+    assert saved_ckpt < 0.25 * saved_plain, (saved_ckpt, saved_plain)
+
+
+# -----------------------------------------------------------------------------
 # Instruction fine-tuning
 
 INSTRUCTIONS = [

@@ -8,6 +8,8 @@ Sample from OpenAI's GPT-2 (downloads the weights through Hugging Face once):
 Pretrain GPT-2 124M on FineWeb-Edu 10B (first: python prepare_data.py):
     one GPU, a Mac or a CPU:  python train_gpt2.py --mode pretrain
     8 GPUs on one node:       torchrun --standalone --nproc_per_node=8 train_gpt2.py --mode pretrain
+    GPT-2 XL on 8 small GPUs: torchrun --standalone --nproc_per_node=8 train_gpt2.py --mode pretrain \
+                                  --model gpt2-xl --batch_size 8 --fsdp 1 --activation_checkpointing 1
     2 nodes of 8 GPUs:        on each node, with --node_rank=0 on the first and 1 on the second:
         torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --master_addr=IP_OF_NODE_0 --master_port=29500 \
             train_gpt2.py --mode pretrain
@@ -25,8 +27,10 @@ Every flag: python train_gpt2.py --help
 """
 
 import argparse
+import builtins
 import codecs
 import contextlib
+import io
 import json
 import math
 import os
@@ -743,6 +747,52 @@ def setup_distributed(requested_device):
     return rank, local_rank, world_size, device
 
 
+def shard_and_checkpoint(model, dtype, fsdp, activation_checkpointing, compile_blocks):
+    """In place, in torchtitan's order: each block wrapped for activation checkpointing, then
+    compiled, then sharded (FSDP2); then the root, which owns what is left (embeddings, ln_f,
+    and lm_head, whose weight is wte's: one Parameter, so it is sharded once). The module
+    keeps its class, methods and parameter names; the wrapper's prefix is dropped from its
+    state dict, by the wrapper itself and by torch.distributed.checkpoint's helpers."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    # The --dtype of autocast: FSDP2 all-gathers the weights already cast to bf16 (half the
+    # traffic), keeps the float32 shards as master weights for AdamW, and reduce-scatters the
+    # gradients in float32, which an average over many ranks needs.
+    mp_policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
+    for i, block in enumerate(model.transformer.h):
+        if activation_checkpointing:
+            # The block keeps only its input for the backward pass and runs its forward again
+            # there: saved activations drop from ~34 x (B, T, C) per block to 2 (bf16).
+            block = checkpoint_wrapper(block)  # non-reentrant torch.utils.checkpoint
+            model.transformer.h[i] = block
+        if fsdp:
+            if compile_blocks:
+                block.compile()  # per block (the whole model is compiled without FSDP): same code for all
+            # Each block is one all-gather in the forward and one reduce-scatter in the backward;
+            # the root's reshard is skipped, as its weights are needed again at once in the backward.
+            fully_shard(block, mp_policy=mp_policy)
+    if fsdp:
+        import warnings
+        # forward returns logits[..., :vocab_size], a view; nothing writes into it in place
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        fully_shard(model, mp_policy=mp_policy, reshard_after_forward=False)
+    return model
+
+
+def bytes_held(model, optimizer):
+    """Bytes of parameters, gradients and optimizer state stored by this process. Under FSDP
+    the tensors are DTensors and this rank stores only its shard (to_local), which is the point."""
+    from torch.distributed.tensor import DTensor
+    params = list(model.parameters())
+    tensors = params + [p.grad for p in params if p.grad is not None]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    storages = {}  # tied weights and views share storage: count it once
+    for t in tensors:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
 def all_reduce_sum(values, world_size):
     """Sum a list of floats over all ranks (a no-op on one process)."""
     if world_size == 1:
@@ -951,6 +1001,9 @@ def train(args):
 
 
 def run_training(args, rank, local_rank, world_size, device):
+    # PyTorch's helpers for whole (unsharded) state dicts, from any layout: plain, DDP or FSDP
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, get_state_dict,
+                                                         set_optimizer_state_dict)
     master = rank == 0
     print0 = print if master else (lambda *a, **k: None)
     device_type = device.split(":")[0]
@@ -963,7 +1016,20 @@ def run_training(args, rank, local_rank, world_size, device):
     checkpoint = checkpoint_to_resume(args)
     checkpoint_path = os.path.join(args.out_dir, "ckpt.pt")
     model = build_model(args, checkpoint)
+    if checkpoint is not None and all(isinstance(k, int) for k in checkpoint["optimizer"]["state"]):
+        # A checkpoint from before FSDP keyed AdamW's state by parameter index, which a sharded
+        # or wrapped model does not share: load it into a plain optimizer and read it back by name.
+        legacy = configure_optimizer(model, args.weight_decay, args.max_lr, "cpu")
+        legacy.load_state_dict(checkpoint["optimizer"])
+        checkpoint["optimizer"] = get_optimizer_state_dict(model, legacy, options=StateDictOptions(full_state_dict=True))
+        del legacy
     model.to(device)
+    dtype = pick_dtype(device, args.dtype)
+    if args.fsdp and dtype == torch.float16:
+        raise UserError("--fsdp 1 trains in bfloat16 or float32 here (float16 would need a sharded gradient "
+                        "scaler): give --dtype float32 on GPUs without bfloat16")
+    if args.fsdp or args.activation_checkpointing:  # before the optimizer: FSDP replaces the parameters
+        shard_and_checkpoint(model, dtype, args.fsdp, args.activation_checkpointing, args.compile)
     T = model.config.block_size
 
     # Batch geometry: total = batch_size x seq_len x world_size x grad_accum
@@ -996,23 +1062,23 @@ def run_training(args, rank, local_rank, world_size, device):
         if max_steps < start_step:
             raise UserError(f"{checkpoint_path} is at step {start_step}, past --max_steps {max_steps}: "
                             f"give a --max_steps of at least {start_step}")
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        # Every rank holds the whole state (each read ckpt.pt); under FSDP each keeps its shard.
+        set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=StateDictOptions(full_state_dict=True))
         train_loader.load_state_dict(checkpoint["loader"])
         torch.set_rng_state(checkpoint["rng"]["cpu"])
         if device_type == "cuda" and checkpoint["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
         print0(f"resuming {checkpoint_path} at step {start_step}")
-    dtype = pick_dtype(device, args.dtype)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)  # a no-op unless float16
     if checkpoint is not None and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
     tracker = start_wandb(args, checkpoint) if master and args.wandb_project else None
     checkpoint = None  # the weights and optimizer state are in place: free the copy
 
-    raw_model = model  # the plain module: for checkpoints, sampling and MFU
-    if args.compile:
+    raw_model = model  # the plain module (under FSDP, the sharded one): for checkpoints, sampling and MFU
+    if args.compile and not args.fsdp:  # under FSDP each block was compiled before sharding
         model = torch.compile(model)
-    if world_size > 1:
+    if world_size > 1 and not args.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         # broadcast_buffers off: the only buffer is the LM head's constant padding mask
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
@@ -1037,9 +1103,15 @@ def run_training(args, rank, local_rank, world_size, device):
         """Save the model and optimizer as they are, with the loader and RNG state of the
         same step (taken before that step's batches were read)."""
         nonlocal saved_step
+        # One format for every layout: full weights under their plain names, and AdamW's state
+        # keyed by parameter name, so a run resumes on any number of ranks, with or without
+        # FSDP. Under FSDP every rank sends its shards and rank 0 receives them on the CPU.
+        model_state, optimizer_state = get_state_dict(
+            raw_model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if master:
+            model_state["lm_head.weight"] = model_state["transformer.wte.weight"]  # tied: saved once, as state_dict() does
             save_checkpoint(checkpoint_path, {
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(raw_model.config),
+                "model": model_state, "optimizer": optimizer_state, "config": asdict(raw_model.config),
                 "args": vars(args), "prompt_template": template, "scaler": scaler.state_dict(),
                 "wandb_id": tracker.id if tracker else None, **state})
             print0(f"saved {checkpoint_path} at step {state['step']}")
@@ -1062,8 +1134,11 @@ def run_training(args, rank, local_rank, world_size, device):
                                                 args.hellaswag_limit, args.hellaswag_convention))
                 print0(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()))
                 log(entry)
-                if master and args.eval_samples:
-                    show_samples(raw_model, device, template, n=args.eval_samples, dtype=dtype)
+                if args.eval_samples and (master or args.fsdp):
+                    # Under FSDP each forward gathers the weights from every rank, so every rank
+                    # generates the same lines; rank 0 prints them.
+                    with contextlib.nullcontext() if master else contextlib.redirect_stdout(io.StringIO()):
+                        show_samples(raw_model, device, template, n=args.eval_samples, dtype=dtype)
                 model.train()
             if last_step:
                 if step > start_step:
@@ -1113,7 +1188,10 @@ def run_training(args, rank, local_rank, world_size, device):
     except Exception:
         # No trained step is thrown away: whatever failed (an evaluation, the disk, the data),
         # the steps done since the last checkpoint are saved first, unless the weights are bad.
-        if not weights_bad and state["step"] == step and saved_step != step and step > start_step:
+        # Not under FSDP on several ranks: gathering the weights needs every rank, and the
+        # others may not have failed.
+        if not weights_bad and state["step"] == step and saved_step != step and step > start_step \
+                and not (args.fsdp and world_size > 1):
             try:
                 checkpoint_now(state)
             except Exception:
@@ -1140,12 +1218,17 @@ def forward_backward(model, micro_batches, device, world_size, grad_clip, stop_r
     total, stop = all_reduce_sum([float(sum(counts)), float(stop_requested)], world_size)
     loss_sum = 0.0
     is_ddp = hasattr(model, "no_sync")
+    is_fsdp = hasattr(model, "set_requires_gradient_sync")  # FSDP2 (fully_shard)
     for i, (x, y) in enumerate(micro_batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         # Gradients are all-reduced on the last micro-step only. DDP decides at forward
         # time whether this backward syncs, so the choice is made before the forward.
         last = i == len(micro_batches) - 1
         sync = model.no_sync() if is_ddp and not last else contextlib.nullcontext()
+        if is_fsdp:
+            # The same for FSDP: gradients accumulate unsharded (memory: a full copy), and
+            # are reduce-scattered once. FSDP also averages over ranks, as DDP does.
+            model.set_requires_gradient_sync(last)
         with sync:
             with autocast(device, dtype):
                 loss = model(x, y)[1]  # the logits are not kept: one logits-sized buffer less in backward
@@ -1174,8 +1257,15 @@ def evaluate_loss(model, loader, max_batches, device, world_size, dtype=None, pr
     """Mean loss per target token over the first max_batches batches of the loader's split,
     the batches spread over the ranks."""
     from tqdm import tqdm
-    loss_sum, count = 0.0, 0
+    loss_sum, count, missing = 0.0, 0, 0
     batches = tqdm(loader.eval_batches(max_batches), desc="val loss", unit="batch", disable=not progress, leave=False)
+    if hasattr(model, "set_requires_gradient_sync"):
+        # FSDP: each forward gathers the weights from every rank, so all ranks must run as
+        # many. Rank 0 has the most (batches are dealt round-robin); the others make up for
+        # the one they lack with a forward whose loss is not counted.
+        batches = list(batches)
+        (all_batches,) = all_reduce_sum([float(len(batches))], world_size)
+        missing = math.ceil(all_batches / world_size) - len(batches)
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
@@ -1183,6 +1273,8 @@ def evaluate_loss(model, loader, max_batches, device, world_size, dtype=None, pr
         n = int((y != -100).sum())
         loss_sum += loss.float().item() * n
         count += n
+    for _ in range(missing):
+        model(torch.zeros((1, 1), dtype=torch.long, device=device))
     loss_sum, count = all_reduce_sum([loss_sum, float(count)], world_size)
     return loss_sum / count
 
@@ -1271,24 +1363,34 @@ def peak_memory_growth(fn, device):
 
 def bench(args):
     """--mode bench: a training step on random tokens, timed (median of --bench_steps after
-    --bench_warmup), as tokens/s, MFU (CUDA) and the step's peak memory; with --bench_anchor 1
-    build-nanogpt's step too, the two interleaved round by round, and their ratio. With
-    --bench_generate 1, generation instead (bench_generate)."""
+    --bench_warmup), as tokens/s, MFU (CUDA) and the step's peak memory, so anyone can measure
+    their hardware without preparing data. With --bench_anchor 1, build-nanogpt's step too,
+    the two interleaved round by round, and their ratio. Under torchrun: DDP, or FSDP with
+    --fsdp 1, and the memory each rank holds. With --bench_generate 1, generation instead."""
     if args.bench_generate:
         return bench_generate(args)
-    device = pick_device(args.device)
+    rank, local_rank, world_size, device = setup_distributed(args.device)
+    if args.bench_anchor and world_size > 1:
+        raise UserError("--bench_anchor 1 compares one process's steps: run it without torchrun")
+    print = builtins.print if rank == 0 else (lambda *a, **k: None)  # noqa: A001  (only rank 0 prints)
     device_type = device.split(":")[0]
     if device_type == "cuda":
         enable_tf32()
     torch.manual_seed(args.seed)
     model = GPT(config_from_args(args)).to(device)
     T = model.config.block_size
-    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
-    # Each way gets its own copy of the same weights and its own AdamW.
+    if args.fsdp or args.activation_checkpointing:
+        shard_and_checkpoint(model, pick_dtype(device, args.dtype), args.fsdp, args.activation_checkpointing, args.compile)
     optimizer = configure_optimizer(model, 0.1, 6e-4, device)
-    compiled = torch.compile(model) if args.compile else model
-    steps = {"ours": lambda x: train_step(compiled, optimizer, [(x[:, :-1], x[:, 1:])], device, 1, 1.0)}
-    if args.bench_anchor:
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the whole model was on the GPU before sharding
+    compiled = torch.compile(model) if args.compile and not args.fsdp else model
+    if world_size > 1 and not args.fsdp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        compiled = DDP(compiled, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    steps = {"ours": lambda x: train_step(compiled, optimizer, [(x[:, :-1], x[:, 1:])], device, world_size, 1.0)}
+    if args.bench_anchor:  # its own copy of the same weights, and its own AdamW
         anchor = GPT(model.config).to(device)
         anchor.load_state_dict(model.state_dict())
         anchor_optimizer = configure_optimizer(anchor, 0.1, 6e-4, device)
@@ -1297,7 +1399,8 @@ def bench(args):
     peak = peak_flops(device, args.peak_tflops)
     print(f"bench: {sum(p.numel() for p in model.parameters()):,} parameters, batch {args.batch_size} x {T}, "
           f"{device} ({torch.cuda.get_device_name(device) if device_type == 'cuda' else device_type}), "
-          f"compile {bool(args.compile)}, {args.bench_steps} timed rounds after {args.bench_warmup}")
+          f"compile {bool(args.compile)}, {world_size} process(es){', FSDP' if args.fsdp else ''}, "
+          f"{args.bench_steps} timed rounds after {args.bench_warmup}")
     times = {name: [] for name in steps}
     for i in range(args.bench_warmup + args.bench_steps):
         x = torch.randint(0, 50257, (args.batch_size, T + 1))
@@ -1314,16 +1417,29 @@ def bench(args):
     x = torch.randint(0, 50257, (args.batch_size, T + 1))
     medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}  # median: robust to a stray slow step
     for name, step in steps.items():
-        tok_per_s = args.batch_size * T / medians[name]
+        tok_per_s = args.batch_size * T * world_size / medians[name]
         grown = peak_memory_growth(lambda: step(x), device)  # one more step, measured alone
         print(f"{name:<14} median step {1000 * medians[name]:8.1f} ms | {tok_per_s:10,.0f} tokens/s"
-              + (f" | MFU {100 * flops_per_token(model) * tok_per_s / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s" if peak else "")
+              + (f" | MFU {100 * flops_per_token(model) * tok_per_s / (peak * world_size):.1f}% of "
+                 f"{peak / 1e12:.0f} TFLOP/s" if peak else "")
               + (f" | peak memory +{grown / 2**20:,.0f} MiB" if grown is not None else ""))
     if args.bench_anchor:
         print(f"ours is {medians['build-nanogpt'] / medians['ours']:.2f}x build-nanogpt's speed (median step time ratio)")
     if grown is not None:
         print("peak memory: " + ("torch.cuda.max_memory_allocated during one step, above what was allocated before it"
                                  if device_type == "cuda" else "the rise of the process's RSS during one step (sampled each ms)"))
+    # Memory per rank, after one more forward and backward so the gradients exist too. Each rank
+    # fills its own slot and a sum hands rank 0 all of them.
+    forward_backward(compiled, [(x[:, :-1], x[:, 1:])], device, world_size, 1.0)
+    held, peak_gpu = [0.0] * world_size, [0.0] * world_size
+    held[rank] = bytes_held(model, optimizer)
+    peak_gpu[rank] = torch.cuda.max_memory_allocated(device) if device_type == "cuda" else 0.0
+    held, peak_gpu = all_reduce_sum(held, world_size), all_reduce_sum(peak_gpu, world_size)
+    for r in range(world_size):
+        print(f"rank {r}: parameters + gradients + AdamW state {held[r] / 2**20:,.2f} MiB"
+              + (f" | peak GPU memory {peak_gpu[r] / 2**30:,.2f} GiB" if device_type == "cuda" else ""))
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
 
 
 def bench_generate(args):
@@ -2016,6 +2132,10 @@ def parse_args(argv=None, defaults=None):
     add(g, "weight_decay", 0.1, "AdamW's, on matrices only", type=flag(float, 0))
     add(g, "grad_clip", 1.0, "clip the gradient's global norm to this; 0: no clipping", type=flag(float, 0))
     add(g, "compile", help="1: torch.compile the model (default: 1 on CUDA, 0 elsewhere)", type=int, choices=[0, 1])
+    add(g, "fsdp", 0, "1: shard weights, gradients and optimizer state over the GPUs (FSDP2) instead of copying "
+        "them to each (DDP); for models that do not fit one GPU with DDP; needs torchrun", type=int, choices=[0, 1])
+    add(g, "activation_checkpointing", 0, "1: keep only each block's input and recompute the rest in the backward "
+        "pass: ~1/3 more compute for long sequences and big micro-batches on small GPUs", type=int, choices=[0, 1])
     add(g, "eval_interval", help="steps between evaluations", type=count)
     add(g, "val_steps", help="val batches per evaluation, over all GPUs together", type=count)
     add(g, "eval_samples", 4, "lines sampled at each evaluation; 0: none", type=flag(int, 0))
@@ -2050,6 +2170,12 @@ def parse_args(argv=None, defaults=None):
         args.seed = 1337
     if args.compile is None:
         args.compile = int(args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available())
+    if args.fsdp and args.mode in ("pretrain", "finetune", "bench") and int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        p.error("--fsdp 1 shards over the processes torchrun starts (torchrun --nproc_per_node=N train_gpt2.py ...); "
+                "one process has nothing to shard with: give --fsdp 0")
+    if args.fsdp and args.hellaswag and args.mode == "pretrain":
+        p.error("--hellaswag 1 during pretraining does not work with --fsdp 1 yet: give --hellaswag 0 and score "
+                "the checkpoint with --mode eval")
     if args.mode == "bench" and not args.bench_generate and args.bench_warmup >= args.bench_steps:
         p.error(f"--bench_warmup {args.bench_warmup} leaves none of the {args.bench_steps} --bench_steps to time")
     return args
