@@ -1000,21 +1000,45 @@ def train(args):
         torch.distributed.destroy_process_group()
 
 
-def run_training(args, rank, local_rank, world_size, device):
-    # PyTorch's helpers for whole (unsharded) state dicts, from any layout: plain, DDP or FSDP
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, get_state_dict,
-                                                         set_optimizer_state_dict)
-    master = rank == 0
-    print0 = print if master else (lambda *a, **k: None)
-    device_type = device.split(":")[0]
-    torch.manual_seed(args.seed)
-    if device_type == "cuda":
-        enable_tf32()
+class RunLog:
+    """Where a run reports: log.jsonl (and wandb), and one printed line a step with its rate and
+    the time left, averaged over the last 20 steps. Only rank 0 writes and prints."""
 
-    # Every check that can refuse the run happens here, before step 1: a check that fires
-    # later throws trained steps away.
-    checkpoint = checkpoint_to_resume(args)
-    checkpoint_path = os.path.join(args.out_dir, "ckpt.pt")
+    def __init__(self, path, tracker, max_steps, master):
+        self.path, self.tracker, self.max_steps, self.master = path, tracker, max_steps, master
+        self.step_times = []
+
+    def write(self, entry):
+        if self.master:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            if self.tracker:
+                self.tracker.log(entry, step=entry["step"])
+
+    def eval(self, step, entry):
+        entry = {"step": step, **entry}
+        self.write(entry)
+        if self.master:
+            print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()))
+
+    def step(self, step, loss, lr, grad_norm, dt, tokens, seconds_at_peak=None):
+        """seconds_at_peak: the step's FLOPs over the GPUs' peak FLOP/s, for MFU."""
+        self.step_times = (self.step_times + [dt])[-20:]
+        entry = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "ms": 1000 * dt, "tok_per_s": tokens / dt}
+        if seconds_at_peak:
+            entry["mfu"] = seconds_at_peak / dt
+        self.write(entry)
+        if self.master:
+            eta = (self.max_steps - step) * sum(self.step_times) / len(self.step_times)
+            print(f"step {step:5d}/{self.max_steps} | loss {loss:.6f} | lr {lr:.2e} | norm {grad_norm:.3f} | "
+                  f"{1000 * dt:.0f} ms | {tokens / dt:,.0f} tok/s" + (f" | MFU {100 * entry['mfu']:.1f}%" if
+                  "mfu" in entry else "") + f" | ETA {format_duration(eta)}", flush=True)
+
+
+def training_model(args, checkpoint, device, dtype):
+    """The model to train, on its device, wrapped for activation checkpointing and sharded
+    (FSDP) if asked, and the checkpoint's optimizer state in the form every layout reads."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     model = build_model(args, checkpoint)
     if checkpoint is not None and all(isinstance(k, int) for k in checkpoint["optimizer"]["state"]):
         # A checkpoint from before FSDP keyed AdamW's state by parameter index, which a sharded
@@ -1022,131 +1046,157 @@ def run_training(args, rank, local_rank, world_size, device):
         legacy = configure_optimizer(model, args.weight_decay, args.max_lr, "cpu")
         legacy.load_state_dict(checkpoint["optimizer"])
         checkpoint["optimizer"] = get_optimizer_state_dict(model, legacy, options=StateDictOptions(full_state_dict=True))
-        del legacy
     model.to(device)
-    dtype = pick_dtype(device, args.dtype)
     if args.fsdp and dtype == torch.float16:
         raise UserError("--fsdp 1 trains in bfloat16 or float32 here (float16 would need a sharded gradient "
                         "scaler): give --dtype float32 on GPUs without bfloat16")
     if args.fsdp or args.activation_checkpointing:  # before the optimizer: FSDP replaces the parameters
         shard_and_checkpoint(model, dtype, args.fsdp, args.activation_checkpointing, args.compile)
-    T = model.config.block_size
+    return model
 
-    # Batch geometry: total = batch_size x seq_len x world_size x grad_accum
-    Loader = PretrainLoader if args.mode == "pretrain" else InstructionLoader
-    per_micro_step = args.batch_size * (T if args.mode == "pretrain" else 1) * world_size
-    unit = "tokens" if args.mode == "pretrain" else "examples"
+
+def training_data(args, block_size, rank, world_size):
+    """The train and val loaders and the step's geometry: total_batch_size = batch_size x
+    (block_size, pretraining) x GPUs x grad_accum. Returns (train, val, grad_accum,
+    steps_per_epoch, max_steps)."""
+    pretrain = args.mode == "pretrain"
+    Loader, unit = (PretrainLoader, "tokens") if pretrain else (InstructionLoader, "examples")
+    per_micro_step = args.batch_size * (block_size if pretrain else 1) * world_size
     if args.total_batch_size % per_micro_step:
         raise UserError(f"--total_batch_size {args.total_batch_size} {unit} is not a multiple of batch_size x "
-                        f"{'block_size x ' if args.mode == 'pretrain' else ''}GPUs = {per_micro_step}")
+                        f"{'block_size x ' if pretrain else ''}GPUs = {per_micro_step}")
     grad_accum = args.total_batch_size // per_micro_step
-    train_loader = Loader(args.data_dir, "train", args.batch_size, T, rank, world_size, args.seed)
-    val_loader = Loader(args.data_dir, "val", args.batch_size, T, rank, world_size, args.seed)
-    if args.mode == "pretrain":
+    train_loader = Loader(args.data_dir, "train", args.batch_size, block_size, rank, world_size, args.seed)
+    val_loader = Loader(args.data_dir, "val", args.batch_size, block_size, rank, world_size, args.seed)
+    if pretrain:
         steps_per_epoch = (train_loader.total_tokens - 1) // args.total_batch_size
-        max_steps = args.max_steps or steps_per_epoch  # default: one epoch
     else:
         steps_per_epoch = train_loader.steps_per_epoch(grad_accum)
-        max_steps = args.max_steps or args.epochs * steps_per_epoch
     if steps_per_epoch == 0:
         raise UserError(f"the train split of {args.data_dir} is less than one step: it holds fewer than one step "
                         f"of --total_batch_size {args.total_batch_size:,} {unit}; lower --total_batch_size")
-    if args.hellaswag and args.mode == "pretrain":
-        load_hellaswag(args.hellaswag_path, args.hellaswag_limit, args.hellaswag_convention)  # fails now, not at step N
-    template = train_loader.meta["prompt_template"] if args.mode == "finetune" else (checkpoint or {}).get("prompt_template")
+    max_steps = args.max_steps or steps_per_epoch * (1 if pretrain else args.epochs)  # default: one epoch / --epochs
+    return train_loader, val_loader, grad_accum, steps_per_epoch, max_steps
 
-    optimizer = configure_optimizer(model, args.weight_decay, args.max_lr, device)
-    start_step = 0
-    if checkpoint is not None:
-        start_step = checkpoint["step"]
-        if max_steps < start_step:
-            raise UserError(f"{checkpoint_path} is at step {start_step}, past --max_steps {max_steps}: "
-                            f"give a --max_steps of at least {start_step}")
-        # Every rank holds the whole state (each read ckpt.pt); under FSDP each keeps its shard.
-        set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=StateDictOptions(full_state_dict=True))
-        train_loader.load_state_dict(checkpoint["loader"])
-        torch.set_rng_state(checkpoint["rng"]["cpu"])
-        if device_type == "cuda" and checkpoint["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
-        print0(f"resuming {checkpoint_path} at step {start_step}")
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)  # a no-op unless float16
-    if checkpoint is not None and checkpoint.get("scaler"):
+
+def resume(checkpoint, path, model, optimizer, scaler, train_loader, device, max_steps):
+    """Put the checkpoint's optimizer, scaler, data position and RNG in place; its step."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    if max_steps < checkpoint["step"]:
+        raise UserError(f"{path} is at step {checkpoint['step']}, past --max_steps {max_steps}: "
+                        f"give a --max_steps of at least {checkpoint['step']}")
+    # Every rank holds the whole state (each read ckpt.pt); under FSDP each keeps its shard.
+    set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=StateDictOptions(full_state_dict=True))
+    if checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
-    tracker = start_wandb(args, checkpoint) if master and args.wandb_project else None
-    checkpoint = None  # the weights and optimizer state are in place: free the copy
+    train_loader.load_state_dict(checkpoint["loader"])
+    torch.set_rng_state(checkpoint["rng"]["cpu"])
+    if device.startswith("cuda") and checkpoint["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+    return checkpoint["step"]
 
-    raw_model = model  # the plain module (under FSDP, the sharded one): for checkpoints, sampling and MFU
-    if args.compile and not args.fsdp:  # under FSDP each block was compiled before sharding
+
+def save_training_checkpoint(path, raw_model, optimizer, extra, master):
+    """One format for every layout: full weights under their plain names, and AdamW's state
+    keyed by parameter name, so a run resumes on any number of ranks, with or without FSDP.
+    Under FSDP every rank sends its shards (so every rank calls this) and rank 0 writes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    model_state, optimizer_state = get_state_dict(raw_model, optimizer,
+                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if master:
+        model_state["lm_head.weight"] = model_state["transformer.wte.weight"]  # tied: saved once, as state_dict() does
+        save_checkpoint(path, {"model": model_state, "optimizer": optimizer_state, "config": asdict(raw_model.config),
+                               **extra})
+        print(f"saved {path} at step {extra['step']}")
+
+
+def compiled_and_replicated(model, args, local_rank, world_size, device):
+    """torch.compile (under FSDP each block was compiled before sharding), and DDP over the
+    ranks unless FSDP already spreads the model over them."""
+    if args.compile and not args.fsdp:
         model = torch.compile(model)
     if world_size > 1 and not args.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         # broadcast_buffers off: the only buffer is the LM head's constant padding mask
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
-    min_lr = args.max_lr * args.min_lr_ratio
-    peak = peak_flops(device, args.peak_tflops)
-    flops_step = flops_per_token(raw_model) * grad_accum * world_size * args.batch_size * T
-    log_path = os.path.join(args.out_dir, "log.jsonl")
+        model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None, broadcast_buffers=False)
+    return model
+
+
+def evaluate_during_training(model, raw_model, val_loader, args, device, rank, world_size, dtype, template):
+    """Validation loss (and HellaSwag when pretraining with --hellaswag 1) as a log entry, and a
+    few sampled lines printed: a glance at what the model has learned."""
+    model.eval()
+    entry = {"val_loss": evaluate_loss(model, val_loader, args.val_steps, device, world_size, dtype)}
+    if args.hellaswag and args.mode == "pretrain":
+        entry.update(hellaswag_eval(raw_model, args.hellaswag_path, device, rank, world_size,
+                                    args.hellaswag_limit, args.hellaswag_convention))
+    if args.eval_samples and (rank == 0 or args.fsdp):
+        # Under FSDP each forward gathers the weights from every rank, so every rank
+        # generates the same lines; rank 0 prints them.
+        with contextlib.nullcontext() if rank == 0 else contextlib.redirect_stdout(io.StringIO()):
+            show_samples(raw_model, device, template, n=args.eval_samples, dtype=dtype)
+    model.train()
+    return entry
+
+
+def non_finite_error(step, loss, grad_norm, checkpoint_path, saved_step):
+    # The optimizer has not stepped, and every checkpoint this run saved was written only
+    # after the step following it came out finite: the one named here resumes to a finite loss.
+    where = (f"the last good checkpoint is {checkpoint_path} at step {saved_step} (resume it with a lower --max_lr, "
+             "or check the data)" if saved_step not in (None, step) else
+             "no checkpoint before it to go back to: start again with a lower --max_lr")
+    return UserError(f"the loss became non-finite at step {step + 1} (loss {loss:.4g}, gradient norm {grad_norm:.4g}); "
+                     f"{where}")
+
+
+def run_training(args, rank, local_rank, world_size, device):
+    master = rank == 0
+    print0 = print if master else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)
+    if device.startswith("cuda"):
+        enable_tf32()
+    # Everything that can refuse the run is checked here, before step 1: a check that fires
+    # later would throw trained steps away.
+    checkpoint, checkpoint_path = checkpoint_to_resume(args), os.path.join(args.out_dir, "ckpt.pt")
+    dtype = pick_dtype(device, args.dtype)
+    model = training_model(args, checkpoint, device, dtype)
+    train_loader, val_loader, grad_accum, steps_per_epoch, max_steps = training_data(
+        args, model.config.block_size, rank, world_size)
+    if args.hellaswag and args.mode == "pretrain":
+        load_hellaswag(args.hellaswag_path, args.hellaswag_limit, args.hellaswag_convention)  # fails now, not at step N
+    template = train_loader.meta["prompt_template"] if args.mode == "finetune" else (checkpoint or {}).get("prompt_template")
+    optimizer = configure_optimizer(model, args.weight_decay, args.max_lr, device)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)  # a no-op unless float16
+    start_step = 0 if checkpoint is None else resume(checkpoint, checkpoint_path, model, optimizer, scaler,
+                                                      train_loader, device, max_steps)
+    tracker = start_wandb(args, checkpoint) if master and args.wandb_project else None
+    checkpoint = None  # the weights and optimizer state are in place: free the copy
+    raw_model = model  # the plain module (under FSDP, the sharded one): for checkpoints, sampling and MFU
+    model = compiled_and_replicated(model, args, local_rank, world_size, device)
     print0(f"{args.mode}: {sum(p.numel() for p in raw_model.parameters()):,} parameters, {world_size} process(es) on "
-           f"{device_type}, {grad_accum} micro-steps of {args.batch_size} x {T if args.mode == 'pretrain' else 'longest'}"
-           f" per step, {max_steps} steps ({steps_per_epoch} per epoch)")
-
-    def log(entry):
-        if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-            if tracker:
-                tracker.log(entry, step=entry["step"])
-
-    saved_step = start_step if start_step else None  # the step of the checkpoint on disk
-
-    def checkpoint_now(state):
-        """Save the model and optimizer as they are, with the loader and RNG state of the
-        same step (taken before that step's batches were read)."""
-        nonlocal saved_step
-        # One format for every layout: full weights under their plain names, and AdamW's state
-        # keyed by parameter name, so a run resumes on any number of ranks, with or without
-        # FSDP. Under FSDP every rank sends its shards and rank 0 receives them on the CPU.
-        model_state, optimizer_state = get_state_dict(
-            raw_model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if master:
-            model_state["lm_head.weight"] = model_state["transformer.wte.weight"]  # tied: saved once, as state_dict() does
-            save_checkpoint(checkpoint_path, {
-                "model": model_state, "optimizer": optimizer_state, "config": asdict(raw_model.config),
-                "args": vars(args), "prompt_template": template, "scaler": scaler.state_dict(),
-                "wandb_id": tracker.id if tracker else None, **state})
-            print0(f"saved {checkpoint_path} at step {state['step']}")
-        saved_step = state["step"]
-
-    stop = StopRequested()
-    step_times = []
-    step = start_step
-    weights_bad = False
+           f"{device}, {grad_accum} micro-steps of {args.batch_size} per step, {max_steps} steps ({steps_per_epoch} "
+           f"per epoch)" + (f", resuming {checkpoint_path} at step {start_step}" if start_step else ""))
+    log = RunLog(os.path.join(args.out_dir, "log.jsonl"), tracker, max_steps, master)
+    # MFU: the step's FLOPs against the GPUs' peak (pretraining: total_batch_size counts tokens)
+    peak = peak_flops(device, args.peak_tflops) if args.mode == "pretrain" else None
+    seconds_at_peak = flops_per_token(raw_model) * args.total_batch_size / (peak * world_size) if peak else None
+    saved_step = start_step or None  # the step of the checkpoint on disk
+    stop, step, weights_bad = StopRequested(), start_step, False
     try:
         while True:
-            state = {"step": step, "loader": train_loader.state_dict(), "rng": rng_state(device)}
-            last_step = step == max_steps
-            if step > start_step and (step % args.eval_interval == 0 or last_step):
-                model.eval()
-                val_loss = evaluate_loss(model, val_loader, args.val_steps, device, world_size, dtype)
-                entry = {"step": step, "val_loss": val_loss}
-                if args.hellaswag and args.mode == "pretrain":
-                    entry.update(hellaswag_eval(raw_model, args.hellaswag_path, device, rank, world_size,
-                                                args.hellaswag_limit, args.hellaswag_convention))
-                print0(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()))
-                log(entry)
-                if args.eval_samples and (master or args.fsdp):
-                    # Under FSDP each forward gathers the weights from every rank, so every rank
-                    # generates the same lines; rank 0 prints them.
-                    with contextlib.nullcontext() if master else contextlib.redirect_stdout(io.StringIO()):
-                        show_samples(raw_model, device, template, n=args.eval_samples, dtype=dtype)
-                model.train()
-            if last_step:
+            # what a checkpoint of this step holds besides the weights and AdamW: taken now,
+            # before this step's batches move the loader on
+            state = {"step": step, "loader": train_loader.state_dict(), "rng": rng_state(device), "args": vars(args),
+                     "prompt_template": template, "scaler": scaler.state_dict(), "wandb_id": tracker and tracker.id}
+            if step > start_step and (step % args.eval_interval == 0 or step == max_steps):
+                log.eval(step, evaluate_during_training(model, raw_model, val_loader, args, device, rank, world_size,
+                                                        dtype, template))
+            if step == max_steps:
                 if step > start_step:
-                    checkpoint_now(state)
+                    save_training_checkpoint(checkpoint_path, raw_model, optimizer, state, master)
                 break
-
             t0 = time.time()
-            lr = get_lr(step, args.max_lr, min_lr, args.warmup_steps, max_steps)
+            lr = get_lr(step, args.max_lr, args.max_lr * args.min_lr_ratio, args.warmup_steps, max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro_batches = train_loader.next_step(grad_accum)
@@ -1154,48 +1204,32 @@ def run_training(args, rank, local_rank, world_size, device):
                                                          stop.requested, dtype, scaler, optimizer)
             # float16 overflows now and then: the scaler skips that update and lowers its scale
             if not (math.isfinite(loss) and (math.isfinite(grad_norm) or scaler.is_enabled())):
-                # The optimizer has not stepped, and every checkpoint this run saved was written
-                # only after the step following it came out finite: it resumes to a finite loss.
-                where = (f"the last good checkpoint is {checkpoint_path} at step {saved_step} (resume it with a lower "
-                         "--max_lr, or check the data)" if saved_step not in (None, step) else
-                         "no checkpoint before it to go back to: start again with a lower --max_lr")
                 weights_bad = True
-                raise UserError(f"the loss became non-finite at step {step + 1} (loss {loss:.4g}, gradient norm "
-                                f"{grad_norm:.4g}); {where}")
+                raise non_finite_error(step, loss, grad_norm, checkpoint_path, saved_step)
             # A checkpoint due at this step is written now that its weights proved finite.
             if stop_now or (step > start_step and step % args.ckpt_interval == 0):
-                checkpoint_now(state)
+                save_training_checkpoint(checkpoint_path, raw_model, optimizer, state, master)
+                saved_step = step
             if stop_now:  # this step's update is dropped: the checkpoint resumes it exactly
                 print0("stopped; continue with --init_from resume")
                 break
             scaler.step(optimizer)  # optimizer.step(), unless float16 gradients overflowed
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            if device_type == "cuda":
+            if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            dt = time.time() - t0
-            step_times = (step_times + [dt])[-20:]
             step += 1
             tokens = sum(x.numel() for x, _ in micro_batches) * world_size  # fine-tuning: padding included
-            entry = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "ms": 1000 * dt, "tok_per_s": tokens / dt}
-            if peak and args.mode == "pretrain":
-                entry["mfu"] = flops_step / dt / (world_size * peak)
-            log(entry)
-            eta = (max_steps - step) * sum(step_times) / len(step_times)
-            print0(f"step {step:5d}/{max_steps} | loss {loss:.6f} | lr {lr:.2e} | norm {grad_norm:.3f} | {1000 * dt:.0f} ms"
-                   + f" | {tokens / dt:,.0f} tok/s" + (f" | MFU {100 * entry['mfu']:.1f}%" if "mfu" in entry else "")
-                   + f" | ETA {format_duration(eta)}")
+            log.step(step, loss, lr, grad_norm, time.time() - t0, tokens, seconds_at_peak)
     except Exception:
         # No trained step is thrown away: whatever failed (an evaluation, the disk, the data),
         # the steps done since the last checkpoint are saved first, unless the weights are bad.
         # Not under FSDP on several ranks: gathering the weights needs every rank, and the
         # others may not have failed.
-        if not weights_bad and state["step"] == step and saved_step != step and step > start_step \
+        if not weights_bad and state["step"] == step != saved_step and step > start_step \
                 and not (args.fsdp and world_size > 1):
-            try:
-                checkpoint_now(state)
-            except Exception:
-                pass  # the original error is the one to report
+            with contextlib.suppress(Exception):  # the original error is the one to report
+                save_training_checkpoint(checkpoint_path, raw_model, optimizer, state, master)
         raise
     finally:
         stop.restore()
