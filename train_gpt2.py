@@ -1,6 +1,9 @@
 """
-GPT-2 in one file: the model, OpenAI's weights, generation, pretraining (DDP),
-instruction fine-tuning, evaluation (validation loss, HellaSwag) and plots.
+GPT-2 in one file: the model, OpenAI's weights, generation, pretraining (DDP or FSDP),
+instruction fine-tuning, evaluation (validation loss, HellaSwag), export to Hugging Face,
+benchmarks and plots. It reads top to bottom in the order the data flows: the model, then
+generation, loading, data, the pieces of a training step, evaluation, the training loop,
+and the modes that use them; every function is defined before its first caller.
 
 Sample from OpenAI's GPT-2 (downloads the weights through Hugging Face once):
     python train_gpt2.py --mode sample --init_from gpt2 --prompt "Hello, I'm a language model,"
@@ -20,8 +23,12 @@ Fine-tune on Alpaca, then talk to it (first: python prepare_data.py --sft):
     python train_gpt2.py --mode finetune --init_from gpt2 --data_dir data/alpaca
     python train_gpt2.py --mode chat --init_from out/finetune/ckpt.pt
 
-Evaluate (first: python prepare_data.py --hellaswag):
+Evaluate (first: python prepare_data.py --hellaswag), plot, hand the model to transformers:
     python train_gpt2.py --mode eval --init_from gpt2 --data_dir data/fineweb_edu_10B
+    python train_gpt2.py --mode plot --out_dir out/pretrain
+    python train_gpt2.py --mode export --init_from out/finetune --out_dir out/hf
+
+Measure a GPU: python train_gpt2.py --mode bench [--bench_anchor 1 | --bench_generate 1]
 
 Every flag: python train_gpt2.py --help
 """
@@ -45,8 +52,10 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+
 # -----------------------------------------------------------------------------
 # The model
+
 
 EOT_TOKEN = 50256  # <|endoftext|>: separates documents, ends an answer, stops generation
 
@@ -414,8 +423,20 @@ def generate_tokens(model, input_ids, attention_mask=None, max_new_tokens=64, te
     return torch.cat([input_ids] + [t[:, None] for t in new_tokens], dim=1)
 
 
+def left_pad(token_lists, pad_id=EOT_TOKEN):
+    """(B, T) ids and attention mask, the rows aligned on the right so that every row's
+    next token is generated at the same column."""
+    width = max(len(t) for t in token_lists)
+    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+    for row, tokens in enumerate(token_lists):
+        ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, width - len(tokens):] = 1
+    return ids, mask
+
+
 # -----------------------------------------------------------------------------
-# Devices, tokenizer and loading a model to use
+# Devices, the tokenizer, and loading a model to use
 
 
 def pick_device(requested="auto"):
@@ -464,20 +485,19 @@ def get_tokenizer():
                         "offline, set TIKTOKEN_CACHE_DIR to a folder holding them") from None
 
 
-def load_model(init_from, padded_vocab_size=None):
-    """A model from a checkpoint of ours (a .pt file, or a run folder holding ckpt.pt) or
-    from Hugging Face GPT-2 weights, with the checkpoint's dict (None for Hugging Face)."""
-    if os.path.isfile(os.path.join(init_from, "ckpt.pt")):
-        init_from = os.path.join(init_from, "ckpt.pt")  # a run folder: its checkpoint
-    if os.path.isfile(init_from):
-        checkpoint = load_checkpoint(init_from)
-        return model_from_checkpoint(checkpoint, init_from), checkpoint
-    if init_from.endswith(".pt"):
-        raise UserError(f"checkpoint {init_from} not found")
-    if init_from not in PRESETS and not os.path.isdir(init_from):
-        raise UserError(f"unknown model {init_from!r}: use one of {', '.join(PRESETS)}, a checkpoint .pt of ours, "
-                        "a run folder holding ckpt.pt, or a folder holding a Hugging Face GPT-2 checkpoint")
-    return GPT.from_pretrained(init_from, padded_vocab_size), None
+def encode_prompts(enc, prompts, template=None):
+    """Token ids of each prompt, wrapped in the fine-tuning template when there is one.
+    <|endoftext|> is allowed, so '--prompt "<|endoftext|>"' samples unconditionally."""
+    token_lists = []
+    for prompt in prompts:
+        text = template.format(instruction=prompt) if template else prompt
+        token_lists.append(enc.encode(text, allowed_special={"<|endoftext|>"}))
+    return token_lists
+
+
+def until_eot(tokens):
+    """Generated tokens up to (not including) the first <|endoftext|>."""
+    return tokens[:tokens.index(EOT_TOKEN)] if EOT_TOKEN in tokens else tokens
 
 
 def load_checkpoint(path, resuming=False):
@@ -504,6 +524,22 @@ def model_from_checkpoint(checkpoint, path):
     except (TypeError, ValueError, RuntimeError) as e:  # another model's config or weights
         raise UserError(f"{path} does not hold this file's GPT-2: {str(e).strip().splitlines()[0][:200]}") from None
     return model
+
+
+def load_model(init_from, padded_vocab_size=None):
+    """A model from a checkpoint of ours (a .pt file, or a run folder holding ckpt.pt) or
+    from Hugging Face GPT-2 weights, with the checkpoint's dict (None for Hugging Face)."""
+    if os.path.isfile(os.path.join(init_from, "ckpt.pt")):
+        init_from = os.path.join(init_from, "ckpt.pt")  # a run folder: its checkpoint
+    if os.path.isfile(init_from):
+        checkpoint = load_checkpoint(init_from)
+        return model_from_checkpoint(checkpoint, init_from), checkpoint
+    if init_from.endswith(".pt"):
+        raise UserError(f"checkpoint {init_from} not found")
+    if init_from not in PRESETS and not os.path.isdir(init_from):
+        raise UserError(f"unknown model {init_from!r}: use one of {', '.join(PRESETS)}, a checkpoint .pt of ours, "
+                        "a run folder holding ckpt.pt, or a folder holding a Hugging Face GPT-2 checkpoint")
+    return GPT.from_pretrained(init_from, padded_vocab_size), None
 
 
 # -----------------------------------------------------------------------------
@@ -707,7 +743,7 @@ class InstructionLoader:
 
 
 # -----------------------------------------------------------------------------
-# Training pieces: LR schedule, distributed setup, checkpoints, MFU
+# Training pieces: LR schedule, optimizer, distributed setup, one step, checkpoints, MFU
 
 
 def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
@@ -802,6 +838,55 @@ def all_reduce_sum(values, world_size):
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def forward_backward(model, micro_batches, device, world_size, grad_clip, stop_requested=False,
+                     dtype=None, scaler=None, optimizer=None):
+    """The gradients of one optimizer step over this rank's micro-batches, clipped to a global
+    norm of grad_clip (0: not clipped). Returns (loss, grad norm, stop?) with the loss averaged
+    over every target token of the step, on all ranks. With float16, scaler (a GradScaler of
+    optimizer) scales the loss up so small gradients do not underflow, and back down before
+    the norm is taken."""
+    # The loss of the step is the mean over all its target tokens. Micro-batches (and, in
+    # fine-tuning, ranks) hold different numbers of them, so each micro-batch's mean loss is
+    # weighted by its share of the step's targets. DDP averages gradients over ranks, hence
+    # the factor world_size.
+    counts = [int((y != -100).sum()) for _, y in micro_batches]
+    total, stop = all_reduce_sum([float(sum(counts)), float(stop_requested)], world_size)
+    loss_sum = 0.0
+    is_ddp = hasattr(model, "no_sync")
+    is_fsdp = hasattr(model, "set_requires_gradient_sync")  # FSDP2 (fully_shard)
+    for i, (x, y) in enumerate(micro_batches):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # Gradients are all-reduced on the last micro-step only. DDP decides at forward
+        # time whether this backward syncs, so the choice is made before the forward.
+        last = i == len(micro_batches) - 1
+        sync = model.no_sync() if is_ddp and not last else contextlib.nullcontext()
+        if is_fsdp:
+            # The same for FSDP: gradients accumulate unsharded (memory: a full copy), and
+            # are reduce-scattered once. FSDP also averages over ranks, as DDP does.
+            model.set_requires_gradient_sync(last)
+        with sync:
+            with autocast(device, dtype):
+                loss = model(x, y)[1]  # the logits are not kept: one logits-sized buffer less in backward
+            weight = counts[i] / total * world_size
+            (scaler.scale(loss * weight) if scaler else loss * weight).backward()
+        loss_sum += loss.detach().float() * counts[i]
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # the true gradients, for their norm and the clipping
+    # max_norm inf measures the norm without clipping (0 means "off", as in nanoGPT)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    (step_loss,) = all_reduce_sum([loss_sum.item() / total], world_size)
+    return step_loss, grad_norm.item(), stop > 0
+
+
+def train_step(model, optimizer, micro_batches, device, world_size, grad_clip):
+    """forward_backward, then the update if the loss and gradients are finite."""
+    loss, grad_norm, _ = forward_backward(model, micro_batches, device, world_size, grad_clip)
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
 
 
 def atomic_write(path, write):
@@ -921,8 +1006,185 @@ class StopRequested:
         print("\nstopping: a checkpoint will be saved at the next step; Ctrl-C again to quit at once", flush=True)
 
 
+def format_duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: validation loss, samples, HellaSwag
+#
+# Used during training and by --mode eval. Each rank scores its share; the sums are
+# all-reduced, so the numbers are those of one process whatever the number of GPUs.
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader, max_batches, device, world_size, dtype=None, progress=False):
+    """Mean loss per target token over the first max_batches batches of the loader's split,
+    the batches spread over the ranks."""
+    from tqdm import tqdm
+    loss_sum, count, missing = 0.0, 0, 0
+    batches = tqdm(loader.eval_batches(max_batches), desc="val loss", unit="batch", disable=not progress, leave=False)
+    if hasattr(model, "set_requires_gradient_sync"):
+        # FSDP: each forward gathers the weights from every rank, so all ranks must run as
+        # many. Rank 0 has the most (batches are dealt round-robin); the others make up for
+        # the one they lack with a forward whose loss is not counted.
+        batches = list(batches)
+        (all_batches,) = all_reduce_sum([float(len(batches))], world_size)
+        missing = math.ceil(all_batches / world_size) - len(batches)
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast(device, dtype):
+            _, loss = model(x, y)
+        n = int((y != -100).sum())
+        loss_sum += loss.float().item() * n
+        count += n
+    for _ in range(missing):
+        model(torch.zeros((1, 1), dtype=torch.long, device=device))
+    loss_sum, count = all_reduce_sum([loss_sum, float(count)], world_size)
+    return loss_sum / count
+
+
+def show_samples(model, device, template=None, n=4, max_new_tokens=32, dtype=None):
+    """A few lines from the model during training: a glance at what it has learned."""
+    enc = get_tokenizer()
+    prompt = "Give three tips for staying healthy." if template else "Hello, I'm a language model,"
+    ids = torch.tensor([encode_prompts(enc, [prompt], template)[0]] * n, device=device)
+    generator = torch.Generator(device=device).manual_seed(42)
+    with autocast(device, dtype):
+        out = model.generate(ids, max_new_tokens=max_new_tokens, top_k=50, generator=generator)
+    for row in out.tolist():
+        print(f"  sample: {prompt if not template else ''}{enc.decode(until_eot(row[ids.size(1):]))!r}")
+
+
+def load_hellaswag(path, limit=None, convention="completion"):
+    """HellaSwag items as prepare_data.py --hellaswag writes them, each checked: a context,
+    4 endings and a label in 0..3 (a broken item would be scored silently as a wrong one)."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: run prepare_data.py --hellaswag (or pass --hellaswag_path)")
+    items = []
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported like any bad line
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                ok = (isinstance(item["ctx"], str) and isinstance(item["endings"], list) and len(item["endings"]) == 4
+                      and all(isinstance(e, str) for e in item["endings"]) and item["label"] in (0, 1, 2, 3))
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if not ok:
+                raise UserError(f"{path}, line {number}: not a HellaSwag item (a ctx, 4 endings and a label 0-3): "
+                                "re-run prepare_data.py --hellaswag")
+            if convention != "completion" and not all(isinstance(item.get(k), str) for k in ("activity_label", "ctx_a", "ctx_b")):
+                raise UserError(f"{path}, line {number}: no activity_label, ctx_a and ctx_b, which the harness convention "
+                                "asks with: re-run prepare_data.py --hellaswag --overwrite")
+            items.append(item)
+            if limit and len(items) == limit:
+                break
+    if not items:
+        raise UserError(f"{path} holds no HellaSwag items: re-run prepare_data.py --hellaswag")
+    return items
+
+
+def harness_item(item):
+    """The item as lm-evaluation-harness asks it (its hellaswag task): the query is the activity
+    label and both halves of the context, the second capitalized, and query and endings are
+    cleaned of the bracketed tags of HellaSwag's WikiHow half ("[title]", "[step]")."""
+    def clean(text):
+        text = text.strip().replace(" [title]", ". ")
+        return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+    query = clean(item["activity_label"] + ": " + item["ctx_a"] + " " + item["ctx_b"].capitalize())
+    return {"ctx": query, "endings": [clean(ending) for ending in item["endings"]], "label": item["label"]}
+
+
+@torch.no_grad()
+def score_endings(model, enc, items, device, max_batch_tokens=8192, progress=False):
+    """Loss of each of the 4 endings of each item, given its context: (n, 4) summed over the
+    ending's tokens and (n, 4) averaged over them. Only the ending's positions count, so the
+    LM head (most of a small model's work) and the loss run at those positions alone. The
+    candidates are sorted by length and cut into right-padded batches of at most
+    max_batch_tokens positions, padding included: memory stays bounded whatever the items,
+    and little of the work is padding, which sits after the tokens that count, so a causal
+    model's losses for them do not change."""
+    T = model.config.block_size
+    rows, spans = [], []  # each candidate's tokens, and how many at its end are the ending's
+    for item in items:
+        context = enc.encode(item["ctx"])
+        for ending in item["endings"]:
+            ending_tokens = enc.encode(" " + ending)  # the space belongs to the ending's first token
+            tokens = (context + ending_tokens)[-T - 1:]  # too long: keep the end
+            rows.append(tokens)
+            spans.append(min(len(ending_tokens), len(tokens) - 1))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    sums = torch.zeros(len(rows))
+    start = 0
+    from tqdm import tqdm
+    bar = tqdm(total=len(items), unit="item", desc="HellaSwag", disable=not progress, leave=False,
+               bar_format="{desc}: {n:.0f}/{total} items [{elapsed}<{remaining}, {rate_fmt}]")
+    while start < len(order):
+        # Sorted, so a batch's last row is its widest: grow the batch while it fits.
+        end = start + 1
+        while end < len(order) and (end + 1 - start) * (len(rows[order[end]]) - 1) <= max_batch_tokens:
+            end += 1
+        batch = order[start:end]
+        width = len(rows[batch[-1]]) - 1  # a row's last token is only a target
+        ids = torch.full((len(batch), width), EOT_TOKEN, dtype=torch.long)
+        targets = torch.full((len(batch), width), -100, dtype=torch.long)  # -100: not the ending's
+        for r, i in enumerate(batch):
+            tokens, n = torch.tensor(rows[i]), len(rows[i]) - 1
+            ids[r, :n] = tokens[:-1]
+            targets[r, n - spans[i]:n] = tokens[n - spans[i] + 1:]
+        ids, targets = ids.to(device), targets.to(device)
+        counted = targets != -100  # (b, width)
+        with autocast(device):
+            x = model.transformer.wte(ids) + model.transformer.wpe(torch.arange(width, device=device))  # (b, width, C)
+            for block in model.transformer.h:
+                x = block(x)
+            x = model.transformer.ln_f(x[counted])  # (N, C): the N positions that count, rows one after another
+            logits = F.linear(x, model.lm_head.weight, model.vocab_bias)  # (N, padded_vocab_size), as in forward
+        losses = F.cross_entropy(logits.float(), targets[counted], reduction="none")  # (N,)
+        row_of = counted.nonzero()[:, 0]  # (N,): which row of the batch each loss belongs to
+        sums[batch] = torch.zeros(len(batch), device=device).index_add_(0, row_of, losses).cpu()
+        bar.update(len(batch) / 4)  # 4 candidates an item
+        start = end
+    bar.close()
+    sums = sums.view(-1, 4)  # (n, 4): the 4 endings of an item are consecutive rows
+    return sums, sums / torch.tensor(spans, dtype=torch.float).view(-1, 4)
+
+
+def hellaswag_eval(model, path, device, rank=0, world_size=1, limit=None, convention="completion", progress=False):
+    """HellaSwag accuracy; items are split over ranks. Two conventions are quoted:
+    completion (GPT-2/GPT-3 papers, build-nanogpt): the context, then " " + ending; acc picks
+    the lowest summed loss, acc_norm the lowest loss per token (GPT-2 124M: 0.2859 / 0.2955).
+    harness (lm-evaluation-harness): its cleaned query and endings; acc_norm divides the
+    summed loss by the ending's length in characters (GPT-2 124M: acc_norm 0.3114)."""
+    items = load_hellaswag(path, limit, convention)
+    mine = items[rank::world_size]
+    labels = torch.tensor([item["label"] for item in mine], dtype=torch.long)
+    enc, results, counts = get_tokenizer(), {}, []
+    was_training = model.training
+    model.eval()
+    for name in ("completion", "harness") if convention == "both" else (convention,):
+        asked = [harness_item(item) for item in mine] if name == "harness" else mine
+        sums, per_token = score_endings(model, enc, asked, device, progress=progress) if mine else (torch.zeros(0, 4),) * 2
+        chars = torch.tensor([[len(e) for e in item["endings"]] for item in asked], dtype=torch.float).view(-1, 4)
+        normed = per_token if name == "completion" else sums / chars
+        counts += [float((sums.argmin(dim=1) == labels).sum()), float((normed.argmin(dim=1) == labels).sum())]
+        prefix = "hellaswag" if name == "completion" else "hellaswag_harness"
+        results.update({f"{prefix}_acc": len(counts) - 2, f"{prefix}_acc_norm": len(counts) - 1})
+    model.train(was_training)
+    *counts, n = all_reduce_sum(counts + [float(len(mine))], world_size)
+    return {**{key: counts[i] / n for key, i in results.items()}, "hellaswag_items": int(n)}
+
+
 # -----------------------------------------------------------------------------
 # Training: pretraining and fine-tuning share one loop
+#
+# A run is: check everything that can refuse it, build the model, data and optimizer (or
+# take them from the checkpoint), then the loop: evaluate now and then, take a step, log it,
+# save a checkpoint once the next step has shown its weights sound. Each piece is a small
+# function above run_training, which reads as that loop.
 
 
 def config_from_args(args):
@@ -989,15 +1251,6 @@ def start_wandb(args, checkpoint):
 
 def rng_state(device):
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}
-
-
-def train(args):
-    """--mode pretrain and --mode finetune: one process of the run, --out_dir locked while it lives."""
-    rank, local_rank, world_size, device = setup_distributed(args.device)
-    with claim_out_dir(args.out_dir) if rank == 0 else contextlib.nullcontext():
-        run_training(args, rank, local_rank, world_size, device)
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
 
 
 class RunLog:
@@ -1237,440 +1490,17 @@ def run_training(args, rank, local_rank, world_size, device):
             tracker.finish()
 
 
-def forward_backward(model, micro_batches, device, world_size, grad_clip, stop_requested=False,
-                     dtype=None, scaler=None, optimizer=None):
-    """The gradients of one optimizer step over this rank's micro-batches, clipped to a global
-    norm of grad_clip (0: not clipped). Returns (loss, grad norm, stop?) with the loss averaged
-    over every target token of the step, on all ranks. With float16, scaler (a GradScaler of
-    optimizer) scales the loss up so small gradients do not underflow, and back down before
-    the norm is taken."""
-    # The loss of the step is the mean over all its target tokens. Micro-batches (and, in
-    # fine-tuning, ranks) hold different numbers of them, so each micro-batch's mean loss is
-    # weighted by its share of the step's targets. DDP averages gradients over ranks, hence
-    # the factor world_size.
-    counts = [int((y != -100).sum()) for _, y in micro_batches]
-    total, stop = all_reduce_sum([float(sum(counts)), float(stop_requested)], world_size)
-    loss_sum = 0.0
-    is_ddp = hasattr(model, "no_sync")
-    is_fsdp = hasattr(model, "set_requires_gradient_sync")  # FSDP2 (fully_shard)
-    for i, (x, y) in enumerate(micro_batches):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        # Gradients are all-reduced on the last micro-step only. DDP decides at forward
-        # time whether this backward syncs, so the choice is made before the forward.
-        last = i == len(micro_batches) - 1
-        sync = model.no_sync() if is_ddp and not last else contextlib.nullcontext()
-        if is_fsdp:
-            # The same for FSDP: gradients accumulate unsharded (memory: a full copy), and
-            # are reduce-scattered once. FSDP also averages over ranks, as DDP does.
-            model.set_requires_gradient_sync(last)
-        with sync:
-            with autocast(device, dtype):
-                loss = model(x, y)[1]  # the logits are not kept: one logits-sized buffer less in backward
-            weight = counts[i] / total * world_size
-            (scaler.scale(loss * weight) if scaler else loss * weight).backward()
-        loss_sum += loss.detach().float() * counts[i]
-    if scaler is not None:
-        scaler.unscale_(optimizer)  # the true gradients, for their norm and the clipping
-    # max_norm inf measures the norm without clipping (0 means "off", as in nanoGPT)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-    (step_loss,) = all_reduce_sum([loss_sum.item() / total], world_size)
-    return step_loss, grad_norm.item(), stop > 0
-
-
-def train_step(model, optimizer, micro_batches, device, world_size, grad_clip):
-    """forward_backward, then the update if the loss and gradients are finite."""
-    loss, grad_norm, _ = forward_backward(model, micro_batches, device, world_size, grad_clip)
-    if math.isfinite(loss) and math.isfinite(grad_norm):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm
-
-
-@torch.no_grad()
-def evaluate_loss(model, loader, max_batches, device, world_size, dtype=None, progress=False):
-    """Mean loss per target token over the first max_batches batches of the loader's split,
-    the batches spread over the ranks."""
-    from tqdm import tqdm
-    loss_sum, count, missing = 0.0, 0, 0
-    batches = tqdm(loader.eval_batches(max_batches), desc="val loss", unit="batch", disable=not progress, leave=False)
-    if hasattr(model, "set_requires_gradient_sync"):
-        # FSDP: each forward gathers the weights from every rank, so all ranks must run as
-        # many. Rank 0 has the most (batches are dealt round-robin); the others make up for
-        # the one they lack with a forward whose loss is not counted.
-        batches = list(batches)
-        (all_batches,) = all_reduce_sum([float(len(batches))], world_size)
-        missing = math.ceil(all_batches / world_size) - len(batches)
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with autocast(device, dtype):
-            _, loss = model(x, y)
-        n = int((y != -100).sum())
-        loss_sum += loss.float().item() * n
-        count += n
-    for _ in range(missing):
-        model(torch.zeros((1, 1), dtype=torch.long, device=device))
-    loss_sum, count = all_reduce_sum([loss_sum, float(count)], world_size)
-    return loss_sum / count
-
-
-def show_samples(model, device, template=None, n=4, max_new_tokens=32, dtype=None):
-    """A few lines from the model during training: a glance at what it has learned."""
-    enc = get_tokenizer()
-    prompt = "Give three tips for staying healthy." if template else "Hello, I'm a language model,"
-    ids = torch.tensor([encode_prompts(enc, [prompt], template)[0]] * n, device=device)
-    generator = torch.Generator(device=device).manual_seed(42)
-    with autocast(device, dtype):
-        out = model.generate(ids, max_new_tokens=max_new_tokens, top_k=50, generator=generator)
-    for row in out.tolist():
-        print(f"  sample: {prompt if not template else ''}{enc.decode(until_eot(row[ids.size(1):]))!r}")
-
-
-def format_duration(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def build_nanogpt_forward(model, idx, targets):
-    """build-nanogpt's forward and loss on our model's weights, the anchor --bench_anchor times
-    ours against: the same blocks, and the LM head over all 50304 padded columns with the
-    loss taken over them too, as build-nanogpt trains (its vocab_size is 50304)."""
-    B, T = idx.size()
-    pos = torch.arange(T, device=idx.device)  # (T,)
-    x = model.transformer.wte(idx) + model.transformer.wpe(pos)  # (B, T, C)
-    for block in model.transformer.h:
-        x = block(x)
-    logits = model.lm_head(model.transformer.ln_f(x))  # (B, T, 50304)
-    return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-
-
-def build_nanogpt_step(forward, model, optimizer, x, y, device):
-    """build-nanogpt's optimizer step (one micro-step): forward, backward, clip, AdamW."""
-    optimizer.zero_grad()
-    with autocast(device):
-        _, loss = forward(model, x.to(device), y.to(device))
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    return loss.item(), norm.item()  # build-nanogpt prints both, so it waits for them
-
-
-def peak_memory_growth(fn, device):
-    """Run fn(); return how far memory rose above its level before, in bytes: on CUDA,
-    torch's peak allocation; on a Linux CPU, the process's resident memory (RSS) sampled
-    every millisecond, after handing freed heap back to the OS so that the level before is
-    honest; elsewhere None."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated(device) - before
-    if device != "cpu" or not os.path.exists("/proc/self/statm"):
-        return None
-    import ctypes
-    import threading
-    page = os.sysconf("SC_PAGE_SIZE")
-
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * page  # the second field: resident pages
-
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # free heap kept by malloc would hide a step's growth
-    before = rss()
-    peak, done = [before], threading.Event()
-
-    def sample():  # torch releases the GIL while it computes, so this thread keeps sampling
-        while not done.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        sampler.join()
-    return max(peak[0], rss()) - before
-
-
-def bench(args):
-    """--mode bench: a training step on random tokens, timed (median of --bench_steps after
-    --bench_warmup), as tokens/s, MFU (CUDA) and the step's peak memory, so anyone can measure
-    their hardware without preparing data. With --bench_anchor 1, build-nanogpt's step too,
-    the two interleaved round by round, and their ratio. Under torchrun: DDP, or FSDP with
-    --fsdp 1, and the memory each rank holds. With --bench_generate 1, generation instead."""
-    if args.bench_generate:
-        return bench_generate(args)
+def train(args):
+    """--mode pretrain and --mode finetune: one process of the run, --out_dir locked while it lives."""
     rank, local_rank, world_size, device = setup_distributed(args.device)
-    if args.bench_anchor and world_size > 1:
-        raise UserError("--bench_anchor 1 compares one process's steps: run it without torchrun")
-    print = builtins.print if rank == 0 else (lambda *a, **k: None)  # noqa: A001  (only rank 0 prints)
-    device_type = device.split(":")[0]
-    if device_type == "cuda":
-        enable_tf32()
-    torch.manual_seed(args.seed)
-    model = GPT(config_from_args(args)).to(device)
-    T = model.config.block_size
-    if args.fsdp or args.activation_checkpointing:
-        shard_and_checkpoint(model, pick_dtype(device, args.dtype), args.fsdp, args.activation_checkpointing, args.compile)
-    optimizer = configure_optimizer(model, 0.1, 6e-4, device)
-    if device_type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)  # the whole model was on the GPU before sharding
-    compiled = torch.compile(model) if args.compile and not args.fsdp else model
-    if world_size > 1 and not args.fsdp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        compiled = DDP(compiled, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
-    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
-    steps = {"ours": lambda x: train_step(compiled, optimizer, [(x[:, :-1], x[:, 1:])], device, world_size, 1.0)}
-    if args.bench_anchor:  # its own copy of the same weights, and its own AdamW
-        anchor = GPT(model.config).to(device)
-        anchor.load_state_dict(model.state_dict())
-        anchor_optimizer = configure_optimizer(anchor, 0.1, 6e-4, device)
-        forward = torch.compile(build_nanogpt_forward) if args.compile else build_nanogpt_forward
-        steps["build-nanogpt"] = lambda x: build_nanogpt_step(forward, anchor, anchor_optimizer, x[:, :-1], x[:, 1:], device)
-    peak = peak_flops(device, args.peak_tflops)
-    print(f"bench: {sum(p.numel() for p in model.parameters()):,} parameters, batch {args.batch_size} x {T}, "
-          f"{device} ({torch.cuda.get_device_name(device) if device_type == 'cuda' else device_type}), "
-          f"compile {bool(args.compile)}, {world_size} process(es){', FSDP' if args.fsdp else ''}, "
-          f"{args.bench_steps} timed rounds after {args.bench_warmup}")
-    times = {name: [] for name in steps}
-    for i in range(args.bench_warmup + args.bench_steps):
-        x = torch.randint(0, 50257, (args.batch_size, T + 1))
-        # interleaved, the order alternating: a slow spell of a shared machine hits both ways
-        for name in (list(steps) if i % 2 == 0 else list(steps)[::-1]):
-            sync()
-            t0 = time.perf_counter()
-            steps[name](x)
-            sync()
-            if i >= args.bench_warmup:
-                times[name].append(time.perf_counter() - t0)
-        if i < args.bench_warmup:
-            print(f"warm-up round {i + 1}/{args.bench_warmup}: not counted")
-    x = torch.randint(0, 50257, (args.batch_size, T + 1))
-    medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}  # median: robust to a stray slow step
-    for name, step in steps.items():
-        tok_per_s = args.batch_size * T * world_size / medians[name]
-        grown = peak_memory_growth(lambda: step(x), device)  # one more step, measured alone
-        print(f"{name:<14} median step {1000 * medians[name]:8.1f} ms | {tok_per_s:10,.0f} tokens/s"
-              + (f" | MFU {100 * flops_per_token(model) * tok_per_s / (peak * world_size):.1f}% of "
-                 f"{peak / 1e12:.0f} TFLOP/s" if peak else "")
-              + (f" | peak memory +{grown / 2**20:,.0f} MiB" if grown is not None else ""))
-    if args.bench_anchor:
-        print(f"ours is {medians['build-nanogpt'] / medians['ours']:.2f}x build-nanogpt's speed (median step time ratio)")
-    if grown is not None:
-        print("peak memory: " + ("torch.cuda.max_memory_allocated during one step, above what was allocated before it"
-                                 if device_type == "cuda" else "the rise of the process's RSS during one step (sampled each ms)"))
-    # Memory per rank, after one more forward and backward so the gradients exist too. Each rank
-    # fills its own slot and a sum hands rank 0 all of them.
-    forward_backward(compiled, [(x[:, :-1], x[:, 1:])], device, world_size, 1.0)
-    held, peak_gpu = [0.0] * world_size, [0.0] * world_size
-    held[rank] = bytes_held(model, optimizer)
-    peak_gpu[rank] = torch.cuda.max_memory_allocated(device) if device_type == "cuda" else 0.0
-    held, peak_gpu = all_reduce_sum(held, world_size), all_reduce_sum(peak_gpu, world_size)
-    for r in range(world_size):
-        print(f"rank {r}: parameters + gradients + AdamW state {held[r] / 2**20:,.2f} MiB"
-              + (f" | peak GPU memory {peak_gpu[r] / 2**30:,.2f} GiB" if device_type == "cuda" else ""))
+    with claim_out_dir(args.out_dir) if rank == 0 else contextlib.nullcontext():
+        run_training(args, rank, local_rank, world_size, device)
     if world_size > 1:
         torch.distributed.destroy_process_group()
 
-
-def bench_generate(args):
-    """--mode bench --bench_generate 1: greedy generation on random weights, at batch 1 and at
-    batch 8 with prompts of different lengths (left-padded): our KV cache, recomputing the
-    whole sequence for every token (build-nanogpt's way), and transformers' generate on the
-    very same weights, interleaved round by round; checks that all give the same tokens."""
-    import tempfile
-    from transformers import GPT2Config, GPT2LMHeadModel
-    device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    cfg = config_from_args(args)
-    with tempfile.TemporaryDirectory() as tmp:  # one set of weights for both libraries
-        GPT2LMHeadModel(GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                   n_positions=cfg.block_size)).save_pretrained(tmp)
-        hf_model = GPT2LMHeadModel.from_pretrained(tmp).to(device).eval()
-        model = GPT.from_pretrained(tmp).to(device).eval()
-    n = args.max_new_tokens
-
-    @torch.no_grad()
-    def recompute(ids, mask):
-        for _ in range(n):
-            window = ids[:, -cfg.block_size:]
-            if mask is None:  # build-nanogpt's loop
-                logits = model(window)[0][:, -1]
-            else:  # it has no padding: a fresh cache every token recomputes everything
-                cache = KVCache(model.config, ids.size(0), window.size(1), device, torch.float32)
-                logits = forward_cached(model, window, cache, mask[:, -cfg.block_size:])
-                mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)
-            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-        return ids
-
-    methods = {
-        "KV cache (this file)": lambda ids, mask: model.generate(ids, mask, max_new_tokens=n, temperature=0, eos_token_id=None),
-        "recompute every step": recompute,
-        "transformers generate": lambda ids, mask: hf_model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                                                                     eos_token_id=None, pad_token_id=EOT_TOKEN),
-    }
-    lengths = [16, 5, 11, 8, 14, 3, 9, 12]  # batch 8: prompts of 3 to 16 tokens, left-padded
-    prompts = {1: (torch.randint(0, 50257, (1, 16)), None),
-               8: left_pad([torch.randint(0, 50257, (length,)).tolist() for length in lengths])}
-    print(f"bench generate: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, {n} new tokens, greedy, "
-          f"{device}, median of {args.bench_steps} interleaved rounds")
-    for batch, (ids, mask) in prompts.items():
-        ids, mask = ids.to(device), mask.to(device) if mask is not None else None
-        outputs = {name: method(ids, mask).tolist() for name, method in methods.items()}  # warm-up, and the tokens
-        times = {name: [] for name in methods}
-        for _ in range(args.bench_steps):
-            for name, method in methods.items():
-                t0 = time.perf_counter()
-                method(ids, mask)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - t0)
-        medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-        label = "batch 1, a 16-token prompt" if batch == 1 else "batch 8, prompts of 3-16 tokens, left-padded"
-        print(f"{label}:")
-        for name, dt in medians.items():
-            print(f"  {name:<24} {1000 * dt:8.1f} ms  {batch * n / dt:8.0f} tokens/s")
-        ours = medians["KV cache (this file)"]
-        same = all(out == outputs["transformers generate"] for out in outputs.values())
-        print(f"  same tokens from all three: {same}; KV cache is {medians['recompute every step'] / ours:.1f}x "
-              f"faster than recomputing, {medians['transformers generate'] / ours:.2f}x faster than transformers")
 
 # -----------------------------------------------------------------------------
-# Evaluation: HellaSwag
-
-
-def load_hellaswag(path, limit=None, convention="completion"):
-    """HellaSwag items as prepare_data.py --hellaswag writes them, each checked: a context,
-    4 endings and a label in 0..3 (a broken item would be scored silently as a wrong one)."""
-    if not os.path.exists(path):
-        raise UserError(f"{path} not found: run prepare_data.py --hellaswag (or pass --hellaswag_path)")
-    items = []
-    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported like any bad line
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                ok = (isinstance(item["ctx"], str) and isinstance(item["endings"], list) and len(item["endings"]) == 4
-                      and all(isinstance(e, str) for e in item["endings"]) and item["label"] in (0, 1, 2, 3))
-            except (ValueError, KeyError, TypeError):
-                ok = False
-            if not ok:
-                raise UserError(f"{path}, line {number}: not a HellaSwag item (a ctx, 4 endings and a label 0-3): "
-                                "re-run prepare_data.py --hellaswag")
-            if convention != "completion" and not all(isinstance(item.get(k), str) for k in ("activity_label", "ctx_a", "ctx_b")):
-                raise UserError(f"{path}, line {number}: no activity_label, ctx_a and ctx_b, which the harness convention "
-                                "asks with: re-run prepare_data.py --hellaswag --overwrite")
-            items.append(item)
-            if limit and len(items) == limit:
-                break
-    if not items:
-        raise UserError(f"{path} holds no HellaSwag items: re-run prepare_data.py --hellaswag")
-    return items
-
-
-def harness_item(item):
-    """The item as lm-evaluation-harness asks it (its hellaswag task): the query is the activity
-    label and both halves of the context, the second capitalized, and query and endings are
-    cleaned of the bracketed tags of HellaSwag's WikiHow half ("[title]", "[step]")."""
-    def clean(text):
-        text = text.strip().replace(" [title]", ". ")
-        return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
-    query = clean(item["activity_label"] + ": " + item["ctx_a"] + " " + item["ctx_b"].capitalize())
-    return {"ctx": query, "endings": [clean(ending) for ending in item["endings"]], "label": item["label"]}
-
-
-@torch.no_grad()
-def score_endings(model, enc, items, device, max_batch_tokens=8192, progress=False):
-    """Loss of each of the 4 endings of each item, given its context: (n, 4) summed over the
-    ending's tokens and (n, 4) averaged over them. Only the ending's positions count, so the
-    LM head (most of a small model's work) and the loss run at those positions alone. The
-    candidates are sorted by length and cut into right-padded batches of at most
-    max_batch_tokens positions, padding included: memory stays bounded whatever the items,
-    and little of the work is padding, which sits after the tokens that count, so a causal
-    model's losses for them do not change."""
-    T = model.config.block_size
-    rows, spans = [], []  # each candidate's tokens, and how many at its end are the ending's
-    for item in items:
-        context = enc.encode(item["ctx"])
-        for ending in item["endings"]:
-            ending_tokens = enc.encode(" " + ending)  # the space belongs to the ending's first token
-            tokens = (context + ending_tokens)[-T - 1:]  # too long: keep the end
-            rows.append(tokens)
-            spans.append(min(len(ending_tokens), len(tokens) - 1))
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    sums = torch.zeros(len(rows))
-    start = 0
-    from tqdm import tqdm
-    bar = tqdm(total=len(items), unit="item", desc="HellaSwag", disable=not progress, leave=False,
-               bar_format="{desc}: {n:.0f}/{total} items [{elapsed}<{remaining}, {rate_fmt}]")
-    while start < len(order):
-        # Sorted, so a batch's last row is its widest: grow the batch while it fits.
-        end = start + 1
-        while end < len(order) and (end + 1 - start) * (len(rows[order[end]]) - 1) <= max_batch_tokens:
-            end += 1
-        batch = order[start:end]
-        width = len(rows[batch[-1]]) - 1  # a row's last token is only a target
-        ids = torch.full((len(batch), width), EOT_TOKEN, dtype=torch.long)
-        targets = torch.full((len(batch), width), -100, dtype=torch.long)  # -100: not the ending's
-        for r, i in enumerate(batch):
-            tokens, n = torch.tensor(rows[i]), len(rows[i]) - 1
-            ids[r, :n] = tokens[:-1]
-            targets[r, n - spans[i]:n] = tokens[n - spans[i] + 1:]
-        ids, targets = ids.to(device), targets.to(device)
-        counted = targets != -100  # (b, width)
-        with autocast(device):
-            x = model.transformer.wte(ids) + model.transformer.wpe(torch.arange(width, device=device))  # (b, width, C)
-            for block in model.transformer.h:
-                x = block(x)
-            x = model.transformer.ln_f(x[counted])  # (N, C): the N positions that count, rows one after another
-            logits = F.linear(x, model.lm_head.weight, model.vocab_bias)  # (N, padded_vocab_size), as in forward
-        losses = F.cross_entropy(logits.float(), targets[counted], reduction="none")  # (N,)
-        row_of = counted.nonzero()[:, 0]  # (N,): which row of the batch each loss belongs to
-        sums[batch] = torch.zeros(len(batch), device=device).index_add_(0, row_of, losses).cpu()
-        bar.update(len(batch) / 4)  # 4 candidates an item
-        start = end
-    bar.close()
-    sums = sums.view(-1, 4)  # (n, 4): the 4 endings of an item are consecutive rows
-    return sums, sums / torch.tensor(spans, dtype=torch.float).view(-1, 4)
-
-
-def hellaswag_eval(model, path, device, rank=0, world_size=1, limit=None, convention="completion", progress=False):
-    """HellaSwag accuracy; items are split over ranks. Two conventions are quoted:
-    completion (GPT-2/GPT-3 papers, build-nanogpt): the context, then " " + ending; acc picks
-    the lowest summed loss, acc_norm the lowest loss per token (GPT-2 124M: 0.2859 / 0.2955).
-    harness (lm-evaluation-harness): its cleaned query and endings; acc_norm divides the
-    summed loss by the ending's length in characters (GPT-2 124M: acc_norm 0.3114)."""
-    items = load_hellaswag(path, limit, convention)
-    mine = items[rank::world_size]
-    labels = torch.tensor([item["label"] for item in mine], dtype=torch.long)
-    enc, results, counts = get_tokenizer(), {}, []
-    was_training = model.training
-    model.eval()
-    for name in ("completion", "harness") if convention == "both" else (convention,):
-        asked = [harness_item(item) for item in mine] if name == "harness" else mine
-        sums, per_token = score_endings(model, enc, asked, device, progress=progress) if mine else (torch.zeros(0, 4),) * 2
-        chars = torch.tensor([[len(e) for e in item["endings"]] for item in asked], dtype=torch.float).view(-1, 4)
-        normed = per_token if name == "completion" else sums / chars
-        counts += [float((sums.argmin(dim=1) == labels).sum()), float((normed.argmin(dim=1) == labels).sum())]
-        prefix = "hellaswag" if name == "completion" else "hellaswag_harness"
-        results.update({f"{prefix}_acc": len(counts) - 2, f"{prefix}_acc_norm": len(counts) - 1})
-    model.train(was_training)
-    *counts, n = all_reduce_sum(counts + [float(len(mine))], world_size)
-    return {**{key: counts[i] / n for key, i in results.items()}, "hellaswag_items": int(n)}
-
-
-def evaluate(args):
-    """--mode eval: validation loss and HellaSwag of a model, as a table and as JSON."""
-    rank, _, world_size, device = setup_distributed(args.device)
-    with claim_out_dir(args.out_dir) if rank == 0 else contextlib.nullcontext():
-        results = evaluate_model(args, rank, world_size, device)
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
-    return results
+# --mode eval
 
 
 def evaluate_model(args, rank, world_size, device):
@@ -1698,35 +1528,18 @@ def evaluate_model(args, rank, world_size, device):
     return results
 
 
+def evaluate(args):
+    """--mode eval: validation loss and HellaSwag of a model, as a table and as JSON."""
+    rank, _, world_size, device = setup_distributed(args.device)
+    with claim_out_dir(args.out_dir) if rank == 0 else contextlib.nullcontext():
+        results = evaluate_model(args, rank, world_size, device)
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+    return results
+
+
 # -----------------------------------------------------------------------------
-# Sampling
-
-
-def encode_prompts(enc, prompts, template=None):
-    """Token ids of each prompt, wrapped in the fine-tuning template when there is one.
-    <|endoftext|> is allowed, so '--prompt "<|endoftext|>"' samples unconditionally."""
-    token_lists = []
-    for prompt in prompts:
-        text = template.format(instruction=prompt) if template else prompt
-        token_lists.append(enc.encode(text, allowed_special={"<|endoftext|>"}))
-    return token_lists
-
-
-def until_eot(tokens):
-    """Generated tokens up to (not including) the first <|endoftext|>."""
-    return tokens[:tokens.index(EOT_TOKEN)] if EOT_TOKEN in tokens else tokens
-
-
-def left_pad(token_lists, pad_id=EOT_TOKEN):
-    """(B, T) ids and attention mask, the rows aligned on the right so that every row's
-    next token is generated at the same column."""
-    width = max(len(t) for t in token_lists)
-    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
-    for row, tokens in enumerate(token_lists):
-        ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
-        mask[row, width - len(tokens):] = 1
-    return ids, mask
+# Sampling and chat
 
 
 def stream_text(model, enc, tokens, device, args, generator=None):
@@ -1778,10 +1591,6 @@ def sample(args):
         text = prompts[row // args.num_samples] if template is None else ""
         new = until_eot(out[row, ids.size(1):].tolist())
         print(f"--- sample {row % args.num_samples + 1} of prompt {row // args.num_samples + 1}\n{text}{enc.decode(new)}")
-
-
-# -----------------------------------------------------------------------------
-# Chat with a fine-tuned model
 
 
 def chat(args):
@@ -2004,6 +1813,219 @@ def export(args):
 
 
 # -----------------------------------------------------------------------------
+# Benchmarks: a training step against build-nanogpt's, and generation against transformers'
+
+
+def build_nanogpt_forward(model, idx, targets):
+    """build-nanogpt's forward and loss on our model's weights, the anchor --bench_anchor times
+    ours against: the same blocks, and the LM head over all 50304 padded columns with the
+    loss taken over them too, as build-nanogpt trains (its vocab_size is 50304)."""
+    B, T = idx.size()
+    pos = torch.arange(T, device=idx.device)  # (T,)
+    x = model.transformer.wte(idx) + model.transformer.wpe(pos)  # (B, T, C)
+    for block in model.transformer.h:
+        x = block(x)
+    logits = model.lm_head(model.transformer.ln_f(x))  # (B, T, 50304)
+    return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def build_nanogpt_step(forward, model, optimizer, x, y, device):
+    """build-nanogpt's optimizer step (one micro-step): forward, backward, clip, AdamW."""
+    optimizer.zero_grad()
+    with autocast(device):
+        _, loss = forward(model, x.to(device), y.to(device))
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.item(), norm.item()  # build-nanogpt prints both, so it waits for them
+
+
+def peak_memory_growth(fn, device):
+    """Run fn(); return how far memory rose above its level before, in bytes: on CUDA,
+    torch's peak allocation; on a Linux CPU, the process's resident memory (RSS) sampled
+    every millisecond, after handing freed heap back to the OS so that the level before is
+    honest; elsewhere None."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(device) - before
+    if device != "cpu" or not os.path.exists("/proc/self/statm"):
+        return None
+    import ctypes
+    import threading
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page  # the second field: resident pages
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # free heap kept by malloc would hide a step's growth
+    before = rss()
+    peak, done = [before], threading.Event()
+
+    def sample():  # torch releases the GIL while it computes, so this thread keeps sampling
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], rss()) - before
+
+
+def bench_generate(args):
+    """--mode bench --bench_generate 1: greedy generation on random weights, at batch 1 and at
+    batch 8 with prompts of different lengths (left-padded): our KV cache, recomputing the
+    whole sequence for every token (build-nanogpt's way), and transformers' generate on the
+    very same weights, interleaved round by round; checks that all give the same tokens."""
+    import tempfile
+    from transformers import GPT2Config, GPT2LMHeadModel
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    cfg = config_from_args(args)
+    with tempfile.TemporaryDirectory() as tmp:  # one set of weights for both libraries
+        GPT2LMHeadModel(GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                   n_positions=cfg.block_size)).save_pretrained(tmp)
+        hf_model = GPT2LMHeadModel.from_pretrained(tmp).to(device).eval()
+        model = GPT.from_pretrained(tmp).to(device).eval()
+    n = args.max_new_tokens
+
+    @torch.no_grad()
+    def recompute(ids, mask):
+        for _ in range(n):
+            window = ids[:, -cfg.block_size:]
+            if mask is None:  # build-nanogpt's loop
+                logits = model(window)[0][:, -1]
+            else:  # it has no padding: a fresh cache every token recomputes everything
+                cache = KVCache(model.config, ids.size(0), window.size(1), device, torch.float32)
+                logits = forward_cached(model, window, cache, mask[:, -cfg.block_size:])
+                mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+        return ids
+
+    methods = {
+        "KV cache (this file)": lambda ids, mask: model.generate(ids, mask, max_new_tokens=n, temperature=0, eos_token_id=None),
+        "recompute every step": recompute,
+        "transformers generate": lambda ids, mask: hf_model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                                                                     eos_token_id=None, pad_token_id=EOT_TOKEN),
+    }
+    lengths = [16, 5, 11, 8, 14, 3, 9, 12]  # batch 8: prompts of 3 to 16 tokens, left-padded
+    prompts = {1: (torch.randint(0, 50257, (1, 16)), None),
+               8: left_pad([torch.randint(0, 50257, (length,)).tolist() for length in lengths])}
+    print(f"bench generate: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, {n} new tokens, greedy, "
+          f"{device}, median of {args.bench_steps} interleaved rounds")
+    for batch, (ids, mask) in prompts.items():
+        ids, mask = ids.to(device), mask.to(device) if mask is not None else None
+        outputs = {name: method(ids, mask).tolist() for name, method in methods.items()}  # warm-up, and the tokens
+        times = {name: [] for name in methods}
+        for _ in range(args.bench_steps):
+            for name, method in methods.items():
+                t0 = time.perf_counter()
+                method(ids, mask)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - t0)
+        medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+        label = "batch 1, a 16-token prompt" if batch == 1 else "batch 8, prompts of 3-16 tokens, left-padded"
+        print(f"{label}:")
+        for name, dt in medians.items():
+            print(f"  {name:<24} {1000 * dt:8.1f} ms  {batch * n / dt:8.0f} tokens/s")
+        ours = medians["KV cache (this file)"]
+        same = all(out == outputs["transformers generate"] for out in outputs.values())
+        print(f"  same tokens from all three: {same}; KV cache is {medians['recompute every step'] / ours:.1f}x "
+              f"faster than recomputing, {medians['transformers generate'] / ours:.2f}x faster than transformers")
+
+
+def bench(args):
+    """--mode bench: a training step on random tokens, timed (median of --bench_steps after
+    --bench_warmup), as tokens/s, MFU (CUDA) and the step's peak memory, so anyone can measure
+    their hardware without preparing data. With --bench_anchor 1, build-nanogpt's step too,
+    the two interleaved round by round, and their ratio. Under torchrun: DDP, or FSDP with
+    --fsdp 1, and the memory each rank holds. With --bench_generate 1, generation instead."""
+    if args.bench_generate:
+        return bench_generate(args)
+    rank, local_rank, world_size, device = setup_distributed(args.device)
+    if args.bench_anchor and world_size > 1:
+        raise UserError("--bench_anchor 1 compares one process's steps: run it without torchrun")
+    print = builtins.print if rank == 0 else (lambda *a, **k: None)  # noqa: A001  (only rank 0 prints)
+    device_type = device.split(":")[0]
+    if device_type == "cuda":
+        enable_tf32()
+    torch.manual_seed(args.seed)
+    model = GPT(config_from_args(args)).to(device)
+    T = model.config.block_size
+    if args.fsdp or args.activation_checkpointing:
+        shard_and_checkpoint(model, pick_dtype(device, args.dtype), args.fsdp, args.activation_checkpointing, args.compile)
+    optimizer = configure_optimizer(model, 0.1, 6e-4, device)
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the whole model was on the GPU before sharding
+    compiled = torch.compile(model) if args.compile and not args.fsdp else model
+    if world_size > 1 and not args.fsdp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        compiled = DDP(compiled, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    steps = {"ours": lambda x: train_step(compiled, optimizer, [(x[:, :-1], x[:, 1:])], device, world_size, 1.0)}
+    if args.bench_anchor:  # its own copy of the same weights, and its own AdamW
+        anchor = GPT(model.config).to(device)
+        anchor.load_state_dict(model.state_dict())
+        anchor_optimizer = configure_optimizer(anchor, 0.1, 6e-4, device)
+        forward = torch.compile(build_nanogpt_forward) if args.compile else build_nanogpt_forward
+        steps["build-nanogpt"] = lambda x: build_nanogpt_step(forward, anchor, anchor_optimizer, x[:, :-1], x[:, 1:], device)
+    peak = peak_flops(device, args.peak_tflops)
+    print(f"bench: {sum(p.numel() for p in model.parameters()):,} parameters, batch {args.batch_size} x {T}, "
+          f"{device} ({torch.cuda.get_device_name(device) if device_type == 'cuda' else device_type}), "
+          f"compile {bool(args.compile)}, {world_size} process(es){', FSDP' if args.fsdp else ''}, "
+          f"{args.bench_steps} timed rounds after {args.bench_warmup}")
+    times = {name: [] for name in steps}
+    for i in range(args.bench_warmup + args.bench_steps):
+        x = torch.randint(0, 50257, (args.batch_size, T + 1))
+        # interleaved, the order alternating: a slow spell of a shared machine hits both ways
+        for name in (list(steps) if i % 2 == 0 else list(steps)[::-1]):
+            sync()
+            t0 = time.perf_counter()
+            steps[name](x)
+            sync()
+            if i >= args.bench_warmup:
+                times[name].append(time.perf_counter() - t0)
+        if i < args.bench_warmup:
+            print(f"warm-up round {i + 1}/{args.bench_warmup}: not counted")
+    x = torch.randint(0, 50257, (args.batch_size, T + 1))
+    medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}  # median: robust to a stray slow step
+    for name, step in steps.items():
+        tok_per_s = args.batch_size * T * world_size / medians[name]
+        grown = peak_memory_growth(lambda: step(x), device)  # one more step, measured alone
+        print(f"{name:<14} median step {1000 * medians[name]:8.1f} ms | {tok_per_s:10,.0f} tokens/s"
+              + (f" | MFU {100 * flops_per_token(model) * tok_per_s / (peak * world_size):.1f}% of "
+                 f"{peak / 1e12:.0f} TFLOP/s" if peak else "")
+              + (f" | peak memory +{grown / 2**20:,.0f} MiB" if grown is not None else ""))
+    if args.bench_anchor:
+        print(f"ours is {medians['build-nanogpt'] / medians['ours']:.2f}x build-nanogpt's speed (median step time ratio)")
+    if grown is not None:
+        print("peak memory: " + ("torch.cuda.max_memory_allocated during one step, above what was allocated before it"
+                                 if device_type == "cuda" else "the rise of the process's RSS during one step (sampled each ms)"))
+    # Memory per rank, after one more forward and backward so the gradients exist too. Each rank
+    # fills its own slot and a sum hands rank 0 all of them.
+    forward_backward(compiled, [(x[:, :-1], x[:, 1:])], device, world_size, 1.0)
+    held, peak_gpu = [0.0] * world_size, [0.0] * world_size
+    held[rank] = bytes_held(model, optimizer)
+    peak_gpu[rank] = torch.cuda.max_memory_allocated(device) if device_type == "cuda" else 0.0
+    held, peak_gpu = all_reduce_sum(held, world_size), all_reduce_sum(peak_gpu, world_size)
+    for r in range(world_size):
+        print(f"rank {r}: parameters + gradients + AdamW state {held[r] / 2**20:,.2f} MiB"
+              + (f" | peak GPU memory {peak_gpu[r] / 2**30:,.2f} GiB" if device_type == "cuda" else ""))
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
 # Plot a run
 
 
@@ -2055,6 +2077,7 @@ def plot(args):
 
 # -----------------------------------------------------------------------------
 # Command line
+
 
 # Flags whose default depends on the mode (None in the parser).
 MODE_DEFAULTS = {
