@@ -26,10 +26,15 @@ if (SHARED / "tiktoken_cache").is_dir():  # tiktoken's GPT-2 files, for machines
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# One thread in this process and in every process it starts: runs that are compared bit for
+# bit (resume, DDP, accumulation) must sum in the same order, and a busy machine must not
+# change that (MKL picks its thread count by the load unless it is pinned). pytest-xdist runs
+# the tests on as many processes as there are cores instead.
+os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 import train_gpt2 as tg  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 def needs_shared(name):
@@ -43,10 +48,29 @@ def needs_shared(name):
     return path
 
 
-def run_script(script, *args, cwd=HERE, env=None, check=True):
-    """Run one of the project's scripts as a user would; return the finished process."""
-    proc = subprocess.run([sys.executable, str(HERE / script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+def run_script(script, *args, env=None, check=True, new_process=False):
+    """Run one of the project's scripts as a user would: its main() with these arguments, in
+    this process (an interpreter start and the imports cost seconds a call), or as a new
+    process where that is what is tested (exit codes, signals, env). Returns what a finished
+    process gives: returncode, stdout, stderr. An env of its own means a new process."""
+    import contextlib
+    import io
+    import traceback
+    if new_process or env:
+        proc = subprocess.run([sys.executable, str(HERE / script), *map(str, args)], cwd=HERE,
+                              capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    else:
+        main = {"train_gpt2.py": tg.main, "prepare_data.py": pdata.main}[script]
+        out, err, code = io.StringIO(), io.StringIO(), 0
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([str(a) for a in args])
+            except SystemExit as e:  # as the interpreter would: a message goes to stderr, code 1
+                code = e.code if isinstance(e.code, int) else (print(e.code, file=sys.stderr) or 1)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+        proc = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {args} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -334,7 +358,8 @@ def test_sample_mode_batches_prompts_and_samples(hf_pair):
 
 
 def test_bad_model_name_and_broken_checkpoint(tmp_path, hf_pair):
-    assert_one_line_error(run_script("train_gpt2.py", "--mode", "sample", "--init_from", "gpt5", check=False), "unknown model", "gpt2-xl")
+    assert_one_line_error(run_script("train_gpt2.py", "--mode", "sample", "--init_from", "gpt5", check=False, new_process=True),
+                          "unknown model", "gpt2-xl")
     from safetensors.torch import load_file, save_file
     _, _, path = hf_pair
     for f in path.iterdir():
@@ -977,11 +1002,17 @@ def test_ddp_two_processes_equal_one(shakespeare, tmp_path):
 
 
 def test_training_with_torch_compile(shakespeare, tmp_path):
-    proc = run_script("train_gpt2.py", "--mode", "pretrain", "--data_dir", shakespeare, "--out_dir", tmp_path, *TINY,
-                      "--compile", 1, "--max_steps", 2, "--eval_interval", 1, "--val_steps", 2, "--eval_samples", 1)
+    args = ["--mode", "pretrain", "--data_dir", shakespeare, *TINY, "--max_steps", 2, "--eval_interval", 1,
+            "--val_steps", 2, "--eval_samples", 1]
+    proc = run_script("train_gpt2.py", *args, "--compile", 1, "--out_dir", tmp_path / "compiled")
     assert proc.stdout.count("val_loss") == 2 and "sample: Hello" in proc.stdout  # evaluation and sampling compiled
-    keys = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"].keys()
+    keys = torch.load(tmp_path / "compiled" / "ckpt.pt", weights_only=True)["model"].keys()
     assert "lm_head.weight" in keys and not any(k.startswith(("module.", "_orig_mod.")) for k in keys)
+    # the compiled run computes what the eager one does: losses, gradient norms, val losses
+    run_script("train_gpt2.py", *args, "--compile", 0, "--out_dir", tmp_path / "eager")
+    for compiled, eager in zip(read_log(tmp_path / "compiled"), read_log(tmp_path / "eager"), strict=True):
+        for key in ("loss", "grad_norm", "val_loss"):
+            assert compiled.get(key) == pytest.approx(eager.get(key), rel=1e-4), (key, compiled, eager)
 
 
 def interrupt_and_resume(args, out_dir, signal_at_step):
@@ -1041,8 +1072,9 @@ def test_pretrain_bad_input(shakespeare, tmp_path):
     def pretrain(*args):
         return main_error("--mode", "pretrain", *TINY, "--max_steps", 2, "--out_dir", tmp_path / "o", *args)
 
-    proc = run_script("train_gpt2.py", "--mode", "pretrain", "--data_dir", tmp_path / "nothing", check=False)
-    assert_one_line_error(proc, "not found", "prepare_data.py")  # as the user sees it
+    proc = run_script("train_gpt2.py", "--mode", "pretrain", "--data_dir", tmp_path / "nothing", check=False,
+                      new_process=True)
+    assert_one_line_error(proc, "not found", "prepare_data.py")  # as the user sees it: exit code, stderr
     assert "not a multiple" in pretrain("--data_dir", shakespeare, "--total_batch_size", 100) and "64" in pretrain(
         "--data_dir", shakespeare, "--total_batch_size", 100)
     assert "nothing to resume" in pretrain("--data_dir", shakespeare, "--init_from", "resume")
@@ -1578,7 +1610,7 @@ FINETUNE = ["--mode", "finetune", "--batch_size", 7, "--total_batch_size", 7, "-
             "--warmup_steps", 5, "--eval_interval", 20, "--val_steps", 2, "--eval_samples", 0, "--device", "cpu"]
 
 
-def test_finetuned_model_answers_and_stops(sft_data, base_model, tmp_path):
+def test_finetuned_model_answers_and_stops(sft_data, base_model, tmp_path, monkeypatch, capsys):
     out = tmp_path / "ft"
     run_script("train_gpt2.py", *FINETUNE, "--init_from", base_model, "--data_dir", sft_data, "--out_dir", out,
                "--max_steps", 40)
@@ -1593,11 +1625,11 @@ def test_finetuned_model_answers_and_stops(sft_data, base_model, tmp_path):
                       "--temperature", 0, "--max_new_tokens", 40, "--device", "cpu")
     assert proc.stdout == f"{instruction}\n{answer}\n"
     # and chat does the same, one instruction at a time, until /quit
-    proc = subprocess.run([sys.executable, str(HERE / "train_gpt2.py"), "--mode", "chat", "--init_from", str(out / "ckpt.pt"),
-                           "--temperature", "0", "--device", "cpu"], input=f"{chat_instruction}\n/quit\n",
-                          capture_output=True, text=True, cwd=HERE, check=True)
-    answer = chat_answer
-    assert f"> {answer}\n> " in proc.stdout
+    import io
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{chat_instruction}\n/quit\n"))
+    capsys.readouterr()
+    tg.main(["--mode", "chat", "--init_from", str(out / "ckpt.pt"), "--temperature", "0", "--device", "cpu"])
+    assert f"> {chat_answer}\n> " in capsys.readouterr().out
 
 
 def test_sample_applies_the_template_only_to_finetuned_checkpoints(base_model, tmp_path):

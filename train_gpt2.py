@@ -1587,7 +1587,7 @@ def sample(args):
         out = model.generate(ids.to(device), mask.to(device), max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              generator=generator)
-    for row, tokens in enumerate(batch):
+    for row in range(len(batch)):
         text = prompts[row // args.num_samples] if template is None else ""
         new = until_eot(out[row, ids.size(1):].tolist())
         print(f"--- sample {row % args.num_samples + 1} of prompt {row // args.num_samples + 1}\n{text}{enc.decode(new)}")
