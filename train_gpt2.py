@@ -632,7 +632,7 @@ class PretrainLoader:
 
     def read(self, start, n):
         """n tokens of the stream from start on, as int64, across shard boundaries."""
-        out = np.empty(n, dtype=np.int64)  # int64: the index type nn.Embedding and cross_entropy take
+        out = np.empty(n, dtype=np.int64)  # int64 (long): what cross_entropy's targets must be
         filled = 0
         shard = int(np.searchsorted(self.starts, start, side="right")) - 1  # the shard whose span holds start
         while filled < n:
@@ -737,7 +737,7 @@ class InstructionLoader:
         # this step's examples, the same on every rank
         step = order[self.step_in_epoch * per_step:(self.step_in_epoch + 1) * per_step]
         if self.group_by_length:
-            # stable: ties keep the shuffled order, identical on every rank
+            # stable: equal lengths keep their shuffled order
             step = step[np.argsort(self.lengths[step], kind="stable")]
         self.step_in_epoch += 1
         # micro-step m of rank r takes the (m * world_size + r)-th run of B examples, as PretrainLoader does
@@ -778,8 +778,8 @@ def configure_optimizer(model, weight_decay, learning_rate, device):
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = device.startswith("cuda")  # one kernel for all parameters instead of several per tensor
-    # betas and eps as GPT-3 trained (and build-nanogpt): beta2 0.95 forgets old gradients faster than 0.999,
-    # which keeps the update steady through a loss spike
+    # betas and eps as GPT-3 was trained (build-nanogpt's too): beta2 0.95 rather than 0.999 lets the
+    # second-moment estimate follow a sudden change of gradient scale within ~20 steps, not ~1000
     return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
@@ -852,7 +852,7 @@ def all_reduce_sum(values, world_size):
     if world_size == 1:
         return values
     import torch.distributed as dist
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only, gloo CPU ones
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL takes GPU tensors only; gloo runs on the CPU here
     t = torch.tensor(values, dtype=torch.float64, device=device)  # float64: token counts past 2**24 stay exact
     dist.all_reduce(t)  # SUM by default; every rank gets the total
     return t.tolist()
@@ -904,8 +904,8 @@ def forward_backward(model, micro_batches, device, world_size, grad_clip, stop_r
 def train_step(model, optimizer, micro_batches, device, world_size, grad_clip):
     """forward_backward, then the update if the loss and gradients are finite."""
     loss, grad_norm, _ = forward_backward(model, micro_batches, device, world_size, grad_clip)
-    if math.isfinite(loss) and math.isfinite(grad_norm):
-        optimizer.step()  # a non-finite update would poison the weights for good
+    if math.isfinite(loss) and math.isfinite(grad_norm):  # a non-finite update would poison the weights for good
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # None, not zeros: the memory is free until the next backward
     return loss, grad_norm
 
@@ -1175,7 +1175,7 @@ def score_endings(model, enc, items, device, max_batch_tokens=8192, progress=Fal
         start = end
     bar.close()
     sums = sums.view(-1, 4)  # (n, 4): the 4 endings of an item are consecutive rows
-    return sums, sums / torch.tensor(spans, dtype=torch.float).view(-1, 4)
+    return sums, sums / torch.tensor(spans, dtype=torch.float).view(-1, 4)  # and per ending token, (n, 4)
 
 
 def hellaswag_eval(model, path, device, rank=0, world_size=1, limit=None, convention="completion", progress=False):
@@ -1193,6 +1193,7 @@ def hellaswag_eval(model, path, device, rank=0, world_size=1, limit=None, conven
     for name in ("completion", "harness") if convention == "both" else (convention,):
         asked = [harness_item(item) for item in mine] if name == "harness" else mine
         sums, per_token = score_endings(model, enc, asked, device, progress=progress) if mine else (torch.zeros(0, 4),) * 2
+        # (n, 4): each ending's length in characters, the harness's acc_norm divisor
         chars = torch.tensor([[len(e) for e in item["endings"]] for item in asked], dtype=torch.float).view(-1, 4)
         normed = per_token if name == "completion" else sums / chars
         # this rank's correct answers: acc, then acc_norm (the lowest loss is the model's pick)
@@ -1325,7 +1326,7 @@ def training_model(args, checkpoint, device, dtype):
     if checkpoint is not None and all(isinstance(k, int) for k in checkpoint["optimizer"]["state"]):
         # A checkpoint from before FSDP keyed AdamW's state by parameter index, which a sharded
         # or wrapped model does not share: load it into a plain optimizer and read it back by name.
-        # "cpu": no fused kernel; the state only passes through
+        # "cpu": the model is still there, so no fused (CUDA) kernel; the state only passes through
         legacy = configure_optimizer(model, args.weight_decay, args.max_lr, "cpu")
         legacy.load_state_dict(checkpoint["optimizer"])
         checkpoint["optimizer"] = get_optimizer_state_dict(model, legacy, options=StateDictOptions(full_state_dict=True))
@@ -1440,7 +1441,8 @@ def non_finite_error(step, loss, grad_norm, checkpoint_path, saved_step):
 def run_training(args, rank, local_rank, world_size, device):
     master = rank == 0
     print0 = print if master else (lambda *a, **k: None)  # the other ranks run silent
-    # every rank the same seed: the same fresh weights, which DDP needs and FSDP shards each rank's own copy of
+    # every rank the same seed, so the same fresh weights: FSDP keeps each rank's slice of its own copy
+    # (DDP would broadcast rank 0's anyway)
     torch.manual_seed(args.seed)
     if device.startswith("cuda"):
         enable_tf32()
@@ -1743,7 +1745,7 @@ def write_gpt2_tokenizer(folder, enc, max_length, chat_template=None):
           + (", chat template from the fine-tuning prompt" if chat_template else ""))
     tokenizer_config = {
         "tokenizer_class": "GPT2Tokenizer",  # AutoTokenizer builds the fast one from these same files
-        "model_max_length": max_length,  # block_size: a longer input warns in the tokenizer, not fails in the model
+        "model_max_length": max_length,  # block_size: the tokenizer warns before the model fails
         "add_prefix_space": False,  # "Hello" and " Hello" are different tokens, as in tiktoken
         "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
         # special: "<|endoftext|>" in text is the one token 50256, as with tiktoken's allowed_special
@@ -1872,6 +1874,7 @@ def build_nanogpt_forward(model, idx, targets):
     for block in model.transformer.h:
         x = block(x)
     logits = model.lm_head(model.transformer.ln_f(x))  # (B, T, 50304)
+    # (B * T, 50304) against (B * T,): cross_entropy wants one row per target
     return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 
@@ -2112,7 +2115,7 @@ def plot(args):
     if has_hellaswag:
         ax = axes[0][1]
         ax.plot(*series("hellaswag_acc_norm"), "o-", label="HellaSwag acc_norm")
-        # its acc_norm, completion convention
+        # GPT-2 124M's acc_norm in the completion convention (see hellaswag_eval)
         ax.axhline(0.2955, color="gray", linestyle="--", label="OpenAI GPT-2 124M")
         ax.axhline(0.25, color="lightgray", linestyle=":", label="chance")  # 4 endings: a guess is right 1 time in 4
         ax.set_xlabel("step")
