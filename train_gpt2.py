@@ -608,6 +608,7 @@ class PretrainLoader:
         # prepare_data.py records each shard's length; older folders only the split's total
         lengths = meta["splits"][split].get("shard_tokens", [None] * len(names))
         self.names = [os.path.join(data_dir, name) for name in names]
+        # memory-mapped: opening every shard reads only its header
         self.shards = [load_npy(path, np.uint16, n) for path, n in zip(self.names, lengths)]
         self.split, self.B, self.T, self.rank, self.world_size, self.seed = split, batch_size, block_size, rank, world_size, seed
         self.total_tokens = sum(len(s) for s in self.shards)
@@ -621,7 +622,7 @@ class PretrainLoader:
         self._set_epoch(0)
 
     def _set_epoch(self, epoch):
-        order = np.arange(len(self.shards))
+        order = np.arange(len(self.shards))  # val: in file order, so every evaluation reads the same tokens
         if self.split == "train":  # a fixed order makes the loss rise and fall with each epoch
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
         self.order = [self.shards[i] for i in order]
@@ -631,25 +632,27 @@ class PretrainLoader:
 
     def read(self, start, n):
         """n tokens of the stream from start on, as int64, across shard boundaries."""
-        out = np.empty(n, dtype=np.int64)
+        out = np.empty(n, dtype=np.int64)  # int64 (long): what cross_entropy's targets must be
         filled = 0
-        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1  # the shard whose span holds start
         while filled < n:
-            offset = start + filled - self.starts[shard]
+            offset = start + filled - self.starts[shard]  # where the stream position falls inside that shard
             piece = self.order[shard][offset:offset + n - filled]
             if len(piece) and piece.max() >= 50257:  # the embedding would fail with a device-side assert
                 raise UserError(f"{self.order_names[shard]} holds token id {int(piece.max())} near position "
                                 f"{offset:,}, outside GPT-2's 50,257: {REPREPARE}")
             out[filled:filled + len(piece)] = piece
             filled += len(piece)
-            shard += 1
+            shard += 1  # what is still missing comes from the next shard
         return out
 
     def window(self, start):
+        # + 1: the last input's target is one token further
         tokens = torch.from_numpy(self.read(start, self.B * self.T + 1))
         return tokens[:-1].view(self.B, self.T), tokens[1:].view(self.B, self.T)  # inputs, next-token targets
 
     def next_step(self, grad_accum):
+        # every rank's micro-batches of one step, end to end
         tokens_per_step = grad_accum * self.world_size * self.B * self.T
         if self.position + tokens_per_step + 1 > self.total_tokens:  # the epoch is used up
             self._set_epoch(self.epoch + 1)
@@ -657,20 +660,21 @@ class PretrainLoader:
         # micro-step m of rank r reads the (m * world_size + r)-th block of B sequences
         batches = [self.window(self.position + (m * self.world_size + self.rank) * self.B * self.T)
                    for m in range(grad_accum)]
-        self.position += tokens_per_step
+        self.position += tokens_per_step  # the same on every rank: each reads only its own blocks of the span
         return batches
 
     def eval_batches(self, max_batches):
         """This rank's share of the first max_batches batches of the split."""
         n = min(max_batches, (self.total_tokens - 1) // (self.B * self.T))  # at least 1: checked in __init__
-        for i in range(self.rank, n, self.world_size):
+        for i in range(self.rank, n, self.world_size):  # round-robin: rank r takes batches r, r + W, r + 2W, ...
             yield self.window(i * self.B * self.T)
 
     def state_dict(self):
+        # the shard order follows from (seed, epoch): two numbers restore the stream
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state):
-        self._set_epoch(state["epoch"])
+        self._set_epoch(state["epoch"])  # rebuilds that epoch's shard order from the seed
         self.position = state["position"]
 
 
@@ -683,13 +687,14 @@ class InstructionLoader:
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337, group_by_length=True):
         self.meta = read_meta(data_dir, "sft")
         path = lambda name: os.path.join(data_dir, f"{split}_{name}.npy")  # noqa: E731
-        self.tokens = load_npy(path("tokens"), np.uint16)
+        self.tokens = load_npy(path("tokens"), np.uint16)  # every example's tokens, end to end
+        # per token: 1 where it is a target (the answer and its <|endoftext|>)
         self.mask = load_npy(path("mask"), np.uint8)
-        self.offsets = load_npy(path("offsets"), np.int64)
-        self.n = len(self.offsets) - 1
+        self.offsets = load_npy(path("offsets"), np.int64)  # example i is tokens[offsets[i]:offsets[i + 1]]
+        self.n = len(self.offsets) - 1  # examples: offsets has one entry more, the end of the last
         if self.n < 1:
             raise UserError(f"{data_dir} has no {split} examples: re-run prepare_data.py --sft")
-        lengths = np.diff(self.offsets)
+        lengths = np.diff(self.offsets)  # tokens per example
         # Instruction data is small (Alpaca: ~10M tokens), so it is checked whole, up front.
         if (self.offsets[0] != 0 or self.offsets[-1] != len(self.tokens) or len(self.mask) != len(self.tokens)
                 or (lengths < 2).any() or self.tokens.max() >= 50257):
@@ -701,38 +706,48 @@ class InstructionLoader:
         self.split, self.B, self.rank, self.world_size, self.seed = split, batch_size, rank, world_size, seed
         self.group_by_length = group_by_length
         self.lengths = lengths
-        self.epoch, self.step_in_epoch = 0, 0
+        self.epoch, self.step_in_epoch = 0, 0  # the resume point: an epoch's order follows from (seed, epoch)
 
     def batch(self, indices):
         """(B, L) inputs and labels for these examples, L the longest of them minus one."""
         width = max(int(self.lengths[i]) for i in indices) - 1
+        # right padding: a causal model's real positions never see it
         x = torch.full((len(indices), width), EOT_TOKEN, dtype=torch.long)
+        # -100: cross_entropy's ignore_index, so padding adds no loss
         y = torch.full((len(indices), width), -100, dtype=torch.long)
         for row, i in enumerate(indices):
             start, end = self.offsets[i], self.offsets[i + 1]
             tokens = torch.from_numpy(self.tokens[start:end].astype(np.int64))
             mask = torch.from_numpy(self.mask[start + 1:end].astype(bool))  # does token t+1 count as a target?
-            x[row, :end - start - 1] = tokens[:-1]
+            x[row, :end - start - 1] = tokens[:-1]  # inputs: every token but the last
+            # targets: shifted by one, the prompt's set to -100
             y[row, :end - start - 1] = tokens[1:].masked_fill(~mask, -100)
         return x, y
 
     def steps_per_epoch(self, grad_accum):
+        # floor: an epoch's last few examples sit out; the next epoch's shuffle differs
         return self.n // (grad_accum * self.world_size * self.B)
 
     def next_step(self, grad_accum):
-        per_step = grad_accum * self.world_size * self.B
+        per_step = grad_accum * self.world_size * self.B  # examples per optimizer step, over all ranks
         if self.step_in_epoch >= self.steps_per_epoch(grad_accum):
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        # remade from (seed, epoch) each step: a resume needs only the two counters
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        # this step's examples, the same on every rank
         step = order[self.step_in_epoch * per_step:(self.step_in_epoch + 1) * per_step]
         if self.group_by_length:
+            # stable: equal lengths keep their shuffled order
             step = step[np.argsort(self.lengths[step], kind="stable")]
         self.step_in_epoch += 1
+        # micro-step m of rank r takes the (m * world_size + r)-th run of B examples, as PretrainLoader does
         return [self.batch(step[(m * self.world_size + self.rank) * self.B:][:self.B]) for m in range(grad_accum)]
 
     def eval_batches(self, max_batches):
+        # ceil: the last batch may be short, and every val example counts
         n = min(max_batches, math.ceil(self.n / self.B))
         for i in range(self.rank, n, self.world_size):
+            # in file order: the same val loss every time
             yield self.batch(range(i * self.B, min((i + 1) * self.B, self.n)))
 
     def state_dict(self):
@@ -749,9 +764,9 @@ class InstructionLoader:
 def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
     """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr at max_steps."""
     if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
+        return max_lr * (step + 1) / warmup_steps  # step + 1: the first step trains at a small LR, not at 0
     if step >= max_steps:
-        return min_lr
+        return min_lr  # past max_steps the cosine would climb back up
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
@@ -759,27 +774,30 @@ def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
 def configure_optimizer(model, weight_decay, learning_rate, device):
     """AdamW with weight decay on the matrices (matmuls and embeddings) only: decaying
     biases and LayerNorm gains toward zero only hurts."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]  # parameters() yields the tied wte / lm_head once
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = device.startswith("cuda")  # one kernel for all parameters instead of several per tensor
+    # betas and eps as GPT-3 was trained (build-nanogpt's too): beta2 0.95 rather than 0.999 lets the
+    # second-moment estimate follow a sudden change of gradient scale within ~20 steps, not ~1000
     return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
 def setup_distributed(requested_device):
     """(rank, local_rank, world_size, device). Under torchrun, joins the process group:
     NCCL between GPUs, gloo between CPU processes."""
-    if "RANK" not in os.environ:
+    if "RANK" not in os.environ:  # not under torchrun: one process, no process group
         return 0, 0, 1, pick_device(requested_device)
     import torch.distributed as dist
+    # set by torchrun: rank over all nodes, local_rank on this node (which GPU), world_size processes in all
     rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available() and requested_device in ("auto", "cuda"):
         device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl", device_id=torch.device(device))
+        torch.cuda.set_device(device)  # before NCCL starts: otherwise every rank opens its communicator on GPU 0
+        dist.init_process_group(backend="nccl", device_id=torch.device(device))  # device_id: bound to this GPU now
     else:
         device = "cpu"
-        dist.init_process_group(backend="gloo")
+        dist.init_process_group(backend="gloo")  # NCCL is GPU-only; CPU runs (tests, a laptop) use gloo
     return rank, local_rank, world_size, device
 
 
@@ -834,9 +852,9 @@ def all_reduce_sum(values, world_size):
     if world_size == 1:
         return values
     import torch.distributed as dist
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL takes GPU tensors only; gloo runs on the CPU here
+    t = torch.tensor(values, dtype=torch.float64, device=device)  # float64: token counts past 2**24 stay exact
+    dist.all_reduce(t)  # SUM by default; every rank gets the total
     return t.tolist()
 
 
@@ -851,10 +869,12 @@ def forward_backward(model, micro_batches, device, world_size, grad_clip, stop_r
     # fine-tuning, ranks) hold different numbers of them, so each micro-batch's mean loss is
     # weighted by its share of the step's targets. DDP averages gradients over ranks, hence
     # the factor world_size.
-    counts = [int((y != -100).sum()) for _, y in micro_batches]
+    counts = [int((y != -100).sum()) for _, y in micro_batches]  # target tokens per micro-batch; -100 is not a target
+    # one collective for two things: the step's targets over all ranks, and whether any rank was asked to stop
+    # (all ranks must stop at the same step, or the others hang in their next all-reduce)
     total, stop = all_reduce_sum([float(sum(counts)), float(stop_requested)], world_size)
     loss_sum = 0.0
-    is_ddp = hasattr(model, "no_sync")
+    is_ddp = hasattr(model, "no_sync")  # DDP's wrapper; FSDP2 and a plain module have no no_sync
     is_fsdp = hasattr(model, "set_requires_gradient_sync")  # FSDP2 (fully_shard)
     for i, (x, y) in enumerate(micro_batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -869,13 +889,14 @@ def forward_backward(model, micro_batches, device, world_size, grad_clip, stop_r
         with sync:
             with autocast(device, dtype):
                 loss = model(x, y)[1]  # the logits are not kept: one logits-sized buffer less in backward
-            weight = counts[i] / total * world_size
-            (scaler.scale(loss * weight) if scaler else loss * weight).backward()
-        loss_sum += loss.detach().float() * counts[i]
+            weight = counts[i] / total * world_size  # this micro-batch's share of the step's targets
+            (scaler.scale(loss * weight) if scaler else loss * weight).backward()  # gradients add up over micro-steps
+        loss_sum += loss.detach().float() * counts[i]  # a tensor: no .item(), so no GPU sync per micro-step
     if scaler is not None:
         scaler.unscale_(optimizer)  # the true gradients, for their norm and the clipping
     # max_norm inf measures the norm without clipping (0 means "off", as in nanoGPT)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    # each rank's share of the mean; they sum to it
     (step_loss,) = all_reduce_sum([loss_sum.item() / total], world_size)
     return step_loss, grad_norm.item(), stop > 0
 
@@ -883,22 +904,22 @@ def forward_backward(model, micro_batches, device, world_size, grad_clip, stop_r
 def train_step(model, optimizer, micro_batches, device, world_size, grad_clip):
     """forward_backward, then the update if the loss and gradients are finite."""
     loss, grad_norm, _ = forward_backward(model, micro_batches, device, world_size, grad_clip)
-    if math.isfinite(loss) and math.isfinite(grad_norm):
+    if math.isfinite(loss) and math.isfinite(grad_norm):  # a non-finite update would poison the weights for good
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)  # None, not zeros: the memory is free until the next backward
     return loss, grad_norm
 
 
 def atomic_write(path, write):
     """write(f) into a temporary file, then rename it to path: a crash or a full disk midway
     never leaves a half-written file under the final name, and never hurts the previous one."""
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.tmp"  # same folder: a rename is atomic only within one filesystem
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename makes it the real file
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never a mix
     except OSError as e:  # full disk, read-only folder, quota: the user can fix these
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -916,7 +937,7 @@ def claim_out_dir(out_dir):
     refused run leaves no file behind, and the kernel drops it when the process dies."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out_dir {out_dir} is a file: choose a folder")
-    created = not os.path.exists(out_dir)
+    created = not os.path.exists(out_dir)  # so that a refused or empty run removes only a folder it made
     try:
         os.makedirs(out_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()  # can we write here? (leaves no file)
@@ -924,19 +945,20 @@ def claim_out_dir(out_dir):
         raise UserError(f"cannot write to --out_dir {out_dir}: {e.strerror or e}") from None
     try:
         import fcntl  # POSIX only: on Windows runs are not locked
-        folder = os.open(out_dir, os.O_RDONLY)
+        folder = os.open(out_dir, os.O_RDONLY)  # flock needs a descriptor; the folder's own leaves no lock file
     except ImportError:
         folder = None
     try:
         if folder is not None:
             try:
+                # LOCK_NB: refuse at once, not wait behind the other run
                 fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 raise UserError(f"another run is using {out_dir}: wait for it to finish, or choose another --out_dir") from None
-        yield
+        yield  # the run happens here, with the lock held
     finally:
         if folder is not None:
-            os.close(folder)
+            os.close(folder)  # closing the descriptor releases the lock
         if created:
             with contextlib.suppress(OSError):  # removes the folder only if the run left it empty
                 os.rmdir(out_dir)
@@ -965,13 +987,13 @@ def gpu_peak_tflops(name):
     if model in ("H100", "H200", "H800"):  # one chip at different power budgets
         upper = [w.upper() for w in words]
         model += " PCIe" if "PCIE" in upper else " NVL" if "NVL" in upper else " SXM"
-    return PEAK_TFLOPS.get(model)
+    return PEAK_TFLOPS.get(model)  # None: no MFU is shown rather than a wrong one
 
 
 def peak_flops(device, override=None):
-    if override:
+    if override:  # --peak_tflops: a GPU not in the table, or one clocked differently
         return override * 1e12
-    if not device.startswith("cuda"):
+    if not device.startswith("cuda"):  # no peak known for CPUs and Macs: MFU is left out
         return None
     tflops = gpu_peak_tflops(torch.cuda.get_device_name(device))
     return tflops * 1e12 if tflops else None
@@ -982,6 +1004,7 @@ def flops_per_token(model):
     and backward matmuls), plus attention's 12 * n_layer * n_embd * block_size; position
     embeddings do no matmul."""
     cfg = model.config
+    # wte stays in: as lm_head (tied) it is a (C, padded_vocab) matmul in both passes
     n_params = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
     return 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
@@ -992,6 +1015,7 @@ class StopRequested:
     def __init__(self):
         import signal
         self.requested = False
+        # the handlers before ours, put back by restore()
         self.previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def restore(self):
@@ -1002,7 +1026,7 @@ class StopRequested:
     def _handler(self, signum, frame):
         if self.requested:  # a second Ctrl-C: stop at once
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested = True  # only a flag: the loop acts on it between steps, where a checkpoint is consistent
         print("\nstopping: a checkpoint will be saved at the next step; Ctrl-C again to quit at once", flush=True)
 
 
@@ -1036,11 +1060,11 @@ def evaluate_loss(model, loader, max_batches, device, world_size, dtype=None, pr
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
             _, loss = model(x, y)
-        n = int((y != -100).sum())
-        loss_sum += loss.float().item() * n
+        n = int((y != -100).sum())  # targets in this batch: fine-tuning batches differ, so weight by it
+        loss_sum += loss.float().item() * n  # mean back to a sum: batches of different sizes average right
         count += n
     for _ in range(missing):
-        model(torch.zeros((1, 1), dtype=torch.long, device=device))
+        model(torch.zeros((1, 1), dtype=torch.long, device=device))  # output dropped: it only joins the all-gathers
     loss_sum, count = all_reduce_sum([loss_sum, float(count)], world_size)
     return loss_sum / count
 
@@ -1049,7 +1073,8 @@ def show_samples(model, device, template=None, n=4, max_new_tokens=32, dtype=Non
     """A few lines from the model during training: a glance at what it has learned."""
     enc = get_tokenizer()
     prompt = "Give three tips for staying healthy." if template else "Hello, I'm a language model,"
-    ids = torch.tensor([encode_prompts(enc, [prompt], template)[0]] * n, device=device)
+    ids = torch.tensor([encode_prompts(enc, [prompt], template)[0]] * n, device=device)  # (n, T): one prompt, n samples
+    # fixed: one evaluation's samples differ from the last only by the weights
     generator = torch.Generator(device=device).manual_seed(42)
     with autocast(device, dtype):
         out = model.generate(ids, max_new_tokens=max_new_tokens, top_k=50, generator=generator)
@@ -1116,8 +1141,8 @@ def score_endings(model, enc, items, device, max_batch_tokens=8192, progress=Fal
             tokens = (context + ending_tokens)[-T - 1:]  # too long: keep the end
             rows.append(tokens)
             spans.append(min(len(ending_tokens), len(tokens) - 1))
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    sums = torch.zeros(len(rows))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # shortest first: a batch's rows are of similar length
+    sums = torch.zeros(len(rows))  # (4n,): each candidate's summed ending loss, in the order of rows
     start = 0
     from tqdm import tqdm
     bar = tqdm(total=len(items), unit="item", desc="HellaSwag", disable=not progress, leave=False,
@@ -1133,8 +1158,8 @@ def score_endings(model, enc, items, device, max_batch_tokens=8192, progress=Fal
         targets = torch.full((len(batch), width), -100, dtype=torch.long)  # -100: not the ending's
         for r, i in enumerate(batch):
             tokens, n = torch.tensor(rows[i]), len(rows[i]) - 1
-            ids[r, :n] = tokens[:-1]
-            targets[r, n - spans[i]:n] = tokens[n - spans[i] + 1:]
+            ids[r, :n] = tokens[:-1]  # inputs from the left, padding after them
+            targets[r, n - spans[i]:n] = tokens[n - spans[i] + 1:]  # the ending's tokens only
         ids, targets = ids.to(device), targets.to(device)
         counted = targets != -100  # (b, width)
         with autocast(device):
@@ -1150,7 +1175,7 @@ def score_endings(model, enc, items, device, max_batch_tokens=8192, progress=Fal
         start = end
     bar.close()
     sums = sums.view(-1, 4)  # (n, 4): the 4 endings of an item are consecutive rows
-    return sums, sums / torch.tensor(spans, dtype=torch.float).view(-1, 4)
+    return sums, sums / torch.tensor(spans, dtype=torch.float).view(-1, 4)  # and per ending token, (n, 4)
 
 
 def hellaswag_eval(model, path, device, rank=0, world_size=1, limit=None, convention="completion", progress=False):
@@ -1160,7 +1185,7 @@ def hellaswag_eval(model, path, device, rank=0, world_size=1, limit=None, conven
     harness (lm-evaluation-harness): its cleaned query and endings; acc_norm divides the
     summed loss by the ending's length in characters (GPT-2 124M: acc_norm 0.3114)."""
     items = load_hellaswag(path, limit, convention)
-    mine = items[rank::world_size]
+    mine = items[rank::world_size]  # round-robin over ranks; all_reduce_sum adds the counts back up
     labels = torch.tensor([item["label"] for item in mine], dtype=torch.long)
     enc, results, counts = get_tokenizer(), {}, []
     was_training = model.training
@@ -1168,13 +1193,16 @@ def hellaswag_eval(model, path, device, rank=0, world_size=1, limit=None, conven
     for name in ("completion", "harness") if convention == "both" else (convention,):
         asked = [harness_item(item) for item in mine] if name == "harness" else mine
         sums, per_token = score_endings(model, enc, asked, device, progress=progress) if mine else (torch.zeros(0, 4),) * 2
+        # (n, 4): each ending's length in characters, the harness's acc_norm divisor
         chars = torch.tensor([[len(e) for e in item["endings"]] for item in asked], dtype=torch.float).view(-1, 4)
         normed = per_token if name == "completion" else sums / chars
+        # this rank's correct answers: acc, then acc_norm (the lowest loss is the model's pick)
         counts += [float((sums.argmin(dim=1) == labels).sum()), float((normed.argmin(dim=1) == labels).sum())]
         prefix = "hellaswag" if name == "completion" else "hellaswag_harness"
+        # each metric's index into counts, divided by n after the all-reduce
         results.update({f"{prefix}_acc": len(counts) - 2, f"{prefix}_acc_norm": len(counts) - 1})
     model.train(was_training)
-    *counts, n = all_reduce_sum(counts + [float(len(mine))], world_size)
+    *counts, n = all_reduce_sum(counts + [float(len(mine))], world_size)  # the item count rides in the same collective
     return {**{key: counts[i] / n for key, i in results.items()}, "hellaswag_items": int(n)}
 
 
@@ -1201,12 +1229,12 @@ def build_model(args, checkpoint):
     """The model to train: from the resumed checkpoint, a checkpoint of ours, OpenAI's
     weights, or fresh (--init_from scratch) in the size the flags give."""
     if checkpoint is not None:
-        model = GPT(GPTConfig(**checkpoint["config"]))
+        model = GPT(GPTConfig(**checkpoint["config"]))  # resumed: the checkpoint's size, not the flags'
         model.load_state_dict(checkpoint["model"])
         return model
     if args.init_from == "scratch":
         return GPT(config_from_args(args))
-    model, _ = load_model(args.init_from, padded_vocab_size=50304)
+    model, _ = load_model(args.init_from, padded_vocab_size=50304)  # padded as a fresh model is: the fast LM head
     if args.block_size and args.block_size > model.config.block_size:
         raise UserError(f"--block_size {args.block_size} is longer than the {model.config.block_size} positions "
                         f"{args.init_from} has learned: give at most {model.config.block_size}")
@@ -1230,6 +1258,7 @@ def checkpoint_to_resume(args):
     if not os.path.exists(path):
         raise UserError(f"nothing to resume: {path} does not exist (start a run with "
                         f"--init_from {'scratch' if args.mode == 'pretrain' else 'gpt2'})")
+    # also checks that optimizer, step, loader, rng and args are there
     checkpoint = load_checkpoint(path, resuming=True)
     if checkpoint["args"].get("mode", args.mode) != args.mode:
         raise UserError(f"{path} is a --mode {checkpoint['args']['mode']} run: resume it with --mode "
@@ -1244,12 +1273,13 @@ def start_wandb(args, checkpoint):
         import wandb
     except ImportError:
         raise UserError("--wandb_project needs wandb: pip install wandb") from None
-    run_id = (checkpoint or {}).get("wandb_id")
+    run_id = (checkpoint or {}).get("wandb_id")  # saved in every checkpoint: a resume appends to the same wandb run
     return wandb.init(project=args.wandb_project, name=os.path.basename(os.path.normpath(args.out_dir)), config=vars(args),
                       dir=args.out_dir, id=run_id, resume="allow" if run_id else None)
 
 
 def rng_state(device):
+    # CPU and this GPU's generators, put back on resume: a resumed run continues the same random stream
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None}
 
 
@@ -1259,11 +1289,11 @@ class RunLog:
 
     def __init__(self, path, tracker, max_steps, master):
         self.path, self.tracker, self.max_steps, self.master = path, tracker, max_steps, master
-        self.step_times = []
+        self.step_times = []  # seconds of the last 20 steps, for the ETA
 
     def write(self, entry):
         if self.master:
-            with open(self.path, "a") as f:
+            with open(self.path, "a") as f:  # one JSON object a line: a crash loses at most the line being written
                 f.write(json.dumps(entry) + "\n")
             if self.tracker:
                 self.tracker.log(entry, step=entry["step"])
@@ -1279,7 +1309,7 @@ class RunLog:
         self.step_times = (self.step_times + [dt])[-20:]
         entry = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "ms": 1000 * dt, "tok_per_s": tokens / dt}
         if seconds_at_peak:
-            entry["mfu"] = seconds_at_peak / dt
+            entry["mfu"] = seconds_at_peak / dt  # 1.0: every GPU at its peak for the whole step
         self.write(entry)
         if self.master:
             eta = (self.max_steps - step) * sum(self.step_times) / len(self.step_times)
@@ -1296,6 +1326,7 @@ def training_model(args, checkpoint, device, dtype):
     if checkpoint is not None and all(isinstance(k, int) for k in checkpoint["optimizer"]["state"]):
         # A checkpoint from before FSDP keyed AdamW's state by parameter index, which a sharded
         # or wrapped model does not share: load it into a plain optimizer and read it back by name.
+        # "cpu": the model is still there, so no fused (CUDA) kernel; the state only passes through
         legacy = configure_optimizer(model, args.weight_decay, args.max_lr, "cpu")
         legacy.load_state_dict(checkpoint["optimizer"])
         checkpoint["optimizer"] = get_optimizer_state_dict(model, legacy, options=StateDictOptions(full_state_dict=True))
@@ -1314,14 +1345,16 @@ def training_data(args, block_size, rank, world_size):
     steps_per_epoch, max_steps)."""
     pretrain = args.mode == "pretrain"
     Loader, unit = (PretrainLoader, "tokens") if pretrain else (InstructionLoader, "examples")
+    # total_batch_size units one micro-step covers
     per_micro_step = args.batch_size * (block_size if pretrain else 1) * world_size
     if args.total_batch_size % per_micro_step:
         raise UserError(f"--total_batch_size {args.total_batch_size} {unit} is not a multiple of batch_size x "
                         f"{'block_size x ' if pretrain else ''}GPUs = {per_micro_step}")
-    grad_accum = args.total_batch_size // per_micro_step
+    grad_accum = args.total_batch_size // per_micro_step  # micro-steps per optimizer step on each rank
     train_loader = Loader(args.data_dir, "train", args.batch_size, block_size, rank, world_size, args.seed)
     val_loader = Loader(args.data_dir, "val", args.batch_size, block_size, rank, world_size, args.seed)
     if pretrain:
+        # - 1: the last token is only a target
         steps_per_epoch = (train_loader.total_tokens - 1) // args.total_batch_size
     else:
         steps_per_epoch = train_loader.steps_per_epoch(grad_accum)
@@ -1342,11 +1375,12 @@ def resume(checkpoint, path, model, optimizer, scaler, train_loader, device, max
     set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=StateDictOptions(full_state_dict=True))
     if checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
+    # the next step reads on from there: no batch seen twice or skipped
     train_loader.load_state_dict(checkpoint["loader"])
     torch.set_rng_state(checkpoint["rng"]["cpu"])
     if device.startswith("cuda") and checkpoint["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
-    return checkpoint["step"]
+    return checkpoint["step"]  # steps done when it was saved: the next one to train
 
 
 def save_training_checkpoint(path, raw_model, optimizer, extra, master):
@@ -1354,6 +1388,8 @@ def save_training_checkpoint(path, raw_model, optimizer, extra, master):
     keyed by parameter name, so a run resumes on any number of ranks, with or without FSDP.
     Under FSDP every rank sends its shards (so every rank calls this) and rank 0 writes."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    # full_state_dict + cpu_offload: the whole state gathered into rank 0's CPU memory (the GPU never holds a
+    # second full copy); the other ranks get empty dicts, hence master alone writes
     model_state, optimizer_state = get_state_dict(raw_model, optimizer,
                                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if master:
@@ -1404,7 +1440,9 @@ def non_finite_error(step, loss, grad_norm, checkpoint_path, saved_step):
 
 def run_training(args, rank, local_rank, world_size, device):
     master = rank == 0
-    print0 = print if master else (lambda *a, **k: None)
+    print0 = print if master else (lambda *a, **k: None)  # the other ranks run silent
+    # every rank the same seed, so the same fresh weights: FSDP keeps each rank's slice of its own copy
+    # (DDP would broadcast rank 0's anyway)
     torch.manual_seed(args.seed)
     if device.startswith("cuda"):
         enable_tf32()
@@ -1418,6 +1456,7 @@ def run_training(args, rank, local_rank, world_size, device):
     if args.hellaswag and args.mode == "pretrain":
         load_hellaswag(args.hellaswag_path, args.hellaswag_limit, args.hellaswag_convention)  # fails now, not at step N
     template = train_loader.meta["prompt_template"] if args.mode == "finetune" else (checkpoint or {}).get("prompt_template")
+    # over the final parameters (sharded under FSDP); its lr is overwritten every step from get_lr
     optimizer = configure_optimizer(model, args.weight_decay, args.max_lr, device)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)  # a no-op unless float16
     start_step = 0 if checkpoint is None else resume(checkpoint, checkpoint_path, model, optimizer, scaler,
@@ -1448,9 +1487,9 @@ def run_training(args, rank, local_rank, world_size, device):
                 if step > start_step:
                     save_training_checkpoint(checkpoint_path, raw_model, optimizer, state, master)
                 break
-            t0 = time.time()
+            t0 = time.time()  # after the evaluation: a step's time is its data, forward, backward and update
             lr = get_lr(step, args.max_lr, args.max_lr * args.min_lr_ratio, args.warmup_steps, max_steps)
-            for group in optimizer.param_groups:
+            for group in optimizer.param_groups:  # both groups, with and without decay, follow the schedule
                 group["lr"] = lr
             micro_batches = train_loader.next_step(grad_accum)
             loss, grad_norm, stop_now = forward_backward(model, micro_batches, device, world_size, args.grad_clip,
@@ -1467,12 +1506,13 @@ def run_training(args, rank, local_rank, world_size, device):
                 print0("stopped; continue with --init_from resume")
                 break
             scaler.step(optimizer)  # optimizer.step(), unless float16 gradients overflowed
-            scaler.update()
+            scaler.update()  # float16: raises the scale after a run of good steps, lowers it after an overflow
             optimizer.zero_grad(set_to_none=True)
             if device.startswith("cuda"):
-                torch.cuda.synchronize()
+                torch.cuda.synchronize()  # kernels run async: wait, so dt is the step's time, not its launch's
             step += 1
             tokens = sum(x.numel() for x, _ in micro_batches) * world_size  # fine-tuning: padding included
+            # step counts steps done, as checkpoints do
             log.step(step, loss, lr, grad_norm, time.time() - t0, tokens, seconds_at_peak)
     except Exception:
         # No trained step is thrown away: whatever failed (an evaluation, the disk, the data),
@@ -1485,7 +1525,7 @@ def run_training(args, rank, local_rank, world_size, device):
                 save_training_checkpoint(checkpoint_path, raw_model, optimizer, state, master)
         raise
     finally:
-        stop.restore()
+        stop.restore()  # Ctrl-C means Ctrl-C again once the loop is over
         if tracker:
             tracker.finish()
 
@@ -1493,10 +1533,11 @@ def run_training(args, rank, local_rank, world_size, device):
 def train(args):
     """--mode pretrain and --mode finetune: one process of the run, --out_dir locked while it lives."""
     rank, local_rank, world_size, device = setup_distributed(args.device)
+    # rank 0 locks for the whole run: one lock per run, not one per process
     with claim_out_dir(args.out_dir) if rank == 0 else contextlib.nullcontext():
         run_training(args, rank, local_rank, world_size, device)
     if world_size > 1:
-        torch.distributed.destroy_process_group()
+        torch.distributed.destroy_process_group()  # a clean exit: NCCL warns about a group left open
 
 
 # -----------------------------------------------------------------------------
@@ -1512,7 +1553,8 @@ def evaluate_model(args, rank, world_size, device):
     model.to(device).eval()
     results = {"model": args.init_from}
     if args.data_dir:
-        Loader = PretrainLoader if kind == "pretrain" else InstructionLoader
+        Loader = PretrainLoader if kind == "pretrain" else InstructionLoader  # the folder says how to read it
+        # val split, at the model's own block_size
         loader = Loader(args.data_dir, "val", args.batch_size, model.config.block_size, rank, world_size, args.seed)
         results["val_loss"] = evaluate_loss(model, loader, args.val_steps, device, world_size, progress=rank == 0)
     if args.hellaswag:
@@ -1520,10 +1562,11 @@ def evaluate_model(args, rank, world_size, device):
         results.update(hellaswag_eval(model, args.hellaswag_path, device, rank, world_size, args.hellaswag_limit,
                                       args.hellaswag_convention, progress=rank == 0))
         results["hellaswag_items_per_s"] = results["hellaswag_items"] / (time.time() - t0)
-    if rank == 0:
-        width = max(map(len, results))
+    if rank == 0:  # one writer: the results are already summed over the ranks
+        width = max(map(len, results))  # the values in one column
         for key, value in results.items():
             print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+        # eval.json: the same numbers, for scripts and comparisons
         atomic_write(os.path.join(args.out_dir, "eval.json"), lambda f: f.write(json.dumps(results, indent=2).encode()))
     return results
 
@@ -1534,7 +1577,7 @@ def evaluate(args):
     with claim_out_dir(args.out_dir) if rank == 0 else contextlib.nullcontext():
         results = evaluate_model(args, rank, world_size, device)
     if world_size > 1:
-        torch.distributed.destroy_process_group()
+        torch.distributed.destroy_process_group()  # as in train: no group left open at exit
     return results
 
 
@@ -1544,24 +1587,25 @@ def evaluate(args):
 
 def stream_text(model, enc, tokens, device, args, generator=None):
     """Print one answer token by token as it is generated; return its text."""
-    ids = torch.tensor([tokens], dtype=torch.long, device=device)
+    ids = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, T): a batch of one
     # BPE tokens can split a UTF-8 character: decode bytes incrementally, never mid-character.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     pieces = []
     with autocast(device, pick_dtype(device, args.dtype)):
         for token in model.stream(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_k=args.top_k, top_p=args.top_p, generator=generator):
-            if token.item() == EOT_TOKEN:
+            if token.item() == EOT_TOKEN:  # the end of a fine-tuned answer, or of a document
                 break
+            # '' until a character's last byte has come: never half of one on screen
             pieces.append(decoder.decode(enc.decode_single_token_bytes(token.item())))
             print(pieces[-1], end="", flush=True)
-    pieces.append(decoder.decode(b"", final=True))
+    pieces.append(decoder.decode(b"", final=True))  # bytes still held: a cut-off character prints as U+FFFD
     print(pieces[-1])
     return "".join(pieces)
 
 
 def sample(args):
-    device = pick_device(args.device)
+    device = pick_device(args.device)  # one process: sampling needs no torchrun
     prompts = args.prompt or ["Hello, I'm a language model,"]
     if not all(prompts):  # before loading a model that may take a minute
         raise UserError('the prompt is empty: give some text, or --prompt "<|endoftext|>" to sample unconditionally')
@@ -1574,22 +1618,24 @@ def sample(args):
         if len(tokens) > model.config.block_size:
             print(f"note: prompt {prompt[:30]!r}... has {len(tokens)} tokens; the model reads only its last {model.config.block_size}")
     generator = None
-    if args.seed is not None:
+    if args.seed is not None:  # --seed: the same samples every time; none: fresh ones
         generator = torch.Generator(device=device).manual_seed(args.seed)
-    if len(prompts) == 1 and args.num_samples == 1:
+    if len(prompts) == 1 and args.num_samples == 1:  # one answer: streamed token by token, as in chat
+        # a continuation follows on the line; an answer below
         print(prompts[0], end="" if template is None else "\n", flush=True)
         stream_text(model, enc, token_lists[0], device, args, generator)
         return
     # Every prompt times num_samples, generated as one left-padded batch.
+    # prompt-major: row // num_samples is the prompt
     batch = [tokens for tokens in token_lists for _ in range(args.num_samples)]
-    ids, mask = left_pad(batch)
+    ids, mask = left_pad(batch)  # (B, T), right-aligned: every row's next token at the same column
     with autocast(device, pick_dtype(device, args.dtype)):
         out = model.generate(ids.to(device), mask.to(device), max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              generator=generator)
     for row in range(len(batch)):
-        text = prompts[row // args.num_samples] if template is None else ""
-        new = until_eot(out[row, ids.size(1):].tolist())
+        text = prompts[row // args.num_samples] if template is None else ""  # a continuation reads with its prompt
+        new = until_eot(out[row, ids.size(1):].tolist())  # the generated part only, cut at <|endoftext|>
         print(f"--- sample {row % args.num_samples + 1} of prompt {row // args.num_samples + 1}\n{text}{enc.decode(new)}")
 
 
@@ -1618,7 +1664,7 @@ def chat(args):
             break
         if instruction in ("/quit", "/exit"):
             break
-        if instruction:
+        if instruction:  # an empty line asks nothing
             try:
                 stream_text(model, enc, encode_prompts(enc, [instruction], template)[0], device, args, generator)
             except KeyboardInterrupt:  # Ctrl-C while answering: drop the answer, keep the chat
@@ -1639,7 +1685,7 @@ def bytes_to_unicode():
     written as one visible character, the printable ones as themselves and the other 68 (space,
     control bytes, ...) as the characters from U+0100 on; a space becomes 'Ġ', hence 'Ġthe'."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
+    others = [b for b in range(256) if b not in printable]  # 68 of them: space, control bytes, a few more
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
@@ -1652,14 +1698,14 @@ def bpe_merges(ranks):
     for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
         if len(token) == 1:
             continue  # the 256 single bytes: the alphabet, not merges
-        parts = [bytes([b]) for b in token]
+        parts = [bytes([b]) for b in token]  # from single bytes, as BPE starts
         while len(parts) > 2:  # BPE: merge the adjacent pair of lowest rank, below this token's own
             pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts, parts[1:])]
-            i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+            i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)  # the lowest rank merges first
             if pair_ranks[i] >= rank:
                 raise UserError(f"tiktoken's GPT-2 ranks are not BPE merges at token {rank}: reinstall tiktoken")
             parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        merges.append((parts[0], parts[1]))
+        merges.append((parts[0], parts[1]))  # the last merge left: the one that made this token
     return merges
 
 
@@ -1672,6 +1718,7 @@ def jinja_chat_template(template):
     pieces = []
     for literal, field, spec, conversion in Formatter().parse(template):
         if literal:
+            # a JSON string is a valid Jinja string literal
             pieces.append("{{ " + json.dumps(literal, ensure_ascii=False) + " }}")
         if field is not None:
             if field != "instruction" or spec or conversion:
@@ -1691,13 +1738,14 @@ def write_gpt2_tokenizer(folder, enc, max_length, chat_template=None):
     byte_char = bytes_to_unicode()
     as_text = lambda token: "".join(byte_char[b] for b in token)  # noqa: E731
     ranks = enc._mergeable_ranks  # tiktoken's own table: {token bytes: id}, no special tokens
+    # <|endoftext|> is one of tiktoken's special tokens, not a rank: added by hand
     vocab = {as_text(token): rank for token, rank in ranks.items()} | {"<|endoftext|>": EOT_TOKEN}
     merges = bpe_merges(ranks)
     print(f"tokenizer: {len(vocab)} tokens, {len(merges)} merges rebuilt from tiktoken's GPT-2 ranks"
           + (", chat template from the fine-tuning prompt" if chat_template else ""))
     tokenizer_config = {
-        "tokenizer_class": "GPT2Tokenizer",
-        "model_max_length": max_length,
+        "tokenizer_class": "GPT2Tokenizer",  # AutoTokenizer builds the fast one from these same files
+        "model_max_length": max_length,  # block_size: the tokenizer warns before the model fails
         "add_prefix_space": False,  # "Hello" and " Hello" are different tokens, as in tiktoken
         "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
         # special: "<|endoftext|>" in text is the one token 50256, as with tiktoken's allowed_special
@@ -1724,7 +1772,7 @@ def export(args):
                         "a Hugging Face GPT-2 folder or a name such as gpt2")
     if not args.out_dir:
         raise UserError("--mode export needs --out_dir: a new folder to write the Hugging Face model into")
-    out_dir = os.path.abspath(args.out_dir)
+    out_dir = os.path.abspath(args.out_dir)  # normalized (no trailing '/'): the .partial folder below is its sibling
     if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and not os.listdir(out_dir)):
         raise UserError(f"{args.out_dir} exists and is not an empty folder: export never overwrites files; "
                         "give a new --out_dir, or move that one away first")
@@ -1759,8 +1807,8 @@ def export(args):
         if key.endswith(transposed):
             tensor = tensor.t()  # OpenAI's Conv1D stores (in, out); nn.Linear holds (out, in)
         tensors[key] = tensor.contiguous()  # safetensors writes whole, dense tensors
-    n_params = sum(t.numel() for t in tensors.values())
-    dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    n_params = sum(t.numel() for t in tensors.values())  # as exported: 50257 rows, the tied lm_head once
+    dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")  # 'float32': the spelling config.json uses
     # OpenAI's config.json for GPT-2, with this model's sizes and every setting that differs
     # from transformers' defaults spelled out (a default may change between its versions).
     hf_config = {
@@ -1778,7 +1826,7 @@ def export(args):
         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,  # we train without dropout
         "initializer_range": 0.02,  # used only for weights a user adds (a classification head, ...)
         "scale_attn_weights": True,  # softmax(q k / sqrt(head size)), as scaled_dot_product_attention
-        "scale_attn_by_inverse_layer_idx": False,
+        "scale_attn_by_inverse_layer_idx": False,  # options added after GPT-2, for other models: off
         "reorder_and_upcast_attn": False,
         "tie_word_embeddings": True,  # lm_head is wte, as in our GPT
         "bos_token_id": EOT_TOKEN,  # GPT-2 has one special token for all three roles
@@ -1805,8 +1853,8 @@ def export(args):
         write_gpt2_tokenizer(tmp, enc, config.block_size, chat_template)
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)  # empty (checked above); rmdir refuses if files appeared since
-        os.rename(tmp, out_dir)
-    except BaseException:
+        os.rename(tmp, out_dir)  # the finished folder appears at once, under its name
+    except BaseException:  # Ctrl-C too: no .partial folder is left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(f"wrote {args.out_dir} ({', '.join(sorted(os.listdir(out_dir)))}) in {time.time() - start:.1f}s")
@@ -1826,6 +1874,7 @@ def build_nanogpt_forward(model, idx, targets):
     for block in model.transformer.h:
         x = block(x)
     logits = model.lm_head(model.transformer.ln_f(x))  # (B, T, 50304)
+    # (B * T, 50304) against (B * T,): cross_entropy wants one row per target
     return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 
@@ -1835,7 +1884,7 @@ def build_nanogpt_step(forward, model, optimizer, x, y, device):
     with autocast(device):
         _, loss = forward(model, x.to(device), y.to(device))
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # build-nanogpt clips at 1.0, as GPT-3
     optimizer.step()
     return loss.item(), norm.item()  # build-nanogpt prints both, so it waits for them
 
@@ -1846,9 +1895,9 @@ def peak_memory_growth(fn, device):
     every millisecond, after handing freed heap back to the OS so that the level before is
     honest; elsewhere None."""
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize()  # queued work first: the peak is fn's alone
         torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
+        before = torch.cuda.memory_allocated(device)  # weights and AdamW state already held: not fn's growth
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated(device) - before
@@ -1856,7 +1905,7 @@ def peak_memory_growth(fn, device):
         return None
     import ctypes
     import threading
-    page = os.sysconf("SC_PAGE_SIZE")
+    page = os.sysconf("SC_PAGE_SIZE")  # statm counts pages, not bytes
 
     def rss():
         with open("/proc/self/statm") as f:
@@ -1878,7 +1927,7 @@ def peak_memory_growth(fn, device):
     finally:
         done.set()
         sampler.join()
-    return max(peak[0], rss()) - before
+    return max(peak[0], rss()) - before  # the sampler may have missed the last millisecond
 
 
 def bench_generate(args):
@@ -1901,14 +1950,14 @@ def bench_generate(args):
     @torch.no_grad()
     def recompute(ids, mask):
         for _ in range(n):
-            window = ids[:, -cfg.block_size:]
+            window = ids[:, -cfg.block_size:]  # the model reads at most block_size tokens
             if mask is None:  # build-nanogpt's loop
-                logits = model(window)[0][:, -1]
+                logits = model(window)[0][:, -1]  # (B, vocab): the last position's, the whole window recomputed
             else:  # it has no padding: a fresh cache every token recomputes everything
                 cache = KVCache(model.config, ids.size(0), window.size(1), device, torch.float32)
                 logits = forward_cached(model, window, cache, mask[:, -cfg.block_size:])
                 mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)
-            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)  # greedy, as the others: tokens comparable
         return ids
 
     methods = {
@@ -1918,7 +1967,7 @@ def bench_generate(args):
                                                                      eos_token_id=None, pad_token_id=EOT_TOKEN),
     }
     lengths = [16, 5, 11, 8, 14, 3, 9, 12]  # batch 8: prompts of 3 to 16 tokens, left-padded
-    prompts = {1: (torch.randint(0, 50257, (1, 16)), None),
+    prompts = {1: (torch.randint(0, 50257, (1, 16)), None),  # batch 1: no padding, no mask
                8: left_pad([torch.randint(0, 50257, (length,)).tolist() for length in lengths])}
     print(f"bench generate: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, {n} new tokens, greedy, "
           f"{device}, median of {args.bench_steps} interleaved rounds")
@@ -1930,7 +1979,7 @@ def bench_generate(args):
             for name, method in methods.items():
                 t0 = time.perf_counter()
                 method(ids, mask)
-                if device.startswith("cuda"):
+                if device.startswith("cuda"):  # the clock stops once the GPU is done
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - t0)
         medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
@@ -1960,7 +2009,7 @@ def bench(args):
     if device_type == "cuda":
         enable_tf32()
     torch.manual_seed(args.seed)
-    model = GPT(config_from_args(args)).to(device)
+    model = GPT(config_from_args(args)).to(device)  # random weights: speed does not depend on them
     T = model.config.block_size
     if args.fsdp or args.activation_checkpointing:
         shard_and_checkpoint(model, pick_dtype(device, args.dtype), args.fsdp, args.activation_checkpointing, args.compile)
@@ -1971,7 +2020,9 @@ def bench(args):
     if world_size > 1 and not args.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         compiled = DDP(compiled, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+    # CUDA runs async: time a step only once the GPU has finished it
     sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    # x is (B, T + 1): inputs x[:, :-1] and next-token targets x[:, 1:], both (B, T)
     steps = {"ours": lambda x: train_step(compiled, optimizer, [(x[:, :-1], x[:, 1:])], device, world_size, 1.0)}
     if args.bench_anchor:  # its own copy of the same weights, and its own AdamW
         anchor = GPT(model.config).to(device)
@@ -1986,7 +2037,7 @@ def bench(args):
           f"{args.bench_steps} timed rounds after {args.bench_warmup}")
     times = {name: [] for name in steps}
     for i in range(args.bench_warmup + args.bench_steps):
-        x = torch.randint(0, 50257, (args.batch_size, T + 1))
+        x = torch.randint(0, 50257, (args.batch_size, T + 1))  # fresh tokens each round
         # interleaved, the order alternating: a slow spell of a shared machine hits both ways
         for name in (list(steps) if i % 2 == 0 else list(steps)[::-1]):
             sync()
@@ -2000,7 +2051,7 @@ def bench(args):
     x = torch.randint(0, 50257, (args.batch_size, T + 1))
     medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}  # median: robust to a stray slow step
     for name, step in steps.items():
-        tok_per_s = args.batch_size * T * world_size / medians[name]
+        tok_per_s = args.batch_size * T * world_size / medians[name]  # every rank trains its own batch
         grown = peak_memory_growth(lambda: step(x), device)  # one more step, measured alone
         print(f"{name:<14} median step {1000 * medians[name]:8.1f} ms | {tok_per_s:10,.0f} tokens/s"
               + (f" | MFU {100 * flops_per_token(model) * tok_per_s / (peak * world_size):.1f}% of "
@@ -2049,11 +2100,13 @@ def plot(args):
                 raise UserError(f"{log_path}, line {number}, is not JSON: remove that line and plot again") from None
             if isinstance(entry, dict) and isinstance(entry.get("step"), int):  # other lines hold nothing to plot
                 entries.append(entry)
+    # (steps, values) of the entries that have key: train and val losses are logged at different steps
     series = lambda key: ([e["step"] for e in entries if key in e], [e[key] for e in entries if key in e])  # noqa: E731
-    has_hellaswag = any("hellaswag_acc_norm" in e for e in entries)
+    has_hellaswag = any("hellaswag_acc_norm" in e for e in entries)  # a second panel only then
+    # squeeze=False: axes is 2-D with one panel or two
     fig, axes = plt.subplots(1, 2 if has_hellaswag else 1, figsize=(12 if has_hellaswag else 6, 4.5), squeeze=False)
     ax = axes[0][0]
-    ax.plot(*series("loss"), label="train loss", alpha=0.7)
+    ax.plot(*series("loss"), label="train loss", alpha=0.7)  # light: the noisy per-step curve under the val points
     ax.plot(*series("val_loss"), "o-", label="val loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
@@ -2062,8 +2115,9 @@ def plot(args):
     if has_hellaswag:
         ax = axes[0][1]
         ax.plot(*series("hellaswag_acc_norm"), "o-", label="HellaSwag acc_norm")
+        # GPT-2 124M's acc_norm in the completion convention (see hellaswag_eval)
         ax.axhline(0.2955, color="gray", linestyle="--", label="OpenAI GPT-2 124M")
-        ax.axhline(0.25, color="lightgray", linestyle=":", label="chance")
+        ax.axhline(0.25, color="lightgray", linestyle=":", label="chance")  # 4 endings: a guess is right 1 time in 4
         ax.set_xlabel("step")
         ax.set_ylabel("accuracy")
         ax.legend()
@@ -2071,7 +2125,7 @@ def plot(args):
     fig.suptitle(args.out_dir)
     fig.tight_layout()
     path = os.path.join(args.out_dir, "plot.png")
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100)  # a file beside log.jsonl: works on a server with no display
     print(f"wrote {path}")
 
 
@@ -2081,14 +2135,17 @@ def plot(args):
 
 # Flags whose default depends on the mode (None in the parser).
 MODE_DEFAULTS = {
+    # GPT-3 small's recipe as build-nanogpt runs it: 2**19 tokens a step, 6e-4, 715 warmup steps
     "pretrain": dict(init_from="scratch", data_dir="data/fineweb_edu_10B", out_dir="out/pretrain", batch_size=64,
                      total_batch_size=524288, max_lr=6e-4, warmup_steps=715, eval_interval=250, ckpt_interval=5000,
                      val_steps=160, hellaswag=0, hellaswag_convention="completion"),
+    # a small LR: the pretrained weights should move little
     "finetune": dict(init_from="gpt2", data_dir="data/alpaca", out_dir="out/finetune", batch_size=8,
                      total_batch_size=32, max_lr=2e-5, warmup_steps=100, eval_interval=200, ckpt_interval=1000,
                      val_steps=50, hellaswag=0),
+    # both HellaSwag conventions: either published number can be compared
     "eval": dict(init_from="gpt2", out_dir="out/eval", batch_size=16, val_steps=160, hellaswag=1, hellaswag_convention="both"),
-    "bench": dict(batch_size=64, bench_steps=20, max_new_tokens=200),
+    "bench": dict(batch_size=64, bench_steps=20, max_new_tokens=200),  # max_new_tokens: for --bench_generate
     # nanoGPT's sampling defaults: a 124M model at temperature 1 over all 50,257 tokens drifts
     # into noise within a sentence; 0.8 and the 200 likeliest keep it readable and varied.
     "sample": dict(init_from="gpt2", max_new_tokens=64, temperature=0.8, top_k=200),
@@ -2100,6 +2157,7 @@ MODE_DEFAULTS = {
 def flag(kind, low=None, high=None, above=False):
     """An argparse type: the text parsed as kind and checked against its domain, so that a
     value outside it (--max_steps -1, --top_p 0) is refused before anything runs."""
+    # the range as the error message words it
     domain = (f"> {low}" if above else f">= {low}") if high is None else f"in {'(' if above else '['}{low}, {high}]"
 
     def parse(text):
@@ -2107,6 +2165,7 @@ def flag(kind, low=None, high=None, above=False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        # nan and inf parse as floats but lie in no range
         if not math.isfinite(value) or (low is not None and (value <= low if above else value < low)) \
                 or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {domain}")
@@ -2119,7 +2178,7 @@ def device_flag(text):
     if text == "auto":
         return text
     try:
-        device = torch.device(text)
+        device = torch.device(text)  # parses 'cuda:1', refuses 'gpu'
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -2156,9 +2215,10 @@ def parse_args(argv=None, defaults=None):
     """defaults: values that replace the parser's own, as a resumed run's saved flags do."""
     p = ArgumentParser(description="GPT-2: pretrain, fine-tune, evaluate, sample, chat.",
                        formatter_class=HelpFormatter, allow_abbrev=False)  # --max_l is not --max_lr
-    count, positive = flag(int, 1), flag(float, 0, above=True)
+    count, positive = flag(int, 1), flag(float, 0, above=True)  # count: 1 or more; positive: above 0
 
     def add(group, name, default=None, help="", **kw):
+        # a mode-dependent default is None here and named in the help
         group.add_argument(f"--{name}", default=default, help=help + mode_default(name), **kw)
 
     add(p, "mode", "sample", "what to do", choices=["pretrain", "finetune", "eval", "sample", "chat", "bench",
@@ -2168,6 +2228,7 @@ def parse_args(argv=None, defaults=None):
     add(p, "data_dir", help="a folder made by prepare_data.py")
     add(p, "out_dir", help="checkpoints, log.jsonl, eval.json, plot.png")
     add(p, "device", "auto", "auto picks cuda, then mps, then cpu", type=device_flag)
+    # None until below: sample and chat draw fresh randomness unless given
     add(p, "seed", help="data order, init, sampling (default: 1337; sample and chat: a random seed)", type=int)
     add(p, "dtype", "auto", "the matmuls' precision; auto: bfloat16 on GPUs that have it, float16 with a gradient "
         "scaler on older GPUs (T4, V100), float32 on CPUs and Macs", choices=["auto", "bfloat16", "float16", "float32"])
@@ -2182,12 +2243,16 @@ def parse_args(argv=None, defaults=None):
     add(g, "total_batch_size", help="per optimizer step, over all GPUs: tokens (pretrain), examples (finetune); "
         "the rest is gradient accumulation", type=count)
     add(g, "max_lr", help="peak learning rate", type=positive)
+    # above 1 the LR would rise as it decays
     add(g, "min_lr_ratio", 0.1, "the LR decays to max_lr x this", type=flag(float, 0, 1))
+    # 0: no warmup (get_lr never divides by it then)
     add(g, "warmup_steps", help="steps of linear warmup to max_lr", type=flag(int, 0))
     add(g, "max_steps", help="optimizer steps (default: one epoch when pretraining, --epochs when fine-tuning)", type=count)
     add(g, "epochs", 2, "finetune: passes over the examples", type=count)
+    # a negative decay would push weights away from 0
     add(g, "weight_decay", 0.1, "AdamW's, on matrices only", type=flag(float, 0))
     add(g, "grad_clip", 1.0, "clip the gradient's global norm to this; 0: no clipping", type=flag(float, 0))
+    # None until below: its default depends on the device
     add(g, "compile", help="1: torch.compile the model (default: 1 on CUDA, 0 elsewhere)", type=int, choices=[0, 1])
     add(g, "fsdp", 0, "1: shard weights, gradients and optimizer state over the GPUs (FSDP2) instead of copying "
         "them to each (DDP); for models that do not fit one GPU with DDP; needs torchrun", type=int, choices=[0, 1])
@@ -2214,19 +2279,22 @@ def parse_args(argv=None, defaults=None):
     add(g, "prompt", help="repeat for several prompts (default: \"Hello, I'm a language model,\")", action="append")
     add(g, "num_samples", 1, "samples per prompt", type=count)
     add(g, "max_new_tokens", help="tokens to generate at most", type=flag(int, 0))
+    # 0 is allowed (greedy); a negative one would favour the unlikeliest tokens
     add(g, "temperature", help="0 is greedy; below 1 sharpens the distribution", type=flag(float, 0))
     add(g, "top_k", help="sample among the k likeliest tokens; 0: all", type=flag(int, 0))
+    # (0, 1]: top_p 0 would drop every token, and softmax over all -inf is NaN
     add(g, "top_p", 1.0, "sample among the likeliest tokens holding this probability; 1: all", type=flag(float, 0, 1, above=True))
     if defaults:
-        p.set_defaults(**defaults)
+        p.set_defaults(**defaults)  # a resumed run's saved flags; flags given now still win
     args = p.parse_args(argv)
-    for key, value in MODE_DEFAULTS.get(args.mode, {}).items():
+    for key, value in MODE_DEFAULTS.get(args.mode, {}).items():  # None means not given: this mode's default
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.seed is None and args.mode not in ("sample", "chat"):
         args.seed = 1337
-    if args.compile is None:
+    if args.compile is None:  # on CUDA only; 'auto' counts as CUDA where a GPU is
         args.compile = int(args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available())
+    # checked now, not after the data and model have loaded
     if args.fsdp and args.mode in ("pretrain", "finetune", "bench") and int(os.environ.get("WORLD_SIZE", 1)) == 1:
         p.error("--fsdp 1 shards over the processes torchrun starts (torchrun --nproc_per_node=N train_gpt2.py ...); "
                 "one process has nothing to shard with: give --fsdp 0")
@@ -2245,6 +2313,7 @@ def resumed_args(argv, args):
         return args  # train() says there is nothing to resume
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["args"]  # mmap: reads only the args
+        # those three say what to resume: always today's
         saved = {k: v for k, v in saved.items() if k not in ("init_from", "mode", "out_dir")}
     except Exception:  # truncated or foreign: train() loads it again and says what is wrong
         return args
@@ -2253,12 +2322,12 @@ def resumed_args(argv, args):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
+    args = parse_args(argv)  # first pass: --out_dir says where the checkpoint to resume is
     modes = {"pretrain": train, "finetune": train, "eval": evaluate, "sample": sample, "chat": chat, "bench": bench,
              "plot": plot, "export": export}
     try:
         if args.init_from == "resume":
-            args = resumed_args(argv, args)
+            args = resumed_args(argv, args)  # second pass, over the saved flags
         modes[args.mode](args)
     except UserError as e:  # a mistake the user can fix: one line; a bug keeps its traceback
         sys.exit(f"error: {e}")
