@@ -1763,6 +1763,48 @@ def write_gpt2_tokenizer(folder, enc, max_length, chat_template=None):
         json.dump(tokenizer_config, f, indent=2, ensure_ascii=False)
 
 
+def hf_gpt2_tensors(model):
+    """The model's weights as GPT2LMHeadModel stores them: the same names, Conv1D's layout."""
+    transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    tensors = {}
+    for key, tensor in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue  # the same tensor as wte (tied); transformers re-ties it on load, as for OpenAI's files
+        if key == "transformer.wte.weight":
+            tensor = tensor[:model.config.vocab_size]  # the padded rows (50257 -> 50304) are never read or predicted
+        if key.endswith(transposed):
+            tensor = tensor.t()  # OpenAI's Conv1D stores (in, out); nn.Linear holds (out, in)
+        tensors[key] = tensor.contiguous()  # safetensors writes whole, dense tensors
+    return tensors
+
+
+def hf_gpt2_config(config, dtype):
+    """OpenAI's config.json for GPT-2, with this model's sizes and every setting that differs
+    from transformers' defaults spelled out (a default may change between its versions)."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],  # what AutoModelForCausalLM builds
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,  # 50257, never the padded size: hf_gpt2_tensors cuts those rows
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,  # the same, under the name older transformers read
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,  # None means 4 * n_embd, our MLP's width
+        "activation_function": "gelu_new",  # GELU's tanh approximation, as our MLP
+        "layer_norm_epsilon": 1e-5,  # nn.LayerNorm's default, which our blocks use
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,  # we train without dropout
+        "initializer_range": 0.02,  # used only for weights a user adds (a classification head, ...)
+        "scale_attn_weights": True,  # softmax(q k / sqrt(head size)), as scaled_dot_product_attention
+        "scale_attn_by_inverse_layer_idx": False,  # options added after GPT-2, for other models: off
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,  # lm_head is wte, as in our GPT
+        "bos_token_id": EOT_TOKEN,  # GPT-2 has one special token for all three roles
+        "eos_token_id": EOT_TOKEN,
+        "torch_dtype": dtype,  # what from_pretrained(dtype="auto") loads it as
+    }
+
+
 def export(args):
     """--mode export: write --init_from as a Hugging Face GPT-2 folder at --out_dir. The folder is
     built beside it and renamed into place when complete: a crash leaves no half folder."""
@@ -1796,43 +1838,10 @@ def export(args):
                         "export writes GPT-2's tokenizer, so it can only export models of GPT-2's vocabulary")
     chat_template = jinja_chat_template(template) if template else None  # before writing anything
 
-    # The weights, in GPT2LMHeadModel's names (ours are the same) and layout.
-    transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    tensors = {}
-    for key, tensor in model.state_dict().items():
-        if key == "lm_head.weight":
-            continue  # the same tensor as wte (tied); transformers re-ties it on load, as for OpenAI's files
-        if key == "transformer.wte.weight":
-            tensor = tensor[:config.vocab_size]  # the padded rows (50257 -> 50304) are never read or predicted
-        if key.endswith(transposed):
-            tensor = tensor.t()  # OpenAI's Conv1D stores (in, out); nn.Linear holds (out, in)
-        tensors[key] = tensor.contiguous()  # safetensors writes whole, dense tensors
+    tensors = hf_gpt2_tensors(model)
     n_params = sum(t.numel() for t in tensors.values())  # as exported: 50257 rows, the tied lm_head once
     dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")  # 'float32': the spelling config.json uses
-    # OpenAI's config.json for GPT-2, with this model's sizes and every setting that differs
-    # from transformers' defaults spelled out (a default may change between its versions).
-    hf_config = {
-        "architectures": ["GPT2LMHeadModel"],  # what AutoModelForCausalLM builds
-        "model_type": "gpt2",
-        "vocab_size": config.vocab_size,  # 50257, never the padded size: the rows were cut above
-        "n_positions": config.block_size,
-        "n_ctx": config.block_size,  # the same, under the name older transformers read
-        "n_embd": config.n_embd,
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "n_inner": None,  # None means 4 * n_embd, our MLP's width
-        "activation_function": "gelu_new",  # GELU's tanh approximation, as our MLP
-        "layer_norm_epsilon": 1e-5,  # nn.LayerNorm's default, which our blocks use
-        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,  # we train without dropout
-        "initializer_range": 0.02,  # used only for weights a user adds (a classification head, ...)
-        "scale_attn_weights": True,  # softmax(q k / sqrt(head size)), as scaled_dot_product_attention
-        "scale_attn_by_inverse_layer_idx": False,  # options added after GPT-2, for other models: off
-        "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True,  # lm_head is wte, as in our GPT
-        "bos_token_id": EOT_TOKEN,  # GPT-2 has one special token for all three roles
-        "eos_token_id": EOT_TOKEN,
-        "torch_dtype": dtype,  # what from_pretrained(dtype="auto") loads it as
-    }
+    hf_config = hf_gpt2_config(config, dtype)
     if template:
         # model.config.prompt_template: the plain str.format template, for code that does not chat
         hf_config["prompt_template"] = template
@@ -1993,6 +2002,21 @@ def bench_generate(args):
               f"faster than recomputing, {medians['transformers generate'] / ours:.2f}x faster than transformers")
 
 
+def memory_per_rank(compiled, model, optimizer, x, device, rank, world_size):
+    """Print, on rank 0, the parameter + gradient + AdamW bytes each rank holds (FSDP: its shard),
+    and its peak GPU memory, after one more forward and backward so the gradients exist too."""
+    forward_backward(compiled, [(x[:, :-1], x[:, 1:])], device, world_size, 1.0)
+    cuda = device.startswith("cuda")
+    # each rank fills its own slot, and a sum hands rank 0 all of them
+    held, peak_gpu = [0.0] * world_size, [0.0] * world_size
+    held[rank] = bytes_held(model, optimizer)
+    peak_gpu[rank] = torch.cuda.max_memory_allocated(device) if cuda else 0.0
+    held, peak_gpu = all_reduce_sum(held, world_size), all_reduce_sum(peak_gpu, world_size)
+    for r in range(world_size if rank == 0 else 0):
+        print(f"rank {r}: parameters + gradients + AdamW state {held[r] / 2**20:,.2f} MiB"
+              + (f" | peak GPU memory {peak_gpu[r] / 2**30:,.2f} GiB" if cuda else ""))
+
+
 def bench(args):
     """--mode bench: a training step on random tokens, timed (median of --bench_steps after
     --bench_warmup), as tokens/s, MFU (CUDA) and the step's peak memory, so anyone can measure
@@ -2062,16 +2086,7 @@ def bench(args):
     if grown is not None:
         print("peak memory: " + ("torch.cuda.max_memory_allocated during one step, above what was allocated before it"
                                  if device_type == "cuda" else "the rise of the process's RSS during one step (sampled each ms)"))
-    # Memory per rank, after one more forward and backward so the gradients exist too. Each rank
-    # fills its own slot and a sum hands rank 0 all of them.
-    forward_backward(compiled, [(x[:, :-1], x[:, 1:])], device, world_size, 1.0)
-    held, peak_gpu = [0.0] * world_size, [0.0] * world_size
-    held[rank] = bytes_held(model, optimizer)
-    peak_gpu[rank] = torch.cuda.max_memory_allocated(device) if device_type == "cuda" else 0.0
-    held, peak_gpu = all_reduce_sum(held, world_size), all_reduce_sum(peak_gpu, world_size)
-    for r in range(world_size):
-        print(f"rank {r}: parameters + gradients + AdamW state {held[r] / 2**20:,.2f} MiB"
-              + (f" | peak GPU memory {peak_gpu[r] / 2**30:,.2f} GiB" if device_type == "cuda" else ""))
+    memory_per_rank(compiled, model, optimizer, x, device, rank, world_size)
     if world_size > 1:
         torch.distributed.destroy_process_group()
 
