@@ -671,8 +671,6 @@ def prepare_pretraining(args, staging, state, lock_fd):
         writer.filled = 0  # both halves written: nothing for flush() to write again
     writer.flush()  # the last, shorter shard
     writer.commit({"finished": True})  # all read: a run resumed from here only writes meta.json
-    if writer.tokens("val") + writer.tokens("train") == 0:
-        raise DataError(f"the corpus {describe_source(args)} is empty: no text to tokenize")
     if writer.tokens("train") == 0:
         raise DataError(f"no tokens left to train on: all {writer.tokens('val'):,} are in the val split; "
                         "give a smaller --val_tokens")
@@ -697,7 +695,7 @@ def prepare_pretraining(args, staging, state, lock_fd):
 # Instruction data (Alpaca) and HellaSwag: small, so made in one go (no resume)
 
 
-def prepare_sft(args, staging, state, lock_fd):
+def prepare_sft(args, staging):
     """Each example: prompt tokens (mask 0), then answer + <|endoftext|> (mask 1). Stored as
     {split}_tokens.npy (uint16), {split}_mask.npy (uint8) and {split}_offsets.npy (int64,
     example i is tokens[offsets[i]:offsets[i+1]])."""
@@ -741,12 +739,10 @@ def prepare_sft(args, staging, state, lock_fd):
           f"examples to {args.out_dir}; dropped {dropped:,} longer than {args.block_size} tokens")
 
 
-def prepare_hellaswag(args, staging, state, lock_fd):
+def prepare_hellaswag(args, staging):
     """HellaSwag's validation items as JSON lines: ctx, the 4 endings, the label (and the
     activity label and the two halves of ctx, which lm-evaluation-harness's query uses)."""
-    items = [hellaswag_item(row, where) for row, where, _ in read_rows(args)]
-    if not items:
-        raise DataError(f"{describe_source(args)} has no items")
+    items = [hellaswag_item(row, where) for row, where, _ in read_rows(args)]  # not empty: check_inputs saw a row
     path = os.path.join(staging, "hellaswag_val.jsonl")
     with open(path, "w") as f:  # in staging: moved into place whole
         for item in items:
@@ -948,10 +944,11 @@ def prepare(args):
         if state is None or not os.path.exists(os.path.join(staging, META)):  # else: finished, not yet moved
             state = state or {"fingerprint": fp}  # the fingerprint first: a resume knows which command it belongs to
             save_json(os.path.join(staging, STATE), state)
-            # one signature for all three, though only pretraining uses state and lock_fd
-            make = prepare_sft if args.sft else prepare_hellaswag if args.hellaswag else prepare_pretraining
-            try:
-                make(args, staging, state, lock_fd)  # writes into staging; meta.json last
+            try:  # each writes into staging, meta.json last; only pretraining is resumable
+                if args.sft or args.hellaswag:
+                    (prepare_sft if args.sft else prepare_hellaswag)(args, staging)
+                else:
+                    prepare_pretraining(args, staging, state, lock_fd)
             except DataError:  # the same command would fail the same way: nothing here to resume
                 remove_dataset(staging, keep_lock=True)
                 raise

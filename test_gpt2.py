@@ -76,6 +76,9 @@ def run_script(script, *args, env=None, check=True, new_process=False):
     return proc
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]  # + --nproc_per_node=N, script, args
+
+
 def assert_one_line_error(proc, *words):
     """Failed with one line that says what is wrong (after any progress output), no traceback."""
     assert proc.returncode != 0
@@ -543,10 +546,6 @@ def many_documents(path, n=150, first=0):
     return path
 
 
-def prepare_in_process(*args):
-    pdata.main([str(a) for a in args])
-
-
 @pytest.mark.parametrize("point", [
     "batch:4",        # mid-shard, tokens in memory
     "shard_tmp:3",    # a shard's temp file written, not renamed
@@ -556,7 +555,7 @@ def prepare_in_process(*args):
 def test_kill_9_then_rerun_equals_uninterrupted(tmp_path, point):
     files = [many_documents(tmp_path / "docs.jsonl"), *write_corpus(tmp_path / "corpus")]
     args = ["--files", *files, "--shard_size", 500, "--val_tokens", 500, "--num_proc", 1]
-    prepare_in_process(*args, "--out_dir", tmp_path / "clean")  # 1 MB batches: the batch size changes nothing
+    run_script("prepare_data.py", *args, "--out_dir", tmp_path / "clean")  # default batches: the batch size changes no shard
     out = tmp_path / "out"
     proc = run_script("prepare_data.py", *args, "--out_dir", out, check=False,
                       env={**KILL_ENV, "PREPARE_DATA_DIE_AT": point})
@@ -573,9 +572,9 @@ def test_kill_9_during_overwrite_keeps_the_old_dataset_or_the_whole_new_one(tmp_
     files = write_corpus(tmp_path / "corpus")
     new = ["--files", many_documents(tmp_path / "other.jsonl"), "--shard_size", 500, "--val_tokens", 500, "--num_proc", num_proc]
     out = tmp_path / "out"
-    prepare_in_process("--files", *files, "--out_dir", out, "--shard_size", 400, "--num_proc", 1)
+    run_script("prepare_data.py", "--files", *files, "--out_dir", out, "--shard_size", 400, "--num_proc", 1)
     old = snapshot(out)
-    prepare_in_process(*new, "--out_dir", tmp_path / "clean")
+    run_script("prepare_data.py", *new, "--out_dir", tmp_path / "clean")
     proc = run_script("prepare_data.py", *new, "--out_dir", out, "--overwrite", check=False,
                       env={**KILL_ENV, "PREPARE_DATA_DIE_AT": point})
     assert proc.returncode == 137
@@ -583,12 +582,12 @@ def test_kill_9_during_overwrite_keeps_the_old_dataset_or_the_whole_new_one(tmp_
         assert {k: v for k, v in snapshot(out).items() if k not in ("state.json", "lock")} == snapshot(tmp_path / "clean")
     else:
         assert snapshot(out) == old
-    prepare_in_process(*new, "--out_dir", out, "--overwrite")
+    run_script("prepare_data.py", *new, "--out_dir", out, "--overwrite")
     assert_same_folder(out, tmp_path / "clean")
     assert not (tmp_path / "out.partial").exists()
 
 
-def test_kill_9_and_resume_of_a_streamed_dataset(tmp_path, capsys):
+def test_kill_9_and_resume_of_a_streamed_dataset(tmp_path, capsys, monkeypatch):
     """The hub code path (datasets' streaming IterableDataset), on a local folder of jsonl files."""
     folder = tmp_path / "hub"
     folder.mkdir()
@@ -601,15 +600,10 @@ def test_kill_9_and_resume_of_a_streamed_dataset(tmp_path, capsys):
     assert proc.returncode == 137 and not out.exists()
     state = json.loads((tmp_path / "out.partial" / "state.json").read_text())
     assert state["resume"]["position"]["stream"]  # datasets' own state_dict, not a count of rows to re-read
-    os.environ["PREPARE_DATA_BATCH_CHARS"] = "400"
-    try:
-        pdata.BATCH_CHARS = 400
-        pdata.main([*map(str, args), "--out_dir", str(out)])
-        again = capsys.readouterr().out
-        pdata.main([*map(str, args), "--out_dir", str(tmp_path / "clean")])
-    finally:
-        pdata.BATCH_CHARS = 1 << 20
-        del os.environ["PREPARE_DATA_BATCH_CHARS"]
+    monkeypatch.setattr(pdata, "BATCH_CHARS", 400)  # as KILL_ENV set it in the killed process
+    pdata.main([*map(str, args), "--out_dir", str(out)])
+    again = capsys.readouterr().out
+    pdata.main([*map(str, args), "--out_dir", str(tmp_path / "clean")])
     assert_same_folder(out, tmp_path / "clean")
     assert tokenized(again) < total_tokens(out) - 5 * 300 + 200
     assert pdata.parse_args(["--dataset", str(folder)]).out_dir == os.path.join("data", "hub")
@@ -988,9 +982,8 @@ def test_loader_reads_every_token_across_shards_and_ranks(tmp_path):
 def test_ddp_two_processes_equal_one(shakespeare, tmp_path):
     args = ["--mode", "pretrain", "--data_dir", shakespeare, *TINY, "--max_steps", 6, "--eval_interval", 3, "--val_steps", 4]
     run_script("train_gpt2.py", *args, "--out_dir", tmp_path / "one")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    subprocess.run(torchrun + [str(HERE / "train_gpt2.py"), *map(str, args), "--out_dir", str(tmp_path / "two")],
-                   check=True, capture_output=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(TORCHRUN + ["--nproc_per_node=2", str(HERE / "train_gpt2.py"), *map(str, args), "--out_dir",
+                               str(tmp_path / "two")], check=True, capture_output=True, cwd=HERE)
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert len(one) == len(two) == 8  # 6 steps, 2 evaluations
     for a, b in zip(one, two):
@@ -1091,12 +1084,6 @@ def test_pretrain_bad_input(shakespeare, tmp_path):
 
 # Every mistake a user can make with train_gpt2.py, in every mode: each must end the command
 # with one line that names the problem, and leave every file the user has exactly as it was.
-
-
-def folder_hashes(*folders):
-    import hashlib
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-            for folder in folders for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
 def one_line_failure(capsys, args):
@@ -1269,12 +1256,12 @@ def test_train_gpt2_bad_input(case, user_files, tmp_path, capsys):
     make_args, words = BAD_TRAIN_INPUTS[case]
     args = make_args(user_files, tmp_path)
     args = args if "--device" in args else args + ["--device", "cpu"]
-    before = folder_hashes(user_files["root"], user_files["data"], user_files["sft"], tmp_path)
+    folders = (user_files["root"], user_files["data"], user_files["sft"], tmp_path)
+    before = [snapshot(folder) for folder in folders]
     message = one_line_failure(capsys, args)
     for word in words:
         assert word in message, message
-    after = folder_hashes(user_files["root"], user_files["data"], user_files["sft"], tmp_path)
-    assert after == before  # nothing the user had, changed; nothing new either
+    assert [snapshot(folder) for folder in folders] == before  # nothing the user had, changed; nothing new either
 
 
 def test_another_run_in_the_same_folder_is_refused(shakespeare, tmp_path, capsys):
@@ -1418,8 +1405,6 @@ def test_bench_mode_prints_throughput_memory_and_the_anchor(capsys):
 # -----------------------------------------------------------------------------
 # FSDP and activation checkpointing
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # every compared run: no thread-count-dependent sums on a busy machine
 
 
 def torchrun(n, *args, out_dir, stop_after=None):
@@ -1428,7 +1413,7 @@ def torchrun(n, *args, out_dir, stop_after=None):
     import signal
     proc = subprocess.Popen(TORCHRUN + [f"--nproc_per_node={n}", str(HERE / "train_gpt2.py"), *map(str, args),
                                         "--out_dir", str(out_dir)], cwd=HERE, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **ONE_THREAD})
+                            stderr=subprocess.STDOUT, text=True)
     output = []
     for line in proc.stdout:  # blocking reads: no sleeps
         output.append(line)
@@ -1450,7 +1435,7 @@ def test_fsdp_equals_one_process_and_resumes_on_one_process_and_ddp(shakespeare,
     import shutil
     args = ["--mode", "pretrain", "--data_dir", shakespeare, *TINY, "--grad_clip", 0.1, "--max_steps", 8,
             "--eval_interval", 4, "--val_steps", 3, "--ckpt_interval", 1000]  # 3 val batches: 2 ranks get 2 and 1
-    run_script("train_gpt2.py", *args, "--out_dir", tmp_path / "one", env=ONE_THREAD)
+    run_script("train_gpt2.py", *args, "--out_dir", tmp_path / "one")
     fsdp = tmp_path / "fsdp"
     torchrun(2, *args, "--fsdp", 1, "--activation_checkpointing", 1, out_dir=fsdp, stop_after=2)
     checkpoint = torch.load(fsdp / "ckpt.pt", weights_only=True)
@@ -1462,7 +1447,7 @@ def test_fsdp_equals_one_process_and_resumes_on_one_process_and_ddp(shakespeare,
     assert "transformer.wte.weight" in checkpoint["optimizer"]["state"]
     for name in ("ddp", "legacy"):
         shutil.copytree(fsdp, tmp_path / name)
-    run_script("train_gpt2.py", *args, "--fsdp", 0, "--init_from", "resume", "--out_dir", fsdp, env=ONE_THREAD)
+    run_script("train_gpt2.py", *args, "--fsdp", 0, "--init_from", "resume", "--out_dir", fsdp)
     torchrun(2, *args, "--fsdp", 0, "--init_from", "resume", out_dir=tmp_path / "ddp")
     # A checkpoint from before FSDP: AdamW's state keyed by index, as optimizer.state_dict() has it.
     model = tg.GPT(tg.GPTConfig(**checkpoint["config"]))
@@ -1491,8 +1476,7 @@ def test_fsdp_rank_holds_its_share_of_the_bytes(ranks):
     size = ["--n_layer", 2, "--n_head", 2, "--n_embd", 32, "--block_size", 32, "--batch_size", 2]
     proc = subprocess.run(TORCHRUN + [f"--nproc_per_node={ranks}", str(HERE / "train_gpt2.py"), "--mode", "bench",
                                       *map(str, size), "--bench_steps", "2", "--bench_warmup", "1", "--device", "cpu",
-                                      "--fsdp", "1"], cwd=HERE, capture_output=True, text=True,
-                          env={**os.environ, **ONE_THREAD}, timeout=600)
+                                      "--fsdp", "1"], cwd=HERE, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     held = [float(line.split("AdamW state ")[1].split()[0]) for line in proc.stdout.splitlines() if line.startswith("rank ")]
     torch.manual_seed(0)
@@ -1683,7 +1667,7 @@ def test_ctrl_c_in_sample_and_chat(base_model, tmp_path):
         proc = subprocess.Popen([sys.executable, str(HERE / "train_gpt2.py"), "--mode", mode, "--init_from", str(checkpoint),
                                  "--prompt", "Once", *map(str, endless)], cwd=HERE, start_new_session=True,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             if mode == "chat":
                 read_until(proc, "> ")
@@ -1750,7 +1734,7 @@ def test_hellaswag_scores_match_transformers_and_a_plain_loop(hellaswag_file, tm
                 by_hand.append(ours[-len(ending_tokens):].mean().item())
     by_hand = torch.tensor(by_hand).view(-1, 4)
     assert means.argmin(1).tolist() == by_hand.argmin(1).tolist()
-    result = tg.hellaswag_eval(model, hellaswag_file, "cpu")
+    result = tg.hellaswag_eval(model, tg.load_hellaswag(hellaswag_file), "cpu")
     labels = torch.tensor([item["label"] for item in items])
     assert result["hellaswag_acc_norm"] == pytest.approx((by_hand.argmin(1) == labels).double().mean().item())
     assert result["hellaswag_acc"] == pytest.approx((sums.argmin(1) == labels).double().mean().item())
@@ -1777,10 +1761,10 @@ def test_hellaswag_harness_convention_matches_transformers(hellaswag_file, tmp_p
                 sums.append(losses[-n:].sum().item())
             right["acc"] += int(np.argmin(sums) == item["label"])
             right["acc_norm"] += int(np.argmin([s / len(e) for s, e in zip(sums, item["endings"])]) == item["label"])
-    both = tg.hellaswag_eval(model, hellaswag_file, "cpu", convention="both")
+    both = tg.hellaswag_eval(model, tg.load_hellaswag(hellaswag_file, convention="both"), "cpu", convention="both")
     assert both["hellaswag_harness_acc"] == right["acc"] / len(items)
     assert both["hellaswag_harness_acc_norm"] == right["acc_norm"] / len(items)
-    completion = tg.hellaswag_eval(model, hellaswag_file, "cpu")
+    completion = tg.hellaswag_eval(model, tg.load_hellaswag(hellaswag_file), "cpu")
     assert {k: both[k] for k in completion} == completion and "hellaswag_harness_acc" not in completion
 
 
@@ -1789,9 +1773,8 @@ def test_eval_mode_with_two_ranks_equals_one(hellaswag_file, shakespeare, base_m
             "--batch_size", 2, "--val_steps", 5, "--device", "cpu"]
     proc = run_script("train_gpt2.py", *args, "--out_dir", tmp_path / "one")
     assert "hellaswag_acc_norm" in proc.stdout and "val_loss" in proc.stdout
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    subprocess.run(torchrun + [str(HERE / "train_gpt2.py"), *map(str, args), "--out_dir", str(tmp_path / "two")],
-                   check=True, capture_output=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(TORCHRUN + ["--nproc_per_node=2", str(HERE / "train_gpt2.py"), *map(str, args), "--out_dir",
+                               str(tmp_path / "two")], check=True, capture_output=True, cwd=HERE)
     one, two = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "two"))
     assert one["hellaswag_items"] == two["hellaswag_items"] == 12
     assert one["hellaswag_acc"] == two["hellaswag_acc"] and one["hellaswag_acc_norm"] == two["hellaswag_acc_norm"]
@@ -1968,7 +1951,6 @@ def test_finetuned_export_carries_its_chat_template(exports):
 
 
 def test_export_bad_input(tmp_path, monkeypatch):
-    import hashlib
     source = tmp_path / "model.pt"
     ours = tg.GPT(tg.GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=8))
     torch.save({"model": ours.state_dict(), "config": tg.asdict(ours.config)}, source)
@@ -1977,13 +1959,10 @@ def test_export_bad_input(tmp_path, monkeypatch):
     (taken / "notes.txt").write_text("a user's file")
     (taken / "config.json").write_text("{}")
 
-    def hashes():
-        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in taken.iterdir()}
-
-    before = hashes()
+    before = snapshot(taken)
     message = main_error("--mode", "export", "--init_from", source, "--out_dir", taken)
     assert "not an empty folder" in message and "--out_dir" in message
-    assert hashes() == before
+    assert snapshot(taken) == before
     assert "not an empty folder" in main_error("--mode", "export", "--init_from", source, "--out_dir", taken / "notes.txt")
     assert "--init_from" in main_error("--mode", "export", "--out_dir", tmp_path / "new")
     assert "--out_dir" in main_error("--mode", "export", "--init_from", source)

@@ -1178,13 +1178,13 @@ def score_endings(model, enc, items, device, max_batch_tokens=8192, progress=Fal
     return sums, sums / torch.tensor(spans, dtype=torch.float).view(-1, 4)  # and per ending token, (n, 4)
 
 
-def hellaswag_eval(model, path, device, rank=0, world_size=1, limit=None, convention="completion", progress=False):
+def hellaswag_eval(model, items, device, rank=0, world_size=1, convention="completion", progress=False):
     """HellaSwag accuracy; items are split over ranks. Two conventions are quoted:
     completion (GPT-2/GPT-3 papers, build-nanogpt): the context, then " " + ending; acc picks
     the lowest summed loss, acc_norm the lowest loss per token (GPT-2 124M: 0.2859 / 0.2955).
     harness (lm-evaluation-harness): its cleaned query and endings; acc_norm divides the
-    summed loss by the ending's length in characters (GPT-2 124M: acc_norm 0.3114)."""
-    items = load_hellaswag(path, limit, convention)
+    summed loss by the ending's length in characters (GPT-2 124M: acc_norm 0.3114). items:
+    from load_hellaswag, read once for all the evaluations of a run."""
     mine = items[rank::world_size]  # round-robin over ranks; all_reduce_sum adds the counts back up
     labels = torch.tensor([item["label"] for item in mine], dtype=torch.long)
     enc, results, counts = get_tokenizer(), {}, []
@@ -1228,10 +1228,8 @@ def config_from_args(args):
 def build_model(args, checkpoint):
     """The model to train: from the resumed checkpoint, a checkpoint of ours, OpenAI's
     weights, or fresh (--init_from scratch) in the size the flags give."""
-    if checkpoint is not None:
-        model = GPT(GPTConfig(**checkpoint["config"]))  # resumed: the checkpoint's size, not the flags'
-        model.load_state_dict(checkpoint["model"])
-        return model
+    if checkpoint is not None:  # resumed: the checkpoint's size, not the flags'
+        return model_from_checkpoint(checkpoint, os.path.join(args.out_dir, "ckpt.pt"))
     if args.init_from == "scratch":
         return GPT(config_from_args(args))
     model, _ = load_model(args.init_from, padded_vocab_size=50304)  # padded as a fresh model is: the fast LM head
@@ -1411,14 +1409,14 @@ def compiled_and_replicated(model, args, local_rank, world_size, device):
     return model
 
 
-def evaluate_during_training(model, raw_model, val_loader, args, device, rank, world_size, dtype, template):
+def evaluate_during_training(model, raw_model, val_loader, args, device, rank, world_size, dtype, template,
+                             hellaswag_items=None):
     """Validation loss (and HellaSwag when pretraining with --hellaswag 1) as a log entry, and a
     few sampled lines printed: a glance at what the model has learned."""
     model.eval()
     entry = {"val_loss": evaluate_loss(model, val_loader, args.val_steps, device, world_size, dtype)}
-    if args.hellaswag and args.mode == "pretrain":
-        entry.update(hellaswag_eval(raw_model, args.hellaswag_path, device, rank, world_size,
-                                    args.hellaswag_limit, args.hellaswag_convention))
+    if hellaswag_items:
+        entry.update(hellaswag_eval(raw_model, hellaswag_items, device, rank, world_size, args.hellaswag_convention))
     if args.eval_samples and (rank == 0 or args.fsdp):
         # Under FSDP each forward gathers the weights from every rank, so every rank
         # generates the same lines; rank 0 prints them.
@@ -1453,8 +1451,9 @@ def run_training(args, rank, local_rank, world_size, device):
     model = training_model(args, checkpoint, device, dtype)
     train_loader, val_loader, grad_accum, steps_per_epoch, max_steps = training_data(
         args, model.config.block_size, rank, world_size)
+    hellaswag_items = None  # read now: a missing or malformed file fails before step 1, not at step N
     if args.hellaswag and args.mode == "pretrain":
-        load_hellaswag(args.hellaswag_path, args.hellaswag_limit, args.hellaswag_convention)  # fails now, not at step N
+        hellaswag_items = load_hellaswag(args.hellaswag_path, args.hellaswag_limit, args.hellaswag_convention)
     template = train_loader.meta["prompt_template"] if args.mode == "finetune" else (checkpoint or {}).get("prompt_template")
     # over the final parameters (sharded under FSDP); its lr is overwritten every step from get_lr
     optimizer = configure_optimizer(model, args.weight_decay, args.max_lr, device)
@@ -1482,7 +1481,7 @@ def run_training(args, rank, local_rank, world_size, device):
                      "prompt_template": template, "scaler": scaler.state_dict(), "wandb_id": tracker and tracker.id}
             if step > start_step and (step % args.eval_interval == 0 or step == max_steps):
                 log.eval(step, evaluate_during_training(model, raw_model, val_loader, args, device, rank, world_size,
-                                                        dtype, template))
+                                                        dtype, template, hellaswag_items))
             if step == max_steps:
                 if step > start_step:
                     save_training_checkpoint(checkpoint_path, raw_model, optimizer, state, master)
@@ -1547,8 +1546,7 @@ def train(args):
 def evaluate_model(args, rank, world_size, device):
     # What can be wrong with the inputs is found before the model loads (a minute for gpt2-xl).
     kind = read_meta(args.data_dir)["kind"] if args.data_dir else None
-    if args.hellaswag:
-        load_hellaswag(args.hellaswag_path, args.hellaswag_limit, args.hellaswag_convention)
+    items = load_hellaswag(args.hellaswag_path, args.hellaswag_limit, args.hellaswag_convention) if args.hellaswag else None
     model, _ = load_model(args.init_from)
     model.to(device).eval()
     results = {"model": args.init_from}
@@ -1559,8 +1557,8 @@ def evaluate_model(args, rank, world_size, device):
         results["val_loss"] = evaluate_loss(model, loader, args.val_steps, device, world_size, progress=rank == 0)
     if args.hellaswag:
         t0 = time.time()
-        results.update(hellaswag_eval(model, args.hellaswag_path, device, rank, world_size, args.hellaswag_limit,
-                                      args.hellaswag_convention, progress=rank == 0))
+        results.update(hellaswag_eval(model, items, device, rank, world_size, args.hellaswag_convention,
+                                      progress=rank == 0))
         results["hellaswag_items_per_s"] = results["hellaswag_items"] / (time.time() - t0)
     if rank == 0:  # one writer: the results are already summed over the ranks
         width = max(map(len, results))  # the values in one column
@@ -2040,10 +2038,7 @@ def bench(args):
     optimizer = configure_optimizer(model, 0.1, 6e-4, device)
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the whole model was on the GPU before sharding
-    compiled = torch.compile(model) if args.compile and not args.fsdp else model
-    if world_size > 1 and not args.fsdp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        compiled = DDP(compiled, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+    compiled = compiled_and_replicated(model, args, local_rank, world_size, device)  # as a training run wraps it
     # CUDA runs async: time a step only once the GPU has finished it
     sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
     # x is (B, T + 1): inputs x[:, :-1] and next-token targets x[:, 1:], both (B, T)
