@@ -878,8 +878,14 @@ def fraction(text):
     return value
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line, like every other mistake; argparse's default prints the whole usage first."""
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Tokenize a corpus for train_gpt2.py.")
+    p = ArgumentParser(description="Tokenize a corpus for train_gpt2.py.")
     p.add_argument("--sft", action="store_true", help="prepare Alpaca-style instruction data instead")
     p.add_argument("--hellaswag", action="store_true", help="prepare the HellaSwag validation set instead")
     p.add_argument("--dataset", help="a Hugging Face dataset, or a local folder of parquet/jsonl files, streamed "

@@ -80,12 +80,14 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]  # + 
 
 
 def assert_one_line_error(proc, *words):
-    """Failed with one line that says what is wrong (after any progress output), no traceback."""
+    """Failed with one line that says what is wrong (after any progress output), no traceback;
+    returns that line."""
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert lines and lines[-1].startswith("error:") and "Traceback" not in proc.stderr, proc.stderr
     for word in words:
         assert word in lines[-1], lines[-1]
+    return lines[-1]
 
 
 # -----------------------------------------------------------------------------
@@ -759,7 +761,7 @@ BAD_INPUTS = [  # (name, files in in/, arguments after --files, setup, words the
 
 
 @pytest.mark.parametrize("name, files, args, setup, words", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
-def test_prepare_data_bad_input(tmp_path, monkeypatch, capsys, name, files, args, setup, words):
+def test_prepare_data_bad_input(tmp_path, monkeypatch, name, files, args, setup, words):
     """One line that names the problem, exit non-zero, and every file as it was."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(pdata, "save_npy", pdata.save_npy)  # undone after the test, if setup replaces it
@@ -769,14 +771,8 @@ def test_prepare_data_bad_input(tmp_path, monkeypatch, capsys, name, files, args
         target.write_bytes(content if isinstance(content, bytes) else content.encode())
     lock = setup(tmp_path) if setup else None
     before = snapshot(tmp_path)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        pdata.main(["--files", *args[:1], "--out_dir", "out", "--num_proc", "1", *args[1:]])
-    # our errors are the exit message; argparse's are printed, with exit status 2
-    line = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
-    assert e.value.code != 0 and "\n" not in line and "error:" in line, line
-    for word in words:
-        assert word in line, line
+    assert_one_line_error(run_script("prepare_data.py", "--files", *args[:1], "--out_dir", "out", "--num_proc", 1,
+                                     *args[1:], check=False), *words)
     assert snapshot(tmp_path) == before
     if isinstance(lock, int):
         os.close(lock)
@@ -1053,12 +1049,8 @@ def test_non_finite_loss_names_a_checkpoint_that_resumes(shakespeare, tmp_path):
 
 
 def main_error(*args):
-    """The one-line message train_gpt2.main exits with (in-process: no interpreter start)."""
-    with pytest.raises(SystemExit) as exit:
-        tg.main([str(a) for a in args])
-    message = str(exit.value.code)
-    assert message.startswith("error:") and "\n" not in message
-    return message
+    """The one-line message train_gpt2.py fails with (in-process: no interpreter start)."""
+    return assert_one_line_error(run_script("train_gpt2.py", *args, check=False))
 
 
 def test_pretrain_bad_input(shakespeare, tmp_path):
@@ -1084,18 +1076,6 @@ def test_pretrain_bad_input(shakespeare, tmp_path):
 
 # Every mistake a user can make with train_gpt2.py, in every mode: each must end the command
 # with one line that names the problem, and leave every file the user has exactly as it was.
-
-
-def one_line_failure(capsys, args):
-    """Run train_gpt2.main in-process; return the one error line it exited with."""
-    with pytest.raises(SystemExit) as exit:
-        tg.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    code = exit.value.code
-    assert code not in (0, None) and "Traceback" not in err
-    message = code if isinstance(code, str) else err.strip()  # argparse prints its own line
-    assert message.startswith("error:") and "\n" not in message.strip(), message
-    return message
 
 
 @pytest.fixture(scope="module")
@@ -1252,31 +1232,31 @@ BAD_TRAIN_INPUTS = {  # name: (arguments given the user's files u and a scratch 
 
 
 @pytest.mark.parametrize("case", BAD_TRAIN_INPUTS)
-def test_train_gpt2_bad_input(case, user_files, tmp_path, capsys):
+def test_train_gpt2_bad_input(case, user_files, tmp_path):
     make_args, words = BAD_TRAIN_INPUTS[case]
     args = make_args(user_files, tmp_path)
     args = args if "--device" in args else args + ["--device", "cpu"]
     folders = (user_files["root"], user_files["data"], user_files["sft"], tmp_path)
     before = [snapshot(folder) for folder in folders]
-    message = one_line_failure(capsys, args)
+    message = main_error(*args)
     for word in words:
         assert word in message, message
     assert [snapshot(folder) for folder in folders] == before  # nothing the user had, changed; nothing new either
 
 
-def test_another_run_in_the_same_folder_is_refused(shakespeare, tmp_path, capsys):
+def test_another_run_in_the_same_folder_is_refused(shakespeare, tmp_path):
     import fcntl
     (tmp_path / "o").mkdir()
     folder = os.open(tmp_path / "o", os.O_RDONLY)
     try:
         fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a run in progress holds it
-        message = one_line_failure(capsys, PRETRAIN + ["--data_dir", shakespeare, "--out_dir", tmp_path / "o"])
+        message = main_error(*PRETRAIN + ["--data_dir", shakespeare, "--out_dir", tmp_path / "o"])
     finally:
         os.close(folder)
     assert "another run is using" in message and not list((tmp_path / "o").iterdir())
 
 
-def test_a_failure_after_training_started_saves_the_steps_done(tmp_path, capsys):
+def test_a_failure_after_training_started_saves_the_steps_done(tmp_path):
     # Steps read 128 (+1) tokens each; a token id past the vocabulary at 900 stops the 8th
     # step. The 7 steps done must not be lost, although no checkpoint was due.
     data = make_shards(tmp_path / "data", [1400], val_length=300)
@@ -1285,7 +1265,7 @@ def test_a_failure_after_training_started_saves_the_steps_done(tmp_path, capsys)
     np.save(data / "train_000000.npy", bad)
     args = ["--mode", "pretrain", *TINY, "--total_batch_size", 128, "--data_dir", data, "--out_dir", tmp_path / "o",
             "--max_steps", 10, "--eval_interval", 100, "--ckpt_interval", 100]
-    message = one_line_failure(capsys, args)
+    message = main_error(*args)
     assert "train_000000.npy" in message and "50300" in message
     assert [e["step"] for e in read_log(tmp_path / "o") if "loss" in e] == list(range(1, 8))
     assert torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)["step"] == 7
