@@ -163,7 +163,7 @@ def test_padded_vocab_rows_get_no_gradient_and_no_nan(hf_pair, dtype):
     loss.backward()
     grad = padded.lm_head.weight.grad
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in padded.parameters())
-    assert grad[50257:].abs().max().item() == 0  # the -inf bias: softmax gives exactly 0 there
+    assert grad[50257:].abs().max().item() == 0  # the -inf logits: softmax gives exactly 0 there
     if dtype == torch.float32:  # and the real rows learn exactly what the unpadded model learns
         model.zero_grad()
         model(ids, targets)[1].backward()
@@ -320,7 +320,7 @@ def test_tokenizer_round_trip():
 
 def test_compiled_model_trains_and_generates(hf_pair):
     _, _, path = hf_pair
-    model = tg.GPT.from_pretrained(str(path), padded_vocab_size=50304)  # the -inf bias compiled too
+    model = tg.GPT.from_pretrained(str(path), padded_vocab_size=50304)  # the -inf fill compiled too
     compiled = torch.compile(model)
     ids = random_ids(2, 32)
     eager_logits, eager_loss = model(ids, ids)
@@ -1431,7 +1431,7 @@ def test_fsdp_equals_one_process_and_resumes_on_one_process_and_ddp(shakespeare,
     torchrun(2, *args, "--fsdp", 0, "--init_from", "resume", out_dir=tmp_path / "ddp")
     # A checkpoint from before FSDP: AdamW's state keyed by index, as optimizer.state_dict() has it.
     model = tg.GPT(tg.GPTConfig(**checkpoint["config"]))
-    optimizer = tg.configure_optimizer(model, 0.1, 3e-3, "cpu")
+    optimizer = tg.configure_optimizer(model, 0.1, 3e-3)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=StateDictOptions(full_state_dict=True))
     torch.save({**checkpoint, "optimizer": optimizer.state_dict()}, tmp_path / "legacy" / "ckpt.pt")
@@ -1461,7 +1461,7 @@ def test_fsdp_rank_holds_its_share_of_the_bytes(ranks):
     held = [float(line.split("AdamW state ")[1].split()[0]) for line in proc.stdout.splitlines() if line.startswith("rank ")]
     torch.manual_seed(0)
     model = tg.GPT(tg.GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, padded_vocab_size=50304))
-    optimizer = tg.configure_optimizer(model, 0.1, 6e-4, "cpu")
+    optimizer = tg.configure_optimizer(model, 0.1, 6e-4)
     x = random_ids(2, 33)
     tg.train_step(model, optimizer, [(x[:, :-1], x[:, 1:])], "cpu", 1, 1.0)
     tg.forward_backward(model, [(x[:, :-1], x[:, 1:])], "cpu", 1, 1.0)
