@@ -1781,6 +1781,7 @@ def test_bench_generate_times_three_methods_at_two_batch_sizes(capsys):
                            "--block_size", 64, "--max_new_tokens", 8, "--bench_steps", 1, "--device", "cpu"])))
     out = capsys.readouterr().out
     assert "batch 1" in out and "batch 8" in out and out.count("transformers generate") == 2
+    assert out.count("LM head alone") == 4  # a row, and the cap it sets, at each batch size
 
 
 # -----------------------------------------------------------------------------
