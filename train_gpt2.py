@@ -90,6 +90,9 @@ PRESETS = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
+# OpenAI's checkpoints (and transformers' GPT2LMHeadModel) store these four as Conv1D, i.e.
+# (in, out); nn.Linear keeps (out, in). Reading and exporting transpose them.
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 class CausalSelfAttention(nn.Module):
@@ -174,6 +177,14 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def hidden_states(self, idx, pos, attn_mask=None, kv_cache=None):
+        """The transformer without its final LayerNorm: token ids (B, T) at positions pos, (T,)
+        or (B, T), -> (B, T, C). forward, generation and scoring each finish it their own way."""
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, attn_mask, kv_cache)
+        return x
+
     def lm_logits(self, x):
         """The LM head: final hidden states (..., C) -> logits (..., padded_vocab_size), with
         -inf on the padded columns, so that softmax gives them exactly 0: they are never
@@ -194,16 +205,12 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None):
         """idx: (B, T) token ids; targets: (B, T) next-token ids, -100 where no loss is wanted.
         Returns (B, T, vocab_size) logits and the mean loss over the counted targets (or None).
-        Whole sequences, as training and scoring read them; generation, with its KV cache and
-        left padding, drives the same pieces from its own section below."""
+        Whole sequences, as training reads them; generation, with its KV cache and left
+        padding, calls hidden_states from its own section below."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.ln_f(x)
+        x = self.transformer.ln_f(self.hidden_states(idx, torch.arange(T, device=idx.device)))  # (B, T, C)
         logits = self.lm_logits(x)  # (B, T, padded_vocab_size), -inf on the padded columns
         loss = None
         if targets is not None:
@@ -261,13 +268,11 @@ class GPT(nn.Module):
                            padded_vocab_size=max(padded_vocab_size or 0, hf.vocab_size))
         model = cls(config)
         ours, theirs = model.state_dict(), hf_model.state_dict()
-        # OpenAI's checkpoint stores these four as Conv1D, i.e. (in, out); nn.Linear wants (out, in).
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         with torch.no_grad():
             for key, param in ours.items():
                 if key not in theirs:
                     raise UserError(f"checkpoint {name_or_path!r} has no weight {key!r}")
-                src = theirs[key].t() if key.endswith(transposed) else theirs[key]
+                src = theirs[key].t() if key.endswith(CONV1D_WEIGHTS) else theirs[key]
                 if key in ("transformer.wte.weight", "lm_head.weight"):
                     param[src.size(0):].normal_(0.0, 0.02)  # padded rows: never used, just tidy
                     param = param[:src.size(0)]
@@ -307,7 +312,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.real = torch.ones(batch_size, capacity, dtype=torch.bool, device=device)  # False: padding
         self.padded = False  # no padding yet: positions and masks are the simple ones
-        self.start, self.length = 0, 0  # positions start:length are the ones being fed now
+        self.length = 0  # positions fed so far
 
     def extend(self, T, real=None):
         """Take T more positions; real (B, T) is 0 where they are padding (None: all real).
@@ -316,7 +321,7 @@ class KVCache:
         past, end = self.length, self.length + T
         if end > self.k.size(3):
             raise ValueError(f"the KV cache holds {self.k.size(3)} positions, {end} asked")
-        self.start, self.length = past, end
+        self.length = end
         device = self.k.device
         if real is not None and not bool(real.all()):
             self.real[:, past:end] = real.bool()
@@ -340,8 +345,9 @@ class KVCache:
 
     def update(self, layer, k, v):
         """Store one layer's (B, nh, T, hs) keys and values of the new positions; return all so far."""
-        self.k[layer, :, :, self.start:self.length] = k
-        self.v[layer, :, :, self.start:self.length] = v
+        start = self.length - k.size(2)  # extend has already counted the T new positions
+        self.k[layer, :, :, start:self.length] = k
+        self.v[layer, :, :, start:self.length] = v
         return self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length]  # (B, nh, past + T, hs)
 
 
@@ -349,10 +355,8 @@ def forward_cached(model, idx, cache, real=None):
     """Feed idx (B, T) after what the cache holds (real: as in KVCache.extend); return the
     (B, vocab_size) logits of the last position, the only ones generation needs."""
     pos, attn_mask = cache.extend(idx.size(1), real)
-    x = model.transformer.wte(idx) + model.transformer.wpe(pos)  # (B, T, C)
-    for block in model.transformer.h:
-        x = block(x, attn_mask, cache)
-    x = model.transformer.ln_f(x[:, -1, :])  # (B, C)
+    x = model.hidden_states(idx, pos, attn_mask, cache)  # (B, T, C)
+    x = model.transformer.ln_f(x[:, -1, :])  # (B, C): the last position only
     # (padded_vocab, C) @ (C, B): the same product as x @ W.T, in the layout CPU BLAS runs
     # ~2.5x faster for a few rows (measured at batch 8). The padded rows are cut off here.
     logits = model.lm_head.weight @ x.t()  # (padded_vocab_size, B)
@@ -401,8 +405,9 @@ def stream_tokens(model, input_ids, attention_mask=None, max_new_tokens=64, temp
         else:
             # Past block_size the window slides. Positions are baked into the cached keys,
             # so the cache cannot shift with it: recompute the window, as without a cache.
+            if padded:  # the tokens generated since the mask was last cut are all real
+                mask = torch.cat([mask, mask.new_ones(B, ids.size(1) - mask.size(1))], dim=1)[:, -window:]
             ids = ids[:, -window:]
-            mask = mask[:, -window:] if padded else None
             cache = KVCache(model.config, B, window, device, dtype)
             logits = forward_cached(model, ids, cache, mask)
         next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
@@ -412,9 +417,7 @@ def stream_tokens(model, input_ids, attention_mask=None, max_new_tokens=64, temp
         yield next_token
         if eos_token_id is not None and bool(finished.all()):
             return
-        ids = torch.cat([ids, next_token[:, None]], dim=1)  # (B, T + 1)
-        if padded:
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        ids = torch.cat([ids, next_token[:, None]], dim=1)  # (B, T + 1); the cache remembers the padding
 
 
 @torch.no_grad()
@@ -1173,9 +1176,7 @@ def score_endings(model, enc, items, device, max_batch_tokens=8192, progress=Fal
         ids, targets = ids.to(device), targets.to(device)
         counted = targets != -100  # (b, width)
         with autocast(device):
-            x = model.transformer.wte(ids) + model.transformer.wpe(torch.arange(width, device=device))  # (b, width, C)
-            for block in model.transformer.h:
-                x = block(x)
+            x = model.hidden_states(ids, torch.arange(width, device=device))  # (b, width, C)
             x = model.transformer.ln_f(x[counted])  # (N, C): the N positions that count, rows one after another
             logits = model.lm_logits(x)  # (N, padded_vocab_size), as in forward
         losses = F.cross_entropy(logits.float(), targets[counted], reduction="none")  # (N,)
@@ -1601,10 +1602,11 @@ def stream_text(model, enc, tokens, device, args, generator=None):
     with autocast(device, pick_dtype(device, args.dtype)):
         for token in model.stream(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_k=args.top_k, top_p=args.top_p, generator=generator):
-            if token.item() == EOT_TOKEN:  # the end of a fine-tuned answer, or of a document
+            token = token.item()  # one copy to the host a token (a GPU sync)
+            if token == EOT_TOKEN:  # the end of a fine-tuned answer, or of a document
                 break
             # '' until a character's last byte has come: never half of one on screen
-            pieces.append(decoder.decode(enc.decode_single_token_bytes(token.item())))
+            pieces.append(decoder.decode(enc.decode_single_token_bytes(token)))
             print(pieces[-1], end="", flush=True)
     pieces.append(decoder.decode(b"", final=True))  # bytes still held: a cut-off character prints as U+FFFD
     print(pieces[-1])
@@ -1772,14 +1774,13 @@ def write_gpt2_tokenizer(folder, enc, max_length, chat_template=None):
 
 def hf_gpt2_tensors(model):
     """The model's weights as GPT2LMHeadModel stores them: the same names, Conv1D's layout."""
-    transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     tensors = {}
     for key, tensor in model.state_dict().items():
         if key == "lm_head.weight":
             continue  # the same tensor as wte (tied); transformers re-ties it on load, as for OpenAI's files
         if key == "transformer.wte.weight":
             tensor = tensor[:model.config.vocab_size]  # the padded rows (50257 -> 50304) are never read or predicted
-        if key.endswith(transposed):
+        if key.endswith(CONV1D_WEIGHTS):
             tensor = tensor.t()  # OpenAI's Conv1D stores (in, out); nn.Linear holds (out, in)
         tensors[key] = tensor.contiguous()  # safetensors writes whole, dense tensors
     return tensors
@@ -1952,7 +1953,6 @@ def bench_generate(args):
     whole sequence for every token (build-nanogpt's way), and transformers' generate on the
     very same weights, interleaved round by round; checks that all give the same tokens. Also
     times the LM head's product alone, the floor no loop goes below."""
-    import tempfile
     from transformers import GPT2Config, GPT2LMHeadModel
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
