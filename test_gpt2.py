@@ -536,7 +536,29 @@ def snapshot(folder):
             for p in sorted(folder.rglob("*"))}
 
 
-KILL_ENV = {"PREPARE_DATA_BATCH_CHARS": "400"}  # ~100 tokens a batch: a resumed run re-reads little
+# Where a run of prepare_data.py is killed: code that makes the child call here() at that place, which
+# ends the process as kill -9 would (os._exit: no cleanup, no finally) the n-th time it is reached.
+PLACES = {
+    "batch": "add = p.ShardWriter.add\np.ShardWriter.add = lambda *a: (add(*a), here())",  # mid-shard, tokens in memory
+    "shard_tmp": "replace = os.replace\nos.replace = lambda a, b: (a.endswith('.npy.tmp') and here(), replace(a, b))",
+    "shard_saved": "save = p.save_npy\np.save_npy = lambda *a: (save(*a), here())[0]",  # renamed, state.json not updated
+    "meta": "save = p.save_json\np.save_json = lambda path, obj: (path.endswith('meta.json') and here(), save(path, obj))",
+    "publish": "publish = p.publish\np.publish = lambda *a: (here(), publish(*a))",
+    "rename": "rename = os.rename\nos.rename = lambda a, b: (rename(a, b), b.endswith('.old') and here())",  # the old one moved
+    "pause": "add = p.ShardWriter.add\np.ShardWriter.add = lambda *a: (add(*a), here(pause=True))",  # a Ctrl-C's moment
+}
+
+
+def run_killed(place, *args):
+    """prepare_data.py in a new process, with batches of ~100 tokens (a resumed run re-reads little),
+    killed at a place (PLACES, 'name:n' for the n-th time); returns the finished process."""
+    name, _, n = place.partition(":")
+    child = (f"import os, signal, sys\nimport prepare_data as p\np.BATCH_CHARS = 400\ncalls = [0]\n"
+             f"def here(pause=False):\n    calls[0] += 1\n    if calls[0] == {int(n or 1)}:\n"
+             f"        print('paused', flush=True) if pause else os._exit(137)\n        signal.pause()\n"
+             f"{PLACES[name]}\np.main(sys.argv[1:])\n")
+    return subprocess.Popen([sys.executable, "-c", child, *map(str, args)], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def many_documents(path, n=150, first=0):
@@ -558,17 +580,15 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path, point):
     args = ["--files", *files, "--shard_size", 500, "--val_tokens", 500, "--num_proc", 1]
     run_script("prepare_data.py", *args, "--out_dir", tmp_path / "clean")  # default batches: the batch size changes no shard
     out = tmp_path / "out"
-    proc = run_script("prepare_data.py", *args, "--out_dir", out, check=False,
-                      env={**KILL_ENV, "PREPARE_DATA_DIE_AT": point})
-    assert proc.returncode == 137 and not out.exists()  # a real process death, workers and all
-    again = run_script("prepare_data.py", *args, "--out_dir", out, env=KILL_ENV).stdout
+    assert run_killed(point, *args, "--out_dir", out).wait() == 137 and not out.exists()  # a real death, workers and all
+    again = run_script("prepare_data.py", *args, "--out_dir", out).stdout
     assert_same_folder(out, tmp_path / "clean")
     if point != "batch:4":  # finished shards are not tokenized again
         assert tokenized(again) < total_tokens(out) - 2 * 500 + 200
     assert not (tmp_path / "out.partial").exists()
 
 
-@pytest.mark.parametrize("point, num_proc", [("batch:3", 2), ("shard_saved:2", 1), ("publish", 1), ("swap", 1)])
+@pytest.mark.parametrize("point, num_proc", [("batch:3", 2), ("shard_saved:2", 1), ("publish", 1), ("rename", 1)])
 def test_kill_9_during_overwrite_keeps_the_old_dataset_or_the_whole_new_one(tmp_path, point, num_proc):
     files = write_corpus(tmp_path / "corpus")
     new = ["--files", many_documents(tmp_path / "other.jsonl"), "--shard_size", 500, "--val_tokens", 500, "--num_proc", num_proc]
@@ -576,11 +596,9 @@ def test_kill_9_during_overwrite_keeps_the_old_dataset_or_the_whole_new_one(tmp_
     run_script("prepare_data.py", "--files", *files, "--out_dir", out, "--shard_size", 400, "--num_proc", 1)
     old = snapshot(out)
     run_script("prepare_data.py", *new, "--out_dir", tmp_path / "clean")
-    proc = run_script("prepare_data.py", *new, "--out_dir", out, "--overwrite", check=False,
-                      env={**KILL_ENV, "PREPARE_DATA_DIE_AT": point})
-    assert proc.returncode == 137
-    if point == "swap":  # past the atomic exchange: the new dataset (our bookkeeping goes at the next run)
-        assert {k: v for k, v in snapshot(out).items() if k not in ("state.json", "lock")} == snapshot(tmp_path / "clean")
+    assert run_killed(point, *new, "--out_dir", out, "--overwrite").wait() == 137
+    if point == "rename":  # between the two renames: the old dataset waits, whole, beside; the next run puts it back
+        assert not out.exists() and snapshot(tmp_path / "out.old") == old
     else:
         assert snapshot(out) == old
     run_script("prepare_data.py", *new, "--out_dir", out, "--overwrite")
@@ -596,12 +614,10 @@ def test_kill_9_and_resume_of_a_streamed_dataset(tmp_path, capsys, monkeypatch):
         many_documents(folder / f"part{k}.jsonl", n=50, first=50 * k)
     args = ["--dataset", folder, "--shard_size", 300, "--val_tokens", 300, "--num_proc", 1]
     out = tmp_path / "out"
-    proc = run_script("prepare_data.py", *args, "--out_dir", out, check=False,
-                      env={**KILL_ENV, "PREPARE_DATA_DIE_AT": "shard_saved:6"})
-    assert proc.returncode == 137 and not out.exists()
+    assert run_killed("shard_saved:6", *args, "--out_dir", out).wait() == 137 and not out.exists()
     state = json.loads((tmp_path / "out.partial" / "state.json").read_text())
     assert state["resume"]["position"]["stream"]  # datasets' own state_dict, not a count of rows to re-read
-    monkeypatch.setattr(pdata, "BATCH_CHARS", 400)  # as KILL_ENV set it in the killed process
+    monkeypatch.setattr(pdata, "BATCH_CHARS", 400)  # as in the killed process
     pdata.main([*map(str, args), "--out_dir", str(out)])
     again = capsys.readouterr().out
     pdata.main([*map(str, args), "--out_dir", str(tmp_path / "clean")])
@@ -613,20 +629,17 @@ def test_kill_9_and_resume_of_a_streamed_dataset(tmp_path, capsys, monkeypatch):
 def test_ctrl_c_with_two_processes_is_one_line_and_resumable(tmp_path):
     import signal
     files = write_corpus(tmp_path / "corpus")
-    args = [sys.executable, str(HERE / "prepare_data.py"), "--files", *map(str, files), "--out_dir", str(tmp_path / "out"),
-            "--shard_size", "300", "--val_tokens", "300", "--num_proc", "2"]
-    env = {**os.environ, **KILL_ENV, "PREPARE_DATA_DIE_AT": "batch:3:pause"}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    assert proc.stdout.readline().startswith("paused at batch")  # the workers are up and busy
+    args = ["--files", *map(str, files), "--out_dir", str(tmp_path / "out"), "--shard_size", "300", "--val_tokens", "300",
+            "--num_proc", "2"]
+    proc = run_killed("pause:3", *args)
+    assert proc.stdout.readline().startswith("paused")  # the workers are up and busy
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C: to the whole process group
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 1
     lines = stderr.strip().splitlines()
     assert "Traceback" not in stderr and lines[-1].startswith("error: interrupted"), stderr
     assert "same command resumes" in lines[-1]
-    env.pop("PREPARE_DATA_DIE_AT")
-    subprocess.run(args, check=True, capture_output=True, env=env, timeout=60)
+    run_script("prepare_data.py", *args, new_process=True)
     assert (tmp_path / "out" / "meta.json").exists()
 
 
@@ -687,22 +700,25 @@ def test_bom_and_replaced_bad_bytes_are_accepted(tmp_path):
 def hold_the_lock(tmp):
     import fcntl
     (tmp / "out.partial").mkdir()
-    fd = os.open(tmp / "out.partial" / "lock", os.O_RDWR | os.O_CREAT)
+    fd = os.open(tmp / "out.partial", os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_EX)  # as a running preparation holds it (released when the test ends)
     return fd
 
 
 def half_made_by_another_command(tmp):
-    def interrupt(point):
-        if point == "shard_saved":
-            raise KeyboardInterrupt
-    real, pdata.die_here = pdata.die_here, interrupt
+    real = pdata.save_npy
+
+    def save_then_stop(path, array):  # Ctrl-C once the first shard is saved
+        real(path, array)
+        raise KeyboardInterrupt
+
+    pdata.save_npy = save_then_stop
     try:
         with pytest.raises(SystemExit):
             pdata.main(["--files", str(tmp / "in" / "ok.jsonl"), "--out_dir", str(tmp / "out"), "--shard_size", "5",
                         "--val_tokens", "5", "--num_proc", "1"])
     finally:
-        pdata.die_here = real
+        pdata.save_npy = real
     assert (tmp / "out.partial" / "state.json").exists()
 
 
@@ -779,11 +795,13 @@ def test_prepare_data_bad_input(tmp_path, monkeypatch, name, files, args, setup,
 
 def test_tokens_that_do_not_fit_uint16(monkeypatch):
     class HugeTokenizer:  # a tokenizer whose ids do not fit in uint16
+        eot_token = 50256
+
         def encode_ordinary(self, text):
             return [70_000]
 
-    monkeypatch.setattr(pdata, "_encoder", HugeTokenizer())
-    with pytest.raises(pdata.DataError, match="70000 does not fit in uint16"):
+    monkeypatch.setattr(pdata, "encoder", HugeTokenizer())
+    with pytest.raises(pdata.UserError, match="70000 does not fit in uint16"):
         pdata.tokenize_documents(["anything"])
 
 
