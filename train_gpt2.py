@@ -142,7 +142,8 @@ class KVCache:
     def update(self, layer, k, v):
         """Store one layer's (B, nh, T, hs) keys and values of the new positions; return all so far."""
         if self.k is None:
-            self.k, self.v = (torch.zeros(self.shape, dtype=k.dtype, device=k.device) for _ in "kv")
+            self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros_like(self.k)
         start = self.length - k.size(2)  # extend has counted the T new positions already
         self.k[layer, :, :, start:self.length], self.v[layer, :, :, start:self.length] = k, v
         return self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length]  # (B, nh, past + T, hs)
@@ -230,7 +231,7 @@ class GPT(nn.Module):
                 raise ValueError(f"it is a {hf.model_type} checkpoint, not a GPT-2 checkpoint")
             hf_model, info = GPT2LMHeadModel.from_pretrained(name_or_path, output_loading_info=True)
         except (OSError, ValueError) as e:  # transformers' words for a missing, broken or foreign folder
-            raise UserError(f"could not load {name_or_path!r} as a GPT-2 checkpoint: {str(e).strip()[:300]}") from None
+            raise UserError(f"could not load {name_or_path!r} as a GPT-2 checkpoint: {(str(e) or repr(e)).splitlines()[0]}") from None
         if info["missing_keys"] or info["mismatched_keys"]:
             raise UserError(f"checkpoint {name_or_path!r} is broken: missing keys or shapes: "
                             f"{sorted(map(str, info['missing_keys'] or info['mismatched_keys']))}")
@@ -451,7 +452,7 @@ def forward_backward(model, micro_batches, dtype, scaler, stop=False):
             model.set_requires_gradient_sync(last)
         with model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext():
             with autocast(x.device, dtype):
-                _, loss = model(x, y)  # the logits are dropped: one logits-sized buffer less in backward
+                loss = model(x, y)[1]  # the logits are dropped at once: one logits-sized buffer less in backward
             weight = counts[i] / totals[0] * world_size  # this micro-batch's share of the step's targets
             scaler.scale(loss * weight).backward()  # float16: scaled up, so small gradients do not underflow
         loss_sum = loss_sum + loss.detach().float() * weight / world_size
@@ -503,9 +504,8 @@ def get_tokenizer():
     import tiktoken  # imported late, so that the model above can be copied without it
     try:
         return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # tiktoken downloads GPT-2's files once; offline that fails deep in requests
-        raise UserError(f"tiktoken has no GPT-2 files ({type(e).__name__}): it downloads them once; offline, set "
-                        "TIKTOKEN_CACHE_DIR to a folder holding them") from None
+    except Exception:  # tiktoken downloads GPT-2's files once; offline that fails deep in requests
+        raise UserError("tiktoken has no GPT-2 files (it downloads them once): offline, set TIKTOKEN_CACHE_DIR to them") from None
 
 
 # -----------------------------------------------------------------------------
@@ -523,7 +523,7 @@ def evaluate_loss(model, loader, max_batches, dtype):
     for i in range(loader.rank, math.ceil(n / world_size) * world_size, world_size):
         x, y = (t.to(device) for t in loader.eval_batch(min(i, n - 1)))
         with autocast(device, dtype):
-            _, loss = model(x, y)
+            loss = model(x, y)[1]  # the logits are dropped at once
         count = (y != -100).sum() * (i < n)  # fine-tuning batches hold different numbers of targets
         sums += torch.stack([loss.float() * count, count.float()])
     sums = all_reduce_sum(sums)
@@ -842,20 +842,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 APPENDIX_FLAGS = [  # the appendix's flags: (name, the modes that take it, argparse's settings)
-    ("--fsdp", ("pretrain", "finetune", "bench"), dict(type=int, choices=[0, 1], default=0,
-                                                       help="1: shard the model over the GPUs (FSDP2), not copy it")),
+    ("--fsdp", ("pretrain", "finetune", "bench"), dict(type=int, choices=[0, 1], default=0, help="1: shard over the GPUs (FSDP2)")),
     ("--activation_checkpointing", ("pretrain", "finetune", "bench"), dict(type=int, choices=[0, 1], default=0,
-                                                                           help="1: recompute activations in backward: "
-                                                                           "~1/3 more compute, far less memory")),
+                                                                           help="1: recompute activations in backward")),
     ("--wandb_project", ("pretrain", "finetune"), dict(help="also log to this Weights & Biases project (pip install wandb)")),
     ("--hellaswag", ("pretrain", "eval"), dict(type=int, choices=[0, 1], default=0, help="1: score HellaSwag too")),
-    ("--hellaswag_path", ("pretrain", "eval"), dict(default="data/hellaswag/hellaswag_val.jsonl",
-                                                    help="made by prepare_data.py --hellaswag")),
-    ("--hellaswag_limit", ("pretrain", "eval"), dict(type=number(int, 1), help="score the first N items only "
-                                                     "(default: all 10,042)")),
+    ("--hellaswag_path", ("pretrain", "eval"), dict(default="data/hellaswag/hellaswag_val.jsonl", help="its items")),
+    ("--hellaswag_limit", ("pretrain", "eval"), dict(type=number(int, 1), help="the first N items only (default: all)")),
     ("--hellaswag_convention", ("pretrain", "eval"), dict(default="completion", choices=["completion", "harness", "both"],
-                                                          help="the GPT-2 paper's (acc_norm per token) or lm-evaluation-"
-                                                          "harness's (acc_norm per character)")),
+                                                          help="the GPT-2 paper's, or lm-evaluation-harness's")),
     ("--bench_steps", ("bench",), dict(type=number(int, 1), default=20, help="timed steps, or rounds of generation")),
     ("--bench_warmup", ("bench",), dict(type=number(int, 0), default=5, help="steps not timed first (compilation)")),
     ("--bench_generate", ("bench",), dict(type=int, choices=[0, 1], default=0, help="1: time generation instead")),
@@ -1158,10 +1153,9 @@ class InstructionLoader:
 
 
 def wrap_blocks(model, dtype, args):
-    """In place, in torchtitan's order: each block wrapped for activation checkpointing, then
-    compiled, then sharded (FSDP2); then the root, which owns the rest (embeddings, ln_f, and
-    lm_head, whose weight is wte's: one Parameter, sharded once). The module keeps its class,
-    methods and parameter names: the wrappers leave no trace in its state dict."""
+    """In place, in torchtitan's order: each block wrapped for activation checkpointing, compiled, sharded
+    (FSDP2); then the root, which owns the rest (wte, tied to lm_head: one Parameter, sharded once). The
+    model keeps its class, methods and parameter names: the wrappers leave no trace in its state dict."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     # FSDP2 all-gathers the weights already cast to the compute dtype (half the traffic), keeps
@@ -1185,8 +1179,7 @@ def wrap_blocks(model, dtype, args):
 
 
 def bytes_held(model, optimizer):
-    """Bytes of parameters, gradients and AdamW state this process stores: under FSDP, the
-    DTensors' local shards only, which is the point."""
+    """Bytes of parameters, gradients and AdamW state this process stores (FSDP: its shards alone)."""
     from torch.distributed.tensor import DTensor
     tensors = [t for p in model.parameters() for t in (p, p.grad) if t is not None]
     tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
@@ -1207,25 +1200,24 @@ def bytes_held(model, optimizer):
 def load_hellaswag(path, limit=None, convention="completion"):
     """HellaSwag items as prepare_data.py --hellaswag writes them, each checked: a context, 4
     endings and a label 0..3 (a broken item would be scored, silently, as a wrong one)."""
-    items = []
+    texts = ("ctx",) + (("activity_label", "ctx_a", "ctx_b") if convention != "completion" else ())  # harness: its query's
     if not os.path.exists(path):
         raise UserError(f"{path} not found: run prepare_data.py --hellaswag (or give --hellaswag_path)")
+    items = []
     with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported like any bad line
         for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
             try:
-                item = json.loads(line) if line.strip() else None
-                ok = item is None or (isinstance(item["ctx"], str) and isinstance(item["endings"], list) and len(
-                    item["endings"]) == 4 and all(isinstance(e, str) for e in item["endings"]) and item["label"] in (0, 1, 2, 3))
-            except (ValueError, KeyError, TypeError):
+                item = json.loads(line)
+                ok = all(isinstance(item.get(k), str) for k in texts) and len(item["endings"]) == 4 and all(
+                    isinstance(e, str) for e in item["endings"]) and item["label"] in (0, 1, 2, 3)
+            except (ValueError, KeyError, TypeError, AttributeError):
                 ok = False
             if not ok:
-                raise UserError(f"{path}, line {number}: not a HellaSwag item (a ctx, 4 endings and a label 0-3): "
-                                "re-run prepare_data.py --hellaswag")
-            if item and convention != "completion" and not all(
-                    isinstance(item.get(k), str) for k in ("activity_label", "ctx_a", "ctx_b")):
-                raise UserError(f"{path}, line {number}: no activity_label, ctx_a and ctx_b, which the harness convention "
-                                "asks with: re-run prepare_data.py --hellaswag --overwrite")
-            items += [item] if item else []
+                raise UserError(f"{path}, line {number}: not a HellaSwag item ({', '.join(texts)}, 4 endings, a label "
+                                "0-3): re-run prepare_data.py --hellaswag --overwrite")
+            items.append(item)
             if len(items) == limit:
                 break
     if not items:
@@ -1334,8 +1326,8 @@ def evaluate(args):
         results.update(hellaswag_eval(model, items, dtype, args.hellaswag_convention, progress=rank == 0))
         results["hellaswag_items_per_s"] = results["hellaswag_items"] / (time.time() - t0)
     if rank == 0:  # the results are already summed over the ranks
-        for key, value in results.items():
-            print(f"{key:<{max(map(len, results))}}  {value:.4f}" if isinstance(value, float) else f"{key:<24}  {value}")
+        for key, value in results.items():  # a table, and the same numbers as JSON for scripts
+            print(f"{key:<24}  {value:.4f}" if isinstance(value, float) else f"{key:<24}  {value}")
         os.makedirs(args.out_dir, exist_ok=True)
         atomic_write(os.path.join(args.out_dir, "eval.json"), lambda f: f.write(json.dumps(results, indent=2).encode()))
     if world_size > 1:
@@ -1347,10 +1339,6 @@ def evaluate(args):
 # --mode sample with several prompts or samples, and --mode chat
 
 
-def until_eot(tokens):
-    return tokens[:tokens.index(EOT_TOKEN)] if EOT_TOKEN in tokens else tokens  # an answer ends at <|endoftext|>
-
-
 def sample_batch(model, enc, shown, token_lists, args, generator):
     """Every prompt num_samples times, as one left-padded batch; shown: the prompts' text to print
     before each continuation (a fine-tuned model's answer stands alone)."""
@@ -1359,10 +1347,10 @@ def sample_batch(model, enc, shown, token_lists, args, generator):
     with autocast(device, pick_dtype(str(device), args.dtype)):
         out = model.generate(ids.to(device), mask.to(device), max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
-    for row in range(len(out)):
-        new = until_eot(out[row, ids.size(1):].tolist())  # the generated part, cut at <|endoftext|>
+    for row in range(len(out)):  # the generated part, until an answer or a document ends
+        new = enc.decode(out[row, ids.size(1):].tolist()).split("<|endoftext|>")[0]
         print(f"--- sample {row % args.num_samples + 1} of prompt {row // args.num_samples + 1}\n"
-              f"{shown[row // args.num_samples]}{enc.decode(new)}")
+              f"{shown[row // args.num_samples]}{new}")
 
 
 def chat(args):
@@ -1472,8 +1460,7 @@ PEAK_TFLOPS = {"H100 SXM": 989, "H100 PCIe": 756, "H100 NVL": 835, "H200 SXM": 9
 
 
 def gpu_peak_tflops(name):
-    """The PEAK_TFLOPS entry for torch.cuda.get_device_name's words ("NVIDIA H100 80GB HBM3",
-    "NVIDIA A100-SXM4-80GB", "NVIDIA GeForce RTX 4090"); None for a GPU not in the table."""
+    """PEAK_TFLOPS of a torch.cuda.get_device_name ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"), or None."""
     words = [w for w in name.replace("-", " ").split() if w not in ("NVIDIA", "GeForce", "Tesla")]
     # a data-centre GPU is its first word ("A100 SXM4 80GB"); a GeForce all of them ("RTX 4090 D" is another)
     model = " ".join(words) if words[:1] == ["RTX"] else words[0] if words else ""
@@ -1489,8 +1476,7 @@ def peak_flops(device):
 
 
 def flops_per_token(model):
-    """Training FLOPs per token (PaLM, appendix B): 6 per parameter (forward and backward
-    matmuls; wte counts, as the tied LM head), plus attention's 12 * n_layer * n_embd * block_size."""
+    """Training FLOPs per token (PaLM, appendix B): 6 a parameter (wpe aside), attention's 12 * L * C * T."""
     cfg = model.config
     return 6 * (sum(p.numel() for p in model.parameters()) - cfg.block_size * cfg.n_embd) + \
         12 * cfg.n_layer * cfg.n_embd * cfg.block_size
@@ -1499,6 +1485,7 @@ def flops_per_token(model):
 def bench_generate(args, device, dtype):
     """Greedy generation from random weights: tokens/s at batch 1 (a 16-token prompt) and batch 8
     (prompts of 3 to 16 tokens, left-padded), the median of --bench_steps rounds."""
+    import statistics
     model = GPT(new_model_config(args)).to(device).eval()
     print(f"bench generate: {args.n_layer or PRESETS[args.model]['n_layer']} layers, {args.max_new_tokens} new tokens, "
           f"{device}, {dtype}, median of {args.bench_steps}")
@@ -1512,7 +1499,7 @@ def bench_generate(args, device, dtype):
                 model.generate(ids, mask, max_new_tokens=args.max_new_tokens, temperature=0, eos_token_id=None)
             torch.cuda.synchronize() if device.startswith("cuda") else None
             times.append(time.perf_counter() - t0)
-        median = sorted(times[1:])[len(times[1:]) // 2]
+        median = statistics.median(times[1:])
         print(f"batch {batch}: {1000 * median:8.1f} ms, {batch * args.max_new_tokens / median:8.0f} tokens/s")
 
 
@@ -1521,6 +1508,7 @@ def bench(args):
     --bench_warmup): tokens/s, MFU (CUDA) and peak memory (CUDA), so that anyone can measure a
     GPU without preparing data. Under torchrun: DDP, or FSDP with --fsdp 1, and the bytes each
     rank holds. With --bench_generate 1, generation instead."""
+    import statistics
     rank, local_rank, world_size, device = setup_distributed(args.device)
     dtype, cuda = pick_dtype(device, args.dtype), device.startswith("cuda")
     if args.bench_generate:
@@ -1535,14 +1523,14 @@ def bench(args):
     compiled = torch.compile(model) if args.compile and not args.fsdp else model  # as a training run wraps it
     if world_size > 1 and not args.fsdp:
         compiled = torch.nn.parallel.DistributedDataParallel(compiled, device_ids=[local_rank] if cuda else None)
-    B, T, times = args.batch_size, model.config.block_size, []
+    B, T, times, sync = args.batch_size, model.config.block_size, [], torch.cuda.synchronize if cuda else lambda: None
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"bench: {sum(p.numel() for p in model.parameters()):,} parameters, batch {B} x {T}, {device} "
         f"({torch.cuda.get_device_name(device) if cuda else 'cpu'}), {dtype}, compile {args.compile}, {world_size} "
         f"process(es){', FSDP' if args.fsdp else ''}, {args.bench_steps} steps timed after {args.bench_warmup}")
     for i in range(args.bench_steps):
         x = torch.randint(0, 50257, (B, T + 1), device=device)  # fresh tokens each step
-        torch.cuda.synchronize() if cuda else None
+        sync()
         t0 = time.perf_counter()
         forward_backward(compiled, [(x[:, :-1], x[:, 1:])], dtype, scaler)  # the training step, as train() takes it
         scaler.unscale_(optimizer)
@@ -1550,9 +1538,9 @@ def bench(args):
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize() if cuda else None
+        sync()  # the GPU runs behind Python: the step is timed once it is done
         times += [time.perf_counter() - t0] if i >= args.bench_warmup else []
-    median, peak = sorted(times)[len(times) // 2], peak_flops(device)  # the median: a stray slow step does not count
+    median, peak = statistics.median(times), peak_flops(device)  # the median: a stray slow step does not count
     tokens_per_s = B * T * world_size / median
     say(f"median step {1000 * median:.1f} ms | {tokens_per_s:,.0f} tokens/s" + (
         f" | MFU {100 * flops_per_token(model) * tokens_per_s / (peak * world_size):.1f}% of {peak / 1e12:.0f} TFLOP/s"

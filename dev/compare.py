@@ -146,12 +146,16 @@ def compare_generate(args):
     n = args.max_new_tokens
 
     @torch.no_grad()
-    def recompute(ids, mask):  # a fresh cache every token: the whole window computed again
+    def recompute(ids, mask):  # the whole window computed again for every token
         for _ in range(n):
-            window, cut = ids[:, -args.block_size:], None if mask is None else mask[:, -args.block_size:]
-            logits = model.next_logits(window, tg.KVCache(model.config, ids.size(0), window.size(1)), cut)
+            window = ids[:, -args.block_size:]
+            if mask is None:  # build-nanogpt's loop: the plain forward, all positions' logits
+                logits = model(window)[0][:, -1]
+            else:  # it has no padding: a fresh cache every token, the last position's logits only
+                logits = model.next_logits(window, tg.KVCache(model.config, ids.size(0), window.size(1)),
+                                           mask[:, -args.block_size:])
+                mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-            mask = None if mask is None else torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)
         return ids
 
     methods = {
@@ -170,11 +174,11 @@ def compare_generate(args):
     for batch, (ids, mask) in prompts.items():
         ids, mask = ids.to(device), None if mask is None else mask.to(device)
         outputs = {name: method(ids, mask).tolist() for name, method in methods.items()}
-        hidden = torch.randn(args.n_embd, batch, device=device)  # (C, B), as next_logits multiplies
+        hidden = torch.randn(batch, args.n_embd, device=device)  # (B, C): next_logits multiplies by its .t()
 
         def lm_head_alone():  # the product every loop does once a token; no loop can be faster than n of them
             for _ in range(n):
-                model.lm_head.weight @ hidden
+                model.lm_head.weight @ hidden.t()
 
         timed = {name: (lambda m=method: m(ids, mask)) for name, method in methods.items()}
         medians = interleaved({**timed, "LM head alone": lm_head_alone}, args.rounds, 0, sync)
