@@ -244,6 +244,10 @@ def test_prompt_fed_in_pieces_through_the_cache_equals_one_pass(hf_pair, left_pa
             assert (logits - one_pass).abs().max().item() < 1e-5
         if not left_padding:  # and the one pass is the plain forward's last position
             assert (one_pass - model(ids)[0][:, -1]).abs().max().item() < 1e-5
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the cache follows the compute dtype:
+        cache = tg.KVCache(model.config, 2, 30)  # bf16 keys are stored as bf16, not cast again every token
+        model.next_logits(ids, cache, mask)
+    assert cache.k.dtype == cache.v.dtype == torch.bfloat16
 
 
 def test_batch_equals_each_row_alone(hf_pair):
@@ -335,6 +339,41 @@ def test_compiled_model_trains_and_generates(hf_pair):
     out = compiled.generate(ids[:, :5], max_new_tokens=10, temperature=0, eos_token_id=None)
     assert out.tolist() == model.generate(ids[:, :5], max_new_tokens=10, temperature=0, eos_token_id=None).tolist()
 
+
+
+def test_samples_in_a_run_do_not_compile_the_blocks_again():
+    """Under FSDP each block is compiled alone (wrap_blocks): generating through them would compile
+    again for every layer and every length, until dynamo's recompile limit. Samples run eagerly."""
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model = tg.GPT(tg.GPTConfig(block_size=64, n_layer=10, n_head=2, n_embd=32, padded_vocab_size=50304))
+    for block in model.transformer.h:
+        block.compile(backend=counter)  # as wrap_blocks does under --fsdp 1 --compile 1
+    x = random_ids(2, 17)
+    model(x[:, :-1], x[:, 1:])[1].backward()  # training: one graph serves every block
+    assert counter.frame_count == 1
+    samples = tg.show_samples(model, tg.get_tokenizer(), [464, 3290], 2, torch.float32)
+    assert len(samples) == 2 and counter.frame_count == 1
+
+
+def test_finetuning_lengths_compile_two_graphs_without_a_break():
+    """Fine-tuning batches vary in length: torch.compile makes one graph for the first length and
+    one dynamic graph for all the others, with no graph break (is_causal stays a Python bool,
+    not a SymBool that scaled_dot_product_attention refuses: 13 graphs for these lengths before)."""
+    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    counter = CompileCounter()  # counts the graphs dynamo hands to the backend, and runs them eagerly
+    model = tg.GPT(tg.GPTConfig(block_size=64, vocab_size=128, padded_vocab_size=128, n_layer=2, n_head=2, n_embd=32))
+    compiled = torch.compile(model, backend=counter)
+    for T in (7, 12, 20, 33, 64, 5):
+        x = random_ids(2, T + 1, vocab=128)
+        y = x[:, 1:].clone()
+        y[:, :3] = -100  # a masked prompt, as InstructionLoader gives
+        compiled(x[:, :-1], y)[1].backward()
+    assert counter.frame_count == 2 and not counters["graph_break"], (counter.frame_count, dict(counters["graph_break"]))
 
 # -----------------------------------------------------------------------------
 # --mode sample, and bad input
@@ -1277,6 +1316,19 @@ def test_a_failure_after_training_started_saves_the_steps_done(tmp_path):
     assert torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)["step"] == 7
 
 
+def test_out_of_memory_is_one_line_that_says_what_may_fit(shakespeare, tmp_path, monkeypatch):
+    """CUDA's out-of-memory error at step 1 (raised here by hand: a CPU has no such limit) is one
+    line naming a micro-batch half as big, and the run folder is left as it was (none)."""
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.28 GiB")
+    monkeypatch.setattr(tg, "forward_backward", out_of_memory)
+    message = main_error(*PRETRAIN, "--data_dir", shakespeare, "--out_dir", tmp_path / "o", "--device", "cpu")
+    assert "--batch_size 2 does not fit" in message and "try --batch_size 1" in message, message
+    assert "--total_batch_size keeps each step the same" in message and not (tmp_path / "o").exists()
+    message = main_error(*PRETRAIN, "--batch_size", 1, "--data_dir", shakespeare, "--out_dir", tmp_path / "o", "--device", "cpu")
+    assert "the model does not fit" in message and "--activation_checkpointing 1" in message, message
+
+
 def test_half_precision_trains_on_cpu(shakespeare, tmp_path, capsys):
     """bfloat16 autocast and float16 with its gradient scaler, run on a CPU: the path a GPU
     takes, exercised where CI can run it."""
@@ -1378,11 +1430,19 @@ def test_mfu_peak_matches_the_exact_gpu_model():
     assert tg.peak_flops("cpu") is None
 
 
-def test_bench_mode_prints_throughput_and_the_bytes_held(capsys):
-    tg.main(list(map(str, ["--mode", "bench", "--n_layer", 2, "--n_head", 2, "--n_embd", 32, "--block_size", 32,
-                           "--batch_size", 2, "--bench_steps", 3, "--bench_warmup", 1, "--device", "cpu", "--compile", 0])))
-    out = capsys.readouterr().out
-    assert "median step" in out and "tokens/s" in out and "rank 0: parameters + gradients + AdamW state" in out
+def test_bench_mode_prints_throughput_and_the_bytes_held(capsys, monkeypatch):
+    """--dtype reaches the timed step's autocast: float32 measures float32, bfloat16 bfloat16."""
+    seen = []
+    monkeypatch.setattr(tg, "autocast", lambda device, dtype: seen.append(dtype) or torch.autocast(
+        "cpu", dtype=dtype, enabled=dtype != torch.float32))
+    for dtype in ("float32", "bfloat16"):
+        tg.main(list(map(str, ["--mode", "bench", "--n_layer", 2, "--n_head", 2, "--n_embd", 32, "--block_size", 32,
+                               "--batch_size", 2, "--bench_steps", 3, "--bench_warmup", 1, "--device", "cpu",
+                               "--compile", 0, "--dtype", dtype])))
+        out = capsys.readouterr().out
+        assert "median step" in out and "tokens/s" in out and "rank 0: parameters + gradients + AdamW state" in out
+        assert f"torch.{dtype}" in out and set(seen) == {getattr(torch, dtype)}, (dtype, seen)
+        seen.clear()
 
 
 import dev.compare as compare  # noqa: E402
@@ -1423,7 +1483,8 @@ def torchrun(n, *args, out_dir, stop_after=None):
 def test_fsdp_equals_one_process_and_resumes_on_one_process_and_ddp(shakespeare, tmp_path):
     """FSDP (with activation checkpointing) on 2 ranks against one process, over steps with
     gradient accumulation (2 micro-steps per rank) and clipping (grad_clip 0.1 < every norm).
-    Stopped by SIGTERM, its checkpoint resumes on one process and under DDP. Tolerances: losses rel 1e-5 (observed < 1e-7: FSDP sums
+    Stopped by SIGTERM, its checkpoint resumes under FSDP on one process (without torchrun) and
+    under DDP. Tolerances: losses rel 1e-5 (observed < 1e-7: FSDP sums
     the same numbers in another order). Gradient norms rel 1e-3: a float32 norm over 1.6M
     numbers sums in another order over shards, which moves it by ~1e-5 of itself (both are
     ~2e-5 from the float64 norm), and the clip carries that into the weights."""
@@ -1441,7 +1502,8 @@ def test_fsdp_equals_one_process_and_resumes_on_one_process_and_ddp(shakespeare,
     assert checkpoint["model"]["lm_head.weight"] is checkpoint["model"]["transformer.wte.weight"]
     assert "transformer.wte.weight" in checkpoint["optimizer"]["state"]
     shutil.copytree(fsdp, tmp_path / "ddp")
-    run_script("train_gpt2.py", *args, "--fsdp", 0, "--init_from", "resume", "--out_dir", fsdp)
+    # under FSDP on one process, started without torchrun (a new process: it opens a process group)
+    run_script("train_gpt2.py", *args, "--fsdp", 1, "--init_from", "resume", "--out_dir", fsdp, new_process=True)
     torchrun(2, *args, "--fsdp", 0, "--init_from", "resume", out_dir=tmp_path / "ddp")
 
     one = read_log(tmp_path / "one")

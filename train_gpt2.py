@@ -534,7 +534,8 @@ def show_samples(model, enc, prompt, n, dtype):
     """n continuations of a prompt, by every rank (under FSDP each forward needs them all)."""
     ids = torch.tensor([prompt] * n, device=next(model.parameters()).device)  # (n, T)
     generator = torch.Generator(ids.device).manual_seed(42)  # fixed: samples differ only by the weights
-    with autocast(ids.device, dtype):
+    # eager: FSDP's compiled blocks would compile again for every layer and length, up to dynamo's limit
+    with autocast(ids.device, dtype), torch.compiler.set_stance("force_eager"):
         out = model.generate(ids, max_new_tokens=32, top_k=50, generator=generator) if n else ids
     return [enc.decode(row[ids.size(1):]).split("<|endoftext|>")[0] for row in out.tolist()]  # until a document ends
 
@@ -545,8 +546,7 @@ def train(args):
     master, pretrain, cuda = rank == 0, args.mode == "pretrain", device.startswith("cuda")
     say = print if master else (lambda *a, **k: None)  # the other ranks run silent
     dtype = pick_dtype(device, args.dtype)
-    if cuda:
-        torch.set_float32_matmul_precision("high")  # float32 matmuls (what autocast leaves) on tensor cores: TF32
+    torch.set_float32_matmul_precision("high" if cuda else "highest")  # float32 matmuls (what autocast leaves): TF32
     torch.manual_seed(args.seed)  # every rank the same seed: the same fresh weights everywhere
     # All that can refuse the run is checked now, before --out_dir is touched, not after hours of steps.
     model, checkpoint = model_to_train(args)  # (appendix) new, OpenAI's, ours, or the one to resume (its checkpoint)
@@ -663,8 +663,6 @@ def train(args):
         raise
     finally:
         guard.close(tracker)  # Ctrl-C means Ctrl-C again; the lock is given back; wandb ends
-    if world_size > 1:
-        torch.distributed.destroy_process_group()  # a clean exit: NCCL warns about a group left open
 
 
 # -----------------------------------------------------------------------------
@@ -698,8 +696,6 @@ def sample(args):
     """--mode sample: continue each --prompt (a fine-tuned model answers it)."""
     device = setup_distributed(args.device)[3]  # one process: sampling needs no torchrun
     prompts = args.prompt or ["Hello, I'm a language model,"]
-    if not all(prompts):  # before loading a model, which may take a minute
-        raise UserError('the prompt is empty: give some text, or --prompt "<|endoftext|>" to sample unconditionally')
     model, template = load_model(args.init_from)
     model.to(device).eval()
     enc = get_tokenizer()
@@ -787,8 +783,10 @@ def main(argv=None):
     modes = dict(pretrain=train, finetune=train, sample=sample, chat=chat, eval=evaluate, export=export, bench=bench, plot=plot)
     try:
         modes[args.mode](args)
-    except UserError as e:  # a mistake the user can fix: one line; a bug keeps its traceback
-        sys.exit(f"error: {e}")
+        if torch.distributed.is_initialized():  # a clean exit: NCCL warns about a group left open
+            torch.distributed.destroy_process_group()
+    except (UserError, torch.OutOfMemoryError) as e:  # a mistake the user can fix: one line; a bug keeps its traceback
+        sys.exit(f"error: {out_of_memory(args) if isinstance(e, torch.OutOfMemoryError) else e}")  # (appendix: OOM)
     except OSError as e:  # a full or read-only disk is the user's to fix, wherever it strikes
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
             raise
@@ -885,10 +883,10 @@ def check_args(p, args):
          "with torchrun, or unset them (unset RANK LOCAL_RANK WORLD_SIZE MASTER_ADDR MASTER_PORT)"),
         (args.mode == "export" and not (args.init_from and args.out_dir), "--mode export needs --init_from (a checkpoint "
          ".pt, a Hugging Face GPT-2 folder, a name such as gpt2) and --out_dir (a new folder)"),
-        (getattr(args, "fsdp", 0) and args.mode != "bench" and not env["LOCAL_RANK"], "--fsdp 1 shards over the "
-         "processes torchrun starts (torchrun --nproc_per_node=N ...); one process has nothing to shard with: --fsdp 0"),
         (getattr(args, "fsdp", 0) and getattr(args, "hellaswag", 0) and args.mode == "pretrain",
          "--hellaswag 1 during pretraining does not work with --fsdp 1 yet: score the checkpoint with --mode eval"),
+        (args.mode == "sample" and not all(args.prompt or ["x"]), "the prompt is empty: give some text, or --prompt "
+         '"<|endoftext|>" to sample unconditionally'),
         (args.mode == "bench" and not args.bench_generate and args.bench_warmup >= args.bench_steps,
          "--bench_warmup leaves none of the --bench_steps to time: give fewer warm-up steps, or more steps"),
     ]
@@ -1058,6 +1056,16 @@ def non_finite_error(step, loss, grad_norm, checkpoint_path, saved_step):
                      f"{where}")
 
 
+def out_of_memory(args):
+    """The line for an out-of-memory error: how much memory, and a micro-batch half as big (half the activations)."""
+    cuda, train = torch.cuda.is_available() and torch.cuda.is_initialized(), args.mode in ("pretrain", "finetune")
+    where = f"{torch.cuda.mem_get_info()[1] / 2**30:.0f} GiB on {torch.cuda.get_device_name()}" if cuda else "this machine"
+    if getattr(args, "batch_size", 1) > 1:
+        return f"--batch_size {args.batch_size} does not fit in {where}: try --batch_size {args.batch_size // 2}" + (
+            "; --total_batch_size keeps each step the same" if train else "")
+    return f"the model does not fit in {where}: try a smaller one" + (", or --activation_checkpointing 1" if train else "")
+
+
 def save_before_failing(path, raw_model, optimizer, state, master):
     """Whatever failed (an evaluation, the disk, the data), the steps done are saved first."""
     with contextlib.suppress(Exception):  # the original error is the one to report
@@ -1161,6 +1169,9 @@ def wrap_blocks(model, dtype, args):
     # FSDP2 all-gathers the weights already cast to the compute dtype (half the traffic), keeps
     # the float32 shards as AdamW's master weights, and reduce-scatters gradients in float32.
     mp_policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
+    if args.fsdp and not torch.distributed.is_initialized():  # one process, to try FSDP on one GPU: a group of one
+        torch.distributed.init_process_group("nccl" if next(model.parameters()).is_cuda else "gloo", rank=0,
+                                             world_size=1, store=torch.distributed.HashStore())
     for i, block in enumerate(model.transformer.h):
         if args.activation_checkpointing:
             # the block keeps only its input for the backward pass and runs its forward again
@@ -1290,8 +1301,6 @@ def hellaswag_eval(model, items, dtype, convention="completion", progress=False)
         if torch.distributed.is_initialized() else (0, 1)
     mine = items[rank::world_size]  # all_reduce_sum adds the counts back up
     labels, enc, results, counts = torch.tensor([item["label"] for item in mine]), get_tokenizer(), {}, []
-    was_training = model.training
-    model.eval()
     for name in ("completion", "harness") if convention == "both" else (convention,):
         asked = [harness_item(item) for item in mine] if name == "harness" else mine
         sums, per_token = score_endings(model, enc, asked, dtype, progress=progress) if mine else (torch.zeros(0, 4),) * 2
@@ -1300,7 +1309,6 @@ def hellaswag_eval(model, items, dtype, convention="completion", progress=False)
         counts += [float((sums.argmin(dim=1) == labels).sum()), float((normed.argmin(dim=1) == labels).sum())]
         prefix = "hellaswag" if name == "completion" else "hellaswag_harness"
         results.update({f"{prefix}_acc": len(counts) - 2, f"{prefix}_acc_norm": len(counts) - 1})  # indexes into counts
-    model.train(was_training)
     device = next(model.parameters()).device
     *counts, n = all_reduce_sum(torch.tensor(counts + [float(len(mine))], dtype=torch.float64, device=device)).tolist()
     return {**{key: counts[i] / n for key, i in results.items()}, "hellaswag_items": int(n)}
@@ -1330,8 +1338,6 @@ def evaluate(args):
             print(f"{key:<24}  {value:.4f}" if isinstance(value, float) else f"{key:<24}  {value}")
         os.makedirs(args.out_dir, exist_ok=True)
         atomic_write(os.path.join(args.out_dir, "eval.json"), lambda f: f.write(json.dumps(results, indent=2).encode()))
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
     return results
 
 
@@ -1513,8 +1519,7 @@ def bench(args):
     dtype, cuda = pick_dtype(device, args.dtype), device.startswith("cuda")
     if args.bench_generate:
         return bench_generate(args, device, dtype)
-    if cuda:
-        torch.set_float32_matmul_precision("high")
+    torch.set_float32_matmul_precision("high" if cuda else "highest")  # TF32, as a training run
     torch.manual_seed(args.seed)
     model = GPT(new_model_config(args)).to(device)  # random weights: speed does not depend on them
     if args.fsdp or args.activation_checkpointing:
@@ -1532,12 +1537,12 @@ def bench(args):
         x = torch.randint(0, 50257, (B, T + 1), device=device)  # fresh tokens each step
         sync()
         t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)  # first: the last step's gradients stay, for the bytes held below
         forward_backward(compiled, [(x[:, :-1], x[:, 1:])], dtype, scaler)  # the training step, as train() takes it
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         scaler.step(optimizer)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
         sync()  # the GPU runs behind Python: the step is timed once it is done
         times += [time.perf_counter() - t0] if i >= args.bench_warmup else []
     median, peak = statistics.median(times), peak_flops(device)  # the median: a stray slow step does not count
@@ -1545,13 +1550,10 @@ def bench(args):
     say(f"median step {1000 * median:.1f} ms | {tokens_per_s:,.0f} tokens/s" + (
         f" | MFU {100 * flops_per_token(model) * tokens_per_s / (peak * world_size):.1f}% of {peak / 1e12:.0f} TFLOP/s"
         if peak else "") + (f" | peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if cuda else ""))
-    forward_backward(compiled, [(x[:, :-1], x[:, 1:])], dtype, scaler)  # the gradients exist too, for the bytes
     held = torch.zeros(world_size, dtype=torch.float64, device=device)
-    held[rank] = bytes_held(model, optimizer)
+    held[rank] = bytes_held(model, optimizer)  # weights, the last step's gradients, AdamW's state
     for r, n in enumerate(all_reduce_sum(held).tolist()):
         say(f"rank {r}: parameters + gradients + AdamW state {n / 2**20:,.2f} MiB")
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------
@@ -1583,8 +1585,7 @@ def plot(args):
         axes[0][1].axhline(0.2955, color="gray", linestyle="--", label="OpenAI GPT-2 124M")  # completion convention
         axes[0][1].axhline(0.25, color="lightgray", linestyle=":", label="chance")  # 4 endings
     for ax, ylabel in zip(axes[0], ("loss", "accuracy")):
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
+        ax.set(xlabel="step", ylabel=ylabel)
         ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle(args.out_dir)
