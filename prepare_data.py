@@ -20,6 +20,7 @@ import contextlib
 import errno
 import hashlib
 import io
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -140,22 +141,14 @@ def text_of(row, name, where):  # the text of a pretraining row
 # -----------------------------------------------------------------------------
 # Tokenizing in parallel, in order, with bounded memory
 
-encoder = None  # one per worker process, made on first use (works with fork and spawn)
-
-
 def tokenize_documents(texts):  # one uint16 array: each document's tokens, each after <|endoftext|>
-    global encoder
-    if encoder is None:  # once per process, not once per batch
-        import tiktoken
-        encoder = tiktoken.get_encoding("gpt2")
+    import tiktoken
+    encoder = tiktoken.get_encoding("gpt2")  # loaded once per process: tiktoken keeps it
     tokens = []  # a Python list, then one conversion: cheaper than growing an array
     for text in texts:
         tokens.append(encoder.eot_token)
         tokens.extend(encoder.encode_ordinary(text))
-    try:
-        return np.array(tokens, dtype=np.uint16)  # numpy refuses, rather than wraps, an id >= 65,536
-    except OverflowError:  # GPT-2's 50,257 fit; another tokenizer's might not
-        raise UserError(f"token id {max(tokens)} does not fit in uint16: this format holds ids below 65,536") from None
+    return np.array(tokens, dtype=np.uint16)  # GPT-2's 50,257 ids fit (numpy refuses, not wraps, one that does not)
 
 
 def batches_of_documents(documents, start=None):
@@ -403,14 +396,11 @@ def check_inputs(args, rows_per_file=100):
         if path and not os.path.isfile(path):
             raise UserError(f"file not found: {path}" if not os.path.exists(path) else f"cannot read {path}: it is a folder")
         rows = read_rows(argparse.Namespace(**{**vars(args), "files": [path] if path else None}))
-        for i, (row, where, _) in enumerate(rows):
-            check_row(args, row, where)
-            empty = False
-            if i + 1 == rows_per_file:  # enough to catch a wrong format or column; the rest is checked as read
-                break
+        for row, where, _ in itertools.islice(rows, rows_per_file):  # enough to catch a wrong format or column
+            empty = empty and not str(check_row(args, row, where)).strip()  # (the rest is checked as it is read)
         rows.close()
     if empty:  # after all sources: one empty file among others is fine
-        raise UserError(f"the corpus {describe_source(args)} is empty: no rows to read")
+        raise UserError(f"the corpus {describe_source(args)} is empty: no rows, or blank documents only")
 
 
 def describe_source(args):
@@ -418,9 +408,8 @@ def describe_source(args):
 
 
 def dataset_files(meta):  # the files a meta.json describes, besides itself
-    if meta.get("kind") in ("sft", "hellaswag"):
-        return set(meta.get("sha256", {}))
-    return {name for split in meta.get("splits", {}).values() for name in split.get("shards", [])}
+    return set(meta.get("sha256", {})) if meta.get("kind") in ("sft", "hellaswag") else {
+        name for split in meta.get("splits", {}).values() for name in split.get("shards", [])}
 
 
 def read_json(path):
@@ -493,7 +482,21 @@ def resume_state(staging, fp):  # the state of a half-made run of this same comm
         differs = next((key for key in fp if (state.get("fingerprint") or {}).get(key) != fp[key]), "the command")
         raise UserError(f"{staging} holds a half-made preparation by another command (its {differs} differs); re-run "
                         f"that command to finish it, or delete {staging} to start over")
+    shards = [f for split in state.get("splits", {}).values() for f in zip(split["shards"], split["shard_tokens"])]
+    if bad := next((name for name, n in shards if not shard_whole(os.path.join(staging, name), n)), None):
+        print(f"note: {os.path.join(staging, bad)} is missing or damaged since the interruption: starting over")
+        for name in [n for n in os.listdir(staging) if n.endswith((".npy", ".tmp")) or n in (META, STATE)]:  # ours
+            os.remove(os.path.join(staging, name))
+        return None
     return state  # (a .tmp left by a killed run is written over when its file is made again)
+
+
+def shard_whole(path, n):  # a uint16 .npy of n tokens, neither cut short nor padded: its header read, not its data
+    try:
+        shard = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):  # missing, not .npy, or fewer bytes than its header says
+        return False
+    return shard.dtype == np.uint16 and shard.shape == (n,) and os.path.getsize(path) == shard.offset + 2 * n
 
 
 def recover(out_dir):
@@ -515,6 +518,7 @@ def publish(staging, out_dir):  # the finished dataset into place: an old one is
 
 
 def prepare(args):
+    args.out_dir = os.path.realpath(args.out_dir)  # a link (to a bigger disk): the data goes where it points
     staging = f"{args.out_dir}.partial"  # a sibling: the same file system, so the final move is a rename
     done = lambda: os.path.exists(os.path.join(args.out_dir, META)) and not args.overwrite  # noqa: E731
     if done() and not os.path.exists(staging) and not os.path.exists(f"{args.out_dir}.old"):
@@ -562,15 +566,8 @@ def verify(folder):
     again = "re-run prepare_data.py --overwrite for this folder"
     for name, n, digest in files:  # in order: the first bad file is the one named
         path = os.path.join(folder, name)
-        if not os.path.exists(path):
-            raise UserError(f"{path} is missing; {again}")
-        if n is not None:
-            try:  # the header: a 200 MB shard is not loaded
-                shard = np.load(path, mmap_mode="r")
-            except ValueError:  # not .npy, or fewer bytes than its header says
-                raise UserError(f"{path} is truncated or not a .npy file; {again}") from None
-            if shard.dtype != np.uint16 or shard.shape != (n,) or os.path.getsize(path) != shard.offset + 2 * n:
-                raise UserError(f"{path} is truncated or padded ({shard.dtype}, {shard.shape}, not {n:,} uint16); {again}")
+        if not os.path.exists(path) or (n is not None and not shard_whole(path, n)):
+            raise UserError(f"{path} is {f'truncated or padded (not {n:,} tokens)' if os.path.exists(path) else 'missing'}; {again}")
         with open(path, "rb") as f:
             if hashlib.file_digest(f, "sha256").hexdigest() != digest:
                 raise UserError(f"{path} differs from the file prepare_data.py wrote (sha256); {again}")
@@ -621,8 +618,8 @@ def parse_args(argv=None):
         args.subset = args.subset or ("sample-10BT" if fineweb else None)
     # by default, the folders train_gpt2.py reads: data/alpaca to fine-tune, data/hellaswag to evaluate
     source = "fineweb_edu_10B" if fineweb else Path(args.files[0]).stem if args.files else Path(args.dataset).name
-    out = args.out_dir or {"sft": "data/alpaca", "hellaswag": "data/hellaswag"}.get(kind, f"data/{source}")
-    args.out_dir = os.path.normpath(out)  # no trailing slash: <out_dir>.partial is a sibling
+    args.out_dir = os.path.normpath(args.out_dir or {"sft": "data/alpaca", "hellaswag": "data/hellaswag"}.get(
+        kind, f"data/{source}"))  # no trailing slash: <out_dir>.partial is a sibling
     args.split = args.split or ("validation" if args.hellaswag else "train")  # HellaSwag's test split has no labels
     return args
 
@@ -630,14 +627,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if args.verify:
-            verify(args.verify)
-        else:
-            prepare(args)
+        verify(args.verify) if args.verify else prepare(args)
     except UserError as e:
         sys.exit(f"error: {e}")
     except (ConnectionError, TimeoutError) as e:  # the Hub went away: nothing is lost
         sys.exit(f"error: lost the connection to {args.dataset} ({e}); run the same command again to resume")
+    except MemoryError:  # np.empty(shard_size) is the one big allocation
+        sys.exit(f"error: out of memory: a shard of --shard_size {args.shard_size:,} tokens does not fit; give a smaller one")
     except KeyboardInterrupt:
         sys.exit(f"error: interrupted; {args.out_dir} is unchanged, and the same command resumes the work")
     except OSError as e:  # a full or read-only disk is the user's to fix; any other OSError is a bug

@@ -15,10 +15,14 @@ A marked appendix holds the rest: --mode eval, export, bench, plot... A mode's f
 import argparse
 import contextlib
 import errno
+import hashlib
+import itertools
 import json
 import math
 import os
+import re
 import signal
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -223,14 +227,15 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_path, padded_vocab_size=None):
         """OpenAI's GPT-2 ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", from the Hugging Face
         hub) or a local Hugging Face GPT-2 folder. padded_vocab_size=50304: to train on at speed."""
-        from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel  # only needed here
+        from safetensors import SafetensorError  # comes with transformers, only needed here
+        from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
         from transformers.utils import logging
         logging.set_verbosity_error()  # missing or mismatched weights are errors below, not warnings
         try:
             if (hf := AutoConfig.from_pretrained(name_or_path)).model_type != "gpt2":
                 raise ValueError(f"it is a {hf.model_type} checkpoint, not a GPT-2 checkpoint")
             hf_model, info = GPT2LMHeadModel.from_pretrained(name_or_path, output_loading_info=True)
-        except (OSError, ValueError) as e:  # transformers' words for a missing, broken or foreign folder
+        except (OSError, ValueError, SafetensorError) as e:  # a missing, broken or foreign folder
             raise UserError(f"could not load {name_or_path!r} as a GPT-2 checkpoint: {(str(e) or repr(e)).splitlines()[0]}") from None
         if info["missing_keys"] or info["mismatched_keys"]:
             raise UserError(f"checkpoint {name_or_path!r} is broken: missing keys or shapes: "
@@ -316,6 +321,7 @@ class PretrainLoader:
             self.meta = json.load(f)["splits"][split]  # the split's shards: names, lengths, checksums
         self.names = [os.path.join(data_dir, name) for name in self.meta["shards"]]
         self.shards = [np.load(path, mmap_mode="r") for path in self.names]  # the OS pages in what is read
+        self.heads = [hashlib.sha256(shard[:1 << 15]).hexdigest() for shard in self.shards]  # a shard swapped shows
         self.total_tokens = sum(len(shard) for shard in self.shards)
         self.split, self.B, self.T, self.rank, self.world_size, self.seed = split, batch_size, block_size, rank, world_size, seed
         self.position = 0  # where the next step starts in the epoch's stream
@@ -368,8 +374,8 @@ class PretrainLoader:
     def eval_batch(self, i):
         return self.window(i * self.B * self.T)  # the split's i-th batch, from its start
 
-    def state_dict(self):  # (seed, epoch) gives the shard order; the shards' list: was the data changed since?
-        return {"epoch": self.epoch, "position": self.position, "shards": self.meta}
+    def state_dict(self):  # (seed, epoch) gives the shard order; the shards' list: is it the same data on resume?
+        return {"epoch": self.epoch, "position": self.position, "data": [self.meta, self.heads]}
 
     def load_state_dict(self, state):
         self.set_epoch(state["epoch"])
@@ -485,29 +491,6 @@ def save_checkpoint(path, raw_model, optimizer, state, master):
         print(f"saved {path} at step {state['step']}")
 
 
-def load_model(init_from, padded_vocab_size=None):
-    """A model and its fine-tuning prompt template (or None): from our .pt (or a run folder), a
-    Hugging Face GPT-2 folder (our export keeps the template in config.json), or OpenAI's."""
-    if os.path.isfile(os.path.join(init_from, "ckpt.pt")):
-        init_from = os.path.join(init_from, "ckpt.pt")  # a run folder: its checkpoint
-    if os.path.isfile(init_from):
-        model, checkpoint = load_checkpoint(init_from)  # (appendix: checked to be ours)
-        return model, checkpoint.get("prompt_template")
-    if init_from.endswith(".pt") or (init_from not in PRESETS and not os.path.isdir(init_from)):
-        raise UserError(f"unknown model {init_from!r} (not found): use one of {', '.join(PRESETS)}, a checkpoint .pt, "
-                        "a run folder holding ckpt.pt, or a folder holding a Hugging Face GPT-2")
-    model, config = GPT.from_pretrained(init_from, padded_vocab_size), os.path.join(init_from, "config.json")
-    return model, json.load(open(config)).get("prompt_template") if os.path.isfile(config) else None
-
-
-def get_tokenizer():
-    import tiktoken  # imported late, so that the model above can be copied without it
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception:  # tiktoken downloads GPT-2's files once; offline that fails deep in requests
-        raise UserError("tiktoken has no GPT-2 files (it downloads them once): offline, set TIKTOKEN_CACHE_DIR to them") from None
-
-
 # -----------------------------------------------------------------------------
 # The pretraining loop (fine-tuning runs it too, with the appendix's loader)
 #
@@ -566,7 +549,7 @@ def train(args):
     max_steps = args.max_steps or steps_per_epoch * args.epochs
     hellaswag = pretrain and args.hellaswag and load_hellaswag(args.hellaswag_path, args.hellaswag_limit,  # (appendix)
                                                                args.hellaswag_convention)  # read now: a bad one fails now
-    enc, template = get_tokenizer(), getattr(train_loader, "template", None)  # fine-tuning's prompt template
+    enc, template = get_tokenizer(), getattr(train_loader, "template", None)  # (appendix) tiktoken's; fine-tuning's template
     prompt, prompt_text = sample_prompt(args.prompt, enc, val_loader, template)  # (appendix) what samples continue
     if args.fsdp or args.activation_checkpointing:
         wrap_blocks(model, dtype, args)  # (appendix) before the optimizer: FSDP replaces the parameters
@@ -579,6 +562,9 @@ def train(args):
             raise UserError(f"{args.out_dir} is at step {step}, past --max_steps {max_steps}: give at least {step}")
         set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=StateDictOptions(full_state_dict=True))
         scaler.load_state_dict(checkpoint["scaler"])
+        if checkpoint["loader"]["data"] != train_loader.state_dict()["data"]:  # prepared again, or shards swapped
+            raise UserError(f"{args.data_dir} is not the data this run was reading (prepared again?): resume on that "
+                            f"data, or start a new run from its weights with --init_from {args.out_dir}/ckpt.pt")
         train_loader.load_state_dict(checkpoint["loader"])  # the next step reads on: no batch twice, none skipped
         torch.set_rng_state(checkpoint["rng"]["cpu"])
         if cuda:
@@ -604,6 +590,8 @@ def train(args):
 
     guard, tracker, t_start = RunGuard(args.out_dir, master), None, time.time()  # (appendix) --out_dir locked; Ctrl-C
     try:
+        if master and checkpoint is not None:  # a run killed after its checkpoint logged steps that are done again now
+            truncate_log(log_path, step)  # (appendix)
         tracker = start_wandb(args, checkpoint) if master and args.wandb_project else None  # (appendix)
         checkpoint = None  # the weights and optimizer state are in place: the copy is freed
         while True:
@@ -659,7 +647,8 @@ def train(args):
                 + f" | ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
     except Exception:  # no trained step is lost: they are saved first (unless bad, or under FSDP: see appendix)
         if step > start_step and not weights_bad and state["step"] == step != saved_step and not args.fsdp:
-            save_before_failing(checkpoint_path, raw_model, optimizer, state, master)  # (appendix)
+            with contextlib.suppress(Exception):  # whatever failed (an evaluation, the disk, the data): it is reported
+                save_checkpoint(checkpoint_path, raw_model, optimizer, state, master)
         raise
     finally:
         guard.close(tracker)  # Ctrl-C means Ctrl-C again; the lock is given back; wandb ends
@@ -696,9 +685,9 @@ def sample(args):
     """--mode sample: continue each --prompt (a fine-tuned model answers it)."""
     device = setup_distributed(args.device)[3]  # one process: sampling needs no torchrun
     prompts = args.prompt or ["Hello, I'm a language model,"]
-    model, template = load_model(args.init_from)
+    model, template = load_model(args.init_from)  # (appendix) ours (.pt, a run folder), a Hugging Face GPT-2, OpenAI's
     model.to(device).eval()
-    enc = get_tokenizer()
+    enc = get_tokenizer()  # (appendix)
     token_lists = [encode_prompt(enc, prompt, template) for prompt in prompts]  # a long one: its end is read
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None  # None: fresh samples
     if len(prompts) == 1 and args.num_samples == 1:  # one answer: streamed as it comes, as in chat
@@ -757,7 +746,7 @@ def parse_args(argv):
         add("--prompt", help="what they continue (default: the val split's start; finetune: an instruction)")
         add("--ckpt_interval", type=count, default=5000, help="steps between checkpoints (and one at the end)")
     if mode in ("sample", "chat", "bench"):
-        add("--max_new_tokens", type=count0, default=64, help="tokens to generate at most")
+        add("--max_new_tokens", type=count if mode == "bench" else count0, default=64, help="tokens to generate at most")
     if mode in ("sample", "chat"):  # nanoGPT's defaults: a small model at temperature 1 drifts into noise
         add("--temperature", type=number(float, 0), default=0.8, help="0 is greedy; below 1 sharpens the distribution")
         add("--top_k", type=count0, default=200, help="sample among the k likeliest tokens; 0: all")
@@ -771,7 +760,7 @@ def parse_args(argv):
     p.set_defaults(**MODE_DEFAULTS.get(mode, {}))  # (appendix) the other modes' defaults
     add("-h", "--help", action="help", help=f"show the flags of --mode {mode}")
     args = p.parse_args(argv)
-    if getattr(args, "init_from", None) == "resume":  # the flags the run was started with, unless given now
+    if args.mode in ("pretrain", "finetune") and args.init_from == "resume":  # the run's flags, unless given now
         p.set_defaults(**saved_args(args.out_dir))  # (appendix)
         args = p.parse_args(argv)
     check_args(p, args)  # (appendix) what spans several flags
@@ -787,10 +776,10 @@ def main(argv=None):
             torch.distributed.destroy_process_group()
     except (UserError, torch.OutOfMemoryError) as e:  # a mistake the user can fix: one line; a bug keeps its traceback
         sys.exit(f"error: {out_of_memory(args) if isinstance(e, torch.OutOfMemoryError) else e}")  # (appendix: OOM)
-    except OSError as e:  # a full or read-only disk is the user's to fix, wherever it strikes
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+    except OSError as e:  # a full or read-only disk, or a folder filled meanwhile: the user's to fix, wherever it strikes
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTEMPTY):
             raise
-        sys.exit(f"error: cannot write {e.filename or ''}: {e.strerror}; free some space or choose another folder")
+        sys.exit(f"error: cannot write {e.filename2 or e.filename or ''}: {e.strerror}; free some space or choose another folder")
     except KeyboardInterrupt:  # Ctrl-C (training handles its first one itself, and saves)
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)  # the shell's code for "killed by SIGINT"
@@ -803,19 +792,16 @@ def main(argv=None):
 # =============================================================================
 
 # -----------------------------------------------------------------------------
-# The guards of a run: its flags, the files it reads, the folder it writes, its stop
-#
-# Each thing a user gives is checked once, where it enters, before step 1 and before any
-# output is touched; what fails says what to do in one line. main() turns a full or
-# read-only disk into one line wherever it strikes.
+# The guards of a run: its flags, the files it reads, the folder it writes, its stop. Each thing a
+# user gives is checked once, where it enters, before step 1 and before any output is touched; what
+# fails says what to do in one line (main() does so for a full or read-only disk, wherever it strikes).
 
 try:
     import fcntl  # the folder lock of a run (POSIX)
 except ImportError:  # Windows: runs are not locked
     fcntl = None
 
-def number(kind, low, high=None, above=False):
-    """An argparse type: a number in its domain, so that --max_steps -1 or --top_p 0 is refused at once."""
+def number(kind, low, high=None, above=False):  # an argparse type: a number in its domain (no --max_steps -1)
     def parse(text):
         value = kind(text)  # argparse reports a ValueError as "invalid value"
         if not (math.isfinite(value) and (value > low if above else value >= low) and (high is None or value <= high)):
@@ -825,8 +811,7 @@ def number(kind, low, high=None, above=False):
     return parse
 
 
-def device_flag(text):
-    """A device that exists here: --device cuda on a machine without a GPU is a mistake."""
+def device_flag(text):  # an argparse type: a device this machine has (--device cuda without a GPU is a mistake)
     try:  # torch says what a name means, and whether this machine has it
         return text if text == "auto" else torch.empty(0, device=text) is not None and text
     except (RuntimeError, AssertionError) as e:
@@ -841,14 +826,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 APPENDIX_FLAGS = [  # the appendix's flags: (name, the modes that take it, argparse's settings)
     ("--fsdp", ("pretrain", "finetune", "bench"), dict(type=int, choices=[0, 1], default=0, help="1: shard over the GPUs (FSDP2)")),
-    ("--activation_checkpointing", ("pretrain", "finetune", "bench"), dict(type=int, choices=[0, 1], default=0,
-                                                                           help="1: recompute activations in backward")),
+    ("--activation_checkpointing", ("pretrain", "finetune", "bench"), dict(type=int, choices=[0, 1], default=0, help="1: less memory")),
     ("--wandb_project", ("pretrain", "finetune"), dict(help="also log to this Weights & Biases project (pip install wandb)")),
     ("--hellaswag", ("pretrain", "eval"), dict(type=int, choices=[0, 1], default=0, help="1: score HellaSwag too")),
     ("--hellaswag_path", ("pretrain", "eval"), dict(default="data/hellaswag/hellaswag_val.jsonl", help="its items")),
     ("--hellaswag_limit", ("pretrain", "eval"), dict(type=number(int, 1), help="the first N items only (default: all)")),
     ("--hellaswag_convention", ("pretrain", "eval"), dict(default="completion", choices=["completion", "harness", "both"],
-                                                          help="the GPT-2 paper's, or lm-evaluation-harness's")),
+                                                          help="GPT-2's or lm-evaluation-harness's")),
     ("--bench_steps", ("bench",), dict(type=number(int, 1), default=20, help="timed steps, or rounds of generation")),
     ("--bench_warmup", ("bench",), dict(type=number(int, 0), default=5, help="steps not timed first (compilation)")),
     ("--bench_generate", ("bench",), dict(type=int, choices=[0, 1], default=0, help="1: time generation instead")),
@@ -887,12 +871,38 @@ def check_args(p, args):
          "--hellaswag 1 during pretraining does not work with --fsdp 1 yet: score the checkpoint with --mode eval"),
         (args.mode == "sample" and not all(args.prompt or ["x"]), "the prompt is empty: give some text, or --prompt "
          '"<|endoftext|>" to sample unconditionally'),
+        (getattr(args, "init_from", None) == "resume" and args.mode not in ("pretrain", "finetune"), "--init_from resume "
+         f"continues a training run; to {args.mode} a run's model, give its folder (--init_from out/pretrain)"),
+        (0 < getattr(args, "temperature", 1) < 1e-3, "--temperature below 0.001 makes the logits overflow: 0 is greedy"),
         (args.mode == "bench" and not args.bench_generate and args.bench_warmup >= args.bench_steps,
          "--bench_warmup leaves none of the --bench_steps to time: give fewer warm-up steps, or more steps"),
     ]
     for wrong, message in mistakes:
         if wrong:
             p.error(message)
+    if getattr(args, "init_from", None) in PRESETS and (message := not_downloadable(args.init_from)):
+        p.error(message)  # in seconds, not after a minute of retries
+
+
+def not_downloadable(name):
+    """Why OpenAI's checkpoint `name` cannot be had now, or None: it is in Hugging Face's cache, or the hub answers."""
+    import socket
+    from huggingface_hub import constants, try_to_load_from_cache
+    host = constants.ENDPOINT.split("://")[-1].split("/")[0]  # huggingface.co, or the HF_ENDPOINT mirror
+    try:
+        if not (os.path.isdir(name) or isinstance(try_to_load_from_cache(name, "config.json"), str)):
+            socket.create_connection((host, 443), timeout=5).close()
+    except OSError as e:
+        return (f"--init_from {name} is downloaded from {host} once, and {host} cannot be reached ({e.strerror or e}): "
+                "connect once, or give a local model (a Hugging Face GPT-2 folder, an export, a .pt)")
+
+
+def get_tokenizer():
+    import tiktoken  # imported late, so that the model above can be copied without it
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception:  # tiktoken downloads GPT-2's files once; offline that fails deep in requests
+        raise UserError("tiktoken has no GPT-2 files (it downloads them once): offline, set TIKTOKEN_CACHE_DIR to them") from None
 
 
 def first_line(error):
@@ -907,7 +917,7 @@ def load_array(path, dtype, length=None):
     try:
         array = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as e:  # missing, a header numpy cannot read, or fewer bytes than it says
-        raise UserError(f"{path} is not a whole .npy file ({first_line(e)}): {REPREPARE}") from None
+        raise UserError(f"{path} is {e.strerror if isinstance(e, OSError) else 'cut short or not .npy'}: {REPREPARE}") from None
     if array.dtype != dtype or array.ndim != 1 or (length is not None and len(array) != length):
         raise UserError(f"{path} holds {array.dtype} of shape {array.shape}, but meta.json says "
                         f"{'' if length is None else f'{length:,} '}{np.dtype(dtype)}: {REPREPARE}")
@@ -915,8 +925,7 @@ def load_array(path, dtype, length=None):
 
 
 def check_data(data_dir, mode, batch_size, block_size):
-    """A data folder, before a run reads it: prepare_data.py's meta.json, of the kind the mode reads,
-    and (pretraining) every shard whole and as long as meta.json says. Returns the kind (eval reads both)."""
+    """A data folder before a run reads it: its meta.json, its kind (returned), every shard whole and as long."""
     try:
         with open(os.path.join(data_dir, "meta.json")) as f:
             meta = json.load(f)
@@ -924,8 +933,7 @@ def check_data(data_dir, mode, batch_size, block_size):
         shards = [list(zip(s["shards"], s["shard_tokens"])) for s in splits] if kind == "pretrain" else []
     except (FileNotFoundError, NotADirectoryError):
         raise UserError(f"data folder {data_dir} not found, or not prepared (no meta.json): run prepare_data.py"
-                        f"{' --sft' if mode == 'finetune' else ''} for it (the same command resumes an interrupted one)") \
-            from None
+                        f"{' --sft' if mode == 'finetune' else ''} (the same command resumes an interrupted one)") from None
     except (json.JSONDecodeError, KeyError, TypeError) as e:  # not JSON, or not prepare_data.py's
         raise UserError(f"{data_dir}/meta.json is not prepare_data.py's ({type(e).__name__}: {e}): {REPREPARE}") from None
     if kind != {"pretrain": "pretrain", "finetune": "sft"}.get(mode, kind):
@@ -935,8 +943,8 @@ def check_data(data_dir, mode, batch_size, block_size):
         raise UserError(f"{data_dir} has no {'train' if not shards[0] else 'val'} shards: {REPREPARE}")
     [load_array(os.path.join(data_dir, name), np.uint16, length) for named in shards for name, length in named]
     if shards and sum(n for _, n in shards[1]) - 1 < batch_size * block_size:  # found now, not at the first evaluation
-        raise UserError(f"the val split of {data_dir} ({sum(n for _, n in shards[1]):,} tokens) is shorter than one "
-                        f"batch of {batch_size} x {block_size}: lower --batch_size or --block_size, or prepare more")
+        raise UserError(f"the val split of {data_dir} ({sum(n for _, n in shards[1]):,} tokens) is shorter than one batch"
+                        f" of {batch_size} x {block_size}: lower --batch_size{'' if mode == 'eval' else ' or --block_size'}")
     return kind
 
 
@@ -944,7 +952,9 @@ def load_checkpoint(path, keys=("model", "config")):
     """A checkpoint of this file's, checked before anything trusts it, and its model."""
     try:  # weights_only: a checkpoint is data, and loading it must never run code
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, random bytes, pickled code, another program's file
+    except Exception as e:  # truncated, random bytes, another program's file, Python objects besides tensors
+        if refused := re.search(r"GLOBAL (\S+)", str(e)):  # weights_only refused it: loading it would run code
+            raise UserError(f"{path} holds a Python object ({refused[1]}), which loading would run: re-save its tensors") from None
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {first_line(e)[:150]}): it may be "
                         "truncated or not a PyTorch file; pick another checkpoint") from None
     if missing := [key for key in keys if not isinstance(checkpoint, dict) or key not in checkpoint]:
@@ -957,6 +967,23 @@ def load_checkpoint(path, keys=("model", "config")):
     return model, checkpoint
 
 
+def load_model(init_from, padded_vocab_size=None):
+    """A model and its fine-tuning prompt template (or None): from our .pt (or a run folder), a
+    Hugging Face GPT-2 folder (our export keeps the template in config.json), or OpenAI's."""
+    if os.path.isfile(os.path.join(init_from, "ckpt.pt")):
+        init_from = os.path.join(init_from, "ckpt.pt")  # a run folder: its checkpoint
+    if os.path.isfile(init_from):
+        model, checkpoint = load_checkpoint(init_from)  # (appendix: checked to be ours)
+        return model, checkpoint.get("prompt_template")
+    if init_from.endswith(".pt") or (init_from not in PRESETS and not os.path.isdir(init_from)):
+        raise UserError(f"unknown model {init_from!r} (not found): use one of {', '.join(PRESETS)}, a checkpoint .pt, "
+                        "a run folder holding ckpt.pt, or a folder holding a Hugging Face GPT-2")
+    model, config = GPT.from_pretrained(init_from, padded_vocab_size), os.path.join(init_from, "config.json")
+    if model.config.vocab_size != 50257:  # tiktoken's GPT-2 tokenizer would give ids it lacks, or never its own
+        raise UserError(f"{init_from} reads {model.config.vocab_size:,} token ids, not GPT-2's 50,257: another tokenizer's")
+    return model, json.load(open(config)).get("prompt_template") if os.path.isfile(config) else None
+
+
 def new_model_config(args):
     """A new model's size: the --model preset, or --n_layer --n_head --n_embd where given."""
     size = {**PRESETS[args.model], **{k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k)}}
@@ -967,9 +994,8 @@ def new_model_config(args):
 
 
 def model_to_train(args):
-    """(model, the checkpoint to resume or None), after every check that can refuse the run: a refused
-    run touches nothing in --out_dir, and a new one never overwrites a run's work. The model: the one
-    to resume, a new one of the flags' size, or one loaded (ours, OpenAI's) and cut to --block_size."""
+    """(model, checkpoint to resume or None), checked before --out_dir is touched, never over a run's work: the
+    model to resume, a new one of the flags' size, or one loaded (ours, OpenAI's) and cut to --block_size."""
     path = os.path.join(args.out_dir, "ckpt.pt")
     if args.init_from == "resume":
         if not os.path.exists(path):
@@ -979,6 +1005,10 @@ def model_to_train(args):
         if (was := checkpoint["args"].get("mode")) != args.mode:
             raise UserError(f"{path} is a --mode {was} run: resume it with --mode {was}, or start a {args.mode} run "
                             f"with --init_from {path}")
+        for flag in ("model", "n_layer", "n_head", "n_embd", "block_size", "seed"):  # what made its weights and order
+            if getattr(args, flag, None) != checkpoint["args"].get(flag):
+                raise UserError(f"--{flag} {getattr(args, flag, None)} differs from the run's {checkpoint['args'].get(flag)}:"
+                                f" a resumed run keeps its model and data order; start a new run with --init_from {path}")
         return model, checkpoint
     if any(os.path.exists(os.path.join(args.out_dir, name)) for name in ("ckpt.pt", "log.jsonl")):
         raise UserError(f"{args.out_dir} already holds a checkpoint or log of an earlier run: continue it with "
@@ -996,9 +1026,8 @@ def model_to_train(args):
 
 
 def sample_prompt(prompt, enc, val_loader, template):
-    """What the samples at each evaluation continue, as (tokens, text to show): --prompt; else,
-    pretraining: the val split's first tokens, a beginning in the corpus's own style (a play's
-    names and short lines, FineWeb's prose); fine-tuning: an instruction."""
+    """What the samples at each evaluation continue, as (tokens, text to show): --prompt; else the val split's
+    first tokens, in the corpus's own style (a play's names and short lines); fine-tuning: an instruction."""
     if template:
         prompt = prompt or "Give three tips for staying healthy."
         return encode_prompt(enc, prompt, template), prompt + "\n"
@@ -1007,10 +1036,9 @@ def sample_prompt(prompt, enc, val_loader, template):
 
 
 class RunGuard:
-    """A training run's hold on --out_dir, and its stop button. The folder is made and locked (an
-    flock on the folder itself: no file is left, and the kernel drops it if the process dies), since
-    two runs writing one folder would mix their checkpoints and logs (Windows has no flock: not
-    locked there). Ctrl-C or SIGTERM asks the loop to save a checkpoint at the next step and stop."""
+    """A training run's hold on --out_dir, and its stop button. The folder is made and locked (an flock on
+    the folder: no file left, dropped by the kernel if the process dies; not on Windows): two runs would mix
+    their checkpoints and logs. Ctrl-C or SIGTERM asks the loop to save a checkpoint at the next step and stop."""
 
     def __init__(self, out_dir, master):
         self.out_dir, self.made, self.folder, self.stop_requested = out_dir, not os.path.exists(out_dir), None, False
@@ -1047,8 +1075,7 @@ class RunGuard:
 
 
 def non_finite_error(step, loss, grad_norm, checkpoint_path, saved_step):
-    # The update was not applied, and every checkpoint was written only once the step after it
-    # came out finite: the one named here resumes to a finite loss.
+    # The update was not applied, and a checkpoint is written once the step after it is finite: it resumes
     where = (f"the last good checkpoint is {checkpoint_path} at step {saved_step} (resume it with a lower --max_lr, "
              "or check the data)" if saved_step not in (None, step) else
              "no checkpoint before it to go back to: start again with a lower --max_lr")
@@ -1066,10 +1093,11 @@ def out_of_memory(args):
     return f"the model does not fit in {where}: try a smaller one" + (", or --activation_checkpointing 1" if train else "")
 
 
-def save_before_failing(path, raw_model, optimizer, state, master):
-    """Whatever failed (an evaluation, the disk, the data), the steps done are saved first."""
-    with contextlib.suppress(Exception):  # the original error is the one to report
-        save_checkpoint(path, raw_model, optimizer, state, master)
+def truncate_log(path, step):
+    """log.jsonl cut after `step`'s entries (a run killed after its checkpoint logged steps it now redoes)."""
+    with contextlib.suppress(FileNotFoundError), open(path, "r+b") as f:
+        kept = itertools.takewhile(lambda line: line.endswith(b"\n") and json.loads(line)["step"] <= step, f)
+        f.truncate(sum(map(len, kept)))
 
 
 def start_wandb(args, checkpoint):
@@ -1078,6 +1106,8 @@ def start_wandb(args, checkpoint):
         import wandb
     except ImportError:
         raise UserError("--wandb_project needs wandb: pip install wandb") from None
+    if os.environ.get("WANDB_MODE") not in ("offline", "disabled") and not wandb.login(prompt=False, verify=False):
+        raise UserError("--wandb_project needs a Weights & Biases login: run wandb login, or set WANDB_MODE=offline")
     run_id = (checkpoint or {}).get("wandb_id")  # saved in every checkpoint
     return wandb.init(project=args.wandb_project, name=os.path.basename(os.path.normpath(args.out_dir)), config=vars(args),
                       dir=args.out_dir, id=run_id, resume="allow" if run_id else None)
@@ -1088,11 +1118,9 @@ def start_wandb(args, checkpoint):
 
 
 class InstructionLoader:
-    """Batches of instruction examples, each padded to its longest example. Labels are -100 on
-    the prompt and on padding, so that the loss counts the answer's tokens (and its closing
-    <|endoftext|>) only. A step's examples are sorted by length before they are cut into
-    micro-batches: less padding, the same step. As PretrainLoader, step s always holds the
-    same examples on any number of GPUs, and two numbers resume it."""
+    """Batches of instruction examples, padded to the longest. Labels are -100 on the prompt and the padding:
+    the loss counts the answer's tokens (and its <|endoftext|>). A step's examples are sorted by length, then cut
+    into micro-batches: less padding, the same step. Step s holds the same examples on any number of GPUs."""
 
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337):
         with open(os.path.join(data_dir, "meta.json")) as f:
@@ -1114,6 +1142,7 @@ class InstructionLoader:
                             f"{block_size} + 1: prepare it again with prepare_data.py --sft --block_size {block_size} "
                             "--overwrite (and its --files, if you gave them)")
         self.B, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.data = [hashlib.sha256(array).hexdigest() for array in (self.tokens, self.mask, self.offsets)]  # ~20 ms
         self.epoch, self.step_in_epoch = 0, 0  # an epoch's order follows from (seed, epoch)
 
     def batch(self, indices):
@@ -1150,7 +1179,7 @@ class InstructionLoader:
         return self.batch(range(i * self.B, min((i + 1) * self.B, self.n)))  # in file order: the same loss each time
 
     def state_dict(self):
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "data": self.data}
 
     def load_state_dict(self, state):
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
@@ -1161,21 +1190,18 @@ class InstructionLoader:
 
 
 def wrap_blocks(model, dtype, args):
-    """In place, in torchtitan's order: each block wrapped for activation checkpointing, compiled, sharded
-    (FSDP2); then the root, which owns the rest (wte, tied to lm_head: one Parameter, sharded once). The
-    model keeps its class, methods and parameter names: the wrappers leave no trace in its state dict."""
+    """In place, in torchtitan's order: each block checkpointed, compiled, sharded (FSDP2); then the root, which
+    owns the rest (wte = lm_head, sharded once). Class, methods and state dict names stay as they were."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    # FSDP2 all-gathers the weights already cast to the compute dtype (half the traffic), keeps
-    # the float32 shards as AdamW's master weights, and reduce-scatters gradients in float32.
+    # FSDP2 gathers weights cast to the compute dtype (half the traffic); AdamW's float32 shards stay the master
     mp_policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
     if args.fsdp and not torch.distributed.is_initialized():  # one process, to try FSDP on one GPU: a group of one
         torch.distributed.init_process_group("nccl" if next(model.parameters()).is_cuda else "gloo", rank=0,
                                              world_size=1, store=torch.distributed.HashStore())
     for i, block in enumerate(model.transformer.h):
         if args.activation_checkpointing:
-            # the block keeps only its input for the backward pass and runs its forward again
-            # there: saved activations drop from ~34 x (B, T, C) a block to 2 (bf16)
+            # the block keeps its input only and runs again in backward: saved activations ~34 -> 2 x (B, T, C)
             model.transformer.h[i] = block = checkpoint_wrapper(block)
         if args.fsdp:
             if args.compile:
@@ -1202,23 +1228,19 @@ def bytes_held(model, optimizer):
 
 
 # -----------------------------------------------------------------------------
-# HellaSwag and --mode eval
-#
-# Each rank scores its share; the sums are all-reduced, so the numbers are one process's
-# whatever the number of GPUs.
+# HellaSwag and --mode eval: each rank scores its share, and the sums are all-reduced, so
+# that the numbers are one process's whatever the number of GPUs
 
 
 def load_hellaswag(path, limit=None, convention="completion"):
-    """HellaSwag items as prepare_data.py --hellaswag writes them, each checked: a context, 4
-    endings and a label 0..3 (a broken item would be scored, silently, as a wrong one)."""
+    """prepare_data.py --hellaswag's items, each checked (a broken one would be scored, silently, as wrong)."""
     texts = ("ctx",) + (("activity_label", "ctx_a", "ctx_b") if convention != "completion" else ())  # harness: its query's
     if not os.path.exists(path):
         raise UserError(f"{path} not found: run prepare_data.py --hellaswag (or give --hellaswag_path)")
     items = []
     with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported like any bad line
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+        lines = ((number, line) for number, line in enumerate(f, 1) if line.strip())  # a blank line is no item
+        for number, line in itertools.islice(lines, limit):  # (limit None: all)
             try:
                 item = json.loads(line)
                 ok = all(isinstance(item.get(k), str) for k in texts) and len(item["endings"]) == 4 and all(
@@ -1229,19 +1251,14 @@ def load_hellaswag(path, limit=None, convention="completion"):
                 raise UserError(f"{path}, line {number}: not a HellaSwag item ({', '.join(texts)}, 4 endings, a label "
                                 "0-3): re-run prepare_data.py --hellaswag --overwrite")
             items.append(item)
-            if len(items) == limit:
-                break
     if not items:
         raise UserError(f"{path} holds no HellaSwag items: re-run prepare_data.py --hellaswag")
     return items
 
 
 def harness_item(item):
-    """The item as lm-evaluation-harness's hellaswag task asks it: the query is the activity label
-    and both halves of the context, the second capitalized, query and endings cleaned of the
-    bracketed tags of HellaSwag's WikiHow half ("[title]", "[step]")."""
-    import re
-
+    """The item as lm-evaluation-harness asks it: the activity label and both halves of the context (the second
+    capitalized) as the query; query and endings cleaned of WikiHow's bracketed tags ("[title]", "[step]")."""
     def clean(text):
         return re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". ")).replace("  ", " ")
     query = clean(item["activity_label"] + ": " + item["ctx_a"] + " " + item["ctx_b"].capitalize())
@@ -1250,11 +1267,10 @@ def harness_item(item):
 
 @torch.no_grad()
 def score_endings(model, enc, items, dtype, max_batch_tokens=8192, progress=False):
-    """Loss of each of the 4 endings of each item after its context: (n, 4) summed over the
-    ending's tokens and (n, 4) averaged over them. Only the ending's positions go through the
-    LM head and the loss (most of a small model's work). The candidates are sorted by length
-    and cut into right-padded batches of at most max_batch_tokens positions: memory stays
-    bounded, and the padding, after the tokens that count, changes no loss of a causal model."""
+    """Loss of each of the 4 endings of each item after its context: (n, 4) summed over the ending's tokens
+    and (n, 4) averaged. Only the ending's positions go through the LM head (most of a small model's work).
+    The candidates, sorted by length, go in right-padded batches of at most max_batch_tokens positions:
+    bounded memory, and padding after the tokens that count changes no loss of a causal model."""
     from tqdm import tqdm
     T, device = model.config.block_size, next(model.parameters()).device
     rows, spans = [], []  # each candidate's tokens, and how many at its end are the ending's
@@ -1293,10 +1309,9 @@ def score_endings(model, enc, items, dtype, max_batch_tokens=8192, progress=Fals
 
 
 def hellaswag_eval(model, items, dtype, convention="completion", progress=False):
-    """HellaSwag accuracy, the items split over the ranks. completion (the GPT-2 and GPT-3
-    papers): the context, then " " + ending; acc picks the lowest summed loss, acc_norm the
-    lowest per token. harness (lm-evaluation-harness): its cleaned query and endings; acc_norm
-    divides the summed loss by the ending's length in characters."""
+    """HellaSwag accuracy, the items split over the ranks. completion (GPT-2 and GPT-3 papers): context, " " +
+    ending; acc: the lowest summed loss, acc_norm: per token. harness (lm-evaluation-harness): its cleaned
+    query and endings; acc_norm divides the summed loss by the ending's length in characters."""
     rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
         if torch.distributed.is_initialized() else (0, 1)
     mine = items[rank::world_size]  # all_reduce_sum adds the counts back up
@@ -1346,8 +1361,7 @@ def evaluate(args):
 
 
 def sample_batch(model, enc, shown, token_lists, args, generator):
-    """Every prompt num_samples times, as one left-padded batch; shown: the prompts' text to print
-    before each continuation (a fine-tuned model's answer stands alone)."""
+    """Every prompt num_samples times, one left-padded batch; shown: the text printed before each continuation."""
     device = next(model.parameters()).device
     ids, mask = left_pad([tokens for tokens in token_lists for _ in range(args.num_samples)])  # row // num_samples
     with autocast(device, pick_dtype(str(device), args.dtype)):
@@ -1360,8 +1374,7 @@ def sample_batch(model, enc, shown, token_lists, args, generator):
 
 
 def chat(args):
-    """Type an instruction, read the answer as it is generated; /quit leaves. Each instruction
-    stands alone: Alpaca teaches single-turn answers."""
+    """Type an instruction, read the answer as it comes; /quit leaves. Single turns: what Alpaca teaches."""
     device = setup_distributed(args.device)[3]
     model, template = load_model(args.init_from)
     if template is None:
@@ -1413,12 +1426,11 @@ def jinja_chat_template(template):
 
 
 def export(args):
-    """--mode export: --init_from as a Hugging Face GPT-2 folder at --out_dir, built beside it and
-    renamed into place when whole: a failure leaves no half folder."""
+    """--mode export: --init_from as a Hugging Face GPT-2 folder at --out_dir, built beside it, renamed when whole."""
     import shutil
     from tiktoken.load import read_file_cached
     from transformers import GPT2Config, GPT2LMHeadModel
-    out_dir = os.path.abspath(args.out_dir)  # no trailing '/': the .partial folder below is its sibling
+    out_dir = os.path.realpath(args.out_dir)  # no trailing '/', no link: the .partial folder is a sibling of the target
     if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and not os.listdir(out_dir)):
         raise UserError(f"{args.out_dir} exists and is not an empty folder: export never overwrites files; give a new "
                         "--out_dir, or move that one away first")
@@ -1447,7 +1459,7 @@ def export(args):
         with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
             json.dump(tokenizer_config, f, indent=2, ensure_ascii=False)
         if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # empty (checked above); rmdir refuses if files appeared since
+            os.rmdir(out_dir)  # empty (checked above); refused if another export, or the user, filled it since
         os.rename(tmp, out_dir)  # the finished folder appears at once, under its name
     except BaseException:  # Ctrl-C too: no .partial folder is left behind
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1459,26 +1471,15 @@ def export(args):
 # --mode bench: a training step, or generation, timed on random tokens, without data;
 # MFU against the GPU's peak. (Comparisons with other codebases: dev/compare.py.)
 
-# Dense bf16 tensor-core peak, TFLOP/s, by GPU model as its name spells it: "L40S" is not "L4".
-PEAK_TFLOPS = {"H100 SXM": 989, "H100 PCIe": 756, "H100 NVL": 835, "H200 SXM": 989, "H200 NVL": 835, "H800 SXM": 989,
-               "H800 PCIe": 756, "A100": 312, "A800": 312, "L40S": 362, "L40": 181, "L4": 121, "GH200": 989, "A10G": 70,
-               "A10": 125, "RTX 4090": 165, "RTX 3090": 71}
-
-
-def gpu_peak_tflops(name):
-    """PEAK_TFLOPS of a torch.cuda.get_device_name ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"), or None."""
-    words = [w for w in name.replace("-", " ").split() if w not in ("NVIDIA", "GeForce", "Tesla")]
-    # a data-centre GPU is its first word ("A100 SXM4 80GB"); a GeForce all of them ("RTX 4090 D" is another)
-    model = " ".join(words) if words[:1] == ["RTX"] else words[0] if words else ""
-    if model in ("H100", "H200", "H800"):  # one chip at different power budgets
-        upper = [w.upper() for w in words]
-        model += " PCIe" if "PCIE" in upper else " NVL" if "NVL" in upper else " SXM"
-    return PEAK_TFLOPS.get(model)
+# Dense bf16 tensor-core peak, TFLOP/s, by the GPU's model as torch names it, matched whole: "L40S" is not "L4"
+PEAK_TFLOPS = {r"H[128]00.*PCIe": 756, r"H[12]00.*NVL": 835, r"G?H[128]00\b.*": 989, r"A[18]00\b.*": 312, "L40S": 362,
+               "L40": 181, "L4": 121, "A10G": 70, "A10": 125, "RTX 4090": 165, "RTX 3090": 71}  # first match
 
 
 def peak_flops(device):
-    tflops = gpu_peak_tflops(torch.cuda.get_device_name(device)) if device.startswith("cuda") else None
-    return tflops * 1e12 if tflops else None  # no MFU rather than a wrong one
+    """FLOP/s of PEAK_TFLOPS for the GPU (torch names it "NVIDIA H100 80GB HBM3"), or None: no MFU, not a wrong one."""
+    model = re.sub(r"^(NVIDIA )?(GeForce |Tesla )?", "", torch.cuda.get_device_name(device) if "cuda" in device else "")
+    return next((tflops * 1e12 for pattern, tflops in PEAK_TFLOPS.items() if re.fullmatch(pattern, model)), None)
 
 
 def flops_per_token(model):
@@ -1489,9 +1490,7 @@ def flops_per_token(model):
 
 
 def bench_generate(args, device, dtype):
-    """Greedy generation from random weights: tokens/s at batch 1 (a 16-token prompt) and batch 8
-    (prompts of 3 to 16 tokens, left-padded), the median of --bench_steps rounds."""
-    import statistics
+    """Greedy generation, random weights: tokens/s at batch 1 (16-token prompt) and 8 (3 to 16, left-padded)."""
     model = GPT(new_model_config(args)).to(device).eval()
     print(f"bench generate: {args.n_layer or PRESETS[args.model]['n_layer']} layers, {args.max_new_tokens} new tokens, "
           f"{device}, {dtype}, median of {args.bench_steps}")
@@ -1510,11 +1509,9 @@ def bench_generate(args, device, dtype):
 
 
 def bench(args):
-    """--mode bench: a training step on random tokens, timed (the median of --bench_steps after
-    --bench_warmup): tokens/s, MFU (CUDA) and peak memory (CUDA), so that anyone can measure a
-    GPU without preparing data. Under torchrun: DDP, or FSDP with --fsdp 1, and the bytes each
-    rank holds. With --bench_generate 1, generation instead."""
-    import statistics
+    """--mode bench: a training step on random tokens, timed (the median of --bench_steps after --bench_warmup):
+    tokens/s, MFU and peak memory (CUDA), with no data to prepare. Under torchrun: DDP, or FSDP with --fsdp 1,
+    and the bytes each rank holds. With --bench_generate 1, generation instead."""
     rank, local_rank, world_size, device = setup_distributed(args.device)
     dtype, cuda = pick_dtype(device, args.dtype), device.startswith("cuda")
     if args.bench_generate:
@@ -1561,7 +1558,8 @@ def bench(args):
 
 
 def plot(args):
-    """--mode plot: train and val loss, and HellaSwag accuracy, over the steps of log.jsonl."""
+    """--mode plot: the losses, the learning rate and HellaSwag over the steps of log.jsonl; for the default
+    recipe (GPT-2 124M on FineWeb-Edu), OpenAI's GPT-2 124M beside them: is this curve a normal one?"""
     log_path = os.path.join(args.out_dir, "log.jsonl")
     if not os.path.exists(log_path):
         raise UserError(f"{log_path} not found: point --out_dir at a training run's folder")
@@ -1576,16 +1574,19 @@ def plot(args):
             except ValueError:  # a line cut short by a crash, or edited by hand
                 raise UserError(f"{log_path}, line {number}, is not JSON: remove that line and plot again") from None
     series = lambda key: ([e["step"] for e in entries if key in e], [e[key] for e in entries if key in e])  # noqa: E731
-    panels = 2 if series("hellaswag_acc_norm")[0] else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
-    axes[0][0].plot(*series("loss"), label="train loss", alpha=0.7)  # light: the noisy curve under the val points
-    axes[0][0].plot(*series("val_loss"), "o-", label="val loss")
-    if panels == 2:
-        axes[0][1].plot(*series("hellaswag_acc_norm"), "o-", label="HellaSwag acc_norm")
-        axes[0][1].axhline(0.2955, color="gray", linestyle="--", label="OpenAI GPT-2 124M")  # completion convention
-        axes[0][1].axhline(0.25, color="lightgray", linestyle=":", label="chance")  # 4 endings
-    for ax, ylabel in zip(axes[0], ("loss", "accuracy")):
-        ax.set(xlabel="step", ylabel=ylabel)
+    run = saved_args(args.out_dir)  # the run's flags, from its checkpoint
+    gpt2 = run.get("model") == "gpt2" and not run.get("n_layer") and "fineweb_edu" in str(run.get("data_dir"))
+    # (panel, curves, OpenAI GPT-2 124M's level): val loss 3.2924 on FineWeb-Edu's val as build-nanogpt measured
+    # it, HellaSwag acc_norm 0.2955 (this file's --mode eval, completion)
+    panels = [("loss", ("loss", "val_loss"), 3.2924 if gpt2 else None), ("learning rate", ("lr",), None)] + (
+        [("HellaSwag acc_norm", ("hellaswag_acc_norm",), 0.2955)] if series("hellaswag_acc_norm")[0] else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+    for ax, (title, keys, openai) in zip(axes[0], panels):
+        for key in keys:  # the noisy train loss light, under the val points
+            ax.plot(*series(key), "-" if key in ("loss", "lr") else "o-", alpha=0.6 if key == "loss" else 1, label=key)
+        if openai:
+            ax.axhline(openai, color="gray", linestyle="--", label="OpenAI GPT-2 124M")
+        ax.set(xlabel="step", title=title)
         ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle(args.out_dir)
