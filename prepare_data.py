@@ -24,6 +24,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -351,8 +352,8 @@ def prepare_sft(args, staging):
         raise UserError(f"{describe_source(args)} has {len(examples)} example(s) of <= {args.block_size} tokens: 2 at least")
     order = np.random.default_rng(args.seed).permutation(len(examples))  # seeded: the same command, the same split
     n_val = min(len(examples) - 1, max(1, round(len(examples) * args.val_fraction)))
-    meta = {"kind": "sft", "source": describe_source(args), "tokenizer": "gpt2", "block_size": args.block_size,
-            "prompt_template": ALPACA_PROMPT, "prompt_template_with_input": ALPACA_PROMPT_WITH_INPUT,
+    meta = {"kind": "sft", "source": describe_source(args), "command": args.command, "block_size": args.block_size,
+            "tokenizer": "gpt2", "prompt_template": ALPACA_PROMPT, "prompt_template_with_input": ALPACA_PROMPT_WITH_INPUT,
             "dropped_too_long": dropped, "splits": {}, "sha256": {}}  # the template: chat wraps prompts in it
     for split, indices in (("val", order[:n_val]), ("train", order[n_val:])):
         tokens, mask, offsets = [], [], [0]
@@ -611,6 +612,7 @@ def parse_args(argv=None):
     add("--seed", type=int, default=1337, help="--sft: the seed of the train/val split")
     add("--verify", metavar="DIR", help="check a prepared folder's files against its meta.json, and stop")
     args = p.parse_args(argv)
+    args.command = shlex.join(["python", "prepare_data.py", *(sys.argv[1:] if argv is None else argv)])  # to redo it
     kind = "sft" if args.sft else "hellaswag" if args.hellaswag else "pretrain"
     fineweb = kind == "pretrain" and not (args.dataset or args.files)  # no source named: FineWeb-Edu's 10B sample
     if not (args.dataset or args.files):  # the kind's own dataset

@@ -37,6 +37,8 @@ os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 import train_gpt2 as tg  # noqa: E402
 
 torch.set_num_threads(1)
+# torch's own inductor imports torch.utils.mkldnn, which uses the deprecated torch.jit.script_method: not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
 def needs_shared(name):
@@ -357,6 +359,36 @@ def test_samples_in_a_run_do_not_compile_the_blocks_again():
     assert counter.frame_count == 1
     samples = tg.show_samples(model, tg.get_tokenizer(), [464, 3290], 2, torch.float32)
     assert len(samples) == 2 and counter.frame_count == 1
+
+
+def test_fsdp_compiles_the_blocks_and_the_head_once_each(monkeypatch):
+    """--fsdp 1 --compile 1 compiles each block as it shards it (one graph serves them all) and the last
+    LayerNorm, LM head and loss as one more graph: 2 graphs, no break, the eager loss and gradients."""
+    import argparse
+    import copy
+    import functools
+    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    counter = CompileCounter()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))  # wrap_blocks' compiles
+    torch.manual_seed(0)
+    eager = tg.GPT(tg.GPTConfig(block_size=32, n_layer=3, n_head=2, n_embd=32, padded_vocab_size=50304))
+    sharded = tg.wrap_blocks(copy.deepcopy(eager), torch.float32, argparse.Namespace(fsdp=1, activation_checkpointing=0,
+                                                                                     compile=1))  # a group of one
+    try:
+        for seed in (0, 1):  # a second step compiles nothing more
+            x = random_ids(2, 33, seed=seed)
+            losses = [model(x[:, :-1], x[:, 1:])[1] for model in (eager, sharded)]
+            for loss in losses:
+                loss.backward()
+            assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-6)
+        assert counter.frame_count == 2 and not counters["graph_break"], (counter.frame_count, dict(counters["graph_break"]))
+        for (name, a), b in zip(eager.named_parameters(), sharded.parameters()):
+            assert torch.allclose(a.grad, b.grad.full_tensor(), atol=1e-6), name
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_finetuning_lengths_compile_two_graphs_without_a_break():
@@ -996,6 +1028,11 @@ def test_pretraining_learns(shakespeare, tmp_path):
     assert checkpoint["step"] == 40 and checkpoint["config"]["padded_vocab_size"] == 50304
     # the checkpoint samples with --mode sample
     run_script("train_gpt2.py", "--mode", "sample", "--init_from", out / "ckpt.pt", "--max_new_tokens", 5, "--device", "cpu")
+    # --mode eval of the run reads its val batches (8 x 32, 4 of them): the val loss training logged last, exactly
+    run_script("train_gpt2.py", "--mode", "eval", "--init_from", out, "--data_dir", shakespeare, "--hellaswag", 0,
+               "--out_dir", tmp_path / "eval", "--device", "cpu")
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert evaluated["val_loss"] == val[1] and evaluated["val_batches"] == 4
 
 
 def gradients(model, micro_batches):
@@ -1319,6 +1356,8 @@ BAD_TRAIN_INPUTS = {  # name: (arguments given the user's files u and a scratch 
                                      ["sft data", "prepare_data.py"]),
     "pretraining shards to fine-tune": (lambda u, t: [*FINETUNE, "--init_from", u["base"], "--data_dir", u["data"],
                                                       "--out_dir", t / "o"], ["--sft"]),
+    "fine-tuning from scratch": (lambda u, t: [*FINETUNE, "--init_from", "scratch", "--data_dir", u["sft"], "--out_dir",
+                                               t / "o"], ["--mode finetune starts from a trained model", "--init_from gpt2"]),
     "too few examples for a step": (lambda u, t: [*FINETUNE, "--init_from", u["base"], "--data_dir", u["sft"],
                                                   "--batch_size", 7, "--total_batch_size", 70, "--out_dir", t / "o"],
                                     ["--total_batch_size"]),
@@ -1891,6 +1930,33 @@ def test_finetune_bad_input(sft_data, shakespeare, base_model, tmp_path):
     assert "less than one step" in finetune("--data_dir", sft_data, "--total_batch_size", 70, "--batch_size", 7)
 
 
+def test_advice_run_as_written_makes_the_refused_command_work(tmp_path, monkeypatch):
+    """An error's advice, run exactly as printed, lets the refused command run: instruction data prepared
+    for a longer model (its own command again, with --block_size and --overwrite), and a text file given
+    as --data_dir (prepared first, then its folder)."""
+    import re
+    import shlex
+    monkeypatch.chdir(tmp_path)
+    Path("records.json").write_text(json.dumps(INSTRUCTIONS))  # examples of 39 to 54 tokens
+    pdata.main(["--sft", "--files", "records.json", "--out_dir", "data/sft", "--val_fraction", "0.125"])
+    model = tg.GPT(tg.GPTConfig(block_size=48, n_layer=1, n_head=2, n_embd=32))
+    torch.save({"model": model.state_dict(), "config": tg.asdict(model.config)}, "short.pt")
+    finetune = ["--mode", "finetune", "--init_from", "short.pt", "--data_dir", "data/sft", "--batch_size", 2,
+                "--total_batch_size", 2, "--max_steps", 1, "--eval_samples", 0, "--device", "cpu"]
+    message = main_error(*finetune)
+    assert "examples of 54 tokens" in message and "--block_size 48 --overwrite" in message
+    pdata.main(shlex.split(re.search(r"python prepare_data\.py.*", message)[0])[2:])
+    run_script("train_gpt2.py", *finetune)
+    assert torch.load("out/finetune/ckpt.pt", weights_only=True)["step"] == 1
+
+    Path("input.txt").write_text(" ".join(DOCS) * 100)
+    message = main_error("--mode", "pretrain", *TINY, "--data_dir", "input.txt", "--max_steps", 1)
+    command, folder = re.search(r"(python prepare_data\.py [^,]*), then give --data_dir (\S+)$", message).groups()
+    pdata.main(shlex.split(command)[2:])
+    run_script("train_gpt2.py", "--mode", "pretrain", *TINY, "--data_dir", folder, "--max_steps", 1)
+    assert torch.load("out/pretrain/ckpt.pt", weights_only=True)["step"] == 1
+
+
 # -----------------------------------------------------------------------------
 # Evaluation: HellaSwag, --mode eval, --mode plot
 
@@ -2145,6 +2211,86 @@ def test_finetuned_export_carries_its_chat_template(exports):
     text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
                                          chat_template=tg.jinja_chat_template(template))
     assert text == template.format(instruction="x")
+
+
+def test_exported_finetune_answers_as_its_checkpoint(exports, tmp_path, monkeypatch, capsys):
+    """--init_from out/hf reads the export back whole: the same greedy answer as the checkpoint it came
+    from (its prompt template included), and chat takes it as a fine-tuned model."""
+    import io
+    folder = exports["padded_finetuned_pt"][1]
+    answers = {}
+    for source in (folder.parent / "finetuned.pt", folder):
+        tg.main(["--mode", "sample", "--init_from", str(source), "--prompt", "Name a fruit.", "--temperature", "0",
+                 "--max_new_tokens", "12", "--device", "cpu"])
+        answers[source.name] = capsys.readouterr().out
+        monkeypatch.setattr("sys.stdin", io.StringIO("Name a fruit.\n/quit\n"))
+        tg.main(["--mode", "chat", "--init_from", str(source), "--temperature", "0", "--max_new_tokens", "12", "--device", "cpu"])
+        answers[source.name + " chat"] = capsys.readouterr().out
+    assert answers["finetuned.pt"] == answers[folder.name] and answers["finetuned.pt"].startswith("Name a fruit.\n")
+    assert answers["finetuned.pt chat"] == answers[folder.name + " chat"]
+
+
+def full_disk(monkeypatch, error):
+    """What a disk that fills up mid-write looks like on a real full tmpfs (torch 2.13): the writer fails in its
+    own words, and the disk has no space left."""
+    import shutil
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**30, 2**30, 0))
+    return lambda *args, **kwargs: (_ for _ in ()).throw(error)
+
+
+def export_filled_by_another(monkeypatch, out_dir):
+    """A second export into the same new folder that finishes first, while this one writes its weights."""
+    from transformers import GPT2LMHeadModel
+    save = GPT2LMHeadModel.save_pretrained
+
+    def save_and_be_overtaken(self, folder, **kwargs):
+        save(self, folder, **kwargs)
+        out_dir.mkdir()
+        (out_dir / "config.json").write_text("{}")
+    monkeypatch.setattr(GPT2LMHeadModel, "save_pretrained", save_and_be_overtaken)
+
+
+FAULTS = {  # name: (set up the fault (monkeypatch, tmp folder, out_dir), words of the one line)
+    "export onto a disk that fills up": (lambda mp, t, o: mp.setattr(
+        "transformers.GPT2LMHeadModel.save_pretrained", full_disk(mp, __import__("safetensors").SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"))), ["No space left", "free some"]),
+    "export under a read-only folder": (lambda mp, t, o: mp.setattr("transformers.GPT2LMHeadModel.save_pretrained", (
+        lambda self, folder, **k: (_ for _ in ()).throw(OSError(30, "Read-only file system", folder)))),
+        ["Read-only file system", "choose another folder"]),
+    "two exports into one new folder": (lambda mp, t, o: export_filled_by_another(mp, o),
+                                        ["another command filled it meanwhile"]),
+    "a checkpoint onto a disk that fills up": (lambda mp, t, o: mp.setattr(torch, "save", full_disk(mp, RuntimeError(
+        "[enforce fail at inline_container.cc:672] . unexpected pos 6560960 vs 6560852"))), ["ckpt.pt", "No space left"]),
+}
+
+
+@pytest.mark.parametrize("case", FAULTS)
+def test_a_full_or_read_only_disk_is_one_line_and_loses_nothing(case, shakespeare, tmp_path, monkeypatch):
+    """Each fault ends the command with one line, leaves what was there as it was (a checkpoint written before:
+    byte for byte, and it still resumes), and no .tmp or .partial behind."""
+    source = tmp_path / "model.pt"
+    model = tg.GPT(tg.GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=8))
+    torch.save({"model": model.state_dict(), "config": tg.asdict(model.config)}, source)
+    train = [*PRETRAIN, "--data_dir", shakespeare, "--out_dir", tmp_path / "run", "--eval_interval", 100]
+    run_script("train_gpt2.py", *train, "--max_steps", 2)  # a checkpoint at step 2
+    before = snapshot(tmp_path)
+    setup, words = FAULTS[case]
+    setup(monkeypatch, tmp_path, tmp_path / "hf")
+    if "export" in case:
+        message = main_error("--mode", "export", "--init_from", source, "--out_dir", tmp_path / "hf")
+    else:
+        message = main_error(*train, "--init_from", "resume", "--max_steps", 4)
+    for word in words:
+        assert word in message, message
+    monkeypatch.undo()
+    after = snapshot(tmp_path)
+    if "two exports" in case:  # the other export's folder, as it made it
+        assert after.pop("hf") == "dir" and after.pop("hf/config.json")
+    if "checkpoint" in case:  # the resumed run logged steps 3 and 4 before it failed to save them
+        before.pop("run/log.jsonl"), after.pop("run/log.jsonl")
+    assert after == before
+    run_script("train_gpt2.py", *train, "--init_from", "resume", "--max_steps", 4)
+    assert [e["step"] for e in read_log(tmp_path / "run") if "loss" in e] == [1, 2, 3, 4]
 
 
 def test_export_bad_input(tmp_path, monkeypatch):

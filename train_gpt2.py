@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import statistics
 import sys
@@ -213,14 +214,16 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None):
         """ids (B, T), targets (B, T) (-100: no loss) -> (B, T, vocab_size) logits, the mean loss (or None)."""
-        B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
-        x = self.transformer.ln_f(self.hidden_states(idx, torch.arange(T, device=idx.device)))  # (B, T, C)
-        logits = self.lm_logits(x)  # (B, T, padded_vocab_size)
+        if idx.size(1) > self.config.block_size:
+            raise ValueError(f"sequence of {idx.size(1)} tokens is longer than block_size {self.config.block_size}")
+        return self.head(self.hidden_states(idx, torch.arange(idx.size(1), device=idx.device)), targets)
+
+    def head(self, x, targets=None):
+        """(B, T, C) -> forward's logits and loss: the last LayerNorm, the LM head, the loss (FSDP compiles it alone)."""
+        logits = self.lm_logits(self.transformer.ln_f(x))  # (B, T, padded_vocab_size)
         loss = None
         if targets is not None:  # (B * T, padded_vocab_size) is a view of the logits: no copy
-            loss = F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return logits[..., :self.config.vocab_size], loss  # a view: (B, T, vocab_size)
 
     @classmethod
@@ -401,9 +404,8 @@ def configure_optimizer(model, weight_decay, learning_rate):
     params = [p for p in model.parameters() if p.requires_grad]  # parameters() yields tied wte / lm_head once
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = not (hasattr(model, "set_requires_gradient_sync") and params[0].device.type == "cpu")  # FSDP+CPU: aborts
     # GPT-3's betas: beta2 0.95, not 0.999, follows a change in the gradients' scale in ~20 steps
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 
 def pick_dtype(device, requested="auto"):
@@ -473,6 +475,9 @@ def atomic_write(path, write):  # a crash or a full disk never leaves half a fil
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename makes it the real file
         os.replace(tmp, path)  # a reader sees the old file or the new one, never a mix
+    except Exception:
+        raise_if_disk_full(path)  # (appendix) torch.save says "unexpected pos" when the disk is full
+        raise
     finally:  # after a full disk or a Ctrl-C, no .tmp is left behind
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -570,7 +575,7 @@ def train(args):
         if cuda:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
     start_step, saved_step, raw_model, weights_bad = step, step or None, model, False  # saved_step: the one on disk
-    if args.compile and not args.fsdp:  # (FSDP compiled each block as it sharded it)
+    if args.compile and not args.fsdp:  # (FSDP compiled each block, and the head, as it sharded them)
         model = torch.compile(model)
     if world_size > 1 and not args.fsdp:  # DDP: a whole copy on every GPU, gradients averaged
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if cuda else None)
@@ -760,8 +765,10 @@ def parse_args(argv):
     p.set_defaults(**MODE_DEFAULTS.get(mode, {}))  # (appendix) the other modes' defaults
     add("-h", "--help", action="help", help=f"show the flags of --mode {mode}")
     args = p.parse_args(argv)
-    if args.mode in ("pretrain", "finetune") and args.init_from == "resume":  # the run's flags, unless given now
-        p.set_defaults(**saved_args(args.out_dir))  # (appendix)
+    resume = args.mode in ("pretrain", "finetune") and args.init_from == "resume"
+    if resume or mode == "eval":  # the run's flags, unless given now; eval: its val batches (so, its val loss)
+        run = saved_args(args.out_dir) if resume else saved_args(args.init_from, ("batch_size", "val_steps"))
+        p.set_defaults(**run)  # (appendix)
         args = p.parse_args(argv)
     check_args(p, args)  # (appendix) what spans several flags
     return args
@@ -777,9 +784,12 @@ def main(argv=None):
     except (UserError, torch.OutOfMemoryError) as e:  # a mistake the user can fix: one line; a bug keeps its traceback
         sys.exit(f"error: {out_of_memory(args) if isinstance(e, torch.OutOfMemoryError) else e}")  # (appendix: OOM)
     except OSError as e:  # a full or read-only disk, or a folder filled meanwhile: the user's to fix, wherever it strikes
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTEMPTY):
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTEMPTY, errno.EEXIST):
             raise
-        sys.exit(f"error: cannot write {e.filename2 or e.filename or ''}: {e.strerror}; free some space or choose another folder")
+        fix = {errno.ENOSPC: "free some space, or ", errno.EDQUOT: "free some space, or ", errno.ENOTEMPTY: "another "
+               "command filled it meanwhile: ", errno.EEXIST: "another command filled it meanwhile: "}.get(e.errno, "")
+        sys.exit(f"error: cannot write {e.filename2 or e.filename or getattr(args, 'out_dir', '')}: {e.strerror}; {fix}"
+                 "choose another folder")
     except KeyboardInterrupt:  # Ctrl-C (training handles its first one itself, and saves)
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)  # the shell's code for "killed by SIGINT"
@@ -849,13 +859,14 @@ MODE_DEFAULTS = {  # where the other modes' defaults differ from pretraining's
 }
 
 
-def saved_args(out_dir):
-    """The flags the run in out_dir was started with, but those that say what to resume."""
+def saved_args(path, names=None):
+    """The flags (or those named) that a run (its folder or ckpt.pt) was started with, but those saying what to resume."""
     try:  # mmap: only the flags are read, not the weights
-        saved = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True)["args"]
-    except Exception:  # missing or unreadable: train() says what is wrong
+        saved = torch.load(os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path, map_location="cpu",
+                           weights_only=True, mmap=True)["args"]
+    except Exception:  # missing, unreadable or not ours: what reads it says what is wrong
         return {}
-    return {k: v for k, v in saved.items() if k not in ("init_from", "mode", "out_dir")}
+    return {k: v for k, v in saved.items() if k not in ("init_from", "mode", "out_dir") and k in (names or saved)}
 
 
 def check_args(p, args):
@@ -871,6 +882,8 @@ def check_args(p, args):
          "--hellaswag 1 during pretraining does not work with --fsdp 1 yet: score the checkpoint with --mode eval"),
         (args.mode == "sample" and not all(args.prompt or ["x"]), "the prompt is empty: give some text, or --prompt "
          '"<|endoftext|>" to sample unconditionally'),
+        (args.mode == "finetune" and args.init_from == "scratch", "--mode finetune starts from a trained model: --init_from "
+         "gpt2, a .pt or a run folder (--mode pretrain trains one from scratch)"),
         (getattr(args, "init_from", None) == "resume" and args.mode not in ("pretrain", "finetune"), "--init_from resume "
          f"continues a training run; to {args.mode} a run's model, give its folder (--init_from out/pretrain)"),
         (0 < getattr(args, "temperature", 1) < 1e-3, "--temperature below 0.001 makes the logits overflow: 0 is greedy"),
@@ -905,6 +918,13 @@ def get_tokenizer():
         raise UserError("tiktoken has no GPT-2 files (it downloads them once): offline, set TIKTOKEN_CACHE_DIR to them") from None
 
 
+def raise_if_disk_full(path):
+    """After a failed write to path: an OSError that says so if its disk is full, whatever the writer's words were."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(folder) and shutil.disk_usage(folder).free < 2**24:  # (16 MiB: what a failed write leaves)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from None
+
+
 def first_line(error):
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]  # for a one-line message
 
@@ -931,9 +951,12 @@ def check_data(data_dir, mode, batch_size, block_size):
             meta = json.load(f)
         kind, splits = meta["kind"], [meta["splits"][split] for split in ("train", "val")]
         shards = [list(zip(s["shards"], s["shard_tokens"])) for s in splits] if kind == "pretrain" else []
-    except (FileNotFoundError, NotADirectoryError):
-        raise UserError(f"data folder {data_dir} not found, or not prepared (no meta.json): run prepare_data.py"
-                        f"{' --sft' if mode == 'finetune' else ''} (the same command resumes an interrupted one)") from None
+    except (FileNotFoundError, NotADirectoryError):  # missing, unprepared, or a text file, not yet tokenized
+        sft, folder = " --sft" if mode == "finetune" else "", os.path.join("data", os.path.basename(data_dir).split(".")[0])
+        raise UserError(f"--data_dir {data_dir} is a file: run python prepare_data.py{sft} --files {data_dir} --out_dir "
+                        f"{folder}, then give --data_dir {folder}" if os.path.isfile(data_dir) else f"data folder {data_dir}"
+                        f" not found, or not prepared (no meta.json): run prepare_data.py{sft} (the same command resumes "
+                        "an interrupted one)") from None
     except (json.JSONDecodeError, KeyError, TypeError) as e:  # not JSON, or not prepare_data.py's
         raise UserError(f"{data_dir}/meta.json is not prepare_data.py's ({type(e).__name__}: {e}): {REPREPARE}") from None
     if kind != {"pretrain": "pretrain", "finetune": "sft"}.get(mode, kind):
@@ -1124,7 +1147,8 @@ class InstructionLoader:
 
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337):
         with open(os.path.join(data_dir, "meta.json")) as f:
-            self.template = json.load(f)["prompt_template"]  # chat and sample wrap prompts in it
+            meta = json.load(f)
+        self.template = meta["prompt_template"]  # chat and sample wrap prompts in it
         path = lambda name: os.path.join(data_dir, f"{split}_{name}.npy")  # noqa: E731
         self.tokens = load_array(path("tokens"), np.uint16)  # every example's tokens, end to end
         self.mask = load_array(path("mask"), np.uint8)  # per token, 1 where it is a target: the answer
@@ -1139,8 +1163,8 @@ class InstructionLoader:
                             "ids): re-run prepare_data.py --sft for this folder")
         if self.lengths.max() > block_size + 1:
             raise UserError(f"{data_dir} has examples of {self.lengths.max()} tokens, more than the model's block_size "
-                            f"{block_size} + 1: prepare it again with prepare_data.py --sft --block_size {block_size} "
-                            "--overwrite (and its --files, if you gave them)")
+                            f"{block_size} + 1: prepare it again for this model, with {meta.get('command', 'its command')}"
+                            f" --block_size {block_size} --overwrite")
         self.B, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.data = [hashlib.sha256(array).hexdigest() for array in (self.tokens, self.mask, self.offsets)]  # ~20 ms
         self.epoch, self.step_in_epoch = 0, 0  # an epoch's order follows from (seed, epoch)
@@ -1209,6 +1233,8 @@ def wrap_blocks(model, dtype, args):
             # one all-gather in the forward and one reduce-scatter in the backward a block
             fully_shard(block, mp_policy=mp_policy)
     if args.fsdp:
+        if args.compile:  # the LM head and the loss too: the step's largest tensors, fused as a whole-model compile does
+            model.head = torch.compile(model.head)
         import warnings  # forward returns a view of its logits, and nothing writes into it in place
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         fully_shard(model, mp_policy=mp_policy, reshard_after_forward=False)  # its weights are needed again at once
@@ -1427,7 +1453,6 @@ def jinja_chat_template(template):
 
 def export(args):
     """--mode export: --init_from as a Hugging Face GPT-2 folder at --out_dir, built beside it, renamed when whole."""
-    import shutil
     from tiktoken.load import read_file_cached
     from transformers import GPT2Config, GPT2LMHeadModel
     out_dir = os.path.realpath(args.out_dir)  # no trailing '/', no link: the .partial folder is a sibling of the target
@@ -1461,9 +1486,11 @@ def export(args):
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)  # empty (checked above); refused if another export, or the user, filled it since
         os.rename(tmp, out_dir)  # the finished folder appears at once, under its name
-    except BaseException:  # Ctrl-C too: no .partial folder is left behind
-        shutil.rmtree(tmp, ignore_errors=True)
+    except Exception:
+        raise_if_disk_full(out_dir)  # safetensors says "I/O error" when the disk is full
         raise
+    finally:  # Ctrl-C too: no .partial folder is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {args.out_dir}: {', '.join(sorted(os.listdir(out_dir)))}")
 
 
@@ -1598,3 +1625,7 @@ def plot(args):
 
 if __name__ == "__main__":
     main()
+    # Done, every file closed: Python's shutdown is skipped. Under FSDP on gloo (CPU), gloo's threads outlive
+    # destroy_process_group, and one freeing a tensor while the interpreter shuts down aborts the process.
+    sys.stdout.flush()
+    os._exit(0)
