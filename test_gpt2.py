@@ -186,6 +186,35 @@ def test_loss_matches_transformers_and_ignores_minus_100(hf_pair):
     assert abs(ours.item() - theirs.item()) < 1e-5
 
 
+def test_cross_entropy_is_torchs_without_a_logits_sized_buffer_in_backward():
+    """GPT's loss: F.cross_entropy's value and gradients (-100 ignored, -inf padded columns), and a backward
+    that allocates nothing logits-sized (F.cross_entropy's allocates two, which the profiler sees)."""
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+    torch.manual_seed(0)
+    hidden, head = torch.randn(64, 16), torch.randn(16, 5000)  # an LM head of 5,000 columns
+    targets = torch.randint(0, 4900, (64,))
+    targets[::3] = -100
+
+    def run(cross_entropy):
+        h, w = hidden.clone().requires_grad_(), head.clone().requires_grad_()
+        logits = h @ w  # (64, 5000)
+        with torch.no_grad():
+            logits[:, 4900:] = float("-inf")  # the padded vocabulary, as GPT.lm_logits
+        loss = cross_entropy(logits, targets)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            loss.backward()
+        big = [e.name for e in prof.events() if e.cpu_memory_usage >= logits.numel() * 4]
+        return loss, h.grad, w.grad, big
+
+    loss, h_grad, w_grad, big = run(tg.CrossEntropy.apply)
+    reference, h_reference, w_reference, reference_big = run(F.cross_entropy)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert torch.allclose(h_grad, h_reference, atol=1e-6) and torch.allclose(w_grad, w_reference, atol=1e-6)
+    assert w_grad[:, 4900:].abs().max() == 0 and h_grad[::3].abs().max() == 0  # padding, ignored rows: no gradient
+    assert len(reference_big) >= 2 and not big, (big, reference_big)
+
+
 def test_greedy_generation_matches_transformers_left_padded(hf_pair):
     hf_model, model, _ = hf_pair
     prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (3, 11, 7)]
