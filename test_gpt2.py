@@ -10,6 +10,7 @@ single-process run for DDP, an uninterrupted run for resume.
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1422,8 +1423,6 @@ BAD_TRAIN_INPUTS = {  # name: (arguments given the user's files u and a scratch 
     "resume at another size": (lambda u, t: ["--mode", "pretrain", "--init_from", "resume", "--out_dir", u["root"] / "run",
                                              "--n_layer", 1, "--max_steps", 3], ["--n_layer 1", "differs", "keeps"]),
     "temperature that overflows": (lambda u, t: ["--init_from", u["base"], "--temperature", "1e-9"], ["--temperature"]),
-    "bench generating nothing": (lambda u, t: ["--mode", "bench", "--bench_generate", 1, "--max_new_tokens", 0],
-                                 ["--max_new_tokens"]),
     "checkpoint file missing": (lambda u, t: ["--init_from", t / "nope.pt"], ["not found"]),
     # Hugging Face folders this GPT-2 does not compute exactly
     "layer_norm_epsilon 1e-6": (lambda u, t: ["--init_from", u["root"] / "layer_norm_epsilon"], ["layer_norm_epsilon"]),
@@ -1639,7 +1638,7 @@ def test_mfu_peak_matches_the_exact_gpu_model():
     assert tg.peak_flops("cpu") is None
 
 
-def test_bench_mode_prints_throughput_and_the_bytes_held(capsys, monkeypatch):
+def test_bench_mode_prints_throughput_in_the_dtype_asked(capsys, monkeypatch):
     """--dtype reaches the timed step's autocast: float32 measures float32, bfloat16 bfloat16."""
     seen = []
     monkeypatch.setattr(tg, "autocast", lambda device, dtype: seen.append(dtype) or torch.autocast(
@@ -1649,7 +1648,7 @@ def test_bench_mode_prints_throughput_and_the_bytes_held(capsys, monkeypatch):
                                "--batch_size", 2, "--bench_steps", 3, "--bench_warmup", 1, "--device", "cpu",
                                "--compile", 0, "--dtype", dtype])))
         out = capsys.readouterr().out
-        assert "median step" in out and "tokens/s" in out and "rank 0: parameters + gradients + AdamW state" in out
+        assert "median step" in out and "tokens/s" in out
         assert f"torch.{dtype}" in out and set(seen) == {getattr(torch, dtype)}, (dtype, seen)
         seen.clear()
 
@@ -1726,25 +1725,54 @@ def test_fsdp_equals_one_process_and_resumes_on_one_process_and_ddp(shakespeare,
                     assert b[key] == pytest.approx(a[key], rel=rel), (run.name, key, a, b)
 
 
-@pytest.mark.parametrize("ranks", [2, 4])
-def test_fsdp_rank_holds_its_share_of_the_bytes(ranks):
-    """Parameters, gradients and AdamW state stored by each rank (the DTensors' local shards),
-    as --mode bench reports them, against one process's."""
-    size = ["--n_layer", 2, "--n_head", 2, "--n_embd", 32, "--block_size", 32, "--batch_size", 2]
-    proc = subprocess.run(TORCHRUN + [f"--nproc_per_node={ranks}", str(HERE / "train_gpt2.py"), "--mode", "bench",
-                                      *map(str, size), "--bench_steps", "2", "--bench_warmup", "1", "--device", "cpu",
-                                      "--fsdp", "1"], cwd=HERE, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    held = [float(line.split("AdamW state ")[1].split()[0]) for line in proc.stdout.splitlines() if line.startswith("rank ")]
-    torch.manual_seed(0)
-    model = tg.GPT(tg.GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, padded_vocab_size=50304))
+def bytes_held(model, optimizer):
+    """Bytes of parameters, gradients and AdamW state this process stores (FSDP: its shards alone)."""
+    from torch.distributed.tensor import DTensor
+    tensors = [t for p in model.parameters() for t in (p, p.grad) if t is not None]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    storages = {}  # tied weights and views share storage: counted once
+    for t in tensors:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def two_steps(model, wrap=None):
+    """AdamW's state and the gradients of a second step, on a 2 x 32 model (sharded first by wrap)."""
+    (wrap or (lambda m: m))(model)
     optimizer = tg.configure_optimizer(model, 0.1, 6e-4)
     x = random_ids(2, 33)
-    gradients(model, [(x[:, :-1], x[:, 1:])])
-    optimizer.step()  # the AdamW state exists, and the gradients of one more step
-    gradients(model, [(x[:, :-1], x[:, 1:])])
-    one = tg.bytes_held(model, optimizer) / 2**20  # 16 bytes per parameter: weight, gradient, 2 Adam moments
-    assert one == pytest.approx(16 * sum(p.numel() for p in model.parameters()) / 2**20, rel=1e-3)
+    for step in range(2):
+        gradients(model, [(x[:, :-1], x[:, 1:])])
+        optimizer.step() if step == 0 else None
+    return bytes_held(model, optimizer)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_fsdp_rank_holds_its_share_of_the_bytes(ranks, tmp_path):
+    """Parameters, gradients and AdamW state stored by each rank under FSDP (the DTensors' local shards),
+    against one process's: a share of 1 / ranks each."""
+    script = tmp_path / "shards.py"  # run by torchrun: wrap_blocks shards over the group, each rank reports
+    script.write_text(f"""import argparse, os, sys
+sys.path.insert(0, {str(HERE)!r})
+import torch, test_gpt2 as t
+torch.distributed.init_process_group("gloo")
+torch.manual_seed(0)
+model = t.tg.GPT(t.tg.GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, padded_vocab_size=50304))
+held = t.two_steps(model, lambda m: t.tg.wrap_blocks(m, torch.float32, argparse.Namespace(fsdp=1, activation_checkpointing=0, compile=0)))
+sys.stdout.write(f"rank {{torch.distributed.get_rank()}} holds {{held}}\\n")  # one write: the ranks share the pipe
+sys.stdout.flush()
+torch.distributed.destroy_process_group()
+os._exit(0)  # as train_gpt2.py's command line: no interpreter shutdown for gloo's threads to abort
+""")
+    proc = subprocess.run(TORCHRUN + [f"--nproc_per_node={ranks}", str(script)], cwd=HERE, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    held = [int(n) for n in re.findall(r"rank \d+ holds (\d+)\n", proc.stdout)]
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, padded_vocab_size=50304))
+    one = two_steps(model)  # 16 bytes per parameter: weight, gradient, 2 Adam moments
+    assert one == pytest.approx(16 * sum(p.numel() for p in model.parameters()), rel=1e-3)
     assert len(held) == ranks and all(h == pytest.approx(one / ranks, rel=0.01) for h in held), (held, one)
 
 
@@ -2080,14 +2108,10 @@ def test_hellaswag_during_pretraining_and_plot(shakespeare, hellaswag_file, tmp_
     assert "log.jsonl not found" in main_error("--mode", "plot", "--out_dir", tmp_path / "nothing")
 
 
-def test_bench_generate_and_the_comparison_at_two_batch_sizes(capsys):
-    # Only that they run and report: whether the tokens agree with transformers is tested
+def test_generation_comparison_at_two_batch_sizes(capsys):
+    # Only that it runs and reports: whether the tokens agree with transformers is tested
     # independently above (test_greedy_generation_matches_transformers_left_padded), not
     # taken from the comparison's own "same tokens" line.
-    tg.main(list(map(str, ["--mode", "bench", "--bench_generate", 1, "--n_layer", 1, "--n_head", 2, "--n_embd", 32,
-                           "--block_size", 64, "--max_new_tokens", 8, "--bench_steps", 1, "--device", "cpu"])))
-    out = capsys.readouterr().out
-    assert "batch 1:" in out and "batch 8:" in out and out.count("tokens/s") == 2
     compare.main(list(map(str, ["generate", "--device", "cpu", "--n_layer", 1, "--n_head", 2, "--n_embd", 32,
                                 "--block_size", 64, "--max_new_tokens", 8, "--rounds", 1])))
     out = capsys.readouterr().out

@@ -171,20 +171,18 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
 
 
 class CrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(logits, targets): the mean over the targets that are not -100, with the gradient made in place
-    of log_softmax's output, so that backward makes no logits-sized buffer (F.cross_entropy makes two). The logits
-    are the step's largest tensors: (B * T, 50304) floats, 412 MB at 8 x 256, 13 GB at 64 x 1024."""
+    """F.cross_entropy(logits, targets), the mean over targets that are not -100, with the gradient made in place of
+    log_softmax's output: backward makes no logits-sized buffer (torch's makes two: 825 MB at 8 x 256 x 50304)."""
 
     @staticmethod
     def forward(ctx, logits, targets):  # (N, V) floats, (N,) ids
-        logp = torch.log_softmax(logits, dim=-1)  # (N, V)
-        counted = targets != -100
+        logp, counted = torch.log_softmax(logits, dim=-1), targets != -100  # (N, V), (N,)
         ctx.save_for_backward(logp, targets, counted)
         return -(logp.gather(1, targets.clamp(min=0)[:, None]).squeeze(1) * counted).sum() / counted.sum()
 
     @staticmethod
-    def backward(ctx, grad):  # d loss / d logits = (softmax - one-hot) / count on the counted rows, 0 on the others
-        logp, targets, counted = ctx.saved_tensors  # (backward runs once: logp is its own to overwrite)
+    def backward(ctx, grad):  # (softmax - one-hot) / count on the counted rows, 0 on the others; it runs once
+        logp, targets, counted = ctx.saved_tensors
         g = logp.exp_().scatter_add_(1, targets.clamp(min=0)[:, None], -counted[:, None].to(logp.dtype))
         return g.mul_((grad * counted / counted.sum())[:, None]), None
 
@@ -340,8 +338,7 @@ class PretrainLoader:
     shard: no token is skipped), the train shards in an order shuffled from (seed, epoch)."""
 
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337):
-        with open(os.path.join(data_dir, "meta.json")) as f:
-            self.meta = json.load(f)["splits"][split]  # the split's shards: names, lengths, checksums
+        self.meta = json.load(open(os.path.join(data_dir, "meta.json")))["splits"][split]  # its shards, lengths, sha256
         self.names = [os.path.join(data_dir, name) for name in self.meta["shards"]]
         self.shards = [np.load(path, mmap_mode="r") for path in self.names]  # the OS pages in what is read
         self.heads = [hashlib.sha256(shard[:1 << 15]).hexdigest() for shard in self.shards]  # a shard swapped shows
@@ -447,8 +444,8 @@ def setup_distributed(device="auto"):
     """(rank, local_rank, world_size, device); under torchrun, in the process group: NCCL or gloo."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device == "cpu":
-        keep_freed_memory()  # (appendix) a CPU step's buffers are not mapped and zeroed afresh each step
+    keep_freed_memory(device)  # (appendix) a CPU step's buffers are not mapped and zeroed afresh each step
+    torch.set_float32_matmul_precision("high" if device.startswith("cuda") else "highest")  # float32 matmuls: TF32
     if "LOCAL_RANK" not in os.environ:  # (the flags' checks refused torchrun's variables left in a shell)
         return 0, 0, 1, device
     # set by torchrun: rank over all nodes, local_rank on this node (which GPU), world_size in all
@@ -489,22 +486,6 @@ def forward_backward(model, micro_batches, dtype, scaler, stop=False):
     return all_reduce_sum(loss_sum.reshape(1)).item(), bool(totals[1] > 0)
 
 
-def atomic_write(path, write):  # a crash or a full disk never leaves half a file under path
-    tmp = f"{path}.tmp"  # same folder: a rename is atomic only within one filesystem
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it the real file
-        os.replace(tmp, path)  # a reader sees the old file or the new one, never a mix
-    except Exception:
-        raise_if_disk_full(path)  # (appendix) torch.save says "unexpected pos" when the disk is full
-        raise
-    finally:  # after a full disk or a Ctrl-C, no .tmp is left behind
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-
-
 def save_checkpoint(path, raw_model, optimizer, state, master):
     """Full weights and AdamW's state by parameter name, gathered into rank 0's CPU memory (every rank
     calls this under FSDP): one format, resumable on any number of GPUs, with or without FSDP."""
@@ -514,7 +495,7 @@ def save_checkpoint(path, raw_model, optimizer, state, master):
     if master:
         model_state["lm_head.weight"] = model_state["transformer.wte.weight"]  # tied: stored once, as state_dict() does
         checkpoint = {"model": model_state, "optimizer": optimizer_state, "config": asdict(raw_model.config), **state}
-        atomic_write(path, lambda f: torch.save(checkpoint, f))
+        atomic_write(path, lambda f: torch.save(checkpoint, f))  # (appendix) whole, or not at all
         print(f"saved {path} at step {state['step']}")
 
 
@@ -556,7 +537,6 @@ def train(args):
     master, pretrain, cuda = rank == 0, args.mode == "pretrain", device.startswith("cuda")
     say = print if master else (lambda *a, **k: None)  # the other ranks run silent
     dtype = pick_dtype(device, args.dtype)
-    torch.set_float32_matmul_precision("high" if cuda else "highest")  # float32 matmuls (what autocast leaves): TF32
     torch.manual_seed(args.seed)  # every rank the same seed: the same fresh weights everywhere
     # All that can refuse the run is checked now, before --out_dir is touched, not after hours of steps.
     model, checkpoint = model_to_train(args)  # (appendix) new, OpenAI's, ours, or the one to resume (its checkpoint)
@@ -772,9 +752,8 @@ def parse_args(argv):
         add("--eval_samples", type=count0, default=4, help="lines sampled at each evaluation")
         add("--prompt", help="what they continue (default: the val split's start; finetune: an instruction)")
         add("--ckpt_interval", type=count, default=5000, help="steps between checkpoints (and one at the end)")
-    if mode in ("sample", "chat", "bench"):
-        add("--max_new_tokens", type=count if mode == "bench" else count0, default=64, help="tokens to generate at most")
     if mode in ("sample", "chat"):  # nanoGPT's defaults: a small model at temperature 1 drifts into noise
+        add("--max_new_tokens", type=count0, default=64, help="tokens to generate at most")
         add("--temperature", type=number(float, 0), default=0.8, help="0 is greedy; below 1 sharpens the distribution")
         add("--top_k", type=count0, default=200, help="sample among the k likeliest tokens; 0: all")
         add("--top_p", type=number(float, 0, 1, above=True), default=1.0, help="among the likeliest with this probability")
@@ -803,15 +782,10 @@ def main(argv=None):
         modes[args.mode](args)
         if torch.distributed.is_initialized():  # a clean exit: NCCL warns about a group left open
             torch.distributed.destroy_process_group()
-    except (UserError, torch.OutOfMemoryError) as e:  # a mistake the user can fix: one line; a bug keeps its traceback
-        sys.exit(f"error: {out_of_memory(args) if isinstance(e, torch.OutOfMemoryError) else e}")  # (appendix: OOM)
-    except OSError as e:  # a full or read-only disk, or a folder filled meanwhile: the user's to fix, wherever it strikes
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTEMPTY, errno.EEXIST):
-            raise
-        fix = {errno.ENOSPC: "free some space, or ", errno.EDQUOT: "free some space, or ", errno.ENOTEMPTY: "another "
-               "command filled it meanwhile: ", errno.EEXIST: "another command filled it meanwhile: "}.get(e.errno, "")
-        sys.exit(f"error: cannot write {e.filename2 or e.filename or getattr(args, 'out_dir', '')}: {e.strerror}; {fix}"
-                 "choose another folder")
+    except (UserError, OSError, torch.OutOfMemoryError) as e:  # what the user can fix, wherever it strikes: one line
+        if not (line := one_line(e, args)):  # (appendix)
+            raise  # a bug: it keeps its traceback
+        sys.exit(f"error: {line}")
     except KeyboardInterrupt:  # Ctrl-C (training handles its first one itself, and saves)
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)  # the shell's code for "killed by SIGINT"
@@ -865,9 +839,8 @@ APPENDIX_FLAGS = [  # the appendix's flags: (name, the modes that take it, argpa
     ("--hellaswag_limit", ("pretrain", "eval"), dict(type=number(int, 1), help="the first N items only (default: all)")),
     ("--hellaswag_convention", ("pretrain", "eval"), dict(default="completion", choices=["completion", "harness", "both"],
                                                           help="GPT-2's or lm-evaluation-harness's")),
-    ("--bench_steps", ("bench",), dict(type=number(int, 1), default=20, help="timed steps, or rounds of generation")),
+    ("--bench_steps", ("bench",), dict(type=number(int, 1), default=20, help="steps timed")),
     ("--bench_warmup", ("bench",), dict(type=number(int, 0), default=5, help="steps not timed first (compilation)")),
-    ("--bench_generate", ("bench",), dict(type=int, choices=[0, 1], default=0, help="1: time generation instead")),
 ]
 MODE_DEFAULTS = {  # where the other modes' defaults differ from pretraining's
     "finetune": dict(init_from="gpt2", data_dir="data/alpaca", batch_size=8, total_batch_size=32, max_lr=2e-5,
@@ -876,7 +849,7 @@ MODE_DEFAULTS = {  # where the other modes' defaults differ from pretraining's
     "sample": dict(seed=None),  # fresh samples every time, unless --seed is given
     "chat": dict(init_from="out/finetune", max_new_tokens=256, seed=None),
     "export": dict(init_from=None, out_dir=None),  # both must be given
-    "bench": dict(block_size=1024, max_new_tokens=200),
+    "bench": dict(block_size=1024),
     "plot": dict(out_dir="out/pretrain"),
 }
 
@@ -909,7 +882,7 @@ def check_args(p, args):
         (getattr(args, "init_from", None) == "resume" and args.mode not in ("pretrain", "finetune"), "--init_from resume "
          f"continues a training run; to {args.mode} a run's model, give its folder (--init_from out/pretrain)"),
         (0 < getattr(args, "temperature", 1) < 1e-3, "--temperature below 0.001 makes the logits overflow: 0 is greedy"),
-        (args.mode == "bench" and not args.bench_generate and args.bench_warmup >= args.bench_steps,
+        (args.mode == "bench" and args.bench_warmup >= args.bench_steps,
          "--bench_warmup leaves none of the --bench_steps to time: give fewer warm-up steps, or more steps"),
     ]
     for wrong, message in mistakes:
@@ -940,19 +913,33 @@ def get_tokenizer():
         raise UserError("tiktoken has no GPT-2 files (it downloads them once): offline, set TIKTOKEN_CACHE_DIR to them") from None
 
 
-def keep_freed_memory():
-    """Linux (glibc) hands every freed buffer of over 32 MB back to the kernel, which maps and zeroes its pages again
-    at the next step: a third of a CPU step's time. Kept in the process instead, for buffers up to 2 GiB."""
+def keep_freed_memory(device):
+    """CPU: freed buffers (up to 2 GiB) stay in the process, not given back for the kernel to zero again each step."""
     import ctypes
     with contextlib.suppress(OSError, AttributeError):  # another C library (macOS, Windows, musl): as it is
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 2**31 - 1), libc.mallopt(-1, 2**31 - 1)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD (an int)
+        if device == "cpu":
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 2**31 - 1), libc.mallopt(-1, 2**31 - 1)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD (C ints)
 
 
-def raise_if_disk_full(path):
-    """After a failed write to path: an OSError that says so if its disk is full, whatever the writer's words were."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(folder) and shutil.disk_usage(folder).free < 2**24:  # (16 MiB: what a failed write leaves)
+def atomic_write(path, write):  # a crash or a full disk never leaves half a file under path
+    tmp = f"{path}.tmp"  # same folder: a rename is atomic only within one filesystem
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the real file
+        os.replace(tmp, path)  # a reader sees the old file or the new one, never a mix
+    except Exception:
+        raise_if_disk_full(path)  # torch.save says "unexpected pos" when the disk is full
+        raise
+    finally:  # after a full disk or a Ctrl-C, no .tmp is left behind
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def raise_if_disk_full(path):  # after a failed write to path: an OSError that says so, whatever the writer's words
+    if os.path.isdir(folder := os.path.dirname(os.path.abspath(path))) and shutil.disk_usage(folder).free < 2**24:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from None
 
 
@@ -978,8 +965,7 @@ def load_array(path, dtype, length=None):
 def check_data(data_dir, mode, batch_size, block_size):
     """A data folder before a run reads it: its meta.json, its kind (returned), every shard whole and as long."""
     try:
-        with open(os.path.join(data_dir, "meta.json")) as f:
-            meta = json.load(f)
+        meta = json.load(open(os.path.join(data_dir, "meta.json")))
         kind, splits = meta["kind"], [meta["splits"][split] for split in ("train", "val")]
         shards = [list(zip(s["shards"], s["shard_tokens"])) for s in splits] if kind == "pretrain" else []
     except (FileNotFoundError, NotADirectoryError):  # missing, unprepared, or a text file, not yet tokenized
@@ -1022,8 +1008,7 @@ def load_checkpoint(path, keys=("model", "config")):
 
 
 def load_model(init_from, padded_vocab_size=None):
-    """A model and its fine-tuning prompt template (or None): from our .pt (or a run folder), a
-    Hugging Face GPT-2 folder (our export keeps the template in config.json), or OpenAI's."""
+    """(model, fine-tuning template or None): from our .pt or run folder, a Hugging Face GPT-2 folder, or OpenAI's."""
     if os.path.isfile(os.path.join(init_from, "ckpt.pt")):
         init_from = os.path.join(init_from, "ckpt.pt")  # a run folder: its checkpoint
     if os.path.isfile(init_from):
@@ -1048,8 +1033,7 @@ def new_model_config(args):
 
 
 def model_to_train(args):
-    """(model, checkpoint to resume or None), checked before --out_dir is touched, never over a run's work: the
-    model to resume, a new one of the flags' size, or one loaded (ours, OpenAI's) and cut to --block_size."""
+    """(model, checkpoint to resume or None): to resume, new, or loaded and cut to --block_size; never over a run."""
     path = os.path.join(args.out_dir, "ckpt.pt")
     if args.init_from == "resume":
         if not os.path.exists(path):
@@ -1080,8 +1064,7 @@ def model_to_train(args):
 
 
 def sample_prompt(prompt, enc, val_loader, template):
-    """What the samples at each evaluation continue, as (tokens, text to show): --prompt; else the val split's
-    first tokens, in the corpus's own style (a play's names and short lines); fine-tuning: an instruction."""
+    """(tokens, text) the samples continue: --prompt, an instruction, or the val split's start (the corpus's style)."""
     if template:
         prompt = prompt or "Give three tips for staying healthy."
         return encode_prompt(enc, prompt, template), prompt + "\n"
@@ -1090,9 +1073,8 @@ def sample_prompt(prompt, enc, val_loader, template):
 
 
 class RunGuard:
-    """A training run's hold on --out_dir, and its stop button. The folder is made and locked (an flock on
-    the folder: no file left, dropped by the kernel if the process dies; not on Windows): two runs would mix
-    their checkpoints and logs. Ctrl-C or SIGTERM asks the loop to save a checkpoint at the next step and stop."""
+    """A run's hold on --out_dir (an flock on the folder, dropped by the kernel if the process dies; not on Windows):
+    two runs would mix checkpoints and logs. And its stop button: Ctrl-C or SIGTERM saves at the next step, stops."""
 
     def __init__(self, out_dir, master):
         self.out_dir, self.made, self.folder, self.stop_requested = out_dir, not os.path.exists(out_dir), None, False
@@ -1137,14 +1119,22 @@ def non_finite_error(step, loss, grad_norm, checkpoint_path, saved_step):
                      f"{where}")
 
 
-def out_of_memory(args):
-    """The line for an out-of-memory error: how much memory, and a micro-batch half as big (half the activations)."""
-    cuda, train = torch.cuda.is_available() and torch.cuda.is_initialized(), args.mode in ("pretrain", "finetune")
-    where = f"{torch.cuda.mem_get_info()[1] / 2**30:.0f} GiB on {torch.cuda.get_device_name()}" if cuda else "this machine"
-    if getattr(args, "batch_size", 1) > 1:
-        return f"--batch_size {args.batch_size} does not fit in {where}: try --batch_size {args.batch_size // 2}" + (
-            "; --total_batch_size keeps each step the same" if train else "")
-    return f"the model does not fit in {where}: try a smaller one" + (", or --activation_checkpointing 1" if train else "")
+def one_line(e, args):
+    """main()'s line for what the user can fix (a mistake, memory, a full or read-only disk), or None: a bug."""
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, torch.OutOfMemoryError):  # how much memory, and a micro-batch half as big (half the activations)
+        cuda, train = torch.cuda.is_available() and torch.cuda.is_initialized(), args.mode in ("pretrain", "finetune")
+        where = f"{torch.cuda.mem_get_info()[1] / 2**30:.0f} GiB on {torch.cuda.get_device_name()}" if cuda else "this machine"
+        if getattr(args, "batch_size", 1) > 1:
+            return f"--batch_size {args.batch_size} does not fit in {where}: try --batch_size {args.batch_size // 2}" + (
+                "; --total_batch_size keeps each step the same" if train else "")
+        return f"the model does not fit in {where}: try a smaller one" + (", or --activation_checkpointing 1" if train else "")
+    full, filled = "free some space, or ", "another command filled it meanwhile: "
+    fix = {errno.ENOSPC: full, errno.EDQUOT: full, errno.ENOTEMPTY: filled, errno.EEXIST: filled, errno.EROFS: "",
+           errno.EACCES: "", errno.EPERM: ""}.get(e.errno)
+    return fix is not None and (f"cannot write {e.filename2 or e.filename or getattr(args, 'out_dir', '')}: "
+                                f"{e.strerror}; {fix}choose another folder")
 
 
 def truncate_log(path, step):
@@ -1172,13 +1162,11 @@ def start_wandb(args, checkpoint):
 
 
 class InstructionLoader:
-    """Batches of instruction examples, padded to the longest. Labels are -100 on the prompt and the padding:
-    the loss counts the answer's tokens (and its <|endoftext|>). A step's examples are sorted by length, then cut
-    into micro-batches: less padding, the same step. Step s holds the same examples on any number of GPUs."""
+    """Instruction examples padded to the longest, labels -100 on the prompt and padding: the loss counts the answer
+    and its <|endoftext|>. A step's examples, sorted by length, make its micro-batches, the same on any number of GPUs."""
 
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337):
-        with open(os.path.join(data_dir, "meta.json")) as f:
-            meta = json.load(f)
+        meta = json.load(open(os.path.join(data_dir, "meta.json")))
         self.template = meta["prompt_template"]  # chat and sample wrap prompts in it
         path = lambda name: os.path.join(data_dir, f"{split}_{name}.npy")  # noqa: E731
         self.tokens = load_array(path("tokens"), np.uint16)  # every example's tokens, end to end
@@ -1245,8 +1233,7 @@ class InstructionLoader:
 
 
 def wrap_blocks(model, dtype, args):
-    """In place, in torchtitan's order: each block checkpointed, compiled, sharded (FSDP2); then the root, which
-    owns the rest (wte = lm_head, sharded once). Class, methods and state dict names stay as they were."""
+    """In place, as torchtitan: each block checkpointed, compiled, sharded (FSDP2); then the root (wte = lm_head)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     # FSDP2 gathers weights cast to the compute dtype (half the traffic); AdamW's float32 shards stay the master
@@ -1270,18 +1257,6 @@ def wrap_blocks(model, dtype, args):
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         fully_shard(model, mp_policy=mp_policy, reshard_after_forward=False)  # its weights are needed again at once
     return model
-
-
-def bytes_held(model, optimizer):
-    """Bytes of parameters, gradients and AdamW state this process stores (FSDP: its shards alone)."""
-    from torch.distributed.tensor import DTensor
-    tensors = [t for p in model.parameters() for t in (p, p.grad) if t is not None]
-    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
-    storages = {}  # tied weights and views share storage: counted once
-    for t in tensors:
-        t = t.to_local() if isinstance(t, DTensor) else t
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(storages.values())
 
 
 # -----------------------------------------------------------------------------
@@ -1324,10 +1299,8 @@ def harness_item(item):
 
 @torch.no_grad()
 def score_endings(model, enc, items, dtype, max_batch_tokens=8192, progress=False):
-    """Loss of each of the 4 endings of each item after its context: (n, 4) summed over the ending's tokens
-    and (n, 4) averaged. Only the ending's positions go through the LM head (most of a small model's work).
-    The candidates, sorted by length, go in right-padded batches of at most max_batch_tokens positions:
-    bounded memory, and padding after the tokens that count changes no loss of a causal model."""
+    """Each item's 4 endings' losses after its context, (n, 4) summed and (n, 4) per token; only their positions go
+    through the LM head. Sorted by length, in right-padded batches of at most max_batch_tokens: bounded memory."""
     from tqdm import tqdm
     T, device = model.config.block_size, next(model.parameters()).device
     rows, spans = [], []  # each candidate's tokens, and how many at its end are the ending's
@@ -1339,36 +1312,34 @@ def score_endings(model, enc, items, dtype, max_batch_tokens=8192, progress=Fals
             spans.append(min(len(ending_tokens), len(rows[-1]) - 1))
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # shortest first: a batch's rows are alike
     sums, start = torch.zeros(len(rows)), 0  # (4n,): each candidate's summed ending loss
-    bar = tqdm(total=len(items), unit="item", desc="HellaSwag", disable=not progress, leave=False)
-    while start < len(order):
-        end = start + 1  # sorted, so a batch's last row is its widest: grow the batch while it fits
-        while end < len(order) and (end + 1 - start) * (len(rows[order[end]]) - 1) <= max_batch_tokens:
-            end += 1
-        batch, width = order[start:end], len(rows[order[end - 1]]) - 1  # a row's last token is only a target
-        ids = torch.full((len(batch), width), EOT_TOKEN, dtype=torch.long)
-        targets = torch.full((len(batch), width), -100, dtype=torch.long)  # -100: not the ending's
-        for r, i in enumerate(batch):
-            tokens, n = torch.tensor(rows[i]), len(rows[i]) - 1
-            ids[r, :n] = tokens[:-1]
-            targets[r, n - spans[i]:n] = tokens[n - spans[i] + 1:]  # the ending's tokens only
-        ids, targets = ids.to(device), targets.to(device)
-        counted = targets != -100  # (b, width)
-        with autocast(device, dtype):
-            x = model.hidden_states(ids, torch.arange(width, device=device))  # (b, width, C)
-            logits = model.lm_logits(model.transformer.ln_f(x[counted]))  # (N, padded_vocab): the N that count
-        losses = F.cross_entropy(logits.float(), targets[counted], reduction="none")  # (N,)
-        sums[batch] = torch.zeros(len(batch), device=device).index_add_(0, counted.nonzero()[:, 0], losses).cpu()
-        bar.update(len(batch) / 4)
-        start = end
-    bar.close()
+    with tqdm(total=len(items), unit="item", desc="HellaSwag", disable=not progress, leave=False) as bar:
+        while start < len(order):
+            end = start + 1  # sorted, so a batch's last row is its widest: grow the batch while it fits
+            while end < len(order) and (end + 1 - start) * (len(rows[order[end]]) - 1) <= max_batch_tokens:
+                end += 1
+            batch, width = order[start:end], len(rows[order[end - 1]]) - 1  # a row's last token is only a target
+            ids = torch.full((len(batch), width), EOT_TOKEN, dtype=torch.long)
+            targets = torch.full((len(batch), width), -100, dtype=torch.long)  # -100: not the ending's
+            for r, i in enumerate(batch):
+                tokens, n = torch.tensor(rows[i]), len(rows[i]) - 1
+                ids[r, :n] = tokens[:-1]
+                targets[r, n - spans[i]:n] = tokens[n - spans[i] + 1:]  # the ending's tokens only
+            ids, targets = ids.to(device), targets.to(device)
+            counted = targets != -100  # (b, width)
+            with autocast(device, dtype):
+                x = model.hidden_states(ids, torch.arange(width, device=device))  # (b, width, C)
+                logits = model.lm_logits(model.transformer.ln_f(x[counted]))  # (N, padded_vocab): the N that count
+            losses = F.cross_entropy(logits.float(), targets[counted], reduction="none")  # (N,)
+            sums[batch] = torch.zeros(len(batch), device=device).index_add_(0, counted.nonzero()[:, 0], losses).cpu()
+            bar.update(len(batch) / 4)
+            start = end
     sums = sums.view(-1, 4)  # (n, 4): an item's 4 endings are consecutive rows
     return sums, sums / torch.tensor(spans, dtype=torch.float).view(-1, 4)  # and per ending token, (n, 4)
 
 
 def hellaswag_eval(model, items, dtype, convention="completion", progress=False):
-    """HellaSwag accuracy, the items split over the ranks. completion (GPT-2 and GPT-3 papers): context, " " +
-    ending; acc: the lowest summed loss, acc_norm: per token. harness (lm-evaluation-harness): its cleaned
-    query and endings; acc_norm divides the summed loss by the ending's length in characters."""
+    """HellaSwag accuracy, items split over the ranks. completion (GPT-2, GPT-3): acc_norm per token; harness
+    (lm-evaluation-harness): its cleaned query and endings, acc_norm per character. acc: the summed loss."""
     rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
         if torch.distributed.is_initialized() else (0, 1)
     mine = items[rank::world_size]  # all_reduce_sum adds the counts back up
@@ -1392,8 +1363,7 @@ def evaluate(args):
     dtype = pick_dtype(device, args.dtype)
     # what can be wrong with the inputs is found before the model loads (a minute for gpt2-xl)
     items = args.hellaswag and load_hellaswag(args.hellaswag_path, args.hellaswag_limit, args.hellaswag_convention)
-    model, _ = load_model(args.init_from)
-    model.to(device).eval()
+    model = load_model(args.init_from)[0].to(device).eval()
     results = {"model": args.init_from}
     if args.data_dir:  # at the model's own block_size; the folder says how to read it
         kind = check_data(args.data_dir, "eval", args.batch_size, model.config.block_size)
@@ -1464,10 +1434,8 @@ def chat(args):
 
 
 def jinja_chat_template(template):
-    """The fine-tuning prompt template (str.format, with {instruction}) as a Jinja chat template: a
-    user message renders to template.format(instruction=content), an assistant message to its
-    content and <|endoftext|>, as a fine-tuning example ends. The template's text goes in as
-    Jinja string literals, so that no brace or quote in it can read as Jinja."""
+    """The str.format prompt template as a Jinja chat template: a user message renders as the template does, an answer
+    as itself and <|endoftext|>. The template's text goes in as Jinja string literals: no brace in it is Jinja."""
     from string import Formatter  # the parser str.format itself uses: '{{' and '}}' come out unescaped
     pieces = []
     for literal, field, spec, conversion in Formatter().parse(template):
@@ -1547,34 +1515,11 @@ def flops_per_token(model):
         12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
-def bench_generate(args, device, dtype):
-    """Greedy generation, random weights: tokens/s at batch 1 (16-token prompt) and 8 (3 to 16, left-padded)."""
-    model = GPT(new_model_config(args)).to(device).eval()
-    print(f"bench generate: {args.n_layer or PRESETS[args.model]['n_layer']} layers, {args.max_new_tokens} new tokens, "
-          f"{device}, {dtype}, median of {args.bench_steps}")
-    prompts = {1: [list(range(16))], 8: [list(range(100, 100 + n)) for n in (16, 5, 11, 8, 14, 3, 9, 12)]}
-    for batch, token_lists in prompts.items():
-        ids, mask = (t.to(device) for t in left_pad(token_lists))
-        times = []
-        for _ in range(args.bench_steps + 1):  # the first round warms up
-            t0 = time.perf_counter()
-            with autocast(device, dtype):
-                model.generate(ids, mask, max_new_tokens=args.max_new_tokens, temperature=0, eos_token_id=None)
-            torch.cuda.synchronize() if device.startswith("cuda") else None
-            times.append(time.perf_counter() - t0)
-        median = statistics.median(times[1:])
-        print(f"batch {batch}: {1000 * median:8.1f} ms, {batch * args.max_new_tokens / median:8.0f} tokens/s")
-
-
 def bench(args):
-    """--mode bench: a training step on random tokens, timed (the median of --bench_steps after --bench_warmup):
-    tokens/s, MFU and peak memory (CUDA), with no data to prepare. Under torchrun: DDP, or FSDP with --fsdp 1,
-    and the bytes each rank holds. With --bench_generate 1, generation instead."""
+    """--mode bench: the median training step on random tokens (no data): tokens/s, MFU and memory (CUDA); DDP or
+    FSDP under torchrun. (Generation: python dev/compare.py generate.)"""
     rank, local_rank, world_size, device = setup_distributed(args.device)
     dtype, cuda = pick_dtype(device, args.dtype), device.startswith("cuda")
-    if args.bench_generate:
-        return bench_generate(args, device, dtype)
-    torch.set_float32_matmul_precision("high" if cuda else "highest")  # TF32, as a training run
     torch.manual_seed(args.seed)
     model = GPT(new_model_config(args)).to(device)  # random weights: speed does not depend on them
     if args.fsdp or args.activation_checkpointing:
@@ -1592,7 +1537,7 @@ def bench(args):
         x = torch.randint(0, 50257, (B, T + 1), device=device)  # fresh tokens each step
         sync()
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)  # first: the last step's gradients stay, for the bytes held below
+        optimizer.zero_grad(set_to_none=True)
         forward_backward(compiled, [(x[:, :-1], x[:, 1:])], dtype, scaler)  # the training step, as train() takes it
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -1605,10 +1550,6 @@ def bench(args):
     say(f"median step {1000 * median:.1f} ms | {tokens_per_s:,.0f} tokens/s" + (
         f" | MFU {100 * flops_per_token(model) * tokens_per_s / (peak * world_size):.1f}% of {peak / 1e12:.0f} TFLOP/s"
         if peak else "") + (f" | peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if cuda else ""))
-    held = torch.zeros(world_size, dtype=torch.float64, device=device)
-    held[rank] = bytes_held(model, optimizer)  # weights, the last step's gradients, AdamW's state
-    for r, n in enumerate(all_reduce_sum(held).tolist()):
-        say(f"rank {r}: parameters + gradients + AdamW state {n / 2**20:,.2f} MiB")
 
 
 # -----------------------------------------------------------------------------
@@ -1616,8 +1557,7 @@ def bench(args):
 
 
 def plot(args):
-    """--mode plot: the losses, the learning rate and HellaSwag over the steps of log.jsonl; for the default
-    recipe (GPT-2 124M on FineWeb-Edu), OpenAI's GPT-2 124M beside them: is this curve a normal one?"""
+    """--mode plot: log.jsonl's losses, LR and HellaSwag; for the default recipe, OpenAI's GPT-2 124M beside them."""
     log_path = os.path.join(args.out_dir, "log.jsonl")
     if not os.path.exists(log_path):
         raise UserError(f"{log_path} not found: point --out_dir at a training run's folder")
@@ -1655,8 +1595,6 @@ def plot(args):
 
 
 if __name__ == "__main__":
-    main()
-    # Done, every file closed: Python's shutdown is skipped. Under FSDP on gloo (CPU), gloo's threads outlive
-    # destroy_process_group, and one freeing a tensor while the interpreter shuts down aborts the process.
+    main()  # done, every file closed: no interpreter shutdown, in which gloo's threads (kept by FSDP) can abort it
     sys.stdout.flush()
     os._exit(0)

@@ -168,28 +168,30 @@ def compare_generate(args):
     }
     prompts = {1: (torch.randint(0, 50257, (1, 16)), None),
                8: tg.left_pad([torch.randint(0, 50257, (k,)).tolist() for k in (16, 5, 11, 8, 14, 3, 9, 12)])}
-    print(f"generate: {args.n_layer} layers, {args.n_embd} wide, {n} new tokens, greedy, {device}, "
+    dtype = tg.pick_dtype(device)  # bfloat16 on a recent GPU, as --mode sample runs
+    print(f"generate: {args.n_layer} layers, {args.n_embd} wide, {n} new tokens, greedy, {device}, {dtype}, "
           f"median of {args.rounds} interleaved rounds")
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for batch, (ids, mask) in prompts.items():
-        ids, mask = ids.to(device), None if mask is None else mask.to(device)
-        outputs = {name: method(ids, mask).tolist() for name, method in methods.items()}
-        hidden = torch.randn(batch, args.n_embd, device=device)  # (B, C): next_logits multiplies by its .t()
+    with tg.autocast(device, dtype):  # every side in the same dtype
+        for batch, (ids, mask) in prompts.items():
+            ids, mask = ids.to(device), None if mask is None else mask.to(device)
+            outputs = {name: method(ids, mask).tolist() for name, method in methods.items()}
+            hidden = torch.randn(batch, args.n_embd, device=device)  # (B, C): next_logits multiplies by its .t()
 
-        def lm_head_alone():  # the product every loop does once a token; no loop can be faster than n of them
-            for _ in range(n):
-                model.lm_head.weight @ hidden.t()
+            def lm_head_alone():  # the product every loop does once a token; no loop can be faster than n of them
+                for _ in range(n):
+                    model.lm_head.weight @ hidden.t()
 
-        timed = {name: (lambda m=method: m(ids, mask)) for name, method in methods.items()}
-        medians = interleaved({**timed, "LM head alone": lm_head_alone}, args.rounds, 0, sync)
-        print("batch 1, a 16-token prompt:" if batch == 1 else "batch 8, prompts of 3-16 tokens, left-padded:")
-        for name, dt in medians.items():
-            print(f"  {name:<24} {1000 * dt:8.1f} ms  {batch * n / dt:8.0f} tokens/s")
-        ours, hf = medians["KV cache (this file)"], medians["transformers generate"]
-        same = all(out == outputs["transformers generate"] for out in outputs.values())
-        print(f"  same tokens from all three: {same}; KV cache is {medians['recompute every step'] / ours:.1f}x faster "
-              f"than recomputing, {hf / ours:.2f}x faster than transformers; the LM head alone caps any loop at "
-              f"{hf / medians['LM head alone']:.2f}x here")
+            timed = {name: (lambda m=method: m(ids, mask)) for name, method in methods.items()}
+            medians = interleaved({**timed, "LM head alone": lm_head_alone}, args.rounds, 0, sync)
+            print("batch 1, a 16-token prompt:" if batch == 1 else "batch 8, prompts of 3-16 tokens, left-padded:")
+            for name, dt in medians.items():
+                print(f"  {name:<24} {1000 * dt:8.1f} ms  {batch * n / dt:8.0f} tokens/s")
+            ours, hf = medians["KV cache (this file)"], medians["transformers generate"]
+            same = all(out == outputs["transformers generate"] for out in outputs.values())
+            print(f"  same tokens from all three: {same}; KV cache is {medians['recompute every step'] / ours:.1f}x faster "
+                  f"than recomputing, {hf / ours:.2f}x faster than transformers; the LM head alone caps any loop at "
+                  f"{hf / medians['LM head alone']:.2f}x here")
 
 
 def tokenize_like_fineweb(doc):
