@@ -1484,6 +1484,27 @@ def test_first_commands_offline_say_what_to_do_in_seconds(tmp_path, monkeypatch)
     assert not (tmp_path / "d").exists() and not (tmp_path / "d.partial").exists()
 
 
+def test_windows_without_fcntl_or_triton_needs_no_extra_flag(tmp_path, monkeypatch):
+    """Windows has no fcntl: both scripts import and run without it (runs are then not locked). Nor has it
+    Triton: --compile is 0 there by default, even with a GPU; 1 on Linux with a GPU."""
+    corpus = write_corpus(tmp_path / "corpus")
+    code = f"""import sys
+sys.modules["fcntl"] = None  # import fcntl raises ImportError, as on Windows
+sys.path.insert(0, {str(HERE)!r})
+import prepare_data, train_gpt2
+assert train_gpt2.fcntl is None
+prepare_data.main(["--files", *{[str(c) for c in corpus]!r}, "--out_dir", {str(tmp_path / "data")!r}, "--num_proc", "1"])
+train_gpt2.main(["--mode", "pretrain", *{[str(a) for a in TINY]!r}, "--data_dir", {str(tmp_path / "data")!r},
+                 "--out_dir", {str(tmp_path / "run")!r}, "--max_steps", "1", "--val_steps", "1"])
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and (tmp_path / "run" / "ckpt.pt").exists(), proc.stdout + proc.stderr
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for platform, compile in (("win32", 0), ("linux", 1)):
+        monkeypatch.setattr(sys, "platform", platform)
+        assert tg.parse_args(["--mode", "pretrain"]).compile == compile
+
+
 def test_wandb_without_a_login_is_refused_before_step_1(shakespeare, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"HOME": str(tmp_path)}  # no key, no netrc
     args = [*PRETRAIN, "--data_dir", shakespeare, "--out_dir", tmp_path / "o", "--device", "cpu", "--wandb_project", "p"]
@@ -2283,12 +2304,15 @@ def test_exported_finetune_answers_as_its_checkpoint(exports, tmp_path, monkeypa
     assert answers["finetuned.pt chat"] == answers[folder.name + " chat"]
 
 
+def fail_with(error):
+    return lambda *args, **kwargs: (_ for _ in ()).throw(error)
+
+
 def full_disk(monkeypatch, error):
     """What a disk that fills up mid-write looks like on a real full tmpfs (torch 2.13): the writer fails in its
     own words, and the disk has no space left."""
-    import shutil
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**30, 2**30, 0))
-    return lambda *args, **kwargs: (_ for _ in ()).throw(error)
+    return fail_with(error)
 
 
 def export_filled_by_another(monkeypatch, out_dir):
@@ -2303,36 +2327,41 @@ def export_filled_by_another(monkeypatch, out_dir):
     monkeypatch.setattr(GPT2LMHeadModel, "save_pretrained", save_and_be_overtaken)
 
 
-FAULTS = {  # name: (set up the fault (monkeypatch, tmp folder, out_dir), words of the one line)
-    "export onto a disk that fills up": (lambda mp, t, o: mp.setattr(
-        "transformers.GPT2LMHeadModel.save_pretrained", full_disk(mp, __import__("safetensors").SafetensorError(
-            "Error while serializing: I/O error: No space left on device (os error 28)"))), ["No space left", "free some"]),
-    "export under a read-only folder": (lambda mp, t, o: mp.setattr("transformers.GPT2LMHeadModel.save_pretrained", (
-        lambda self, folder, **k: (_ for _ in ()).throw(OSError(30, "Read-only file system", folder)))),
-        ["Read-only file system", "choose another folder"]),
-    "two exports into one new folder": (lambda mp, t, o: export_filled_by_another(mp, o),
+EXPORT = lambda t, train: ["--mode", "export", "--init_from", t / "model.pt", "--out_dir", t / "hf"]  # noqa: E731
+FAULTS = {  # name: (set up the fault (monkeypatch, tmp folder), the command (tmp folder, a run's flags), words of its line)
+    "export onto a disk that fills up": (lambda mp, t: mp.setattr("transformers.GPT2LMHeadModel.save_pretrained", full_disk(
+        mp, __import__("safetensors").SafetensorError("Error while serializing: I/O error: No space left on device (os "
+                                                      "error 28)"))), EXPORT, ["hf: No space left", "free some"]),
+    "export under a read-only folder": (lambda mp, t: mp.setattr("transformers.GPT2LMHeadModel.save_pretrained", fail_with(
+        OSError(30, "Read-only file system", str(t / "hf.partial")))), EXPORT, ["Read-only file system", "another folder"]),
+    "two exports into one new folder": (lambda mp, t: export_filled_by_another(mp, t / "hf"), EXPORT,
                                         ["another command filled it meanwhile"]),
-    "a checkpoint onto a disk that fills up": (lambda mp, t, o: mp.setattr(torch, "save", full_disk(mp, RuntimeError(
-        "[enforce fail at inline_container.cc:672] . unexpected pos 6560960 vs 6560852"))), ["ckpt.pt", "No space left"]),
+    "a checkpoint onto a disk that fills up": (lambda mp, t: mp.setattr(torch, "save", full_disk(mp, RuntimeError(
+        "[enforce fail at inline_container.cc:672] . unexpected pos 6560960 vs 6560852"))),
+        lambda t, train: [*train, "--init_from", "resume", "--max_steps", 4], ["ckpt.pt: No space left"]),
+    "eval.json onto a full disk": (lambda mp, t: mp.setattr(os, "fsync", fail_with(OSError(28, "No space left on device"))),
+                                   lambda t, train: ["--mode", "eval", "--init_from", t / "run", "--data_dir",
+                                                     train[train.index("--data_dir") + 1],
+                                                     "--hellaswag", 0, "--out_dir", t / "run"], ["run: No space left"]),
+    "a plot under a read-only folder": (lambda mp, t: mp.setattr("matplotlib.figure.Figure.savefig", fail_with(OSError(
+        30, "Read-only file system", str(t / "run" / "plot.png")))), lambda t, train: ["--mode", "plot", "--out_dir",
+                                                                                       t / "run"], ["plot.png: Read-only"]),
 }
 
 
 @pytest.mark.parametrize("case", FAULTS)
 def test_a_full_or_read_only_disk_is_one_line_and_loses_nothing(case, shakespeare, tmp_path, monkeypatch):
-    """Each fault ends the command with one line, leaves what was there as it was (a checkpoint written before:
-    byte for byte, and it still resumes), and no .tmp or .partial behind."""
-    source = tmp_path / "model.pt"
+    """Each fault (simulated as the libraries report it on a real full or read-only tmpfs) ends the command with one
+    line, leaves what was there as it was (a checkpoint written before: byte for byte, and it still resumes), and
+    no .tmp or .partial behind."""
     model = tg.GPT(tg.GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=8))
-    torch.save({"model": model.state_dict(), "config": tg.asdict(model.config)}, source)
-    train = [*PRETRAIN, "--data_dir", shakespeare, "--out_dir", tmp_path / "run", "--eval_interval", 100]
+    torch.save({"model": model.state_dict(), "config": tg.asdict(model.config)}, tmp_path / "model.pt")
+    train = [*PRETRAIN, "--eval_interval", 100, "--out_dir", tmp_path / "run", "--data_dir", shakespeare, "--device", "cpu"]
     run_script("train_gpt2.py", *train, "--max_steps", 2)  # a checkpoint at step 2
     before = snapshot(tmp_path)
-    setup, words = FAULTS[case]
-    setup(monkeypatch, tmp_path, tmp_path / "hf")
-    if "export" in case:
-        message = main_error("--mode", "export", "--init_from", source, "--out_dir", tmp_path / "hf")
-    else:
-        message = main_error(*train, "--init_from", "resume", "--max_steps", 4)
+    setup, command, words = FAULTS[case]
+    setup(monkeypatch, tmp_path)
+    message = main_error(*command(tmp_path, train))
     for word in words:
         assert word in message, message
     monkeypatch.undo()
