@@ -27,7 +27,9 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import sys
+import urllib.request
 from collections import deque
 from pathlib import Path
 
@@ -61,8 +63,7 @@ def decode(raw, errors, path, line=None):  # bytes to text, naming the line of a
 
 
 def file_rows(path, start, args):
-    """One file's rows from position start on: a byte offset and line number (.jsonl: a resumed run
-    seeks), a row number (.json, .parquet), or 0/1 (any other name: one plain-text document)."""
+    """One file's rows from position start: (byte offset, line) in .jsonl, a row in .json/.parquet, else 0 or 1."""
     offset, line = start
     suffix, errors = Path(path).suffix.lower(), args.encoding_errors
     if suffix == ".jsonl":
@@ -153,8 +154,7 @@ def tokenize_documents(texts):  # one uint16 array: each document's tokens, each
 
 
 def batches_of_documents(documents, start=None):
-    """(position, texts) batches of ~BATCH_CHARS (sent to a process in one go, yet short at the end, when
-    processes idle); position: the reader's before the batch, where a resumed run reads again."""
+    """(position, texts) batches of ~BATCH_CHARS, a process's work; position: the reader's before it, to resume."""
     batch, size, position = [], 0, start
     for text, after in documents:
         batch.append(text)
@@ -167,16 +167,14 @@ def batches_of_documents(documents, start=None):
 
 
 def start_worker(lock):
-    """A tokenizer process: Ctrl-C (sent to the whole group) is the parent's to handle, and a lock it
-    inherited by fork is let go, so that the lock dies with the parent (kill -9 included)."""
+    """A tokenizer process: Ctrl-C is the parent's, and a lock inherited by fork let go (it dies with the parent)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if lock is not None:
         os.close(lock)
 
 
 def tokenize_in_parallel(batches, num_proc, lock=None):
-    """(position, tokens) in document order. At most 2 batches per process are in flight:
-    Pool.imap would read the whole corpus into its queue ahead of the workers."""
+    """(position, tokens) in document order, 2 batches a process in flight (Pool.imap would queue the corpus)."""
     if num_proc <= 1:  # one process: no pool to start, and a traceback that points at the bug
         yield from ((position, tokenize_documents(batch)) for position, batch in batches)
         return
@@ -197,8 +195,7 @@ def tokenize_in_parallel(batches, num_proc, lock=None):
 
 
 def write_whole(path, *chunks):
-    """Written under a temporary name, then renamed: a file under its final name is always whole,
-    and after a crash it is the old one or the new one, never half. Returns its sha256."""
+    """Written under a temporary name, then renamed: whole under its name, old or new after a crash. Its sha256."""
     digest = hashlib.sha256()  # from the bytes as they are written: no re-read
     with open(f"{path}.tmp", "wb") as f:  # same folder: os.replace is atomic only within one file system
         for chunk in chunks:
@@ -221,8 +218,7 @@ def save_json(path, obj):
 
 
 class ShardWriter:
-    """A stream of tokens into shards: the first val_tokens in val_000000.npy, ..., the rest in train_000000.npy, ...
-    After each, state.json records the shards and where to read on: a batch's position, and its tokens written."""
+    """Tokens into shards, val_000000.npy ... until val_tokens, then train_000000.npy ...; after each, state.json."""
 
     def __init__(self, out_dir, shard_size, val_tokens, state):
         self.out_dir, self.shard_size, self.val_tokens, self.state = out_dir, shard_size, val_tokens, state
@@ -261,8 +257,7 @@ class ShardWriter:
 
 
 def prepare_pretraining(args, staging, state, lock):
-    """Rows -> documents -> tokens in parallel -> shards; then meta.json, written last: it marks the
-    folder complete. A resumed run reads on from state.json's position, skipping what it wrote."""
+    """Rows -> documents -> tokens in parallel -> shards, then meta.json (complete); a resume reads on from state.json."""
     val_tokens = args.val_tokens or args.shard_size  # one shard of val by default, as build-nanogpt's fineweb.py
     writer = ShardWriter(staging, args.shard_size, val_tokens, state)
     resume = state.get("resume", {"position": None, "skip": 0})  # a fresh run: from the start, nothing to skip
@@ -386,12 +381,20 @@ def prepare_hellaswag(args, staging):  # HellaSwag's items as JSON lines: train_
 
 
 def check_inputs(args, rows_per_file=100):
-    """Before anything is written: tiktoken's files, and every input's first rows (it opens, decodes, has the column)."""
+    """Before anything is written: tiktoken's files, the Hub, every input's first rows (opens, decodes, has the column)."""
     try:
         tokenize_documents([""])  # once in this process: a missing file fails here, not in 8 workers
     except Exception as e:  # tiktoken downloads GPT-2's files once; offline that fails deep in requests
         raise UserError(f"tiktoken has no GPT-2 files ({type(e).__name__}): it downloads them once; offline, set "
                         "TIKTOKEN_CACHE_DIR to a folder holding them") from None
+    if not (args.files or os.path.isdir(args.dataset) or "https" in urllib.request.getproxies()):  # (a proxy: trusted)
+        from huggingface_hub import constants  # the Hub streams the rows: it must answer now, not after a minute of retries
+        host = constants.ENDPOINT.split("://")[-1].split("/")[0]  # huggingface.co, or the HF_ENDPOINT mirror
+        try:
+            socket.create_connection((host, 443), timeout=5).close()
+        except OSError as e:
+            raise UserError(f"--dataset {args.dataset} is streamed from {host}, which cannot be reached ({e.strerror or e}): "
+                            "connect, or give local files (--files) or a folder of them (--dataset DIR)") from None
     empty = True
     for path in args.files or [None]:  # one file at a time, so that an error names it
         if path and not os.path.isfile(path):
@@ -501,8 +504,7 @@ def shard_whole(path, n):  # a uint16 .npy of n tokens, neither cut short nor pa
 
 
 def recover(out_dir):
-    """Finish a publish(): the new dataset in place loses its state.json, and the old one goes; or, if
-    a run died between publish's renames, the old one comes back (the finished new one follows it)."""
+    """Finish a publish(): the new dataset loses its state.json and the old one goes; or the old one comes back."""
     if os.path.isdir(out_dir):
         Path(out_dir, STATE).unlink(missing_ok=True)  # state.json marked the new dataset until here
         if os.path.isdir(f"{out_dir}.old"):

@@ -1468,10 +1468,18 @@ def test_first_commands_offline_say_what_to_do_in_seconds(tmp_path, monkeypatch)
     import huggingface_hub.constants as hub
     monkeypatch.setattr(hub, "ENDPOINT", "https://hub.invalid")  # a name that never resolves (RFC 6761)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "cache"))  # nothing in Hugging Face's cache
+    monkeypatch.setattr("urllib.request.getproxies", dict)  # no proxy (a proxy is trusted to reach the hub)
     for args in ([], ["--mode", "sample", "--prompt", "Hi"], ["--mode", "finetune"], ["--mode", "eval"]):
         t0 = time.time()
         message = main_error(*args)  # each defaults to --init_from gpt2
         assert time.time() - t0 < 5 and "downloaded from hub.invalid once" in message and "local model" in message
+    for args in (["--sft"], [], ["--hellaswag"]):  # the Hub's datasets: Alpaca, FineWeb-Edu, HellaSwag, streamed
+        t0 = time.time()
+        proc = run_script("prepare_data.py", *args, "--out_dir", tmp_path / "hub", check=False)
+        assert time.time() - t0 < 5 and not (tmp_path / "hub").exists() and not (tmp_path / "hub.partial").exists()
+        assert_one_line_error(proc, "is streamed from hub.invalid, which cannot be reached", "--files")
+    monkeypatch.setattr("urllib.request.getproxies", lambda: {"https": "http://proxy.invalid:3128"})
+    assert tg.not_downloadable("gpt2") is None  # behind a proxy only a download can tell: it is tried
     (tmp_path / "no_tiktoken").mkdir()
     offline = {"TIKTOKEN_CACHE_DIR": str(tmp_path / "no_tiktoken")}  # tiktoken's GPT-2 files not downloaded yet
     prepare = run_script("prepare_data.py", "--files", *write_corpus(tmp_path / "corpus"), "--out_dir", tmp_path / "d",

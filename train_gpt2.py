@@ -893,12 +893,14 @@ def check_args(p, args):
 
 
 def not_downloadable(name):
-    """Why OpenAI's checkpoint `name` cannot be had now, or None: it is in Hugging Face's cache, or the hub answers."""
+    """Why OpenAI's checkpoint `name` cannot be had now, or None: it is cached, the hub answers, or a proxy may."""
     import socket
+    import urllib.request
     from huggingface_hub import constants, try_to_load_from_cache
     host = constants.ENDPOINT.split("://")[-1].split("/")[0]  # huggingface.co, or the HF_ENDPOINT mirror
     try:
-        if not (os.path.isdir(name) or isinstance(try_to_load_from_cache(name, "config.json"), str)):
+        if not (os.path.isdir(name) or isinstance(try_to_load_from_cache(name, "config.json"), str)
+                or "https" in urllib.request.getproxies()):  # (a proxy is trusted: only a download can tell)
             socket.create_connection((host, 443), timeout=5).close()
     except OSError as e:
         return (f"--init_from {name} is downloaded from {host} once, and {host} cannot be reached ({e.strerror or e}): "
@@ -1110,8 +1112,7 @@ class RunGuard:
                     os.rmdir(self.out_dir)
 
 
-def non_finite_error(step, loss, grad_norm, checkpoint_path, saved_step):
-    # The update was not applied, and a checkpoint is written once the step after it is finite: it resumes
+def non_finite_error(step, loss, grad_norm, checkpoint_path, saved_step):  # its update was not applied
     where = (f"the last good checkpoint is {checkpoint_path} at step {saved_step} (resume it with a lower --max_lr, "
              "or check the data)" if saved_step not in (None, step) else
              "no checkpoint before it to go back to: start again with a lower --max_lr")
@@ -1340,8 +1341,7 @@ def score_endings(model, enc, items, dtype, max_batch_tokens=8192, progress=Fals
 def hellaswag_eval(model, items, dtype, convention="completion", progress=False):
     """HellaSwag accuracy, items split over the ranks. completion (GPT-2, GPT-3): acc_norm per token; harness
     (lm-evaluation-harness): its cleaned query and endings, acc_norm per character. acc: the summed loss."""
-    rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
-        if torch.distributed.is_initialized() else (0, 1)
+    rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if torch.distributed.is_initialized() else (0, 1)
     mine = items[rank::world_size]  # all_reduce_sum adds the counts back up
     labels, enc, results, counts = torch.tensor([item["label"] for item in mine]), get_tokenizer(), {}, []
     for name in ("completion", "harness") if convention == "both" else (convention,):
@@ -1494,8 +1494,8 @@ def export(args):
 
 
 # -----------------------------------------------------------------------------
-# --mode bench: a training step, or generation, timed on random tokens, without data;
-# MFU against the GPU's peak. (Comparisons with other codebases: dev/compare.py.)
+# --mode bench: a training step timed on random tokens, without data; MFU against the GPU's
+# peak. (Generation, and comparisons with other codebases: dev/compare.py.)
 
 # Dense bf16 tensor-core peak, TFLOP/s, by the GPU's model as torch names it, matched whole: "L40S" is not "L4"
 PEAK_TFLOPS = {r"H[128]00.*PCIe": 756, r"H[12]00.*NVL": 835, r"G?H[128]00\b.*": 989, r"A[18]00\b.*": 312, "L40S": 362,
