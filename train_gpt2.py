@@ -1133,8 +1133,8 @@ def one_line(e, args):
         return f"the model does not fit in {where}: try a smaller one" + (", or --activation_checkpointing 1" if train else "")
     full, filled = "free some space, or ", "another command filled it meanwhile: "
     fix = {errno.ENOSPC: full, errno.EDQUOT: full, errno.ENOTEMPTY: filled, errno.EEXIST: filled, errno.EROFS: "",
-           errno.EACCES: "", errno.EPERM: ""}.get(e.errno)
-    return fix is not None and (f"cannot write {e.filename2 or e.filename or getattr(args, 'out_dir', '')}: "
+           errno.EACCES: "check its permissions, or ", errno.EPERM: "check its permissions, or "}.get(e.errno)
+    return fix is not None and (f"cannot use {e.filename2 or e.filename or getattr(args, 'out_dir', '')}: "
                                 f"{e.strerror}; {fix}choose another folder")
 
 
