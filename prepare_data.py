@@ -387,7 +387,7 @@ def check_inputs(args, rows_per_file=100):
     except Exception as e:  # tiktoken downloads GPT-2's files once; offline that fails deep in requests
         raise UserError(f"tiktoken has no GPT-2 files ({type(e).__name__}): it downloads them once; offline, set "
                         "TIKTOKEN_CACHE_DIR to a folder holding them") from None
-    if not (args.files or os.path.isdir(args.dataset) or "https" in urllib.request.getproxies()):  # (a proxy: trusted)
+    if not (args.files or os.path.isdir(args.dataset) or {"https", "all"} & urllib.request.getproxies().keys()):
         from huggingface_hub import constants  # the Hub streams the rows: it must answer now, not after a minute of retries
         host = constants.ENDPOINT.split("://")[-1].split("/")[0]  # huggingface.co, or the HF_ENDPOINT mirror
         try:

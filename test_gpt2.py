@@ -214,6 +214,9 @@ def test_cross_entropy_is_torchs_without_a_logits_sized_buffer_in_backward():
     assert torch.allclose(h_grad, h_reference, atol=1e-6) and torch.allclose(w_grad, w_reference, atol=1e-6)
     assert w_grad[:, 4900:].abs().max() == 0 and h_grad[::3].abs().max() == 0  # padding, ignored rows: no gradient
     assert len(reference_big) >= 2 and not big, (big, reference_big)
+    targets[:] = -100  # nothing counted: a NaN loss and no gradient, as torch's
+    (loss, h_grad, w_grad, _), (reference, h_reference, *_) = run(tg.CrossEntropy.apply), run(F.cross_entropy)
+    assert loss.isnan() and reference.isnan() and h_grad.abs().max() == w_grad.abs().max() == h_reference.abs().max() == 0
 
 
 def test_greedy_generation_matches_transformers_left_padded(hf_pair):
@@ -1058,9 +1061,9 @@ def test_pretraining_learns(shakespeare, tmp_path):
     assert checkpoint["step"] == 40 and checkpoint["config"]["padded_vocab_size"] == 50304
     # the checkpoint samples with --mode sample
     run_script("train_gpt2.py", "--mode", "sample", "--init_from", out / "ckpt.pt", "--max_new_tokens", 5, "--device", "cpu")
-    # --mode eval of the run reads its val batches (8 x 32, 4 of them): the val loss training logged last, exactly
-    run_script("train_gpt2.py", "--mode", "eval", "--init_from", out, "--data_dir", shakespeare, "--hellaswag", 0,
-               "--out_dir", tmp_path / "eval", "--device", "cpu")
+    # --mode eval of the run reads its data and val batches (8 x 32, 4 of them): the val loss it logged last, exactly
+    run_script("train_gpt2.py", "--mode", "eval", "--init_from", out, "--hellaswag", 0, "--out_dir", tmp_path / "eval",
+               "--device", "cpu")
     evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert evaluated["val_loss"] == val[1] and evaluated["val_batches"] == 4
 
@@ -2025,13 +2028,15 @@ def test_advice_run_as_written_makes_the_refused_command_work(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     Path("records.json").write_text(json.dumps(INSTRUCTIONS))  # examples of 39 to 54 tokens
     pdata.main(["--sft", "--files", "records.json", "--out_dir", "data/sft", "--val_fraction", "0.125"])
+    os.rename("data/sft", "data/moved")  # the advice redoes the folder refused, wherever it was first made
     model = tg.GPT(tg.GPTConfig(block_size=48, n_layer=1, n_head=2, n_embd=32))
     torch.save({"model": model.state_dict(), "config": tg.asdict(model.config)}, "short.pt")
-    finetune = ["--mode", "finetune", "--init_from", "short.pt", "--data_dir", "data/sft", "--batch_size", 2,
+    finetune = ["--mode", "finetune", "--init_from", "short.pt", "--data_dir", "data/moved", "--batch_size", 2,
                 "--total_batch_size", 2, "--max_steps", 1, "--eval_samples", 0, "--device", "cpu"]
     message = main_error(*finetune)
-    assert "examples of 54 tokens" in message and "--block_size 48 --overwrite" in message
+    assert "examples of 54 tokens" in message and "--block_size 48 --out_dir data/moved --overwrite" in message
     pdata.main(shlex.split(re.search(r"python prepare_data\.py.*", message)[0])[2:])
+    assert not os.path.exists("data/sft")
     run_script("train_gpt2.py", *finetune)
     assert torch.load("out/finetune/ckpt.pt", weights_only=True)["step"] == 1
 

@@ -184,7 +184,7 @@ class CrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):  # (softmax - one-hot) / count on the counted rows, 0 on the others; it runs once
         logp, targets, counted = ctx.saved_tensors
         g = logp.exp_().scatter_add_(1, targets.clamp(min=0)[:, None], -counted[:, None].to(logp.dtype))
-        return g.mul_((grad * counted / counted.sum())[:, None]), None
+        return g.mul_((grad * counted / counted.sum().clamp(min=1))[:, None]), None  # none counted: 0, as torch's
 
 
 class GPT(nn.Module):
@@ -767,8 +767,8 @@ def parse_args(argv):
     add("-h", "--help", action="help", help=f"show the flags of --mode {mode}")
     args = p.parse_args(argv)
     resume = args.mode in ("pretrain", "finetune") and args.init_from == "resume"
-    if resume or mode == "eval":  # the run's flags, unless given now; eval: its val batches (so, its val loss)
-        run = saved_args(args.out_dir) if resume else saved_args(args.init_from, ("batch_size", "val_steps"))
+    if resume or mode == "eval":  # the run's flags, unless given now; eval: its data and val batches (its val loss)
+        run = saved_args(args.out_dir) if resume else saved_args(args.init_from, ("data_dir", "batch_size", "val_steps"))
         p.set_defaults(**run)  # (appendix)
         args = p.parse_args(argv)
     check_args(p, args)  # (appendix) what spans several flags
@@ -900,7 +900,7 @@ def not_downloadable(name):
     host = constants.ENDPOINT.split("://")[-1].split("/")[0]  # huggingface.co, or the HF_ENDPOINT mirror
     try:
         if not (os.path.isdir(name) or isinstance(try_to_load_from_cache(name, "config.json"), str)
-                or "https" in urllib.request.getproxies()):  # (a proxy is trusted: only a download can tell)
+                or {"https", "all"} & urllib.request.getproxies().keys()):  # a proxy: only a download can tell
             socket.create_connection((host, 443), timeout=5).close()
     except OSError as e:
         return (f"--init_from {name} is downloaded from {host} once, and {host} cannot be reached ({e.strerror or e}): "
@@ -932,17 +932,17 @@ def atomic_write(path, write):  # a crash or a full disk never leaves half a fil
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename makes it the real file
         os.replace(tmp, path)  # a reader sees the old file or the new one, never a mix
-    except Exception:
-        raise_if_disk_full(path)  # torch.save says "unexpected pos" when the disk is full
+    except Exception as e:
+        raise_if_disk_full(path, e)  # torch.save says "unexpected pos" when the disk is full
         raise
     finally:  # after a full disk or a Ctrl-C, no .tmp is left behind
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
 
 
-def raise_if_disk_full(path):  # after a failed write to path: an OSError that says so, whatever the writer's words
-    if os.path.isdir(folder := os.path.dirname(os.path.abspath(path))) and shutil.disk_usage(folder).free < 2**24:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from None
+def raise_if_disk_full(path, error):  # after a failed write to path: an OSError that says so, in the writer's stead
+    if not isinstance(error, OSError) and shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2**24:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from error  # (16 MiB: what such a failure leaves)
 
 
 def first_line(error):
@@ -1134,7 +1134,7 @@ def one_line(e, args):
     full, filled = "free some space, or ", "another command filled it meanwhile: "
     fix = {errno.ENOSPC: full, errno.EDQUOT: full, errno.ENOTEMPTY: filled, errno.EEXIST: filled, errno.EROFS: "",
            errno.EACCES: "check its permissions, or ", errno.EPERM: "check its permissions, or "}.get(e.errno)
-    return fix is not None and (f"cannot use {e.filename2 or e.filename or getattr(args, 'out_dir', '')}: "
+    return fix is not None and (f"cannot use {e.filename2 or e.filename or getattr(args, 'out_dir', None) or 'a file'}: "
                                 f"{e.strerror}; {fix}choose another folder")
 
 
@@ -1184,7 +1184,7 @@ class InstructionLoader:
         if self.lengths.max() > block_size + 1:
             raise UserError(f"{data_dir} has examples of {self.lengths.max()} tokens, more than the model's block_size "
                             f"{block_size} + 1: prepare it again for this model, with {meta.get('command', 'its command')}"
-                            f" --block_size {block_size} --overwrite")
+                            f" --block_size {block_size} --out_dir {data_dir} --overwrite")
         self.B, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.data = [hashlib.sha256(array).hexdigest() for array in (self.tokens, self.mask, self.offsets)]  # ~20 ms
         self.epoch, self.step_in_epoch = 0, 0  # an epoch's order follows from (seed, epoch)
@@ -1485,8 +1485,8 @@ def export(args):
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)  # empty (checked above); refused if another export, or the user, filled it since
         os.rename(tmp, out_dir)  # the finished folder appears at once, under its name
-    except Exception:
-        raise_if_disk_full(out_dir)  # safetensors says "I/O error" when the disk is full
+    except Exception as e:
+        raise_if_disk_full(out_dir, e)  # safetensors says "I/O error" when the disk is full
         raise
     finally:  # Ctrl-C too: no .partial folder is left behind
         shutil.rmtree(tmp, ignore_errors=True)

@@ -175,7 +175,8 @@ def compare_generate(args):
     with tg.autocast(device, dtype):  # every side in the same dtype
         for batch, (ids, mask) in prompts.items():
             ids, mask = ids.to(device), None if mask is None else mask.to(device)
-            outputs = {name: method(ids, mask).tolist() for name, method in methods.items()}
+            with tg.autocast(device, torch.float32):  # compared in float32: bf16 would break near-ties differently
+                outputs = {name: method(ids, mask).tolist() for name, method in methods.items()}
             hidden = torch.randn(batch, args.n_embd, device=device)  # (B, C): next_logits multiplies by its .t()
 
             def lm_head_alone():  # the product every loop does once a token; no loop can be faster than n of them
