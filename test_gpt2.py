@@ -1728,7 +1728,6 @@ def test_fsdp_equals_one_process_and_resumes_on_one_process_and_ddp(shakespeare,
     the same numbers in another order). Gradient norms rel 1e-3: a float32 norm over 1.6M
     numbers sums in another order over shards, which moves it by ~1e-5 of itself (both are
     ~2e-5 from the float64 norm), and the clip carries that into the weights."""
-    import shutil
     args = ["--mode", "pretrain", "--data_dir", shakespeare, *TINY, "--grad_clip", 0.1, "--max_steps", 8,
             "--eval_interval", 4, "--val_steps", 3, "--ckpt_interval", 1000]  # 3 val batches: 2 ranks get 2 and 1
     run_script("train_gpt2.py", *args, "--out_dir", tmp_path / "one")
@@ -2023,7 +2022,6 @@ def test_advice_run_as_written_makes_the_refused_command_work(tmp_path, monkeypa
     """An error's advice, run exactly as printed, lets the refused command run: instruction data prepared
     for a longer model (its own command again, with --block_size and --overwrite), and a text file given
     as --data_dir (prepared first, then its folder)."""
-    import re
     import shlex
     monkeypatch.chdir(tmp_path)
     Path("records.json").write_text(json.dumps(INSTRUCTIONS))  # examples of 39 to 54 tokens
