@@ -35,13 +35,20 @@ from pathlib import Path
 
 import numpy as np
 
-ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-                 "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")  # Stanford Alpaca's: the answer follows
-ALPACA_PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                            "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
-                            "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)  # Stanford Alpaca's: the answer follows
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+    "{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
 BATCH_CHARS = 1 << 18  # characters sent to a tokenizer process at a time: ~60k tokens
-STATE, META = "state.json", "meta.json"  # in the staging folder: the command and its progress; the dataset's index
+STATE, META = (
+    "state.json",
+    "meta.json",
+)  # in the staging folder: the command and its progress; the dataset's index
 
 
 class UserError(Exception):  # bad input from the user: printed as one line, no traceback
@@ -53,13 +60,19 @@ class UserError(Exception):  # bad input from the user: printed as one line, no 
 # and the position just after it, from which a resumed run reads on.
 
 
-def decode(raw, errors, path, line=None):  # bytes to text, naming the line of a bad byte: Latin-1 files are common
+def decode(
+    raw, errors, path, line=None
+):  # bytes to text, naming the line of a bad byte: Latin-1 files are common
     try:
         return raw.decode("utf-8", errors)
     except UnicodeDecodeError as e:
-        line = line or raw.count(b"\n", 0, e.start) + 1  # a whole file: count the newlines before the bad byte
-        raise UserError(f"{path}, line {line}: not UTF-8 (byte {raw[e.start]:#04x}); convert the file to UTF-8, "
-                        "or pass --encoding_errors replace to replace bad bytes with U+FFFD") from None
+        line = (
+            line or raw.count(b"\n", 0, e.start) + 1
+        )  # a whole file: count the newlines before the bad byte
+        raise UserError(
+            f"{path}, line {line}: not UTF-8 (byte {raw[e.start]:#04x}); convert the file to UTF-8, "
+            "or pass --encoding_errors replace to replace bad bytes with U+FFFD"
+        ) from None
 
 
 def file_rows(path, start, args):
@@ -69,36 +82,65 @@ def file_rows(path, start, args):
     if suffix == ".jsonl":
         with open(path, "rb") as f:
             f.seek(offset)
-            for raw in f:  # binary: len(raw) counts bytes, so that offset stays a true seek position
+            for (
+                raw
+            ) in f:  # binary: len(raw) counts bytes, so that offset stays a true seek position
                 offset, line = offset + len(raw), line + 1
-                text = decode(raw.removeprefix(codecs.BOM_UTF8) if offset == len(raw) else raw, errors, path, line - 1)
+                text = decode(
+                    raw.removeprefix(codecs.BOM_UTF8) if offset == len(raw) else raw,
+                    errors,
+                    path,
+                    line - 1,
+                )
                 if text.strip():  # blank lines (a trailing one, often) are not rows
                     try:
                         yield json.loads(text), f"{path}, line {line - 1}", (offset, line)
                     except json.JSONDecodeError as e:
-                        raise UserError(f"{path}, line {line - 1}: not valid JSON ({e.msg}); fix or delete that line") from None
+                        raise UserError(
+                            f"{path}, line {line - 1}: not valid JSON ({e.msg}); fix or delete that line"
+                        ) from None
     elif suffix == ".json":  # the whole file: the standard library cannot stream a JSON list
         try:
-            rows = json.loads(decode(Path(path).read_bytes().removeprefix(codecs.BOM_UTF8), errors, path))
+            rows = json.loads(
+                decode(Path(path).read_bytes().removeprefix(codecs.BOM_UTF8), errors, path)
+            )
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}); fix the file") from None
+            raise UserError(
+                f"{path}, line {e.lineno}: not valid JSON ({e.msg}); fix the file"
+            ) from None
         if not isinstance(rows, list):  # one object, or JSON lines saved as .json
-            raise UserError(f"{path}: expected a JSON list of objects; for one object per line, name it .jsonl")
+            raise UserError(
+                f"{path}: expected a JSON list of objects; for one object per line, name it .jsonl"
+            )
         yield from ((rows[i], f"{path}, row {i + 1}", (i + 1, 0)) for i in range(offset, len(rows)))
     elif suffix == ".parquet":
         import pyarrow
         import pyarrow.parquet as pq  # comes with datasets
+
         try:
             n = 0  # rows in the batches before this one
             for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
                 rows = batch.to_pylist()  # dicts, as the JSON readers give
-                yield from ((rows[i], f"{path}, row {n + i + 1}", (n + i + 1, 0)) for i in range(max(offset - n, 0), len(rows)))
+                yield from (
+                    (rows[i], f"{path}, row {n + i + 1}", (n + i + 1, 0))
+                    for i in range(max(offset - n, 0), len(rows))
+                )
                 n += len(rows)
         except pyarrow.ArrowException as e:  # not parquet, or cut short
-            raise UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]}); check the file, or name "
-                            "it by what it holds (.txt, .jsonl, .json)") from None
+            raise UserError(
+                f"{path}: not a readable parquet file ({str(e).splitlines()[0]}); check the file, or name "
+                "it by what it holds (.txt, .jsonl, .json)"
+            ) from None
     elif offset == 0:  # any other name: plain text, one document (position 1: done)
-        yield {args.text_column: decode(Path(path).read_bytes().removeprefix(codecs.BOM_UTF8), errors, path)}, path, (1, 0)
+        yield (
+            {
+                args.text_column: decode(
+                    Path(path).read_bytes().removeprefix(codecs.BOM_UTF8), errors, path
+                )
+            },
+            path,
+            (1, 0),
+        )
 
 
 def read_rows(args, start=None):
@@ -106,14 +148,21 @@ def read_rows(args, start=None):
     if args.files:  # the position: {file, offset, line}
         start = start or {"file": 0, "offset": 0, "line": 1}
         for i in range(start["file"], len(args.files)):
-            first = (start["offset"], start["line"]) if i == start["file"] else (0, 1)  # later files: from the top
+            first = (
+                (start["offset"], start["line"]) if i == start["file"] else (0, 1)
+            )  # later files: from the top
             for row, where, (offset, line) in file_rows(args.files[i], first, args):
                 yield row, where, {"file": i, "offset": offset, "line": line}
         return
     import datasets  # here, not at the top: --files never needs it, and it is slow to import
+
     try:  # streamed: rows arrive over the network as they are tokenized; nothing is cached on disk
         ds = datasets.load_dataset(args.dataset, args.subset, split=args.split, streaming=True)
-    except (FileNotFoundError, ConnectionError, ValueError) as e:  # a wrong name, subset or split, or no network
+    except (
+        FileNotFoundError,
+        ConnectionError,
+        ValueError,
+    ) as e:  # a wrong name, subset or split, or no network
         raise UserError(f"cannot open dataset {args.dataset}: {str(e).splitlines()[0]}") from None
     n = 0  # rows read, for messages
     if start:  # the stream's own state: datasets reopens the right file at the right row
@@ -127,30 +176,40 @@ def read_rows(args, start=None):
 
 
 def describe(value):
-    return "null" if value is None else repr(value)[:40]  # 40 characters: a whole document would drown the message
+    return (
+        "null" if value is None else repr(value)[:40]
+    )  # 40 characters: a whole document would drown the message
 
 
 def text_of(row, name, where):  # the text of a pretraining row
     if not isinstance(row, dict):
         raise UserError(f"{where} is {describe(row)}, not an object with a {name!r} column")
     if name not in row:
-        raise UserError(f"{where} has no column {name!r}; its columns are: {', '.join(map(str, row))} (see --text_column)")
+        raise UserError(
+            f"{where} has no column {name!r}; its columns are: {', '.join(map(str, row))} (see --text_column)"
+        )
     if not isinstance(row[name], str):
-        raise UserError(f"{where}: {name!r} is {describe(row[name])}, not text; fix or remove that row")
+        raise UserError(
+            f"{where}: {name!r} is {describe(row[name])}, not text; fix or remove that row"
+        )
     return row[name]
 
 
 # -----------------------------------------------------------------------------
 # Tokenizing in parallel, in order, with bounded memory
 
+
 def tokenize_documents(texts):  # one uint16 array: each document's tokens, each after <|endoftext|>
     import tiktoken
+
     encoder = tiktoken.get_encoding("gpt2")  # loaded once per process: tiktoken keeps it
     tokens = []  # a Python list, then one conversion: cheaper than growing an array
     for text in texts:
         tokens.append(encoder.eot_token)
         tokens.extend(encoder.encode_ordinary(text))
-    return np.array(tokens, dtype=np.uint16)  # GPT-2's 50,257 ids fit (numpy refuses, not wraps, one that does not)
+    return np.array(
+        tokens, dtype=np.uint16
+    )  # GPT-2's 50,257 ids fit (numpy refuses, not wraps, one that does not)
 
 
 def batches_of_documents(documents, start=None):
@@ -161,7 +220,11 @@ def batches_of_documents(documents, start=None):
         size += len(text)  # characters, not bytes or tokens: free to count, and close enough
         if size >= BATCH_CHARS:
             yield position, batch
-            batch, size, position = [], 0, after() if callable(after) else after  # a stream's, computed now
+            batch, size, position = (
+                [],
+                0,
+                after() if callable(after) else after,
+            )  # a stream's, computed now
     if batch:
         yield position, batch
 
@@ -178,11 +241,15 @@ def tokenize_in_parallel(batches, num_proc, lock=None):
     if num_proc <= 1:  # one process: no pool to start, and a traceback that points at the bug
         yield from ((position, tokenize_documents(batch)) for position, batch in batches)
         return
-    with mp.Pool(num_proc, start_worker, (lock if mp.get_start_method() == "fork" else None,)) as pool:
+    with mp.Pool(
+        num_proc, start_worker, (lock if mp.get_start_method() == "fork" else None,)
+    ) as pool:
         in_flight = deque()  # (position, AsyncResult), oldest first
         for position, batch in batches:
             in_flight.append((position, pool.apply_async(tokenize_documents, (batch,))))
-            if len(in_flight) >= 2 * num_proc:  # one running and one queued per process: no worker waits
+            if (
+                len(in_flight) >= 2 * num_proc
+            ):  # one running and one queued per process: no worker waits
                 position, result = in_flight.popleft()
                 yield position, result.get()  # the oldest: document order, whichever finishes first
         while in_flight:
@@ -197,7 +264,9 @@ def tokenize_in_parallel(batches, num_proc, lock=None):
 def write_whole(path, *chunks):
     """Written under a temporary name, then renamed: whole under its name, old or new after a crash. Its sha256."""
     digest = hashlib.sha256()  # from the bytes as they are written: no re-read
-    with open(f"{path}.tmp", "wb") as f:  # same folder: os.replace is atomic only within one file system
+    with open(
+        f"{path}.tmp", "wb"
+    ) as f:  # same folder: os.replace is atomic only within one file system
         for chunk in chunks:
             f.write(chunk)  # a shard's buffer itself: 200 MB are not copied
             digest.update(chunk)
@@ -207,44 +276,71 @@ def write_whole(path, *chunks):
     return digest.hexdigest()
 
 
-def save_npy(path, array):  # the bytes np.save writes; returns their sha256, as sha256sum sees the file
+def save_npy(
+    path, array
+):  # the bytes np.save writes; returns their sha256, as sha256sum sees the file
     header, array = io.BytesIO(), np.ascontiguousarray(array)
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
     return write_whole(path, header.getvalue(), array.data)
 
 
 def save_json(path, obj):
-    write_whole(path, (json.dumps(obj, indent=2) + "\n").encode())  # indented: people read meta.json too
+    write_whole(
+        path, (json.dumps(obj, indent=2) + "\n").encode()
+    )  # indented: people read meta.json too
 
 
 class ShardWriter:
     """Tokens into shards, val_000000.npy ... until val_tokens, then train_000000.npy ...; after each, state.json."""
 
     def __init__(self, out_dir, shard_size, val_tokens, state):
-        self.out_dir, self.shard_size, self.val_tokens, self.state = out_dir, shard_size, val_tokens, state
-        self.buffer = np.empty(shard_size, dtype=np.uint16)  # the one big allocation: memory follows shard_size
+        self.out_dir, self.shard_size, self.val_tokens, self.state = (
+            out_dir,
+            shard_size,
+            val_tokens,
+            state,
+        )
+        self.buffer = np.empty(
+            shard_size, dtype=np.uint16
+        )  # the one big allocation: memory follows shard_size
         self.filled = 0  # tokens in the buffer, not yet in a shard
-        self.splits = state.setdefault("splits", {s: {"tokens": 0, "shards": [], "shard_tokens": [], "sha256": []}
-                                                  for s in ("val", "train")})  # state's own: commit() saves it
+        self.splits = state.setdefault(
+            "splits",
+            {
+                s: {"tokens": 0, "shards": [], "shard_tokens": [], "sha256": []}
+                for s in ("val", "train")
+            },
+        )  # state's own: commit() saves it
 
     def split(self):  # val until val_tokens are written, then train for good
         return "val" if self.splits["val"]["tokens"] < self.val_tokens else "train"
 
-    def capacity(self):  # room left in the shard being filled: a val shard also ends with the val split
-        end = self.val_tokens - self.splits["val"]["tokens"] if self.split() == "val" else self.shard_size
+    def capacity(
+        self,
+    ):  # room left in the shard being filled: a val shard also ends with the val split
+        end = (
+            self.val_tokens - self.splits["val"]["tokens"]
+            if self.split() == "val"
+            else self.shard_size
+        )
         return min(self.shard_size, end) - self.filled
 
-    def add(self, tokens, position, done):  # tokens of the batch read from position, `done` of them before these
+    def add(
+        self, tokens, position, done
+    ):  # tokens of the batch read from position, `done` of them before these
         while len(tokens):
             n = min(len(tokens), self.capacity())  # up to the end of the shard, or of the val split
-            self.buffer[self.filled:self.filled + n] = tokens[:n]
+            self.buffer[self.filled : self.filled + n] = tokens[:n]
             self.filled, tokens, done = self.filled + n, tokens[n:], done + n
             if self.capacity() == 0:
-                self.write(self.split(), self.buffer[:self.filled])
+                self.write(self.split(), self.buffer[: self.filled])
                 self.commit({"position": position, "skip": done})  # the moment the shard counts
 
     def write(self, split, tokens):
-        s, name = self.splits[split], f"{split}_{len(self.splits[split]['shards']):06d}.npy"  # 6 digits: in order
+        s, name = (
+            self.splits[split],
+            f"{split}_{len(self.splits[split]['shards']):06d}.npy",
+        )  # 6 digits: in order
         s["sha256"].append(save_npy(os.path.join(self.out_dir, name), tokens))  # for --verify
         s["shards"].append(name)
         s["shard_tokens"].append(len(tokens))  # train_gpt2.py checks each shard's length against it
@@ -258,67 +354,131 @@ class ShardWriter:
 
 def prepare_pretraining(args, staging, state, lock):
     """Rows -> documents -> tokens in parallel -> shards, then meta.json (complete); a resume reads on from state.json."""
-    val_tokens = args.val_tokens or args.shard_size  # one shard of val by default, as build-nanogpt's fineweb.py
+    val_tokens = (
+        args.val_tokens or args.shard_size
+    )  # one shard of val by default, as build-nanogpt's fineweb.py
     writer = ShardWriter(staging, args.shard_size, val_tokens, state)
-    resume = state.get("resume", {"position": None, "skip": 0})  # a fresh run: from the start, nothing to skip
+    resume = state.get(
+        "resume", {"position": None, "skip": 0}
+    )  # a fresh run: from the start, nothing to skip
     written = writer.splits["val"]["tokens"] + writer.splits["train"]["tokens"]
     if written:
         print(f"resuming {staging}: {written:,} tokens already in shards")
     rows = iter(()) if resume.get("finished") else read_rows(args, resume.get("position"))
-    documents = ((check_row(args, row, where), after) for row, where, after in rows)  # each checked as it is read
-    skip, tokenized = resume.get("skip", 0), 0  # tokens of the first batch an earlier run already wrote
+    documents = (
+        (check_row(args, row, where), after) for row, where, after in rows
+    )  # each checked as it is read
+    skip, tokenized = (
+        resume.get("skip", 0),
+        0,
+    )  # tokens of the first batch an earlier run already wrote
     from tqdm import tqdm
-    with tqdm(unit="tok", unit_scale=True, desc=f"tokenizing into {args.out_dir}", smoothing=0.1, initial=written) as bar:
+
+    with tqdm(
+        unit="tok",
+        unit_scale=True,
+        desc=f"tokenizing into {args.out_dir}",
+        smoothing=0.1,
+        initial=written,
+    ) as bar:
         batches = batches_of_documents(documents, resume.get("position"))
         for position, tokens in tokenize_in_parallel(batches, args.num_proc, lock):
-            done = min(skip, len(tokens))  # a resumed run reads one batch again: what is written is dropped
+            done = min(
+                skip, len(tokens)
+            )  # a resumed run reads one batch again: what is written is dropped
             skip, tokenized = skip - done, tokenized + len(tokens)
             writer.add(tokens[done:], position, done)
             bar.update(len(tokens) - done)
-    if not writer.splits["val"]["tokens"] and writer.filled and not args.val_tokens:  # a corpus under one shard:
-        everything, cut = writer.buffer[:writer.filled], max(1, writer.filled // 10)  # "val: a shard" would take it all
-        print(f"note: the corpus is smaller than one shard; its first 10% ({cut:,} tokens) is the val split")
+    if (
+        not writer.splits["val"]["tokens"] and writer.filled and not args.val_tokens
+    ):  # a corpus under one shard:
+        everything, cut = (
+            writer.buffer[: writer.filled],
+            max(1, writer.filled // 10),
+        )  # "val: a shard" would take it all
+        print(
+            f"note: the corpus is smaller than one shard; its first 10% ({cut:,} tokens) is the val split"
+        )
         writer.write("val", everything[:cut])
         writer.write("train", everything[cut:])
     if writer.filled:
-        writer.write(writer.split(), writer.buffer[:writer.filled])  # the last, shorter shard
+        writer.write(writer.split(), writer.buffer[: writer.filled])  # the last, shorter shard
     writer.commit({"finished": True})  # all read: a run resumed from here only writes meta.json
     if not writer.splits["train"]["tokens"]:
-        raise UserError(f"all {writer.splits['val']['tokens']:,} tokens are in the val split: give a smaller --val_tokens")
-    save_json(os.path.join(staging, META), {"kind": "pretrain", "source": describe_source(args), "tokenizer": "gpt2",
-                                            "dtype": "uint16", "shard_size": args.shard_size, "splits": writer.splits})
+        raise UserError(
+            f"all {writer.splits['val']['tokens']:,} tokens are in the val split: give a smaller --val_tokens"
+        )
+    save_json(
+        os.path.join(staging, META),
+        {
+            "kind": "pretrain",
+            "source": describe_source(args),
+            "tokenizer": "gpt2",
+            "dtype": "uint16",
+            "shard_size": args.shard_size,
+            "splits": writer.splits,
+        },
+    )
     shards = len(writer.splits["train"]["shards"]) + len(writer.splits["val"]["shards"])
-    print(f"wrote {writer.splits['train']['tokens']:,} train and {writer.splits['val']['tokens']:,} val tokens in "
-          f"{shards} shards to {args.out_dir} (this run tokenized {tokenized:,} tokens)")
+    print(
+        f"wrote {writer.splits['train']['tokens']:,} train and {writer.splits['val']['tokens']:,} val tokens in "
+        f"{shards} shards to {args.out_dir} (this run tokenized {tokenized:,} tokens)"
+    )
 
 
 # -----------------------------------------------------------------------------
 # Instruction data (Alpaca) and HellaSwag: small, so made in one go
 
 
-def alpaca_example(row, where):  # (instruction, input, output) of an Alpaca record; input is optional
+def alpaca_example(
+    row, where
+):  # (instruction, input, output) of an Alpaca record; input is optional
     if not isinstance(row, dict):
         raise UserError(f"{where} is {describe(row)}, not an Alpaca record")
     if missing := [key for key in ("instruction", "output") if key not in row]:
-        raise UserError(f"{where} has no column {missing[0]!r}; Alpaca data needs instruction, input (optional) and "
-                        f"output; its columns are: {', '.join(map(str, row))}")
-    fields = (row["instruction"], row.get("input") or "", row["output"])  # input: absent, null or "" alike
+        raise UserError(
+            f"{where} has no column {missing[0]!r}; Alpaca data needs instruction, input (optional) and "
+            f"output; its columns are: {', '.join(map(str, row))}"
+        )
+    fields = (
+        row["instruction"],
+        row.get("input") or "",
+        row["output"],
+    )  # input: absent, null or "" alike
     if not all(isinstance(field, str) for field in fields):
-        raise UserError(f"{where}: instruction, input and output must be text; fix or remove that row")
+        raise UserError(
+            f"{where}: instruction, input and output must be text; fix or remove that row"
+        )
     return fields
 
 
-def hellaswag_item(row, where):  # ctx, 4 endings, the label 0..3, and what lm-evaluation-harness asks with
+def hellaswag_item(
+    row, where
+):  # ctx, 4 endings, the label 0..3, and what lm-evaluation-harness asks with
     if not isinstance(row, dict) or not {"ctx", "endings", "label"} <= set(row):
         columns = ", ".join(map(str, row)) if isinstance(row, dict) else describe(row)
-        raise UserError(f"{where} is not HellaSwag: rows need ctx, endings (4) and label; got {columns}")
+        raise UserError(
+            f"{where} is not HellaSwag: rows need ctx, endings (4) and label; got {columns}"
+        )
     endings, label = row["endings"], str(row["label"])
-    if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
-        raise UserError(f"{where}: HellaSwag needs exactly 4 endings (text); fix or remove that item")
+    if (
+        not isinstance(endings, list)
+        or len(endings) != 4
+        or not all(isinstance(e, str) for e in endings)
+    ):
+        raise UserError(
+            f"{where}: HellaSwag needs exactly 4 endings (text); fix or remove that item"
+        )
     if label not in ("0", "1", "2", "3"):
-        raise UserError(f"{where}: label {row['label']!r} is not 0..3 (the test split has none: use validation)")
+        raise UserError(
+            f"{where}: label {row['label']!r} is not 0..3 (the test split has none: use validation)"
+        )
     item = {"ctx": row["ctx"], "endings": endings, "label": int(label)}
-    return item | {key: row[key] for key in ("activity_label", "ctx_a", "ctx_b") if isinstance(row.get(key), str)}
+    return item | {
+        key: row[key]
+        for key in ("activity_label", "ctx_a", "ctx_b")
+        if isinstance(row.get(key), str)
+    }
 
 
 def check_row(args, row, where):
@@ -331,25 +491,46 @@ def prepare_sft(args, staging):
     """Each example: the prompt's tokens (mask 0), then the answer's and <|endoftext|> (mask 1), in {split}_
     tokens.npy, _mask.npy and _offsets.npy (example i: tokens[offsets[i]:offsets[i + 1]])."""
     import tiktoken
+
     enc = tiktoken.get_encoding("gpt2")  # one process: Alpaca's ~10M tokens need no pool
     examples, dropped = [], 0
     for row, where, _ in read_rows(args):
         instruction, input, output = alpaca_example(row, where)
         # prompt and answer are tokenized apart, as at inference: the boundary falls where it will then
-        prompt = enc.encode_ordinary((ALPACA_PROMPT_WITH_INPUT if input else ALPACA_PROMPT).format(
-            instruction=instruction, input=input))
-        answer = enc.encode_ordinary(output) + [enc.eot_token]  # <|endoftext|> in the answer: the model learns to stop
-        if len(prompt) + len(answer) > args.block_size:  # a cut one would teach answers ending mid-sentence
+        prompt = enc.encode_ordinary(
+            (ALPACA_PROMPT_WITH_INPUT if input else ALPACA_PROMPT).format(
+                instruction=instruction, input=input
+            )
+        )
+        answer = enc.encode_ordinary(output) + [
+            enc.eot_token
+        ]  # <|endoftext|> in the answer: the model learns to stop
+        if (
+            len(prompt) + len(answer) > args.block_size
+        ):  # a cut one would teach answers ending mid-sentence
             dropped += 1
         else:
             examples.append((prompt, answer))
     if len(examples) < 2:  # a val and a train example at least
-        raise UserError(f"{describe_source(args)} has {len(examples)} example(s) of <= {args.block_size} tokens: 2 at least")
-    order = np.random.default_rng(args.seed).permutation(len(examples))  # seeded: the same command, the same split
+        raise UserError(
+            f"{describe_source(args)} has {len(examples)} example(s) of <= {args.block_size} tokens: 2 at least"
+        )
+    order = np.random.default_rng(args.seed).permutation(
+        len(examples)
+    )  # seeded: the same command, the same split
     n_val = min(len(examples) - 1, max(1, round(len(examples) * args.val_fraction)))
-    meta = {"kind": "sft", "source": describe_source(args), "command": args.command, "block_size": args.block_size,
-            "tokenizer": "gpt2", "prompt_template": ALPACA_PROMPT, "prompt_template_with_input": ALPACA_PROMPT_WITH_INPUT,
-            "dropped_too_long": dropped, "splits": {}, "sha256": {}}  # the template: chat wraps prompts in it
+    meta = {
+        "kind": "sft",
+        "source": describe_source(args),
+        "command": args.command,
+        "block_size": args.block_size,
+        "tokenizer": "gpt2",
+        "prompt_template": ALPACA_PROMPT,
+        "prompt_template_with_input": ALPACA_PROMPT_WITH_INPUT,
+        "dropped_too_long": dropped,
+        "splits": {},
+        "sha256": {},
+    }  # the template: chat wraps prompts in it
     for split, indices in (("val", order[:n_val]), ("train", order[n_val:])):
         tokens, mask, offsets = [], [], [0]
         for i in sorted(indices):  # the split is random, the order within it stable
@@ -357,21 +538,46 @@ def prepare_sft(args, staging):
             tokens += prompt + answer
             mask += [0] * len(prompt) + [1] * len(answer)  # the loss counts the answer only
             offsets.append(len(tokens))
-        for name, values, dtype in (("tokens", tokens, np.uint16), ("mask", mask, np.uint8), ("offsets", offsets, np.int64)):
-            meta["sha256"][f"{split}_{name}.npy"] = save_npy(os.path.join(staging, f"{split}_{name}.npy"),
-                                                             np.array(values, dtype=dtype))
-        meta["splits"][split] = {"examples": len(indices), "tokens": len(tokens), "answer_tokens": int(sum(mask))}
+        for name, values, dtype in (
+            ("tokens", tokens, np.uint16),
+            ("mask", mask, np.uint8),
+            ("offsets", offsets, np.int64),
+        ):
+            meta["sha256"][f"{split}_{name}.npy"] = save_npy(
+                os.path.join(staging, f"{split}_{name}.npy"), np.array(values, dtype=dtype)
+            )
+        meta["splits"][split] = {
+            "examples": len(indices),
+            "tokens": len(tokens),
+            "answer_tokens": int(sum(mask)),
+        }
     save_json(os.path.join(staging, META), meta)
-    print(f"wrote {meta['splits']['train']['examples']:,} train and {meta['splits']['val']['examples']:,} val "
-          f"examples to {args.out_dir}; dropped {dropped:,} longer than {args.block_size} tokens")
+    print(
+        f"wrote {meta['splits']['train']['examples']:,} train and {meta['splits']['val']['examples']:,} val "
+        f"examples to {args.out_dir}; dropped {dropped:,} longer than {args.block_size} tokens"
+    )
 
 
-def prepare_hellaswag(args, staging):  # HellaSwag's items as JSON lines: train_gpt2.py's --hellaswag_path
+def prepare_hellaswag(
+    args, staging
+):  # HellaSwag's items as JSON lines: train_gpt2.py's --hellaswag_path
     items = [hellaswag_item(row, where) for row, where, _ in read_rows(args)]
-    digest = write_whole(os.path.join(staging, "hellaswag_val.jsonl"), "".join(json.dumps(i) + "\n" for i in items).encode())
-    save_json(os.path.join(staging, META), {"kind": "hellaswag", "source": describe_source(args), "items": len(items),
-                                            "sha256": {"hellaswag_val.jsonl": digest}})
-    print(f"wrote {len(items):,} HellaSwag items to {os.path.join(args.out_dir, 'hellaswag_val.jsonl')}")
+    digest = write_whole(
+        os.path.join(staging, "hellaswag_val.jsonl"),
+        "".join(json.dumps(i) + "\n" for i in items).encode(),
+    )
+    save_json(
+        os.path.join(staging, META),
+        {
+            "kind": "hellaswag",
+            "source": describe_source(args),
+            "items": len(items),
+            "sha256": {"hellaswag_val.jsonl": digest},
+        },
+    )
+    print(
+        f"wrote {len(items):,} HellaSwag items to {os.path.join(args.out_dir, 'hellaswag_val.jsonl')}"
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -383,74 +589,131 @@ def prepare_hellaswag(args, staging):  # HellaSwag's items as JSON lines: train_
 def check_inputs(args, rows_per_file=100):
     """Before anything is written: tiktoken's files, the Hub, every input's first rows (opens, decodes, has the column)."""
     try:
-        tokenize_documents([""])  # once in this process: a missing file fails here, not in 8 workers
-    except Exception as e:  # tiktoken downloads GPT-2's files once; offline that fails deep in requests
-        raise UserError(f"tiktoken has no GPT-2 files ({type(e).__name__}): it downloads them once; offline, set "
-                        "TIKTOKEN_CACHE_DIR to a folder holding them") from None
-    if not (args.files or os.path.isdir(args.dataset) or {"https", "all"} & urllib.request.getproxies().keys()):
-        from huggingface_hub import constants  # the Hub streams the rows: it must answer now, not after a minute of retries
-        host = constants.ENDPOINT.split("://")[-1].split("/")[0]  # huggingface.co, or the HF_ENDPOINT mirror
+        tokenize_documents(
+            [""]
+        )  # once in this process: a missing file fails here, not in 8 workers
+    except (
+        Exception
+    ) as e:  # tiktoken downloads GPT-2's files once; offline that fails deep in requests
+        raise UserError(
+            f"tiktoken has no GPT-2 files ({type(e).__name__}): it downloads them once; offline, set "
+            "TIKTOKEN_CACHE_DIR to a folder holding them"
+        ) from None
+    if not (
+        args.files
+        or os.path.isdir(args.dataset)
+        or {"https", "all"} & urllib.request.getproxies().keys()
+    ):
+        from huggingface_hub import (
+            constants,
+        )  # the Hub streams the rows: it must answer now, not after a minute of retries
+
+        host = constants.ENDPOINT.split("://")[-1].split("/")[
+            0
+        ]  # huggingface.co, or the HF_ENDPOINT mirror
         try:
             socket.create_connection((host, 443), timeout=5).close()
         except OSError as e:
-            raise UserError(f"--dataset {args.dataset} is streamed from {host}, which cannot be reached ({e.strerror or e}): "
-                            "connect, or give local files (--files) or a folder of them (--dataset DIR)") from None
+            raise UserError(
+                f"--dataset {args.dataset} is streamed from {host}, which cannot be reached ({e.strerror or e}): "
+                "connect, or give local files (--files) or a folder of them (--dataset DIR)"
+            ) from None
     empty = True
     for path in args.files or [None]:  # one file at a time, so that an error names it
         if path and not os.path.isfile(path):
-            raise UserError(f"file not found: {path}" if not os.path.exists(path) else f"cannot read {path}: it is a folder")
+            raise UserError(
+                f"file not found: {path}"
+                if not os.path.exists(path)
+                else f"cannot read {path}: it is a folder"
+            )
         rows = read_rows(argparse.Namespace(**{**vars(args), "files": [path] if path else None}))
-        for row, where, _ in itertools.islice(rows, rows_per_file):  # enough to catch a wrong format or column
-            empty = empty and not str(check_row(args, row, where)).strip()  # (the rest is checked as it is read)
+        for row, where, _ in itertools.islice(
+            rows, rows_per_file
+        ):  # enough to catch a wrong format or column
+            empty = (
+                empty and not str(check_row(args, row, where)).strip()
+            )  # (the rest is checked as it is read)
         rows.close()
     if empty:  # after all sources: one empty file among others is fine
-        raise UserError(f"the corpus {describe_source(args)} is empty: no rows, or blank documents only")
+        raise UserError(
+            f"the corpus {describe_source(args)} is empty: no rows, or blank documents only"
+        )
 
 
 def describe_source(args):
-    return " ".join(args.files) if args.files else args.dataset + (f" ({args.subset})" if args.subset else "")
+    return (
+        " ".join(args.files)
+        if args.files
+        else args.dataset + (f" ({args.subset})" if args.subset else "")
+    )
 
 
 def dataset_files(meta):  # the files a meta.json describes, besides itself
-    return set(meta.get("sha256", {})) if meta.get("kind") in ("sft", "hellaswag") else {
-        name for split in meta.get("splits", {}).values() for name in split.get("shards", [])}
+    return (
+        set(meta.get("sha256", {}))
+        if meta.get("kind") in ("sft", "hellaswag")
+        else {name for split in meta.get("splits", {}).values() for name in split.get("shards", [])}
+    )
 
 
 def read_json(path):
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise UserError(f"{path} not found: not a prepared folder, or its preparation is unfinished (run it again)") from None
+        raise UserError(
+            f"{path} not found: not a prepared folder, or its preparation is unfinished (run it again)"
+        ) from None
     except json.JSONDecodeError:
-        raise UserError(f"{path} is not readable JSON: not prepare_data.py's, or edited; move it away") from None
+        raise UserError(
+            f"{path} is not readable JSON: not prepare_data.py's, or edited; move it away"
+        ) from None
 
 
 def remove_dataset(folder):
     """Delete a dataset of ours, then its folder if nothing else is in it: a file we did not write stays."""
-    names = {META, STATE} | (dataset_files(read_json(os.path.join(folder, META))) if os.path.exists(
-        os.path.join(folder, META)) else set())
+    names = {META, STATE} | (
+        dataset_files(read_json(os.path.join(folder, META)))
+        if os.path.exists(os.path.join(folder, META))
+        else set()
+    )
     for name in os.listdir(folder):
-        if name in names or name.endswith(".tmp") or (folder.endswith(".partial") and name.endswith(".npy")):
+        if (
+            name in names
+            or name.endswith(".tmp")
+            or (folder.endswith(".partial") and name.endswith(".npy"))
+        ):
             Path(folder, name).unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # not empty: someone else's files are in it
         os.rmdir(folder)
 
 
-def check_out_dir(out_dir, overwrite):  # an output that is a file, or holds files not ours, is refused
+def check_out_dir(
+    out_dir, overwrite
+):  # an output that is a file, or holds files not ours, is refused
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out_dir {out_dir} is a file; choose a folder")
     names = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
     if names and META not in names:
-        raise UserError(f"{out_dir} is a folder that is not a prepared dataset (no meta.json): choose another --out_dir")
-    foreign = sorted(names - dataset_files(read_json(os.path.join(out_dir, META))) - {META, STATE}) if overwrite and names else []
+        raise UserError(
+            f"{out_dir} is a folder that is not a prepared dataset (no meta.json): choose another --out_dir"
+        )
+    foreign = (
+        sorted(names - dataset_files(read_json(os.path.join(out_dir, META))) - {META, STATE})
+        if overwrite and names
+        else []
+    )
     if foreign:
-        raise UserError(f"{out_dir} holds files not part of its dataset ({', '.join(foreign[:3])}): move them away first")
+        raise UserError(
+            f"{out_dir} holds files not part of its dataset ({', '.join(foreign[:3])}): move them away first"
+        )
 
 
 def take_lock(staging):
     """An flock on the staging folder itself: the kernel drops it if the process dies (no false "busy")."""
     if os.path.exists(staging) and not os.path.isdir(staging):
-        raise UserError(f"{staging} is in the way: prepare_data.py builds there, and it is a file; move it away")
+        raise UserError(
+            f"{staging} is in the way: prepare_data.py builds there, and it is a file; move it away"
+        )
     os.makedirs(staging, exist_ok=True)
     try:
         import fcntl
@@ -458,49 +721,93 @@ def take_lock(staging):
         return None
     fd = os.open(staging, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # LOCK_NB: fail at once, rather than wait for the other run
+        fcntl.flock(
+            fd, fcntl.LOCK_EX | fcntl.LOCK_NB
+        )  # LOCK_NB: fail at once, rather than wait for the other run
     except BlockingIOError:
         os.close(fd)
-        raise UserError(f"another prepare_data.py is writing {staging}; wait for it to finish, or stop it") from None
+        raise UserError(
+            f"another prepare_data.py is writing {staging}; wait for it to finish, or stop it"
+        ) from None
     return fd
 
 
-def fingerprint(args):  # what decides the output: a half-made folder is resumed by the same command only
-    paths = args.files or (sorted(map(str, Path(args.dataset).rglob("*"))) if os.path.isdir(args.dataset) else [])
-    inputs = [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in paths if os.path.isfile(p)]
+def fingerprint(
+    args,
+):  # what decides the output: a half-made folder is resumed by the same command only
+    paths = args.files or (
+        sorted(map(str, Path(args.dataset).rglob("*"))) if os.path.isdir(args.dataset) else []
+    )
+    inputs = [
+        [os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns]
+        for p in paths
+        if os.path.isfile(p)
+    ]
     kind = "sft" if args.sft else "hellaswag" if args.hellaswag else "pretrain"
-    options = {"pretrain": ("text_column", "shard_size", "val_tokens"), "sft": ("block_size", "val_fraction", "seed")}
+    options = {
+        "pretrain": ("text_column", "shard_size", "val_tokens"),
+        "sft": ("block_size", "val_fraction", "seed"),
+    }
     # a file edited is caught by its size and mtime (no hashing of gigabytes); a Hub dataset, by its name
-    return {"kind": kind, "inputs": inputs + ([] if args.files else [args.dataset, args.subset, args.split]),
-            "encoding_errors": args.encoding_errors, **{name: getattr(args, name) for name in options.get(kind, ())}}
+    return {
+        "kind": kind,
+        "inputs": inputs + ([] if args.files else [args.dataset, args.subset, args.split]),
+        "encoding_errors": args.encoding_errors,
+        **{name: getattr(args, name) for name in options.get(kind, ())},
+    }
 
 
-def resume_state(staging, fp):  # the state of a half-made run of this same command, or None to start afresh
+def resume_state(
+    staging, fp
+):  # the state of a half-made run of this same command, or None to start afresh
     path = os.path.join(staging, STATE)
     if not os.path.exists(path):
         if any(not name.endswith(".tmp") for name in os.listdir(staging)):
-            raise UserError(f"{staging} is in the way: prepare_data.py builds there, and it holds files not ours")
+            raise UserError(
+                f"{staging} is in the way: prepare_data.py builds there, and it holds files not ours"
+            )
         return None
     state = read_json(path)
     if state.get("fingerprint") != fp:
-        differs = next((key for key in fp if (state.get("fingerprint") or {}).get(key) != fp[key]), "the command")
-        raise UserError(f"{staging} holds a half-made preparation by another command (its {differs} differs); re-run "
-                        f"that command to finish it, or delete {staging} to start over")
-    shards = [f for split in state.get("splits", {}).values() for f in zip(split["shards"], split["shard_tokens"])]
-    if bad := next((name for name, n in shards if not shard_whole(os.path.join(staging, name), n)), None):
-        print(f"note: {os.path.join(staging, bad)} is missing or damaged since the interruption: starting over")
-        for name in [n for n in os.listdir(staging) if n.endswith((".npy", ".tmp")) or n in (META, STATE)]:  # ours
+        differs = next(
+            (key for key in fp if (state.get("fingerprint") or {}).get(key) != fp[key]),
+            "the command",
+        )
+        raise UserError(
+            f"{staging} holds a half-made preparation by another command (its {differs} differs); re-run "
+            f"that command to finish it, or delete {staging} to start over"
+        )
+    shards = [
+        f
+        for split in state.get("splits", {}).values()
+        for f in zip(split["shards"], split["shard_tokens"])
+    ]
+    if bad := next(
+        (name for name, n in shards if not shard_whole(os.path.join(staging, name), n)), None
+    ):
+        print(
+            f"note: {os.path.join(staging, bad)} is missing or damaged since the interruption: starting over"
+        )
+        for name in [
+            n for n in os.listdir(staging) if n.endswith((".npy", ".tmp")) or n in (META, STATE)
+        ]:  # ours
             os.remove(os.path.join(staging, name))
         return None
     return state  # (a .tmp left by a killed run is written over when its file is made again)
 
 
-def shard_whole(path, n):  # a uint16 .npy of n tokens, neither cut short nor padded: its header read, not its data
+def shard_whole(
+    path, n
+):  # a uint16 .npy of n tokens, neither cut short nor padded: its header read, not its data
     try:
         shard = np.load(path, mmap_mode="r")
     except (OSError, ValueError):  # missing, not .npy, or fewer bytes than its header says
         return False
-    return shard.dtype == np.uint16 and shard.shape == (n,) and os.path.getsize(path) == shard.offset + 2 * n
+    return (
+        shard.dtype == np.uint16
+        and shard.shape == (n,)
+        and os.path.getsize(path) == shard.offset + 2 * n
+    )
 
 
 def recover(out_dir):
@@ -521,11 +828,17 @@ def publish(staging, out_dir):  # the finished dataset into place: an old one is
 
 
 def prepare(args):
-    args.out_dir = os.path.realpath(args.out_dir)  # a link (to a bigger disk): the data goes where it points
-    staging = f"{args.out_dir}.partial"  # a sibling: the same file system, so the final move is a rename
+    args.out_dir = os.path.realpath(
+        args.out_dir
+    )  # a link (to a bigger disk): the data goes where it points
+    staging = (
+        f"{args.out_dir}.partial"  # a sibling: the same file system, so the final move is a rename
+    )
     done = lambda: os.path.exists(os.path.join(args.out_dir, META)) and not args.overwrite  # noqa: E731
     if done() and not os.path.exists(staging) and not os.path.exists(f"{args.out_dir}.old"):
-        return print(f"{args.out_dir} is already prepared (see its meta.json); --overwrite redoes it")
+        return print(
+            f"{args.out_dir} is already prepared (see its meta.json); --overwrite redoes it"
+        )
     check_inputs(args)  # everything about the inputs, before anything is written
     check_out_dir(args.out_dir, args.overwrite)
     fp = fingerprint(args)
@@ -533,10 +846,16 @@ def prepare(args):
     try:
         recover(args.out_dir)  # what a run killed in publish() left
         if done():  # (a crashed run's dataset, now in place)
-            return print(f"{args.out_dir} is already prepared (see its meta.json); --overwrite redoes it")
+            return print(
+                f"{args.out_dir} is already prepared (see its meta.json); --overwrite redoes it"
+            )
         state = resume_state(staging, fp)  # None: from the start; else the half-made run's
-        if state is None or not os.path.exists(os.path.join(staging, META)):  # else: finished, not yet moved
-            state = state or {"fingerprint": fp}  # the fingerprint first: a resume knows its command
+        if state is None or not os.path.exists(
+            os.path.join(staging, META)
+        ):  # else: finished, not yet moved
+            state = state or {
+                "fingerprint": fp
+            }  # the fingerprint first: a resume knows its command
             save_json(os.path.join(staging, STATE), state)
             try:  # each writes into staging, meta.json last; only pretraining is resumable
                 if args.sft or args.hellaswag:
@@ -546,10 +865,14 @@ def prepare(args):
             except UserError:  # the same command would fail the same way: nothing here to resume
                 remove_dataset(staging)
                 raise
-        check_out_dir(args.out_dir, args.overwrite)  # again: the user may have put files there meanwhile
+        check_out_dir(
+            args.out_dir, args.overwrite
+        )  # again: the user may have put files there meanwhile
         publish(staging, args.out_dir)
     finally:
-        if os.path.isdir(staging) and all(name.endswith(".tmp") or name == STATE for name in os.listdir(staging)):
+        if os.path.isdir(staging) and all(
+            name.endswith(".tmp") or name == STATE for name in os.listdir(staging)
+        ):
             shutil.rmtree(staging)  # no work worth resuming in it
         if lock is not None:
             os.close(lock)
@@ -562,18 +885,31 @@ def prepare(args):
 def verify(folder):
     meta = read_json(os.path.join(folder, META))
     try:  # (name, tokens or None, sha256): shards by length and checksum, the other files by checksum
-        files = ([f for s in meta["splits"].values() for f in zip(s["shards"], s["shard_tokens"], s["sha256"])]
-                 if meta["kind"] == "pretrain" else [(name, None, digest) for name, digest in meta["sha256"].items()])
+        files = (
+            [
+                f
+                for s in meta["splits"].values()
+                for f in zip(s["shards"], s["shard_tokens"], s["sha256"])
+            ]
+            if meta["kind"] == "pretrain"
+            else [(name, None, digest) for name, digest in meta["sha256"].items()]
+        )
     except (KeyError, TypeError, AttributeError):
-        raise UserError(f"{folder}/meta.json lacks what --verify checks: re-run prepare_data.py --overwrite") from None
+        raise UserError(
+            f"{folder}/meta.json lacks what --verify checks: re-run prepare_data.py --overwrite"
+        ) from None
     again = "re-run prepare_data.py --overwrite for this folder"
     for name, n, digest in files:  # in order: the first bad file is the one named
         path = os.path.join(folder, name)
         if not os.path.exists(path) or (n is not None and not shard_whole(path, n)):
-            raise UserError(f"{path} is {f'truncated or padded (not {n:,} tokens)' if os.path.exists(path) else 'missing'}; {again}")
+            raise UserError(
+                f"{path} is {f'truncated or padded (not {n:,} tokens)' if os.path.exists(path) else 'missing'}; {again}"
+            )
         with open(path, "rb") as f:
             if hashlib.file_digest(f, "sha256").hexdigest() != digest:
-                raise UserError(f"{path} differs from the file prepare_data.py wrote (sha256); {again}")
+                raise UserError(
+                    f"{path} differs from the file prepare_data.py wrote (sha256); {again}"
+                )
     print(f"ok: {folder}: {len(files)} files, checksums match")
 
 
@@ -584,47 +920,115 @@ def verify(folder):
 def at_least(low, high=None):  # an argparse type: a number in its domain, or a one-line error
     def parse(text):
         value = type(low)(text)  # argparse reports a ValueError as "invalid value"
-        if value < low or (high is not None and value >= high) or (isinstance(low, float) and value <= low):
-            raise argparse.ArgumentTypeError(f"must be {'between 0 and 1 (exclusive)' if high else f'at least {low}'}")
+        if (
+            value < low
+            or (high is not None and value >= high)
+            or (isinstance(low, float) and value <= low)
+        ):
+            raise argparse.ArgumentTypeError(
+                f"must be {'between 0 and 1 (exclusive)' if high else f'at least {low}'}"
+            )
         return value
+
     return parse
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.error = lambda message: p.exit(2, f"error: {message} (see --help)\n")  # one line, as every other mistake
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.error = lambda message: p.exit(
+        2, f"error: {message} (see --help)\n"
+    )  # one line, as every other mistake
     add = p.add_argument
     kind = p.add_mutually_exclusive_group()
-    kind.add_argument("--sft", action="store_true", help="prepare Alpaca-style instruction data instead")
-    kind.add_argument("--hellaswag", action="store_true", help="prepare the HellaSwag validation set instead")
-    add("--dataset", help="a Hugging Face dataset or a folder of parquet/jsonl files, streamed (default: FineWeb-Edu, "
-        "Alpaca with --sft, HellaSwag with --hellaswag)")
+    kind.add_argument(
+        "--sft", action="store_true", help="prepare Alpaca-style instruction data instead"
+    )
+    kind.add_argument(
+        "--hellaswag", action="store_true", help="prepare the HellaSwag validation set instead"
+    )
+    add(
+        "--dataset",
+        help="a Hugging Face dataset or a folder of parquet/jsonl files, streamed (default: FineWeb-Edu, "
+        "Alpaca with --sft, HellaSwag with --hellaswag)",
+    )
     add("--subset", help="the dataset's configuration (default: sample-10BT for FineWeb-Edu)")
     add("--split", help="the dataset's split (default: train; validation with --hellaswag)")
-    add("--files", nargs="+", help="local .txt (one document each), .jsonl, .json or .parquet files, not --dataset")
+    add(
+        "--files",
+        nargs="+",
+        help="local .txt (one document each), .jsonl, .json or .parquet files, not --dataset",
+    )
     add("--text_column", default="text", help="the column holding the text")
-    add("--encoding_errors", choices=("strict", "replace"), default="strict", help="bytes not UTF-8: stop, or U+FFFD")
-    add("--out_dir", help="where to write (default: data/<the dataset's or first file's name>, data/alpaca, data/hellaswag)")
+    add(
+        "--encoding_errors",
+        choices=("strict", "replace"),
+        default="strict",
+        help="bytes not UTF-8: stop, or U+FFFD",
+    )
+    add(
+        "--out_dir",
+        help="where to write (default: data/<the dataset's or first file's name>, data/alpaca, data/hellaswag)",
+    )
     add("--shard_size", type=at_least(1), default=100_000_000, help="tokens per shard")
-    add("--val_tokens", type=at_least(1), help="tokens in the val split (default: a shard; 10%% of a smaller corpus)")
+    add(
+        "--val_tokens",
+        type=at_least(1),
+        help="tokens in the val split (default: a shard; 10%% of a smaller corpus)",
+    )
     add("--num_proc", type=at_least(1), default=os.cpu_count(), help="tokenizer processes")
-    add("--overwrite", action="store_true", help="redo a complete folder; the old one stays until the new one is whole")
-    add("--block_size", type=at_least(1), default=1024, help="--sft: the longest example kept, in tokens")
-    add("--val_fraction", type=at_least(0.0, 1.0), default=0.05, help="--sft: the share of examples held out")
+    add(
+        "--overwrite",
+        action="store_true",
+        help="redo a complete folder; the old one stays until the new one is whole",
+    )
+    add(
+        "--block_size",
+        type=at_least(1),
+        default=1024,
+        help="--sft: the longest example kept, in tokens",
+    )
+    add(
+        "--val_fraction",
+        type=at_least(0.0, 1.0),
+        default=0.05,
+        help="--sft: the share of examples held out",
+    )
     add("--seed", type=int, default=1337, help="--sft: the seed of the train/val split")
-    add("--verify", metavar="DIR", help="check a prepared folder's files against its meta.json, and stop")
+    add(
+        "--verify",
+        metavar="DIR",
+        help="check a prepared folder's files against its meta.json, and stop",
+    )
     args = p.parse_args(argv)
-    args.command = shlex.join(["python", "prepare_data.py", *(sys.argv[1:] if argv is None else argv)])  # to redo it
+    args.command = shlex.join(
+        ["python", "prepare_data.py", *(sys.argv[1:] if argv is None else argv)]
+    )  # to redo it
     kind = "sft" if args.sft else "hellaswag" if args.hellaswag else "pretrain"
-    fineweb = kind == "pretrain" and not (args.dataset or args.files)  # no source named: FineWeb-Edu's 10B sample
+    fineweb = kind == "pretrain" and not (
+        args.dataset or args.files
+    )  # no source named: FineWeb-Edu's 10B sample
     if not (args.dataset or args.files):  # the kind's own dataset
-        args.dataset = {"sft": "tatsu-lab/alpaca", "hellaswag": "Rowan/hellaswag"}.get(kind, "HuggingFaceFW/fineweb-edu")
+        args.dataset = {"sft": "tatsu-lab/alpaca", "hellaswag": "Rowan/hellaswag"}.get(
+            kind, "HuggingFaceFW/fineweb-edu"
+        )
         args.subset = args.subset or ("sample-10BT" if fineweb else None)
     # by default, the folders train_gpt2.py reads: data/alpaca to fine-tune, data/hellaswag to evaluate
-    source = "fineweb_edu_10B" if fineweb else Path(args.files[0]).stem if args.files else Path(args.dataset).name
-    args.out_dir = os.path.normpath(args.out_dir or {"sft": "data/alpaca", "hellaswag": "data/hellaswag"}.get(
-        kind, f"data/{source}"))  # no trailing slash: <out_dir>.partial is a sibling
-    args.split = args.split or ("validation" if args.hellaswag else "train")  # HellaSwag's test split has no labels
+    source = (
+        "fineweb_edu_10B"
+        if fineweb
+        else Path(args.files[0]).stem
+        if args.files
+        else Path(args.dataset).name
+    )
+    args.out_dir = os.path.normpath(
+        args.out_dir
+        or {"sft": "data/alpaca", "hellaswag": "data/hellaswag"}.get(kind, f"data/{source}")
+    )  # no trailing slash: <out_dir>.partial is a sibling
+    args.split = args.split or (
+        "validation" if args.hellaswag else "train"
+    )  # HellaSwag's test split has no labels
     return args
 
 
@@ -635,15 +1039,25 @@ def main(argv=None):
     except UserError as e:
         sys.exit(f"error: {e}")
     except (ConnectionError, TimeoutError) as e:  # the Hub went away: nothing is lost
-        sys.exit(f"error: lost the connection to {args.dataset} ({e}); run the same command again to resume")
+        sys.exit(
+            f"error: lost the connection to {args.dataset} ({e}); run the same command again to resume"
+        )
     except MemoryError:  # np.empty(shard_size) is the one big allocation
-        sys.exit(f"error: out of memory: a shard of --shard_size {args.shard_size:,} tokens does not fit; give a smaller one")
+        sys.exit(
+            f"error: out of memory: a shard of --shard_size {args.shard_size:,} tokens does not fit; give a smaller one"
+        )
     except KeyboardInterrupt:
-        sys.exit(f"error: interrupted; {args.out_dir} is unchanged, and the same command resumes the work")
-    except OSError as e:  # a full or read-only disk is the user's to fix; any other OSError is a bug
+        sys.exit(
+            f"error: interrupted; {args.out_dir} is unchanged, and the same command resumes the work"
+        )
+    except (
+        OSError
+    ) as e:  # a full or read-only disk is the user's to fix; any other OSError is a bug
         if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
             raise
-        sys.exit(f"error: cannot write {e.filename or args.out_dir}: {e.strerror}; free space or choose another --out_dir")
+        sys.exit(
+            f"error: cannot write {e.filename or args.out_dir}: {e.strerror}; free space or choose another --out_dir"
+        )
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ import train_gpt2 as tg  # noqa: E402
 
 torch.set_num_threads(1)
 # torch's own inductor imports torch.utils.mkldnn, which uses the deprecated torch.jit.script_method: not ours to fix
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+)
 
 
 def needs_shared(name):
@@ -61,9 +63,16 @@ def run_script(script, *args, env=None, check=True, new_process=False):
     import contextlib
     import io
     import traceback
+
     if new_process or env:
-        proc = subprocess.run([sys.executable, str(HERE / script), *map(str, args)], cwd=HERE,
-                              capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, str(HERE / script), *map(str, args)],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **(env or {})},
+            timeout=600,
+        )
     else:
         main = {"train_gpt2.py": tg.main, "prepare_data.py": pdata.main}[script]
         out, err, code = io.StringIO(), io.StringIO(), 0
@@ -81,7 +90,12 @@ def run_script(script, *args, env=None, check=True, new_process=False):
     return proc
 
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]  # + --nproc_per_node=N, script, args
+TORCHRUN = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+]  # + --nproc_per_node=N, script, args
 
 
 def assert_one_line_error(proc, *words):
@@ -101,14 +115,21 @@ def assert_one_line_error(proc, *words):
 
 def make_hf_gpt2(path, n_head=4, n_embd=64, n_layer=2, n_positions=64, seed=0):
     from transformers import GPT2Config, GPT2LMHeadModel
+
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions, vocab_size=50257)
+    config = GPT2Config(
+        n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions, vocab_size=50257
+    )
     model = GPT2LMHeadModel(config)
     # Random weights of a larger scale than the init (LayerNorms and biases included), so the
     # logits have structure and every weight must be copied into the right place to match.
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+            if (
+                name.endswith("ln_1.weight")
+                or name.endswith("ln_2.weight")
+                or name.endswith("ln_f.weight")
+            ):
                 param.copy_(1 + 0.2 * torch.randn_like(param))
             else:
                 param.copy_(0.1 * torch.randn_like(param))
@@ -192,6 +213,7 @@ def test_cross_entropy_is_torchs_without_a_logits_sized_buffer_in_backward():
     that allocates nothing logits-sized (F.cross_entropy's allocates two, which the profiler sees)."""
     import torch.nn.functional as F
     from torch.profiler import ProfilerActivity, profile
+
     torch.manual_seed(0)
     hidden, head = torch.randn(64, 16), torch.randn(16, 5000)  # an LM head of 5,000 columns
     targets = torch.randint(0, 4900, (64,))
@@ -211,12 +233,23 @@ def test_cross_entropy_is_torchs_without_a_logits_sized_buffer_in_backward():
     loss, h_grad, w_grad, big = run(tg.CrossEntropy.apply)
     reference, h_reference, w_reference, reference_big = run(F.cross_entropy)
     assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
-    assert torch.allclose(h_grad, h_reference, atol=1e-6) and torch.allclose(w_grad, w_reference, atol=1e-6)
-    assert w_grad[:, 4900:].abs().max() == 0 and h_grad[::3].abs().max() == 0  # padding, ignored rows: no gradient
+    assert torch.allclose(h_grad, h_reference, atol=1e-6) and torch.allclose(
+        w_grad, w_reference, atol=1e-6
+    )
+    assert (
+        w_grad[:, 4900:].abs().max() == 0 and h_grad[::3].abs().max() == 0
+    )  # padding, ignored rows: no gradient
     assert len(reference_big) >= 2 and not big, (big, reference_big)
     targets[:] = -100  # nothing counted: a NaN loss and no gradient, as torch's
-    (loss, h_grad, w_grad, _), (reference, h_reference, *_) = run(tg.CrossEntropy.apply), run(F.cross_entropy)
-    assert loss.isnan() and reference.isnan() and h_grad.abs().max() == w_grad.abs().max() == h_reference.abs().max() == 0
+    (loss, h_grad, w_grad, _), (reference, h_reference, *_) = (
+        run(tg.CrossEntropy.apply),
+        run(F.cross_entropy),
+    )
+    assert (
+        loss.isnan()
+        and reference.isnan()
+        and h_grad.abs().max() == w_grad.abs().max() == h_reference.abs().max() == 0
+    )
 
 
 def test_greedy_generation_matches_transformers_left_padded(hf_pair):
@@ -224,8 +257,14 @@ def test_greedy_generation_matches_transformers_left_padded(hf_pair):
     prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (3, 11, 7)]
     ids, mask = tg.left_pad(prompts)
     ours = model.generate(ids, mask, max_new_tokens=20, temperature=0, eos_token_id=None)
-    theirs = hf_model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
-                               pad_token_id=tg.EOT_TOKEN, eos_token_id=None)
+    theirs = hf_model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=20,
+        do_sample=False,
+        pad_token_id=tg.EOT_TOKEN,
+        eos_token_id=None,
+    )
     assert ours.tolist() == theirs.tolist()
 
 
@@ -237,10 +276,16 @@ def test_rows_stop_at_eos_and_are_padded_like_transformers(hf_pair):
     # Declare the 3rd generated token of row 0 the end token: row 0 must stop there, row 1 go on.
     eos = free[0, ids.size(1) + 2].item()
     ours = model.generate(ids, mask, max_new_tokens=12, temperature=0, eos_token_id=eos)
-    theirs = hf_model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                               pad_token_id=eos, eos_token_id=eos)
+    theirs = hf_model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=12,
+        do_sample=False,
+        pad_token_id=eos,
+        eos_token_id=eos,
+    )
     assert ours.tolist() == theirs.tolist()
-    assert ours[0, ids.size(1) + 2:].eq(eos).all()
+    assert ours[0, ids.size(1) + 2 :].eq(eos).all()
 
 
 # -----------------------------------------------------------------------------
@@ -250,7 +295,7 @@ def test_rows_stop_at_eos_and_are_padded_like_transformers(hf_pair):
 def generate_without_cache(model, ids, max_new_tokens):
     """build-nanogpt's loop: recompute the whole (cropped) sequence for every token."""
     for _ in range(max_new_tokens):
-        logits, _ = model(ids[:, -model.config.block_size:])
+        logits, _ = model(ids[:, -model.config.block_size :])
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return ids
 
@@ -260,7 +305,10 @@ def test_kv_cache_equals_recomputing(hf_pair, prompt_len, new):
     _, model, _ = hf_pair
     ids = random_ids(2, prompt_len, seed=3)
     expected = generate_without_cache(model, ids, new)
-    assert model.generate(ids, max_new_tokens=new, temperature=0, eos_token_id=None).tolist() == expected.tolist()
+    assert (
+        model.generate(ids, max_new_tokens=new, temperature=0, eos_token_id=None).tolist()
+        == expected.tolist()
+    )
 
 
 @pytest.mark.parametrize("left_padding", [0, 3])
@@ -281,8 +329,13 @@ def test_prompt_fed_in_pieces_through_the_cache_equals_one_pass(hf_pair, left_pa
             assert (logits - one_pass).abs().max().item() < 1e-5
         if not left_padding:  # and the one pass is the plain forward's last position
             assert (one_pass - model(ids)[0][:, -1]).abs().max().item() < 1e-5
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the cache follows the compute dtype:
-        cache = tg.KVCache(model.config, 2, 30)  # bf16 keys are stored as bf16, not cast again every token
+    with (
+        torch.no_grad(),
+        torch.autocast("cpu", dtype=torch.bfloat16),
+    ):  # the cache follows the compute dtype:
+        cache = tg.KVCache(
+            model.config, 2, 30
+        )  # bf16 keys are stored as bf16, not cast again every token
         model.next_logits(ids, cache, mask)
     assert cache.k.dtype == cache.v.dtype == torch.bfloat16
 
@@ -291,10 +344,14 @@ def test_batch_equals_each_row_alone(hf_pair):
     _, model, _ = hf_pair
     prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (5, 30, 17, 1)]
     ids, mask = tg.left_pad(prompts)
-    batch = model.generate(ids, mask, max_new_tokens=50, temperature=0, eos_token_id=None)  # slides past 64
+    batch = model.generate(
+        ids, mask, max_new_tokens=50, temperature=0, eos_token_id=None
+    )  # slides past 64
     for row, prompt in enumerate(prompts):
-        alone = model.generate(torch.tensor([prompt]), max_new_tokens=50, temperature=0, eos_token_id=None)
-        assert batch[row, ids.size(1):].tolist() == alone[0, len(prompt):].tolist()
+        alone = model.generate(
+            torch.tensor([prompt]), max_new_tokens=50, temperature=0, eos_token_id=None
+        )
+        assert batch[row, ids.size(1) :].tolist() == alone[0, len(prompt) :].tolist()
 
 
 def test_sampling_is_seeded_and_filters_work(hf_pair):
@@ -310,17 +367,25 @@ def test_sampling_is_seeded_and_filters_work(hf_pair):
     greedy = model.generate(ids, max_new_tokens=15, temperature=0, eos_token_id=None).tolist()
     assert sample(3, top_k=1) == greedy
     assert sample(4, top_p=1e-6) == greedy
-    assert sample(5, top_k=50, top_p=0.9, temperature=0.7) == sample(5, top_k=50, top_p=0.9, temperature=0.7)
+    assert sample(5, top_k=50, top_p=0.9, temperature=0.7) == sample(
+        5, top_k=50, top_p=0.9, temperature=0.7
+    )
 
 
 def test_sample_next_token_filters():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
     probs = logits.softmax(-1)[0]
-    seen_k = {tg.sample_next_token(logits, top_k=2, generator=torch.Generator().manual_seed(s)).item() for s in range(200)}
+    seen_k = {
+        tg.sample_next_token(logits, top_k=2, generator=torch.Generator().manual_seed(s)).item()
+        for s in range(200)
+    }
     assert seen_k == {0, 1}
     # the two likeliest hold 0.64 + 0.24 = 0.88 of the mass: top_p 0.85 keeps exactly them
     assert probs[:2].sum() > 0.85 > probs[0]
-    seen_p = {tg.sample_next_token(logits, top_p=0.85, generator=torch.Generator().manual_seed(s)).item() for s in range(200)}
+    seen_p = {
+        tg.sample_next_token(logits, top_p=0.85, generator=torch.Generator().manual_seed(s)).item()
+        for s in range(200)
+    }
     assert seen_p == {0, 1}
 
 
@@ -341,7 +406,9 @@ def test_gpt2_size_and_init_loss():
     model = tg.GPT(tg.GPTConfig())
     assert sum(p.numel() for p in model.parameters()) == 124_439_808  # wte counted once: tied
     assert model.lm_head.weight is model.transformer.wte.weight
-    small = tg.GPT(tg.GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64, padded_vocab_size=50304))
+    small = tg.GPT(
+        tg.GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64, padded_vocab_size=50304)
+    )
     with torch.no_grad():
         _, loss = small(random_ids(4, 64), random_ids(4, 64, seed=1))
     assert abs(loss.item() - math.log(50257)) < 0.05  # a fresh model guesses uniformly
@@ -351,7 +418,11 @@ def test_gpt2_size_and_init_loss():
 
 def test_tokenizer_round_trip():
     enc = tg.get_tokenizer()
-    text = (SHARED / "data" / "tinyshakespeare.txt").read_text()[:5000] if SHARED.is_dir() else "ROMEO:\nBut soft!"
+    text = (
+        (SHARED / "data" / "tinyshakespeare.txt").read_text()[:5000]
+        if SHARED.is_dir()
+        else "ROMEO:\nBut soft!"
+    )
     text += " naïve café 日本語 🙂 <tag> \t\n  x"
     assert enc.decode(enc.encode_ordinary(text)) == text
     assert enc.encode("Hello, I'm a language model,") == [15496, 11, 314, 1101, 257, 3303, 2746, 11]
@@ -368,23 +439,31 @@ def test_compiled_model_trains_and_generates(hf_pair):
     eager_grad, model.lm_head.weight.grad = model.lm_head.weight.grad, None
     logits, loss = compiled(ids, ids)
     loss.backward()
-    assert torch.allclose(logits, eager_logits, atol=1e-4) and abs(loss.item() - eager_loss.item()) < 1e-4
+    assert (
+        torch.allclose(logits, eager_logits, atol=1e-4)
+        and abs(loss.item() - eager_loss.item()) < 1e-4
+    )
     grad = model.lm_head.weight.grad
     assert torch.allclose(grad, eager_grad, atol=1e-5) and grad[50257:].abs().max().item() == 0
     model.eval()
     # generation through the compiled wrapper (what broke build-nanogpt) gives the eager tokens
     out = compiled.generate(ids[:, :5], max_new_tokens=10, temperature=0, eos_token_id=None)
-    assert out.tolist() == model.generate(ids[:, :5], max_new_tokens=10, temperature=0, eos_token_id=None).tolist()
-
+    assert (
+        out.tolist()
+        == model.generate(ids[:, :5], max_new_tokens=10, temperature=0, eos_token_id=None).tolist()
+    )
 
 
 def test_samples_in_a_run_do_not_compile_the_blocks_again():
     """Under FSDP each block is compiled alone (wrap_blocks): generating through them would compile
     again for every layer and every length, until dynamo's recompile limit. Samples run eagerly."""
     from torch._dynamo.testing import CompileCounter
+
     torch._dynamo.reset()
     counter = CompileCounter()
-    model = tg.GPT(tg.GPTConfig(block_size=64, n_layer=10, n_head=2, n_embd=32, padded_vocab_size=50304))
+    model = tg.GPT(
+        tg.GPTConfig(block_size=64, n_layer=10, n_head=2, n_embd=32, padded_vocab_size=50304)
+    )
     for block in model.transformer.h:
         block.compile(backend=counter)  # as wrap_blocks does under --fsdp 1 --compile 1
     x = random_ids(2, 17)
@@ -400,16 +479,25 @@ def test_fsdp_compiles_the_blocks_and_the_head_once_each(monkeypatch):
     import argparse
     import copy
     import functools
+
     from torch._dynamo.testing import CompileCounter
     from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
     counters.clear()
     counter = CompileCounter()
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))  # wrap_blocks' compiles
+    monkeypatch.setattr(
+        torch, "compile", functools.partial(torch.compile, backend=counter)
+    )  # wrap_blocks' compiles
     torch.manual_seed(0)
-    eager = tg.GPT(tg.GPTConfig(block_size=32, n_layer=3, n_head=2, n_embd=32, padded_vocab_size=50304))
-    sharded = tg.wrap_blocks(copy.deepcopy(eager), torch.float32, argparse.Namespace(fsdp=1, activation_checkpointing=0,
-                                                                                     compile=1))  # a group of one
+    eager = tg.GPT(
+        tg.GPTConfig(block_size=32, n_layer=3, n_head=2, n_embd=32, padded_vocab_size=50304)
+    )
+    sharded = tg.wrap_blocks(
+        copy.deepcopy(eager),
+        torch.float32,
+        argparse.Namespace(fsdp=1, activation_checkpointing=0, compile=1),
+    )  # a group of one
     try:
         for seed in (0, 1):  # a second step compiles nothing more
             x = random_ids(2, 33, seed=seed)
@@ -417,7 +505,10 @@ def test_fsdp_compiles_the_blocks_and_the_head_once_each(monkeypatch):
             for loss in losses:
                 loss.backward()
             assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-6)
-        assert counter.frame_count == 2 and not counters["graph_break"], (counter.frame_count, dict(counters["graph_break"]))
+        assert counter.frame_count == 2 and not counters["graph_break"], (
+            counter.frame_count,
+            dict(counters["graph_break"]),
+        )
         for (name, a), b in zip(eager.named_parameters(), sharded.parameters()):
             assert torch.allclose(a.grad, b.grad.full_tensor(), atol=1e-6), name
     finally:
@@ -430,17 +521,28 @@ def test_finetuning_lengths_compile_two_graphs_without_a_break():
     not a SymBool that scaled_dot_product_attention refuses: 13 graphs for these lengths before)."""
     from torch._dynamo.testing import CompileCounter
     from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
     counters.clear()
-    counter = CompileCounter()  # counts the graphs dynamo hands to the backend, and runs them eagerly
-    model = tg.GPT(tg.GPTConfig(block_size=64, vocab_size=128, padded_vocab_size=128, n_layer=2, n_head=2, n_embd=32))
+    counter = (
+        CompileCounter()
+    )  # counts the graphs dynamo hands to the backend, and runs them eagerly
+    model = tg.GPT(
+        tg.GPTConfig(
+            block_size=64, vocab_size=128, padded_vocab_size=128, n_layer=2, n_head=2, n_embd=32
+        )
+    )
     compiled = torch.compile(model, backend=counter)
     for T in (7, 12, 20, 33, 64, 5):
         x = random_ids(2, T + 1, vocab=128)
         y = x[:, 1:].clone()
         y[:, :3] = -100  # a masked prompt, as InstructionLoader gives
         compiled(x[:, :-1], y)[1].backward()
-    assert counter.frame_count == 2 and not counters["graph_break"], (counter.frame_count, dict(counters["graph_break"]))
+    assert counter.frame_count == 2 and not counters["graph_break"], (
+        counter.frame_count,
+        dict(counters["graph_break"]),
+    )
+
 
 # -----------------------------------------------------------------------------
 # --mode sample, and bad input
@@ -450,27 +552,72 @@ def test_sample_mode_streams_the_greedy_continuation(hf_pair):
     _, model, path = hf_pair
     enc = tg.get_tokenizer()
     prompt = "The quick brown fox"
-    out = model.generate(torch.tensor([enc.encode(prompt)]), max_new_tokens=12, temperature=0)[0].tolist()
-    new = out[len(enc.encode(prompt)):]
-    expected = prompt + enc.decode(new[:new.index(tg.EOT_TOKEN)] if tg.EOT_TOKEN in new else new)
-    proc = run_script("train_gpt2.py", "--mode", "sample", "--init_from", path, "--prompt", prompt,
-                      "--max_new_tokens", 12, "--temperature", 0, "--device", "cpu")
+    out = model.generate(torch.tensor([enc.encode(prompt)]), max_new_tokens=12, temperature=0)[
+        0
+    ].tolist()
+    new = out[len(enc.encode(prompt)) :]
+    expected = prompt + enc.decode(new[: new.index(tg.EOT_TOKEN)] if tg.EOT_TOKEN in new else new)
+    proc = run_script(
+        "train_gpt2.py",
+        "--mode",
+        "sample",
+        "--init_from",
+        path,
+        "--prompt",
+        prompt,
+        "--max_new_tokens",
+        12,
+        "--temperature",
+        0,
+        "--device",
+        "cpu",
+    )
     assert proc.stdout.rstrip("\n") == expected
 
 
 def test_sample_mode_batches_prompts_and_samples(hf_pair):
     _, _, path = hf_pair
-    args = ["--mode", "sample", "--init_from", path, "--prompt", "One", "--prompt", "Two words",
-            "--num_samples", 2, "--max_new_tokens", 8, "--seed", 7, "--top_k", 50, "--device", "cpu"]
+    args = [
+        "--mode",
+        "sample",
+        "--init_from",
+        path,
+        "--prompt",
+        "One",
+        "--prompt",
+        "Two words",
+        "--num_samples",
+        2,
+        "--max_new_tokens",
+        8,
+        "--seed",
+        7,
+        "--top_k",
+        50,
+        "--device",
+        "cpu",
+    ]
     first = run_script("train_gpt2.py", *args).stdout
     assert first.count("--- sample") == 4 and "\nOne" in first and "\nTwo words" in first
     assert run_script("train_gpt2.py", *args).stdout == first  # --seed makes it reproducible
 
 
 def test_bad_model_name_and_broken_checkpoint(tmp_path, hf_pair):
-    assert_one_line_error(run_script("train_gpt2.py", "--mode", "sample", "--init_from", "gpt5", check=False, new_process=True),
-                          "unknown model", "gpt2-xl")
+    assert_one_line_error(
+        run_script(
+            "train_gpt2.py",
+            "--mode",
+            "sample",
+            "--init_from",
+            "gpt5",
+            check=False,
+            new_process=True,
+        ),
+        "unknown model",
+        "gpt2-xl",
+    )
     from safetensors.torch import load_file, save_file
+
     _, _, path = hf_pair
     for f in path.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
@@ -479,13 +626,22 @@ def test_bad_model_name_and_broken_checkpoint(tmp_path, hf_pair):
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="transformer.h.1.mlp.c_fc.bias"):
         tg.GPT.from_pretrained(str(tmp_path))
-    assert_one_line_error(run_script("train_gpt2.py", "--init_from", tmp_path, check=False), "missing keys", "c_fc.bias")
-    assert_one_line_error(run_script("train_gpt2.py", "--init_from", tmp_path / "nope.pt", check=False), "not found")
+    assert_one_line_error(
+        run_script("train_gpt2.py", "--init_from", tmp_path, check=False),
+        "missing keys",
+        "c_fc.bias",
+    )
+    assert_one_line_error(
+        run_script("train_gpt2.py", "--init_from", tmp_path / "nope.pt", check=False), "not found"
+    )
 
 
 def test_empty_prompt_is_a_clear_error(hf_pair):
     _, model, path = hf_pair
-    assert_one_line_error(run_script("train_gpt2.py", "--init_from", path, "--prompt", "", check=False), "prompt is empty")
+    assert_one_line_error(
+        run_script("train_gpt2.py", "--init_from", path, "--prompt", "", check=False),
+        "prompt is empty",
+    )
     with pytest.raises(ValueError, match="empty"):
         model.generate(torch.zeros(1, 0, dtype=torch.long))
 
@@ -524,7 +680,19 @@ def read_split(out_dir, split):
 def test_shards_decode_back_to_the_documents(tmp_path):
     files = write_corpus(tmp_path / "corpus")
     out = tmp_path / "out"
-    run_script("prepare_data.py", "--files", *files, "--out_dir", out, "--shard_size", 500, "--val_tokens", 700, "--num_proc", 2)
+    run_script(
+        "prepare_data.py",
+        "--files",
+        *files,
+        "--out_dir",
+        out,
+        "--shard_size",
+        500,
+        "--val_tokens",
+        700,
+        "--num_proc",
+        2,
+    )
     meta, val = read_split(out, "val")
     _, train = read_split(out, "train")
     assert [len(s) for s in val] == [500, 200]  # the val split ends where --val_tokens says
@@ -550,7 +718,10 @@ def test_rerun_is_identical_and_skipped_unless_overwrite(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     shard = tmp_path / "a" / "train_000000.npy"
     before = shard.stat().st_mtime_ns
-    assert "already prepared" in run_script("prepare_data.py", *args, "--out_dir", tmp_path / "a").stdout
+    assert (
+        "already prepared"
+        in run_script("prepare_data.py", *args, "--out_dir", tmp_path / "a").stdout
+    )
     assert shard.stat().st_mtime_ns == before
     run_script("prepare_data.py", *args, "--out_dir", tmp_path / "a", "--overwrite")
     assert shard.read_bytes() == (tmp_path / "b" / "train_000000.npy").read_bytes()
@@ -562,33 +733,75 @@ def test_output_folders_that_are_links_stay_links(tmp_path):
     files = write_corpus(tmp_path / "corpus")
     (tmp_path / "big").mkdir()
     (tmp_path / "small").mkdir()
-    (tmp_path / "small" / "data").symlink_to(tmp_path / "big" / "ds")  # not there yet: prepare_data.py makes it
+    (tmp_path / "small" / "data").symlink_to(
+        tmp_path / "big" / "ds"
+    )  # not there yet: prepare_data.py makes it
     (tmp_path / "big" / "hf").mkdir()  # an empty folder to export into
     (tmp_path / "small" / "hf").symlink_to(tmp_path / "big" / "hf")
-    run_script("prepare_data.py", "--files", *files, "--out_dir", tmp_path / "small" / "data", "--val_tokens", 100)
-    run_script("prepare_data.py", "--files", *files, "--out_dir", tmp_path / "small" / "data", "--val_tokens", 100,
-               "--overwrite")  # a dataset replaced through the link
+    run_script(
+        "prepare_data.py",
+        "--files",
+        *files,
+        "--out_dir",
+        tmp_path / "small" / "data",
+        "--val_tokens",
+        100,
+    )
+    run_script(
+        "prepare_data.py",
+        "--files",
+        *files,
+        "--out_dir",
+        tmp_path / "small" / "data",
+        "--val_tokens",
+        100,
+        "--overwrite",
+    )  # a dataset replaced through the link
     model = tmp_path / "model.pt"
     ours = tg.GPT(tg.GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=8))
     torch.save({"model": ours.state_dict(), "config": tg.asdict(ours.config)}, model)
-    run_script("train_gpt2.py", "--mode", "export", "--init_from", model, "--out_dir", tmp_path / "small" / "hf")
+    run_script(
+        "train_gpt2.py",
+        "--mode",
+        "export",
+        "--init_from",
+        model,
+        "--out_dir",
+        tmp_path / "small" / "hf",
+    )
     assert sorted(p.name for p in (tmp_path / "small").iterdir()) == ["data", "hf"]
     assert all((tmp_path / "small" / name).is_symlink() for name in ("data", "hf"))
-    assert (tmp_path / "big" / "ds" / "meta.json").exists() and (tmp_path / "big" / "hf" / "model.safetensors").exists()
+    assert (tmp_path / "big" / "ds" / "meta.json").exists() and (
+        tmp_path / "big" / "hf" / "model.safetensors"
+    ).exists()
     assert sorted(p.name for p in (tmp_path / "big").iterdir()) == ["ds", "hf"]
 
 
 def test_parquet_json_and_a_named_text_column(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     pq.write_table(pa.table({"body": DOCS[:20], "n": list(range(20))}), tmp_path / "a.parquet")
     (tmp_path / "b.json").write_text(json.dumps([{"body": d} for d in DOCS[20:]]))
     out = tmp_path / "out"
-    run_script("prepare_data.py", "--files", tmp_path / "a.parquet", tmp_path / "b.json", "--text_column", "body",
-               "--out_dir", out, "--val_tokens", 100)
+    run_script(
+        "prepare_data.py",
+        "--files",
+        tmp_path / "a.parquet",
+        tmp_path / "b.json",
+        "--text_column",
+        "body",
+        "--out_dir",
+        out,
+        "--val_tokens",
+        100,
+    )
     _, val = read_split(out, "val")
     _, train = read_split(out, "train")
-    assert tg.get_tokenizer().decode(np.concatenate(val + train).tolist()).split("<|endoftext|>")[1:] == DOCS
+    assert (
+        tg.get_tokenizer().decode(np.concatenate(val + train).tolist()).split("<|endoftext|>")[1:]
+        == DOCS
+    )
 
 
 def test_small_corpus_gets_a_val_split(tmp_path):
@@ -602,17 +815,46 @@ def test_small_corpus_gets_a_val_split(tmp_path):
 
 def test_workers_started_by_spawning(tmp_path):
     files = write_corpus(tmp_path / "corpus")
-    code = ("import multiprocessing as mp, sys; mp.set_start_method('spawn'); import prepare_data; "
-            "prepare_data.main(sys.argv[1:])")
-    subprocess.run([sys.executable, "-c", code, "--files", *map(str, files), "--out_dir", str(tmp_path / "out"),
-                    "--val_tokens", "50", "--num_proc", "2"], cwd=HERE, check=True, capture_output=True)
+    code = (
+        "import multiprocessing as mp, sys; mp.set_start_method('spawn'); import prepare_data; "
+        "prepare_data.main(sys.argv[1:])"
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "--files",
+            *map(str, files),
+            "--out_dir",
+            str(tmp_path / "out"),
+            "--val_tokens",
+            "50",
+            "--num_proc",
+            "2",
+        ],
+        cwd=HERE,
+        check=True,
+        capture_output=True,
+    )
     assert (tmp_path / "out" / "meta.json").exists()
 
 
 def test_interrupted_run_resumes_after_the_last_shard(tmp_path, monkeypatch, capsys):
     files = write_corpus(tmp_path / "corpus")
-    args = ["--files", *map(str, files), "--shard_size", "300", "--val_tokens", "300", "--num_proc", "1"]
-    monkeypatch.setattr(pdata, "BATCH_CHARS", 500)  # many batches, so that there is something to skip
+    args = [
+        "--files",
+        *map(str, files),
+        "--shard_size",
+        "300",
+        "--val_tokens",
+        "300",
+        "--num_proc",
+        "1",
+    ]
+    monkeypatch.setattr(
+        pdata, "BATCH_CHARS", 500
+    )  # many batches, so that there is something to skip
     pdata.main(args + ["--out_dir", str(tmp_path / "clean")])
     real_save, saved = pdata.save_npy, []
 
@@ -635,7 +877,9 @@ def test_interrupted_run_resumes_after_the_last_shard(tmp_path, monkeypatch, cap
     capsys.readouterr()
     pdata.main(args + ["--out_dir", str(cut)])  # the re-run
     out = capsys.readouterr().out
-    assert "resuming" in out and tokenized(out) < total_tokens(cut) - 3 * 300 + 500  # at most one batch again
+    assert (
+        "resuming" in out and tokenized(out) < total_tokens(cut) - 3 * 300 + 500
+    )  # at most one batch again
     assert_same_folder(cut, tmp_path / "clean")
     assert not partial.exists()
 
@@ -660,8 +904,13 @@ def assert_same_folder(a, b):
 def snapshot(folder):
     """sha256 of every file under folder, by relative path (folders too, so that a new empty one shows)."""
     import hashlib
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(folder.rglob("*"))}
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        if p.is_file()
+        else "dir"
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 # Where a run of prepare_data.py is killed: code that makes the child call here() at that place, which
@@ -681,12 +930,20 @@ def run_killed(place, *args):
     """prepare_data.py in a new process, with batches of ~100 tokens (a resumed run re-reads little),
     killed at a place (PLACES, 'name:n' for the n-th time); returns the finished process."""
     name, _, n = place.partition(":")
-    child = (f"import os, signal, sys\nimport prepare_data as p\np.BATCH_CHARS = 400\ncalls = [0]\n"
-             f"def here(pause=False):\n    calls[0] += 1\n    if calls[0] == {int(n or 1)}:\n"
-             f"        print('paused', flush=True) if pause else os._exit(137)\n        signal.pause()\n"
-             f"{PLACES[name]}\np.main(sys.argv[1:])\n")
-    return subprocess.Popen([sys.executable, "-c", child, *map(str, args)], cwd=HERE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    child = (
+        f"import os, signal, sys\nimport prepare_data as p\np.BATCH_CHARS = 400\ncalls = [0]\n"
+        f"def here(pause=False):\n    calls[0] += 1\n    if calls[0] == {int(n or 1)}:\n"
+        f"        print('paused', flush=True) if pause else os._exit(137)\n        signal.pause()\n"
+        f"{PLACES[name]}\np.main(sys.argv[1:])\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", child, *map(str, args)],
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def many_documents(path, n=150, first=0):
@@ -697,18 +954,25 @@ def many_documents(path, n=150, first=0):
     return path
 
 
-@pytest.mark.parametrize("point", [
-    "batch:4",        # mid-shard, tokens in memory
-    "shard_tmp:3",    # a shard's temp file written, not renamed
-    "shard_saved:3",  # renamed, state.json not yet updated
-    "meta",           # every shard written, just before meta.json
-])
+@pytest.mark.parametrize(
+    "point",
+    [
+        "batch:4",  # mid-shard, tokens in memory
+        "shard_tmp:3",  # a shard's temp file written, not renamed
+        "shard_saved:3",  # renamed, state.json not yet updated
+        "meta",  # every shard written, just before meta.json
+    ],
+)
 def test_kill_9_then_rerun_equals_uninterrupted(tmp_path, point):
     files = [many_documents(tmp_path / "docs.jsonl"), *write_corpus(tmp_path / "corpus")]
     args = ["--files", *files, "--shard_size", 500, "--val_tokens", 500, "--num_proc", 1]
-    run_script("prepare_data.py", *args, "--out_dir", tmp_path / "clean")  # default batches: the batch size changes no shard
+    run_script(
+        "prepare_data.py", *args, "--out_dir", tmp_path / "clean"
+    )  # default batches: the batch size changes no shard
     out = tmp_path / "out"
-    assert run_killed(point, *args, "--out_dir", out).wait() == 137 and not out.exists()  # a real death, workers and all
+    assert (
+        run_killed(point, *args, "--out_dir", out).wait() == 137 and not out.exists()
+    )  # a real death, workers and all
     again = run_script("prepare_data.py", *args, "--out_dir", out).stdout
     assert_same_folder(out, tmp_path / "clean")
     if point != "batch:4":  # finished shards are not tokenized again
@@ -730,16 +994,33 @@ def test_resume_redoes_shards_damaged_since_the_interruption(tmp_path, point, da
     run_script("prepare_data.py", "--verify", out)
 
 
-@pytest.mark.parametrize("point, num_proc", [("batch:3", 2), ("shard_saved:2", 1), ("publish", 1), ("rename", 1)])
-def test_kill_9_during_overwrite_keeps_the_old_dataset_or_the_whole_new_one(tmp_path, point, num_proc):
+@pytest.mark.parametrize(
+    "point, num_proc", [("batch:3", 2), ("shard_saved:2", 1), ("publish", 1), ("rename", 1)]
+)
+def test_kill_9_during_overwrite_keeps_the_old_dataset_or_the_whole_new_one(
+    tmp_path, point, num_proc
+):
     files = write_corpus(tmp_path / "corpus")
-    new = ["--files", many_documents(tmp_path / "other.jsonl"), "--shard_size", 500, "--val_tokens", 500, "--num_proc", num_proc]
+    new = [
+        "--files",
+        many_documents(tmp_path / "other.jsonl"),
+        "--shard_size",
+        500,
+        "--val_tokens",
+        500,
+        "--num_proc",
+        num_proc,
+    ]
     out = tmp_path / "out"
-    run_script("prepare_data.py", "--files", *files, "--out_dir", out, "--shard_size", 400, "--num_proc", 1)
+    run_script(
+        "prepare_data.py", "--files", *files, "--out_dir", out, "--shard_size", 400, "--num_proc", 1
+    )
     old = snapshot(out)
     run_script("prepare_data.py", *new, "--out_dir", tmp_path / "clean")
     assert run_killed(point, *new, "--out_dir", out, "--overwrite").wait() == 137
-    if point == "rename":  # between the two renames: the old dataset waits, whole, beside; the next run puts it back
+    if (
+        point == "rename"
+    ):  # between the two renames: the old dataset waits, whole, beside; the next run puts it back
         assert not out.exists() and snapshot(tmp_path / "out.old") == old
     else:
         assert snapshot(out) == old
@@ -758,7 +1039,9 @@ def test_kill_9_and_resume_of_a_streamed_dataset(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     assert run_killed("shard_saved:6", *args, "--out_dir", out).wait() == 137 and not out.exists()
     state = json.loads((tmp_path / "out.partial" / "state.json").read_text())
-    assert state["resume"]["position"]["stream"]  # datasets' own state_dict, not a count of rows to re-read
+    assert state["resume"]["position"][
+        "stream"
+    ]  # datasets' own state_dict, not a count of rows to re-read
     monkeypatch.setattr(pdata, "BATCH_CHARS", 400)  # as in the killed process
     pdata.main([*map(str, args), "--out_dir", str(out)])
     again = capsys.readouterr().out
@@ -770,9 +1053,20 @@ def test_kill_9_and_resume_of_a_streamed_dataset(tmp_path, capsys, monkeypatch):
 
 def test_ctrl_c_with_two_processes_is_one_line_and_resumable(tmp_path):
     import signal
+
     files = write_corpus(tmp_path / "corpus")
-    args = ["--files", *map(str, files), "--out_dir", str(tmp_path / "out"), "--shard_size", "300", "--val_tokens", "300",
-            "--num_proc", "2"]
+    args = [
+        "--files",
+        *map(str, files),
+        "--out_dir",
+        str(tmp_path / "out"),
+        "--shard_size",
+        "300",
+        "--val_tokens",
+        "300",
+        "--num_proc",
+        "2",
+    ]
     proc = run_killed("pause:3", *args)
     assert proc.stdout.readline().startswith("paused")  # the workers are up and busy
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C: to the whole process group
@@ -788,8 +1082,21 @@ def test_ctrl_c_with_two_processes_is_one_line_and_resumable(tmp_path):
 def test_verify_names_the_bad_shard(tmp_path, capsys):
     files = write_corpus(tmp_path / "corpus")
     for name, extra in (("a", []), ("b", ["--encoding_errors", "replace"])):
-        pdata.main(["--files", *map(str, files[:2 if name == "a" else 3]), "--out_dir", str(tmp_path / name),
-                    "--shard_size", "300", "--val_tokens", "300", "--num_proc", "1", *extra])
+        pdata.main(
+            [
+                "--files",
+                *map(str, files[: 2 if name == "a" else 3]),
+                "--out_dir",
+                str(tmp_path / name),
+                "--shard_size",
+                "300",
+                "--val_tokens",
+                "300",
+                "--num_proc",
+                "1",
+                *extra,
+            ]
+        )
     a = tmp_path / "a"
     capsys.readouterr()
     pdata.main(["--verify", str(a)])
@@ -806,7 +1113,9 @@ def test_verify_names_the_bad_shard(tmp_path, capsys):
     assert verify_error().startswith(f"error: {shard} differs") and "--overwrite" in verify_error()
     shard.write_bytes(good[:-10])
     assert "train_000001.npy is truncated" in verify_error()
-    shard.write_bytes((tmp_path / "b" / "train_000000.npy").read_bytes())  # another folder's shard, same length
+    shard.write_bytes(
+        (tmp_path / "b" / "train_000000.npy").read_bytes()
+    )  # another folder's shard, same length
     assert f"{shard} differs" in verify_error()
     shard.write_bytes(good)
     (a / "val_000000.npy").unlink()
@@ -814,8 +1123,12 @@ def test_verify_names_the_bad_shard(tmp_path, capsys):
 
 
 def test_sft_and_hellaswag_defaults_and_verify(tmp_path, monkeypatch, capsys):
-    assert pdata.parse_args(["--sft", "--files", "alpaca_data_sample.json"]).out_dir == os.path.join("data", "alpaca")
-    assert pdata.parse_args(["--hellaswag", "--files", "hs.jsonl"]).out_dir == os.path.join("data", "hellaswag")
+    assert pdata.parse_args(
+        ["--sft", "--files", "alpaca_data_sample.json"]
+    ).out_dir == os.path.join("data", "alpaca")
+    assert pdata.parse_args(["--hellaswag", "--files", "hs.jsonl"]).out_dir == os.path.join(
+        "data", "hellaswag"
+    )
     assert pdata.parse_args(["--files", "x/input.txt"]).out_dir == os.path.join("data", "input")
     (tmp_path / "alpaca.json").write_text(json.dumps(alpaca_records(20)))
     monkeypatch.chdir(tmp_path)  # the defaults are relative to where the user runs it
@@ -831,19 +1144,35 @@ def test_bom_and_replaced_bad_bytes_are_accepted(tmp_path):
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfHello")
     (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "World"}\n')
     (tmp_path / "latin1.txt").write_bytes("Caf\xe9".encode("latin-1"))
-    pdata.main(["--files", *(str(tmp_path / n) for n in ("bom.txt", "bom.jsonl", "latin1.txt")),
-                "--out_dir", str(tmp_path / "out"), "--val_tokens", "1", "--encoding_errors", "replace", "--num_proc", "1"])
+    pdata.main(
+        [
+            "--files",
+            *(str(tmp_path / n) for n in ("bom.txt", "bom.jsonl", "latin1.txt")),
+            "--out_dir",
+            str(tmp_path / "out"),
+            "--val_tokens",
+            "1",
+            "--encoding_errors",
+            "replace",
+            "--num_proc",
+            "1",
+        ]
+    )
     _, val = read_split(tmp_path / "out", "val")
     _, train = read_split(tmp_path / "out", "train")
-    assert tg.get_tokenizer().decode(np.concatenate(val + train).tolist()).split("<|endoftext|>")[1:] == \
-        ["Hello", "World", "Caf\ufffd"]
+    assert tg.get_tokenizer().decode(np.concatenate(val + train).tolist()).split("<|endoftext|>")[
+        1:
+    ] == ["Hello", "World", "Caf\ufffd"]
 
 
 def hold_the_lock(tmp):
     import fcntl
+
     (tmp / "out.partial").mkdir()
     fd = os.open(tmp / "out.partial", os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # as a running preparation holds it (released when the test ends)
+    fcntl.flock(
+        fd, fcntl.LOCK_EX
+    )  # as a running preparation holds it (released when the test ends)
     return fd
 
 
@@ -857,20 +1186,44 @@ def half_made_by_another_command(tmp):
     pdata.save_npy = save_then_stop
     try:
         with pytest.raises(SystemExit):
-            pdata.main(["--files", str(tmp / "in" / "ok.jsonl"), "--out_dir", str(tmp / "out"), "--shard_size", "5",
-                        "--val_tokens", "5", "--num_proc", "1"])
+            pdata.main(
+                [
+                    "--files",
+                    str(tmp / "in" / "ok.jsonl"),
+                    "--out_dir",
+                    str(tmp / "out"),
+                    "--shard_size",
+                    "5",
+                    "--val_tokens",
+                    "5",
+                    "--num_proc",
+                    "1",
+                ]
+            )
     finally:
         pdata.save_npy = real
     assert (tmp / "out.partial" / "state.json").exists()
 
 
 def prepared(tmp):
-    pdata.main(["--files", str(tmp / "in" / "ok.jsonl"), "--out_dir", str(tmp / "out"), "--val_tokens", "5", "--num_proc", "1"])
+    pdata.main(
+        [
+            "--files",
+            str(tmp / "in" / "ok.jsonl"),
+            "--out_dir",
+            str(tmp / "out"),
+            "--val_tokens",
+            "5",
+            "--num_proc",
+            "1",
+        ]
+    )
 
 
 def disk_full(tmp):
     def no_space(path, array):
         raise OSError(28, "No space left on device", f"{path}.tmp")
+
     pdata.save_npy = no_space
 
 
@@ -879,66 +1232,228 @@ HS_ITEM = {"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 1}
 BAD_INPUTS = [  # (name, files in in/, arguments after --files, setup, words the one line must hold)
     ("missing file", {}, ["in/missing.txt"], None, ["file not found", "missing.txt"]),
     ("a folder as a file", {}, ["in"], None, ["cannot read", "folder"]),
-    ("latin-1 text", {"a.txt": "ok\nCaf\xe9".encode("latin-1")}, ["in/a.txt"], None,
-     ["a.txt, line 2", "not UTF-8", "--encoding_errors replace"]),
-    ("latin-1 jsonl", {"a.jsonl": b'{"text": "ok"}\n\n{"text": "Caf\xe9"}\n'}, ["in/a.jsonl"], None,
-     ["a.jsonl, line 3", "not UTF-8"]),
-    ("malformed jsonl", {"a.jsonl": '{"text": "ok"}\n{"text": "no end\n'}, ["in/a.jsonl"], None,
-     ["a.jsonl, line 2", "not valid JSON"]),
-    ("null text", {"a.jsonl": '{"text": null}\n'}, ["in/a.jsonl"], None, ["line 1", "'text' is null"]),
-    ("number text", {"a.jsonl": '{"text": "ok"}\n{"text": 42}\n'}, ["in/a.jsonl"], None, ["line 2", "'text' is 42"]),
-    ("jsonl line not an object", {"a.jsonl": '["text"]\n'}, ["in/a.jsonl"], None, ["line 1", "not an object"]),
-    ("json not a list", {"a.json": '{"text": "hi"}'}, ["in/a.json"], None, ["a.json", "JSON list", ".jsonl"]),
-    ("broken json", {"a.json": '[{"text": "hi"},\n'}, ["in/a.json"], None, ["a.json, line 2", "not valid JSON"]),
-    ("fake parquet", {"a.parquet": "not parquet at all"}, ["in/a.parquet"], None, ["a.parquet", "not a readable parquet"]),
-    ("no text column", {"a.jsonl": '{"content": "hi", "url": "x"}\n'}, ["in/a.jsonl"], None, ["no column 'text'", "content, url"]),
+    (
+        "latin-1 text",
+        {"a.txt": "ok\nCaf\xe9".encode("latin-1")},
+        ["in/a.txt"],
+        None,
+        ["a.txt, line 2", "not UTF-8", "--encoding_errors replace"],
+    ),
+    (
+        "latin-1 jsonl",
+        {"a.jsonl": b'{"text": "ok"}\n\n{"text": "Caf\xe9"}\n'},
+        ["in/a.jsonl"],
+        None,
+        ["a.jsonl, line 3", "not UTF-8"],
+    ),
+    (
+        "malformed jsonl",
+        {"a.jsonl": '{"text": "ok"}\n{"text": "no end\n'},
+        ["in/a.jsonl"],
+        None,
+        ["a.jsonl, line 2", "not valid JSON"],
+    ),
+    (
+        "null text",
+        {"a.jsonl": '{"text": null}\n'},
+        ["in/a.jsonl"],
+        None,
+        ["line 1", "'text' is null"],
+    ),
+    (
+        "number text",
+        {"a.jsonl": '{"text": "ok"}\n{"text": 42}\n'},
+        ["in/a.jsonl"],
+        None,
+        ["line 2", "'text' is 42"],
+    ),
+    (
+        "jsonl line not an object",
+        {"a.jsonl": '["text"]\n'},
+        ["in/a.jsonl"],
+        None,
+        ["line 1", "not an object"],
+    ),
+    (
+        "json not a list",
+        {"a.json": '{"text": "hi"}'},
+        ["in/a.json"],
+        None,
+        ["a.json", "JSON list", ".jsonl"],
+    ),
+    (
+        "broken json",
+        {"a.json": '[{"text": "hi"},\n'},
+        ["in/a.json"],
+        None,
+        ["a.json, line 2", "not valid JSON"],
+    ),
+    (
+        "fake parquet",
+        {"a.parquet": "not parquet at all"},
+        ["in/a.parquet"],
+        None,
+        ["a.parquet", "not a readable parquet"],
+    ),
+    (
+        "no text column",
+        {"a.jsonl": '{"content": "hi", "url": "x"}\n'},
+        ["in/a.jsonl"],
+        None,
+        ["no column 'text'", "content, url"],
+    ),
     ("empty corpus", {"a.jsonl": ""}, ["in/a.jsonl"], None, ["empty"]),
-    ("all tokens in val", {"a.txt": "just a few words"}, ["in/a.txt", "--val_tokens", "1000"], None, ["--val_tokens"]),
-    ("hellaswag 3 endings", {"hs.jsonl": json.dumps({**HS_ITEM, "endings": ["a", "b", "c"]}) + "\n"},
-     ["in/hs.jsonl", "--hellaswag"], None, ["hs.jsonl, line 1", "exactly 4 endings"]),
-    ("hellaswag label 7", {"hs.jsonl": json.dumps(HS_ITEM) + "\n" + json.dumps({**HS_ITEM, "label": 7}) + "\n"},
-     ["in/hs.jsonl", "--hellaswag"], None, ["hs.jsonl, line 2", "label 7", "0..3"]),
+    (
+        "all tokens in val",
+        {"a.txt": "just a few words"},
+        ["in/a.txt", "--val_tokens", "1000"],
+        None,
+        ["--val_tokens"],
+    ),
+    (
+        "hellaswag 3 endings",
+        {"hs.jsonl": json.dumps({**HS_ITEM, "endings": ["a", "b", "c"]}) + "\n"},
+        ["in/hs.jsonl", "--hellaswag"],
+        None,
+        ["hs.jsonl, line 1", "exactly 4 endings"],
+    ),
+    (
+        "hellaswag label 7",
+        {"hs.jsonl": json.dumps(HS_ITEM) + "\n" + json.dumps({**HS_ITEM, "label": 7}) + "\n"},
+        ["in/hs.jsonl", "--hellaswag"],
+        None,
+        ["hs.jsonl, line 2", "label 7", "0..3"],
+    ),
     ("hellaswag no items", {"hs.jsonl": "\n"}, ["in/hs.jsonl", "--hellaswag"], None, ["empty"]),
-    ("alpaca without output", {"al.json": json.dumps([{"instruction": "hi"}])}, ["in/al.json", "--sft"], None,
-     ["al.json, row 1", "no column 'output'"]),
+    (
+        "alpaca without output",
+        {"al.json": json.dumps([{"instruction": "hi"}])},
+        ["in/al.json", "--sft"],
+        None,
+        ["al.json, row 1", "no column 'output'"],
+    ),
     ("out_dir is a file", {"out": "my notes"}, ["in/ok.jsonl"], None, ["out is a file"]),
-    ("out_dir is someone's folder", {"out/notes.txt": "mine"}, ["in/ok.jsonl"], None, ["not a prepared dataset"]),
-    ("foreign file in a dataset", {}, ["in/ok.jsonl", "--overwrite"],
-     lambda tmp: (prepared(tmp), (tmp / "out" / "notes.txt").write_text("mine")), ["notes.txt", "not part of its dataset"]),
-    ("bad input over a dataset", {"bad.jsonl": "{oops\n"}, ["in/bad.jsonl", "--overwrite"], prepared,
-     ["bad.jsonl, line 1", "not valid JSON"]),
-    ("second preparation at once", {}, ["in/ok.jsonl"], hold_the_lock, ["another prepare_data.py is writing"]),
-    ("half-made by another command", {}, ["in/ok.jsonl", "--shard_size", "7", "--val_tokens", "5"],
-     half_made_by_another_command, ["another command", "shard_size", "delete"]),
+    (
+        "out_dir is someone's folder",
+        {"out/notes.txt": "mine"},
+        ["in/ok.jsonl"],
+        None,
+        ["not a prepared dataset"],
+    ),
+    (
+        "foreign file in a dataset",
+        {},
+        ["in/ok.jsonl", "--overwrite"],
+        lambda tmp: (prepared(tmp), (tmp / "out" / "notes.txt").write_text("mine")),
+        ["notes.txt", "not part of its dataset"],
+    ),
+    (
+        "bad input over a dataset",
+        {"bad.jsonl": "{oops\n"},
+        ["in/bad.jsonl", "--overwrite"],
+        prepared,
+        ["bad.jsonl, line 1", "not valid JSON"],
+    ),
+    (
+        "second preparation at once",
+        {},
+        ["in/ok.jsonl"],
+        hold_the_lock,
+        ["another prepare_data.py is writing"],
+    ),
+    (
+        "half-made by another command",
+        {},
+        ["in/ok.jsonl", "--shard_size", "7", "--val_tokens", "5"],
+        half_made_by_another_command,
+        ["another command", "shard_size", "delete"],
+    ),
     ("disk full", {}, ["in/ok.jsonl"], disk_full, ["cannot write", "No space left", ".tmp"]),
-    ("shard_size 0", {}, ["in/ok.jsonl", "--shard_size", "0"], None, ["--shard_size", "at least 1"]),
-    ("shard_size beyond memory", {}, ["in/ok.jsonl", "--shard_size", str(10**16)], None, ["--shard_size", "smaller"]),
-    ("documents all blank", {"a.jsonl": '{"text": ""}\n{"text": " \\n "}\n'}, ["in/a.jsonl"], None,
-     ["a.jsonl", "blank documents only"]),
+    (
+        "shard_size 0",
+        {},
+        ["in/ok.jsonl", "--shard_size", "0"],
+        None,
+        ["--shard_size", "at least 1"],
+    ),
+    (
+        "shard_size beyond memory",
+        {},
+        ["in/ok.jsonl", "--shard_size", str(10**16)],
+        None,
+        ["--shard_size", "smaller"],
+    ),
+    (
+        "documents all blank",
+        {"a.jsonl": '{"text": ""}\n{"text": " \\n "}\n'},
+        ["in/a.jsonl"],
+        None,
+        ["a.jsonl", "blank documents only"],
+    ),
     ("an empty text file", {"a.txt": ""}, ["in/a.txt"], None, ["a.txt", "is empty"]),
-    ("one Alpaca record", {"al.json": json.dumps([{"instruction": "hi", "output": "yo"}])}, ["in/al.json", "--sft"], None,
-     ["1 example", "2 at least"]),
-    ("a file named out.partial", {"out.partial": "mine"}, ["in/ok.jsonl"], None, ["out.partial", "in the way"]),
-    ("verify a meta.json without splits", {"out/meta.json": '{"kind": "pretrain"}'}, ["in/ok.jsonl", "--verify", "out"],
-     None, ["lacks what --verify checks"]),
+    (
+        "one Alpaca record",
+        {"al.json": json.dumps([{"instruction": "hi", "output": "yo"}])},
+        ["in/al.json", "--sft"],
+        None,
+        ["1 example", "2 at least"],
+    ),
+    (
+        "a file named out.partial",
+        {"out.partial": "mine"},
+        ["in/ok.jsonl"],
+        None,
+        ["out.partial", "in the way"],
+    ),
+    (
+        "verify a meta.json without splits",
+        {"out/meta.json": '{"kind": "pretrain"}'},
+        ["in/ok.jsonl", "--verify", "out"],
+        None,
+        ["lacks what --verify checks"],
+    ),
     ("num_proc -1", {}, ["in/ok.jsonl", "--num_proc", "-1"], None, ["--num_proc", "at least 1"]),
-    ("val_fraction 1.5", {}, ["in/ok.jsonl", "--sft", "--val_fraction", "1.5"], None, ["--val_fraction", "between 0 and 1"]),
+    (
+        "val_fraction 1.5",
+        {},
+        ["in/ok.jsonl", "--sft", "--val_fraction", "1.5"],
+        None,
+        ["--val_fraction", "between 0 and 1"],
+    ),
 ]
 
 
-@pytest.mark.parametrize("name, files, args, setup, words", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+@pytest.mark.parametrize(
+    "name, files, args, setup, words", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS]
+)
 def test_prepare_data_bad_input(tmp_path, monkeypatch, name, files, args, setup, words):
     """One line that names the problem, exit non-zero, and every file as it was."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(pdata, "save_npy", pdata.save_npy)  # undone after the test, if setup replaces it
+    monkeypatch.setattr(
+        pdata, "save_npy", pdata.save_npy
+    )  # undone after the test, if setup replaces it
     for path, content in {**GOOD, **files}.items():
-        (tmp_path / "in" / path if not path.startswith("out") else tmp_path / path).parent.mkdir(exist_ok=True)
+        (tmp_path / "in" / path if not path.startswith("out") else tmp_path / path).parent.mkdir(
+            exist_ok=True
+        )
         target = tmp_path / "in" / path if not path.startswith("out") else tmp_path / path
         target.write_bytes(content if isinstance(content, bytes) else content.encode())
     lock = setup(tmp_path) if setup else None
     before = snapshot(tmp_path)
-    assert_one_line_error(run_script("prepare_data.py", "--files", *args[:1], "--out_dir", "out", "--num_proc", 1,
-                                     *args[1:], check=False), *words)
+    assert_one_line_error(
+        run_script(
+            "prepare_data.py",
+            "--files",
+            *args[:1],
+            "--out_dir",
+            "out",
+            "--num_proc",
+            1,
+            *args[1:],
+            check=False,
+        ),
+        *words,
+    )
     assert snapshot(tmp_path) == before
     if isinstance(lock, int):
         os.close(lock)
@@ -952,14 +1467,18 @@ def test_tokens_that_do_not_fit_uint16(monkeypatch):
             return [70_000]
 
     import tiktoken
+
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: HugeTokenizer())
-    with pytest.raises(OverflowError):  # never wrapped silently into another token (GPT-2's ids all fit)
+    with pytest.raises(
+        OverflowError
+    ):  # never wrapped silently into another token (GPT-2's ids all fit)
         pdata.tokenize_documents(["anything"])
 
 
 def test_save_npy_writes_what_np_save_writes(tmp_path):
     import hashlib
     import io
+
     array = np.arange(1000, dtype=np.uint16)[::2]  # not contiguous
     digest = pdata.save_npy(tmp_path / "a.npy", array)
     expected = io.BytesIO()
@@ -971,24 +1490,43 @@ def test_save_npy_writes_what_np_save_writes(tmp_path):
 def alpaca_records(n=30):
     if (SHARED / "data" / "alpaca_data_sample.json").exists():
         return json.loads((SHARED / "data" / "alpaca_data_sample.json").read_text())[:n]
-    return [{"instruction": f"Say {i}.", "input": "" if i % 2 else f"n={i}", "output": f"{i} it is."} for i in range(n)]
+    return [
+        {"instruction": f"Say {i}.", "input": "" if i % 2 else f"n={i}", "output": f"{i} it is."}
+        for i in range(n)
+    ]
 
 
 def test_sft_masks_exactly_the_answers(tmp_path):
-    records = alpaca_records(30) + [{"instruction": "Too long", "input": "", "output": "word " * 2000}]
+    records = alpaca_records(30) + [
+        {"instruction": "Too long", "input": "", "output": "word " * 2000}
+    ]
     (tmp_path / "alpaca.json").write_text(json.dumps(records))
     out = tmp_path / "alpaca"
-    run_script("prepare_data.py", "--sft", "--files", tmp_path / "alpaca.json", "--out_dir", out, "--val_fraction", 0.2)
+    run_script(
+        "prepare_data.py",
+        "--sft",
+        "--files",
+        tmp_path / "alpaca.json",
+        "--out_dir",
+        out,
+        "--val_fraction",
+        0.2,
+    )
     meta = json.loads((out / "meta.json").read_text())
     assert meta["dropped_too_long"] == 1
     assert meta["splits"]["val"]["examples"] == 6 and meta["splits"]["train"]["examples"] == 24
     enc = tg.get_tokenizer()
     seen = []
     for split in ("train", "val"):
-        tokens, mask, offsets = (np.load(out / f"{split}_{name}.npy") for name in ("tokens", "mask", "offsets"))
+        tokens, mask, offsets = (
+            np.load(out / f"{split}_{name}.npy") for name in ("tokens", "mask", "offsets")
+        )
         assert len(tokens) == len(mask) == offsets[-1] == meta["splits"][split]["tokens"]
         for i in range(len(offsets) - 1):
-            t, m = tokens[offsets[i]:offsets[i + 1]], mask[offsets[i]:offsets[i + 1]].astype(bool)
+            t, m = (
+                tokens[offsets[i] : offsets[i + 1]],
+                mask[offsets[i] : offsets[i + 1]].astype(bool),
+            )
             prompt, answer = enc.decode(t[~m].tolist()), enc.decode(t[m].tolist())
             assert (m == (np.arange(len(m)) >= m.argmax())).all()  # one answer span, at the end
             record = next(r for r in records if answer == r["output"] + "<|endoftext|>")
@@ -1001,10 +1539,22 @@ def test_sft_masks_exactly_the_answers(tmp_path):
 def test_hellaswag_preparation(tmp_path):
     lines = needs_shared("hellaswag_val.jsonl").read_text().splitlines()[:25]
     (tmp_path / "hs.jsonl").write_text("\n".join(lines) + "\n")
-    run_script("prepare_data.py", "--hellaswag", "--files", tmp_path / "hs.jsonl", "--out_dir", tmp_path / "hs")
-    items = [json.loads(l) for l in (tmp_path / "hs" / "hellaswag_val.jsonl").read_text().splitlines()]
-    originals = [json.loads(l) for l in lines]
-    assert [(i["ctx"], i["endings"], i["label"]) for i in items] == [(o["ctx"], o["endings"], o["label"]) for o in originals]
+    run_script(
+        "prepare_data.py",
+        "--hellaswag",
+        "--files",
+        tmp_path / "hs.jsonl",
+        "--out_dir",
+        tmp_path / "hs",
+    )
+    items = [
+        json.loads(line)
+        for line in (tmp_path / "hs" / "hellaswag_val.jsonl").read_text().splitlines()
+    ]
+    originals = [json.loads(line) for line in lines]
+    assert [(i["ctx"], i["endings"], i["label"]) for i in items] == [
+        (o["ctx"], o["endings"], o["label"]) for o in originals
+    ]
     keys = ("activity_label", "ctx_a", "ctx_b")  # what lm-evaluation-harness's query is made of
     assert [[i[k] for k in keys] for i in items] == [[o[k] for k in keys] for o in originals]
 
@@ -1012,8 +1562,28 @@ def test_hellaswag_preparation(tmp_path):
 # -----------------------------------------------------------------------------
 # Pretraining
 
-TINY = ["--n_layer", 2, "--n_head", 2, "--n_embd", 32, "--block_size", 32, "--batch_size", 2,
-        "--total_batch_size", 256, "--warmup_steps", 2, "--max_lr", 3e-3, "--eval_samples", 0, "--device", "cpu"]
+TINY = [
+    "--n_layer",
+    2,
+    "--n_head",
+    2,
+    "--n_embd",
+    32,
+    "--block_size",
+    32,
+    "--batch_size",
+    2,
+    "--total_batch_size",
+    256,
+    "--warmup_steps",
+    2,
+    "--max_lr",
+    3e-3,
+    "--eval_samples",
+    0,
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -1024,7 +1594,9 @@ def shakespeare(tmp_path_factory):
     if not source.exists():
         source = folder / "text.txt"
         source.write_text(" ".join(DOCS) * 200)
-    run_script("prepare_data.py", "--files", source, "--out_dir", folder / "data", "--shard_size", 100_000)
+    run_script(
+        "prepare_data.py", "--files", source, "--out_dir", folder / "data", "--shard_size", 100_000
+    )
     return folder / "data"
 
 
@@ -1048,22 +1620,66 @@ def test_lr_schedule():
 
 def test_pretraining_learns(shakespeare, tmp_path):
     out = tmp_path / "run"
-    proc = run_script("train_gpt2.py", "--mode", "pretrain", "--data_dir", shakespeare, "--out_dir", out, *TINY,
-                      "--n_embd", 64, "--batch_size", 8, "--max_lr", 1e-2,
-                      "--max_steps", 40, "--eval_interval", 20, "--val_steps", 4, "--eval_samples", 1)
+    proc = run_script(
+        "train_gpt2.py",
+        "--mode",
+        "pretrain",
+        "--data_dir",
+        shakespeare,
+        "--out_dir",
+        out,
+        *TINY,
+        "--n_embd",
+        64,
+        "--batch_size",
+        8,
+        "--max_lr",
+        1e-2,
+        "--max_steps",
+        40,
+        "--eval_interval",
+        20,
+        "--val_steps",
+        4,
+        "--eval_samples",
+        1,
+    )
     losses = [loss for _, loss in train_losses(out)]
     assert losses[0] == pytest.approx(math.log(50257), abs=0.1)
     assert sum(losses[-5:]) / 5 < 7.2  # far below ln(50257) = 10.8 after 40 steps of 256 tokens
     val = [e["val_loss"] for e in read_log(out) if "val_loss" in e]
     assert len(val) == 2 and val[0] > val[1] and val[1] < 7.6
-    assert "--- sample 1\nFirst Citizen:\nBefore we proceed" in proc.stdout and "ETA" in proc.stdout  # the val split's start
+    assert (
+        "--- sample 1\nFirst Citizen:\nBefore we proceed" in proc.stdout and "ETA" in proc.stdout
+    )  # the val split's start
     checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
     assert checkpoint["step"] == 40 and checkpoint["config"]["padded_vocab_size"] == 50304
     # the checkpoint samples with --mode sample
-    run_script("train_gpt2.py", "--mode", "sample", "--init_from", out / "ckpt.pt", "--max_new_tokens", 5, "--device", "cpu")
+    run_script(
+        "train_gpt2.py",
+        "--mode",
+        "sample",
+        "--init_from",
+        out / "ckpt.pt",
+        "--max_new_tokens",
+        5,
+        "--device",
+        "cpu",
+    )
     # --mode eval of the run reads its data and val batches (8 x 32, 4 of them): the val loss it logged last, exactly
-    run_script("train_gpt2.py", "--mode", "eval", "--init_from", out, "--hellaswag", 0, "--out_dir", tmp_path / "eval",
-               "--device", "cpu")
+    run_script(
+        "train_gpt2.py",
+        "--mode",
+        "eval",
+        "--init_from",
+        out,
+        "--hellaswag",
+        0,
+        "--out_dir",
+        tmp_path / "eval",
+        "--device",
+        "cpu",
+    )
     evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert evaluated["val_loss"] == val[1] and evaluated["val_batches"] == 4
 
@@ -1071,7 +1687,9 @@ def test_pretraining_learns(shakespeare, tmp_path):
 def gradients(model, micro_batches):
     """The loss and gradients of one training step, as the training loop computes them."""
     model.zero_grad(set_to_none=True)
-    loss, stop = tg.forward_backward(model, micro_batches, torch.float32, torch.amp.GradScaler("cpu", enabled=False))
+    loss, stop = tg.forward_backward(
+        model, micro_batches, torch.float32, torch.amp.GradScaler("cpu", enabled=False)
+    )
     assert stop is False
     return loss, [p.grad.clone() for p in model.parameters()]
 
@@ -1081,7 +1699,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     model = tg.GPT(tg.GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32))
     x, y = random_ids(8, 16), random_ids(8, 16, seed=1)
     loss_big, big = gradients(model, [(x, y)])
-    loss_acc, acc = gradients(model, [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)])
+    loss_acc, acc = gradients(model, [(x[i : i + 2], y[i : i + 2]) for i in range(0, 8, 2)])
     assert loss_acc == pytest.approx(loss_big, rel=1e-6)
     for a, b in zip(acc, big):  # float32 sums in another order: equal to ~1e-7 relative
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-8)
@@ -1091,7 +1709,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     y_masked[0, :12] = -100
     y_masked[5, 3:] = -100
     loss_big, big = gradients(model, [(x, y_masked)])
-    loss_acc, acc = gradients(model, [(x[i:i + 2], y_masked[i:i + 2]) for i in range(0, 8, 2)])
+    loss_acc, acc = gradients(model, [(x[i : i + 2], y_masked[i : i + 2]) for i in range(0, 8, 2)])
     assert loss_acc == pytest.approx(loss_big, rel=1e-6)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(acc, big))
 
@@ -1103,11 +1721,28 @@ def make_shards(folder, shard_lengths, val_length=100):
     pdata.save_npy(folder / "val_000000.npy", (np.arange(val_length) % 50000).astype(np.uint16))
     for i, n in enumerate(shard_lengths):
         names.append(f"train_{i:06d}.npy")
-        pdata.save_npy(folder / names[-1], (np.arange(position, position + n) % 50000).astype(np.uint16))
+        pdata.save_npy(
+            folder / names[-1], (np.arange(position, position + n) % 50000).astype(np.uint16)
+        )
         position += n
-    pdata.save_json(folder / "meta.json", {"kind": "pretrain", "splits": {
-        "val": {"tokens": val_length, "shards": ["val_000000.npy"], "shard_tokens": [val_length]},
-        "train": {"tokens": sum(shard_lengths), "shards": names, "shard_tokens": list(shard_lengths)}}})
+    pdata.save_json(
+        folder / "meta.json",
+        {
+            "kind": "pretrain",
+            "splits": {
+                "val": {
+                    "tokens": val_length,
+                    "shards": ["val_000000.npy"],
+                    "shard_tokens": [val_length],
+                },
+                "train": {
+                    "tokens": sum(shard_lengths),
+                    "shards": names,
+                    "shard_tokens": list(shard_lengths),
+                },
+            },
+        },
+    )
     return folder
 
 
@@ -1123,7 +1758,7 @@ def test_loader_reads_every_token_across_shards_and_ranks(tmp_path):
         # the step's sequences, in order, are consecutive windows of the stream
         xs = torch.cat([x for x, _ in whole]).view(-1)
         start = step * accum * 2 * B * T
-        assert xs.tolist() == stream[start:start + len(xs)].tolist()
+        assert xs.tolist() == stream[start : start + len(xs)].tolist()
         assert all((y[:, :-1] == x[:, 1:]).all() for x, y in whole)
         # two ranks together read exactly what one reads: micro-step m, rank r
         split = torch.cat([torch.cat([parts[r][m][0] for r in range(2)]) for m in range(accum)])
@@ -1135,14 +1770,39 @@ def test_loader_reads_every_token_across_shards_and_ranks(tmp_path):
     state = single.state_dict()
     again = tg.PretrainLoader(data, "train", B * 2, T, seed=3)
     again.load_state_dict(state)
-    assert [x.tolist() for x, _ in again.next_step(accum)] == [x.tolist() for x, _ in single.next_step(accum)]
+    assert [x.tolist() for x, _ in again.next_step(accum)] == [
+        x.tolist() for x, _ in single.next_step(accum)
+    ]
 
 
 def test_ddp_two_processes_equal_one(shakespeare, tmp_path):
-    args = ["--mode", "pretrain", "--data_dir", shakespeare, *TINY, "--max_steps", 6, "--eval_interval", 3, "--val_steps", 4]
+    args = [
+        "--mode",
+        "pretrain",
+        "--data_dir",
+        shakespeare,
+        *TINY,
+        "--max_steps",
+        6,
+        "--eval_interval",
+        3,
+        "--val_steps",
+        4,
+    ]
     run_script("train_gpt2.py", *args, "--out_dir", tmp_path / "one")
-    subprocess.run(TORCHRUN + ["--nproc_per_node=2", str(HERE / "train_gpt2.py"), *map(str, args), "--out_dir",
-                               str(tmp_path / "two")], check=True, capture_output=True, cwd=HERE)
+    subprocess.run(
+        TORCHRUN
+        + [
+            "--nproc_per_node=2",
+            str(HERE / "train_gpt2.py"),
+            *map(str, args),
+            "--out_dir",
+            str(tmp_path / "two"),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=HERE,
+    )
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert len(one) == len(two) == 8  # 6 steps, 2 evaluations
     for a, b in zip(one, two):
@@ -1154,15 +1814,34 @@ def test_ddp_two_processes_equal_one(shakespeare, tmp_path):
 
 
 def test_training_with_torch_compile(shakespeare, tmp_path):
-    args = ["--mode", "pretrain", "--data_dir", shakespeare, *TINY, "--max_steps", 2, "--eval_interval", 1,
-            "--val_steps", 2, "--eval_samples", 1]
+    args = [
+        "--mode",
+        "pretrain",
+        "--data_dir",
+        shakespeare,
+        *TINY,
+        "--max_steps",
+        2,
+        "--eval_interval",
+        1,
+        "--val_steps",
+        2,
+        "--eval_samples",
+        1,
+    ]
     proc = run_script("train_gpt2.py", *args, "--compile", 1, "--out_dir", tmp_path / "compiled")
-    assert proc.stdout.count("val_loss") == 2 and "--- sample 1" in proc.stdout  # evaluation and sampling compiled
+    assert (
+        proc.stdout.count("val_loss") == 2 and "--- sample 1" in proc.stdout
+    )  # evaluation and sampling compiled
     keys = torch.load(tmp_path / "compiled" / "ckpt.pt", weights_only=True)["model"].keys()
-    assert "lm_head.weight" in keys and not any(k.startswith(("module.", "_orig_mod.")) for k in keys)
+    assert "lm_head.weight" in keys and not any(
+        k.startswith(("module.", "_orig_mod.")) for k in keys
+    )
     # the compiled run computes what the eager one does: losses, gradient norms, val losses
     run_script("train_gpt2.py", *args, "--compile", 0, "--out_dir", tmp_path / "eager")
-    for compiled, eager in zip(read_log(tmp_path / "compiled"), read_log(tmp_path / "eager"), strict=True):
+    for compiled, eager in zip(
+        read_log(tmp_path / "compiled"), read_log(tmp_path / "eager"), strict=True
+    ):
         for key in {"loss", "grad_norm", "val_loss"} & (set(compiled) | set(eager)):
             assert compiled.get(key) == pytest.approx(eager[key], rel=1e-4), (key, compiled, eager)
 
@@ -1170,8 +1849,14 @@ def test_training_with_torch_compile(shakespeare, tmp_path):
 def interrupt_and_resume(args, out_dir, signal_at_step):
     """Run, send SIGTERM once the log shows signal_at_step, then resume to the end."""
     import signal
-    proc = subprocess.Popen([sys.executable, str(HERE / "train_gpt2.py"), *map(str, args), "--out_dir", str(out_dir)],
-                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "train_gpt2.py"), *map(str, args), "--out_dir", str(out_dir)],
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     for line in proc.stdout:  # blocking reads: no sleeps
         if line.startswith(f"step {signal_at_step:5d}/"):
             proc.send_signal(signal.SIGTERM)
@@ -1182,8 +1867,21 @@ def interrupt_and_resume(args, out_dir, signal_at_step):
 
 
 def test_resume_after_sigterm_equals_uninterrupted(shakespeare, tmp_path):
-    args = ["--mode", "pretrain", "--data_dir", shakespeare, *TINY, "--max_steps", 40, "--eval_interval", 10,
-            "--val_steps", 2, "--ckpt_interval", 1000]
+    args = [
+        "--mode",
+        "pretrain",
+        "--data_dir",
+        shakespeare,
+        *TINY,
+        "--max_steps",
+        40,
+        "--eval_interval",
+        10,
+        "--val_steps",
+        2,
+        "--ckpt_interval",
+        1000,
+    ]
     run_script("train_gpt2.py", *args, "--out_dir", tmp_path / "straight")
     stopped_at = interrupt_and_resume(args, tmp_path / "cut", signal_at_step=6)
     assert 6 <= stopped_at < 40  # it stopped early, at the end of a step, and saved
@@ -1197,14 +1895,29 @@ def test_resume_after_sigterm_equals_uninterrupted(shakespeare, tmp_path):
 def test_a_run_killed_after_its_checkpoint_logs_each_step_once(shakespeare, tmp_path, monkeypatch):
     """Killed (kill -9) after the checkpoint of step 3, with steps 4-6 logged and a line cut short: the
     resumed run does 4-6 again, and log.jsonl holds each step once, as an uninterrupted run's."""
-    args = ["--mode", "pretrain", "--data_dir", shakespeare, *TINY, "--max_steps", 6, "--eval_interval", 3,
-            "--val_steps", 1, "--ckpt_interval", 3]
+    args = [
+        "--mode",
+        "pretrain",
+        "--data_dir",
+        shakespeare,
+        *TINY,
+        "--max_steps",
+        6,
+        "--eval_interval",
+        3,
+        "--val_steps",
+        1,
+        "--ckpt_interval",
+        3,
+    ]
     run_script("train_gpt2.py", *args, "--out_dir", tmp_path / "straight")
     save = tg.save_checkpoint
 
     def save_and_keep_step_3(path, *rest):
         save(path, *rest)
-        if rest[2]["step"] == 3:  # the state dict: the checkpoint a kill -9 during step 6 would leave
+        if (
+            rest[2]["step"] == 3
+        ):  # the state dict: the checkpoint a kill -9 during step 6 would leave
             shutil.copy(path, tmp_path / "at_step_3.pt")
 
     monkeypatch.setattr(tg, "save_checkpoint", save_and_keep_step_3)
@@ -1214,7 +1927,10 @@ def test_a_run_killed_after_its_checkpoint_logs_each_step_once(shakespeare, tmp_
     with open(cut / "log.jsonl", "a") as f:
         f.write('{"step": 7, "lo')  # killed in the middle of a line, too
     run_script("train_gpt2.py", *args, "--out_dir", cut, "--init_from", "resume")
-    timeless = lambda d: [{k: v for k, v in e.items() if k not in ("ms", "tok_per_s")} for e in read_log(d)]  # noqa: E731
+
+    def timeless(d):
+        return [{k: v for k, v in e.items() if k not in ("ms", "tok_per_s")} for e in read_log(d)]
+
     assert timeless(cut) == timeless(tmp_path / "straight")  # each step once, bit for bit the same
 
 
@@ -1222,7 +1938,17 @@ def test_resume_refuses_data_that_changed(tmp_path):
     """Prepared again (bigger), or two shards of equal length swapped: the same position would be other
     tokens, so the run refuses to resume on them (one line, nothing touched)."""
     data = make_shards(tmp_path / "data", [3000, 3000], val_length=300)
-    args = ["--mode", "pretrain", "--data_dir", data, *TINY, "--out_dir", tmp_path / "run", "--device", "cpu"]
+    args = [
+        "--mode",
+        "pretrain",
+        "--data_dir",
+        data,
+        *TINY,
+        "--out_dir",
+        tmp_path / "run",
+        "--device",
+        "cpu",
+    ]
     run_script("train_gpt2.py", *args, "--max_steps", 2)
     (data / "train_000000.npy").rename(data / "swap")
     (data / "train_000001.npy").rename(data / "train_000000.npy")
@@ -1241,8 +1967,25 @@ def test_non_finite_loss_names_a_checkpoint_that_resumes(shakespeare, tmp_path):
     # The LR climbs to 1e3 over 20 steps: the loss blows up a few steps in. With a checkpoint
     # due at every step, the one at the step before the blow-up holds weights whose next
     # loss is already huge; the error must name an earlier one, proven by a finite step.
-    args = ["--mode", "pretrain", "--data_dir", shakespeare, "--out_dir", tmp_path, *TINY, "--max_lr", 1e3,
-            "--warmup_steps", 20, "--max_steps", 50, "--ckpt_interval", 1, "--eval_interval", 1000]
+    args = [
+        "--mode",
+        "pretrain",
+        "--data_dir",
+        shakespeare,
+        "--out_dir",
+        tmp_path,
+        *TINY,
+        "--max_lr",
+        1e3,
+        "--warmup_steps",
+        20,
+        "--max_steps",
+        50,
+        "--ckpt_interval",
+        1,
+        "--eval_interval",
+        1000,
+    ]
     message = main_error(*args)
     assert "loss became non-finite" in message and "ckpt.pt" in message
     failed_at = int(message.split("at step ")[1].split()[0])
@@ -1252,7 +1995,9 @@ def test_non_finite_loss_names_a_checkpoint_that_resumes(shakespeare, tmp_path):
     before = [loss for step, loss in train_losses(tmp_path) if step == saved + 1]
     tg.main([str(a) for a in args] + ["--init_from", "resume", "--max_steps", str(saved + 1)])
     resumed = [loss for step, loss in train_losses(tmp_path) if step == saved + 1]
-    assert len(before) == 1 and resumed == before and math.isfinite(resumed[0])  # done again, logged once
+    assert (
+        len(before) == 1 and resumed == before and math.isfinite(resumed[0])
+    )  # done again, logged once
 
 
 def main_error(*args):
@@ -1262,13 +2007,25 @@ def main_error(*args):
 
 def test_pretrain_bad_input(shakespeare, tmp_path):
     def pretrain(*args):
-        return main_error("--mode", "pretrain", *TINY, "--max_steps", 2, "--out_dir", tmp_path / "o", *args)
+        return main_error(
+            "--mode", "pretrain", *TINY, "--max_steps", 2, "--out_dir", tmp_path / "o", *args
+        )
 
-    proc = run_script("train_gpt2.py", "--mode", "pretrain", "--data_dir", tmp_path / "nothing", check=False,
-                      new_process=True)
-    assert_one_line_error(proc, "not found", "prepare_data.py")  # as the user sees it: exit code, stderr
-    assert "not a multiple" in pretrain("--data_dir", shakespeare, "--total_batch_size", 100) and "64" in pretrain(
-        "--data_dir", shakespeare, "--total_batch_size", 100)
+    proc = run_script(
+        "train_gpt2.py",
+        "--mode",
+        "pretrain",
+        "--data_dir",
+        tmp_path / "nothing",
+        check=False,
+        new_process=True,
+    )
+    assert_one_line_error(
+        proc, "not found", "prepare_data.py"
+    )  # as the user sees it: exit code, stderr
+    assert "not a multiple" in pretrain(
+        "--data_dir", shakespeare, "--total_batch_size", 100
+    ) and "64" in pretrain("--data_dir", shakespeare, "--total_batch_size", 100)
     assert "nothing to resume" in pretrain("--data_dir", shakespeare, "--init_from", "resume")
     assert "no train shards" in pretrain("--data_dir", make_shards(tmp_path / "empty", []))
     broken = make_shards(tmp_path / "broken", [500])
@@ -1277,7 +2034,19 @@ def test_pretrain_bad_input(shakespeare, tmp_path):
     (tmp_path / "unfinished").mkdir()
     assert "no meta.json" in pretrain("--data_dir", tmp_path / "unfinished")
     assert "less than one step" in pretrain("--data_dir", make_shards(tmp_path / "small", [100]))
-    tg.main(["--mode", "pretrain", *map(str, TINY), "--max_steps", "1", "--data_dir", str(shakespeare), "--out_dir", str(tmp_path / "o")])
+    tg.main(
+        [
+            "--mode",
+            "pretrain",
+            *map(str, TINY),
+            "--max_steps",
+            "1",
+            "--data_dir",
+            str(shakespeare),
+            "--out_dir",
+            str(tmp_path / "o"),
+        ]
+    )
     assert "already holds a checkpoint" in pretrain("--data_dir", shakespeare)
 
 
@@ -1290,13 +2059,37 @@ def user_files(tmp_path_factory, shakespeare, sft_data, base_model):
     """What a user has made by now: prepared data, a base checkpoint, a finished pretraining
     run, a fine-tuning run, HellaSwag files good and bad, a Hugging Face folder."""
     root = tmp_path_factory.mktemp("user")
-    args = ["--mode", "pretrain", *map(str, TINY), "--data_dir", str(shakespeare), "--max_steps", "2"]
+    args = [
+        "--mode",
+        "pretrain",
+        *map(str, TINY),
+        "--data_dir",
+        str(shakespeare),
+        "--max_steps",
+        "2",
+    ]
     tg.main(args + ["--out_dir", str(root / "run")])
-    tg.main([*map(str, FINETUNE), "--init_from", str(base_model), "--data_dir", str(sft_data), "--max_steps", "1",
-             "--out_dir", str(root / "ft")])
+    tg.main(
+        [
+            *map(str, FINETUNE),
+            "--init_from",
+            str(base_model),
+            "--data_dir",
+            str(sft_data),
+            "--max_steps",
+            "1",
+            "--out_dir",
+            str(root / "ft"),
+        ]
+    )
     good = json.dumps({"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 1})
-    for name, text in {"hs_two_endings": '{"ctx": "A", "endings": ["a", "b"], "label": 0}', "hs_label_9": good.replace(
-            '"label": 1', '"label": 9'), "hs_empty": "\n", "hs_not_json": "{ctx: A", "hs_good": good}.items():
+    for name, text in {
+        "hs_two_endings": '{"ctx": "A", "endings": ["a", "b"], "label": 0}',
+        "hs_label_9": good.replace('"label": 1', '"label": 9'),
+        "hs_empty": "\n",
+        "hs_not_json": "{ctx: A",
+        "hs_good": good,
+    }.items():
         (root / f"{name}.jsonl").write_text(text + "\n")
     (root / "log_bad").mkdir()
     (root / "log_bad" / "log.jsonl").write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "lo\n')
@@ -1304,15 +2097,31 @@ def user_files(tmp_path_factory, shakespeare, sft_data, base_model):
     (root / "random.pt").write_bytes(os.urandom(3000))
     torch.save({"weights": torch.zeros(3)}, root / "foreign.pt")
     (root / "a_file").write_text("not a folder")
-    for field, value in [("layer_norm_epsilon", 1e-6), ("scale_attn_weights", False), ("tie_word_embeddings", False)]:
+    for field, value in [
+        ("layer_norm_epsilon", 1e-6),
+        ("scale_attn_weights", False),
+        ("tie_word_embeddings", False),
+    ]:
         from transformers import GPT2Config, GPT2LMHeadModel
-        GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=32, **{field: value})).save_pretrained(root / field)
+
+        GPT2LMHeadModel(
+            GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=32, **{field: value})
+        ).save_pretrained(root / field)
     from transformers import BertConfig
-    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(root / "bert")
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=32, vocab_size=1000)).save_pretrained(root / "vocab")
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=32)).save_pretrained(root / "corrupt")
+
+    BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    ).save_pretrained(root / "bert")
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=32, vocab_size=1000)
+    ).save_pretrained(root / "vocab")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=32)).save_pretrained(
+        root / "corrupt"
+    )
     weights = root / "corrupt" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:len(weights.read_bytes()) // 2])  # a download cut short
+    weights.write_bytes(
+        weights.read_bytes()[: len(weights.read_bytes()) // 2]
+    )  # a download cut short
     torch.save({"model": Path("x"), "config": {}}, root / "object.pt")  # an object besides tensors
     return {"root": root, "data": shakespeare, "sft": sft_data, "base": base_model}
 
@@ -1346,109 +2155,386 @@ def broken_shards(tmp, kind):
 PRETRAIN = ["--mode", "pretrain", *TINY, "--max_steps", 3]
 BAD_TRAIN_INPUTS = {  # name: (arguments given the user's files u and a scratch folder t, words of the error)
     # flags outside their domain, refused before anything runs
-    "max_steps -1": (lambda u, t: PRETRAIN + ["--max_steps", -1, "--data_dir", u["data"]], ["--max_steps", ">= 1"]),
+    "max_steps -1": (
+        lambda u, t: PRETRAIN + ["--max_steps", -1, "--data_dir", u["data"]],
+        ["--max_steps", ">= 1"],
+    ),
     "grad_clip -1": (lambda u, t: PRETRAIN + ["--grad_clip", -1], ["--grad_clip"]),
     "max_lr nan": (lambda u, t: PRETRAIN + ["--max_lr", "nan"], ["--max_lr", "> 0"]),
     "min_lr_ratio 2": (lambda u, t: PRETRAIN + ["--min_lr_ratio", 2], ["--min_lr_ratio"]),
     "batch_size 0": (lambda u, t: PRETRAIN + ["--batch_size", 0], ["--batch_size"]),
     "eval_samples -1": (lambda u, t: PRETRAIN + ["--eval_samples", -1], ["--eval_samples"]),
     "abbreviated flag": (lambda u, t: PRETRAIN + ["--max_l", 1e-3], ["unrecognized", "--max_l"]),
-    "device cuda without CUDA": (lambda u, t: ["--device", "cuda"], ["--device", "not a device this machine has", "CUDA"]),
+    "device cuda without CUDA": (
+        lambda u, t: ["--device", "cuda"],
+        ["--device", "not a device this machine has", "CUDA"],
+    ),
     "device that does not exist": (lambda u, t: ["--device", "tpu7"], ["--device", "not a device"]),
-    "temperature -1": (lambda u, t: ["--temperature", -1, "--init_from", u["base"]], ["--temperature"]),
+    "temperature -1": (
+        lambda u, t: ["--temperature", -1, "--init_from", u["base"]],
+        ["--temperature"],
+    ),
     "top_p 0": (lambda u, t: ["--top_p", 0, "--init_from", u["base"]], ["--top_p", "(0, 1]"]),
     "top_k -5": (lambda u, t: ["--top_k", -5, "--init_from", u["base"]], ["--top_k"]),
-    "max_new_tokens -3": (lambda u, t: ["--max_new_tokens", -3, "--init_from", u["base"]], ["--max_new_tokens"]),
-    "hellaswag_limit 0": (lambda u, t: ["--mode", "eval", "--hellaswag_limit", 0], ["--hellaswag_limit"]),
-    "bench warmup eats every step": (lambda u, t: ["--mode", "bench", "--bench_steps", 3, "--bench_warmup", 3],
-                                     ["--bench_warmup"]),
-    "n_embd not a multiple of n_head": (lambda u, t: PRETRAIN + ["--n_embd", 30, "--n_head", 4, "--data_dir", u["data"],
-                                                                 "--out_dir", t / "o"], ["--n_embd 30", "--n_head 4"]),
-    "block_size beyond the checkpoint": (lambda u, t: ["--mode", "finetune", *FINETUNE[2:], "--init_from", u["base"],
-                                                       "--data_dir", u["sft"], "--block_size", 500, "--out_dir", t / "o"],
-                                         ["--block_size 500", "128"]),
+    "max_new_tokens -3": (
+        lambda u, t: ["--max_new_tokens", -3, "--init_from", u["base"]],
+        ["--max_new_tokens"],
+    ),
+    "hellaswag_limit 0": (
+        lambda u, t: ["--mode", "eval", "--hellaswag_limit", 0],
+        ["--hellaswag_limit"],
+    ),
+    "bench warmup eats every step": (
+        lambda u, t: ["--mode", "bench", "--bench_steps", 3, "--bench_warmup", 3],
+        ["--bench_warmup"],
+    ),
+    "n_embd not a multiple of n_head": (
+        lambda u, t: (
+            PRETRAIN
+            + ["--n_embd", 30, "--n_head", 4, "--data_dir", u["data"], "--out_dir", t / "o"]
+        ),
+        ["--n_embd 30", "--n_head 4"],
+    ),
+    "block_size beyond the checkpoint": (
+        lambda u, t: [
+            "--mode",
+            "finetune",
+            *FINETUNE[2:],
+            "--init_from",
+            u["base"],
+            "--data_dir",
+            u["sft"],
+            "--block_size",
+            500,
+            "--out_dir",
+            t / "o",
+        ],
+        ["--block_size 500", "128"],
+    ),
     # data folders, checked when opened
-    "data folder missing": (lambda u, t: PRETRAIN + ["--data_dir", t / "nope", "--out_dir", t / "o"], ["not found"]),
-    "meta.json not JSON": (lambda u, t: PRETRAIN + ["--data_dir", broken_shards(t, "meta_not_json"), "--out_dir", t / "o"],
-                           ["meta.json", "prepare_data.py"]),
-    "meta.json without its fields": (lambda u, t: PRETRAIN + ["--data_dir", broken_shards(t, "meta_no_splits"),
-                                                              "--out_dir", t / "o"], ["meta.json", "splits"]),
-    "shard shorter than meta.json": (lambda u, t: PRETRAIN + ["--data_dir", broken_shards(t, "shorter_than_meta"),
-                                                              "--out_dir", t / "o"], ["meta.json says", "prepare_data.py"]),
-    "shard length against shard_tokens": (lambda u, t: PRETRAIN + ["--data_dir", broken_shards(t, "shard_tokens_disagree"),
-                                                                   "--out_dir", t / "o"], ["train_000001.npy", "2,999"]),
-    "truncated shard": (lambda u, t: PRETRAIN + ["--data_dir", broken_shards(t, "truncated_npy"), "--out_dir", t / "o"],
-                        ["train_000001.npy", "cut short or not .npy"]),
-    "token id outside the vocabulary": (lambda u, t: PRETRAIN + ["--data_dir", broken_shards(t, "token_too_big"),
-                                                                 "--out_dir", t / "o"], ["train_000000.npy", "50300"]),
-    "val split shorter than a batch": (lambda u, t: PRETRAIN + ["--data_dir", broken_shards(t, "tiny_val"),
-                                                                "--out_dir", t / "o"], ["val split", "--batch_size"]),
-    "train split smaller than a step": (lambda u, t: PRETRAIN + ["--data_dir", make_shards(t / "s", [100]),
-                                                                 "--out_dir", t / "o"], ["less than one step"]),
-    "instruction data to pretrain": (lambda u, t: PRETRAIN + ["--data_dir", u["sft"], "--out_dir", t / "o"],
-                                     ["sft data", "prepare_data.py"]),
-    "pretraining shards to fine-tune": (lambda u, t: [*FINETUNE, "--init_from", u["base"], "--data_dir", u["data"],
-                                                      "--out_dir", t / "o"], ["--sft"]),
-    "fine-tuning from scratch": (lambda u, t: [*FINETUNE, "--init_from", "scratch", "--data_dir", u["sft"], "--out_dir",
-                                               t / "o"], ["--mode finetune starts from a trained model", "--init_from gpt2"]),
-    "too few examples for a step": (lambda u, t: [*FINETUNE, "--init_from", u["base"], "--data_dir", u["sft"],
-                                                  "--batch_size", 7, "--total_batch_size", 70, "--out_dir", t / "o"],
-                                    ["--total_batch_size"]),
+    "data folder missing": (
+        lambda u, t: PRETRAIN + ["--data_dir", t / "nope", "--out_dir", t / "o"],
+        ["not found"],
+    ),
+    "meta.json not JSON": (
+        lambda u, t: (
+            PRETRAIN + ["--data_dir", broken_shards(t, "meta_not_json"), "--out_dir", t / "o"]
+        ),
+        ["meta.json", "prepare_data.py"],
+    ),
+    "meta.json without its fields": (
+        lambda u, t: (
+            PRETRAIN + ["--data_dir", broken_shards(t, "meta_no_splits"), "--out_dir", t / "o"]
+        ),
+        ["meta.json", "splits"],
+    ),
+    "shard shorter than meta.json": (
+        lambda u, t: (
+            PRETRAIN + ["--data_dir", broken_shards(t, "shorter_than_meta"), "--out_dir", t / "o"]
+        ),
+        ["meta.json says", "prepare_data.py"],
+    ),
+    "shard length against shard_tokens": (
+        lambda u, t: (
+            PRETRAIN
+            + ["--data_dir", broken_shards(t, "shard_tokens_disagree"), "--out_dir", t / "o"]
+        ),
+        ["train_000001.npy", "2,999"],
+    ),
+    "truncated shard": (
+        lambda u, t: (
+            PRETRAIN + ["--data_dir", broken_shards(t, "truncated_npy"), "--out_dir", t / "o"]
+        ),
+        ["train_000001.npy", "cut short or not .npy"],
+    ),
+    "token id outside the vocabulary": (
+        lambda u, t: (
+            PRETRAIN + ["--data_dir", broken_shards(t, "token_too_big"), "--out_dir", t / "o"]
+        ),
+        ["train_000000.npy", "50300"],
+    ),
+    "val split shorter than a batch": (
+        lambda u, t: PRETRAIN + ["--data_dir", broken_shards(t, "tiny_val"), "--out_dir", t / "o"],
+        ["val split", "--batch_size"],
+    ),
+    "train split smaller than a step": (
+        lambda u, t: PRETRAIN + ["--data_dir", make_shards(t / "s", [100]), "--out_dir", t / "o"],
+        ["less than one step"],
+    ),
+    "instruction data to pretrain": (
+        lambda u, t: PRETRAIN + ["--data_dir", u["sft"], "--out_dir", t / "o"],
+        ["sft data", "prepare_data.py"],
+    ),
+    "pretraining shards to fine-tune": (
+        lambda u, t: [
+            *FINETUNE,
+            "--init_from",
+            u["base"],
+            "--data_dir",
+            u["data"],
+            "--out_dir",
+            t / "o",
+        ],
+        ["--sft"],
+    ),
+    "fine-tuning from scratch": (
+        lambda u, t: [
+            *FINETUNE,
+            "--init_from",
+            "scratch",
+            "--data_dir",
+            u["sft"],
+            "--out_dir",
+            t / "o",
+        ],
+        ["--mode finetune starts from a trained model", "--init_from gpt2"],
+    ),
+    "too few examples for a step": (
+        lambda u, t: [
+            *FINETUNE,
+            "--init_from",
+            u["base"],
+            "--data_dir",
+            u["sft"],
+            "--batch_size",
+            7,
+            "--total_batch_size",
+            70,
+            "--out_dir",
+            t / "o",
+        ],
+        ["--total_batch_size"],
+    ),
     # output folders and checkpoints
-    "out_dir is a file": (lambda u, t: PRETRAIN + ["--data_dir", u["data"], "--out_dir", u["root"] / "a_file"],
-                          ["is a file"]),
-    "out_dir cannot be made": (lambda u, t: PRETRAIN + ["--data_dir", u["data"], "--out_dir", "/proc/gpt2_run"],
-                               ["cannot write", "/proc/gpt2_run"]),
-    "a new run over a finished one": (lambda u, t: PRETRAIN + ["--data_dir", u["data"], "--out_dir", u["root"] / "run"],
-                                      ["already holds a checkpoint", "--init_from resume"]),
-    "resume with nothing to resume": (lambda u, t: PRETRAIN + ["--data_dir", u["data"], "--init_from", "resume",
-                                                               "--out_dir", t / "o"], ["nothing to resume"]),
-    "resume past --max_steps": (lambda u, t: PRETRAIN + ["--data_dir", u["data"], "--init_from", "resume",
-                                                         "--max_steps", 1, "--out_dir", u["root"] / "run"],
-                                ["step 2", "--max_steps"]),
-    "fine-tune run resumed as pretraining": (lambda u, t: PRETRAIN + ["--data_dir", u["data"], "--init_from", "resume",
-                                                                      "--out_dir", u["root"] / "ft"],
-                                             ["--mode finetune run"]),
-    "pretraining run resumed as fine-tuning": (lambda u, t: [*FINETUNE, "--data_dir", u["sft"], "--init_from", "resume",
-                                                             "--out_dir", u["root"] / "run"], ["--mode pretrain run"]),
-    "truncated checkpoint": (lambda u, t: ["--init_from", u["root"] / "truncated.pt"], ["truncated.pt", "not a readable"]),
-    "random bytes as checkpoint": (lambda u, t: ["--mode", "eval", "--init_from", u["root"] / "random.pt", "--hellaswag", 0,
-                                                 "--out_dir", t / "e"], ["random.pt", "not a readable"]),
-    "foreign checkpoint": (lambda u, t: ["--init_from", u["root"] / "foreign.pt"], ["not a checkpoint of train_gpt2.py",
-                                                                                    "weights"]),
-    "foreign checkpoint to start a run": (lambda u, t: [*FINETUNE, "--init_from", u["root"] / "foreign.pt", "--data_dir",
-                                                        u["sft"], "--out_dir", t / "o"], ["foreign.pt"]),
-    "unknown model name": (lambda u, t: ["--init_from", "gpt5"], ["unknown model", "run folder", "gpt2-xl"]),
-    "a Python object in a checkpoint": (lambda u, t: ["--init_from", u["root"] / "object.pt"], ["object.pt", "Path"]),
-    "a safetensors file cut short": (lambda u, t: ["--init_from", u["root"] / "corrupt"], ["corrupt", "could not load"]),
-    "another tokenizer's vocabulary": (lambda u, t: ["--init_from", u["root"] / "vocab"], ["1,000 token ids", "GPT-2's"]),
-    "sample --init_from resume": (lambda u, t: ["--init_from", "resume"], ["--init_from resume", "its folder"]),
-    "resume at another size": (lambda u, t: ["--mode", "pretrain", "--init_from", "resume", "--out_dir", u["root"] / "run",
-                                             "--n_layer", 1, "--max_steps", 3], ["--n_layer 1", "differs", "keeps"]),
-    "temperature that overflows": (lambda u, t: ["--init_from", u["base"], "--temperature", "1e-9"], ["--temperature"]),
+    "out_dir is a file": (
+        lambda u, t: PRETRAIN + ["--data_dir", u["data"], "--out_dir", u["root"] / "a_file"],
+        ["is a file"],
+    ),
+    "out_dir cannot be made": (
+        lambda u, t: PRETRAIN + ["--data_dir", u["data"], "--out_dir", "/proc/gpt2_run"],
+        ["cannot write", "/proc/gpt2_run"],
+    ),
+    "a new run over a finished one": (
+        lambda u, t: PRETRAIN + ["--data_dir", u["data"], "--out_dir", u["root"] / "run"],
+        ["already holds a checkpoint", "--init_from resume"],
+    ),
+    "resume with nothing to resume": (
+        lambda u, t: (
+            PRETRAIN + ["--data_dir", u["data"], "--init_from", "resume", "--out_dir", t / "o"]
+        ),
+        ["nothing to resume"],
+    ),
+    "resume past --max_steps": (
+        lambda u, t: (
+            PRETRAIN
+            + [
+                "--data_dir",
+                u["data"],
+                "--init_from",
+                "resume",
+                "--max_steps",
+                1,
+                "--out_dir",
+                u["root"] / "run",
+            ]
+        ),
+        ["step 2", "--max_steps"],
+    ),
+    "fine-tune run resumed as pretraining": (
+        lambda u, t: (
+            PRETRAIN
+            + ["--data_dir", u["data"], "--init_from", "resume", "--out_dir", u["root"] / "ft"]
+        ),
+        ["--mode finetune run"],
+    ),
+    "pretraining run resumed as fine-tuning": (
+        lambda u, t: [
+            *FINETUNE,
+            "--data_dir",
+            u["sft"],
+            "--init_from",
+            "resume",
+            "--out_dir",
+            u["root"] / "run",
+        ],
+        ["--mode pretrain run"],
+    ),
+    "truncated checkpoint": (
+        lambda u, t: ["--init_from", u["root"] / "truncated.pt"],
+        ["truncated.pt", "not a readable"],
+    ),
+    "random bytes as checkpoint": (
+        lambda u, t: [
+            "--mode",
+            "eval",
+            "--init_from",
+            u["root"] / "random.pt",
+            "--hellaswag",
+            0,
+            "--out_dir",
+            t / "e",
+        ],
+        ["random.pt", "not a readable"],
+    ),
+    "foreign checkpoint": (
+        lambda u, t: ["--init_from", u["root"] / "foreign.pt"],
+        ["not a checkpoint of train_gpt2.py", "weights"],
+    ),
+    "foreign checkpoint to start a run": (
+        lambda u, t: [
+            *FINETUNE,
+            "--init_from",
+            u["root"] / "foreign.pt",
+            "--data_dir",
+            u["sft"],
+            "--out_dir",
+            t / "o",
+        ],
+        ["foreign.pt"],
+    ),
+    "unknown model name": (
+        lambda u, t: ["--init_from", "gpt5"],
+        ["unknown model", "run folder", "gpt2-xl"],
+    ),
+    "a Python object in a checkpoint": (
+        lambda u, t: ["--init_from", u["root"] / "object.pt"],
+        ["object.pt", "Path"],
+    ),
+    "a safetensors file cut short": (
+        lambda u, t: ["--init_from", u["root"] / "corrupt"],
+        ["corrupt", "could not load"],
+    ),
+    "another tokenizer's vocabulary": (
+        lambda u, t: ["--init_from", u["root"] / "vocab"],
+        ["1,000 token ids", "GPT-2's"],
+    ),
+    "sample --init_from resume": (
+        lambda u, t: ["--init_from", "resume"],
+        ["--init_from resume", "its folder"],
+    ),
+    "resume at another size": (
+        lambda u, t: [
+            "--mode",
+            "pretrain",
+            "--init_from",
+            "resume",
+            "--out_dir",
+            u["root"] / "run",
+            "--n_layer",
+            1,
+            "--max_steps",
+            3,
+        ],
+        ["--n_layer 1", "differs", "keeps"],
+    ),
+    "temperature that overflows": (
+        lambda u, t: ["--init_from", u["base"], "--temperature", "1e-9"],
+        ["--temperature"],
+    ),
     "checkpoint file missing": (lambda u, t: ["--init_from", t / "nope.pt"], ["not found"]),
     # Hugging Face folders this GPT-2 does not compute exactly
-    "layer_norm_epsilon 1e-6": (lambda u, t: ["--init_from", u["root"] / "layer_norm_epsilon"], ["layer_norm_epsilon"]),
-    "scale_attn_weights off": (lambda u, t: ["--init_from", u["root"] / "scale_attn_weights"], ["scale_attn_weights"]),
-    "untied embeddings": (lambda u, t: ["--init_from", u["root"] / "tie_word_embeddings"], ["tie_word_embeddings"]),
-    "not a GPT-2 checkpoint": (lambda u, t: ["--init_from", u["root"] / "bert"], ["bert", "not a GPT-2"]),
+    "layer_norm_epsilon 1e-6": (
+        lambda u, t: ["--init_from", u["root"] / "layer_norm_epsilon"],
+        ["layer_norm_epsilon"],
+    ),
+    "scale_attn_weights off": (
+        lambda u, t: ["--init_from", u["root"] / "scale_attn_weights"],
+        ["scale_attn_weights"],
+    ),
+    "untied embeddings": (
+        lambda u, t: ["--init_from", u["root"] / "tie_word_embeddings"],
+        ["tie_word_embeddings"],
+    ),
+    "not a GPT-2 checkpoint": (
+        lambda u, t: ["--init_from", u["root"] / "bert"],
+        ["bert", "not a GPT-2"],
+    ),
     # HellaSwag files, checked before the model loads (eval) or before step 1 (pretrain)
-    "HellaSwag file missing": (lambda u, t: ["--mode", "eval", "--init_from", u["base"], "--hellaswag_path", t / "hs.jsonl",
-                                             "--out_dir", t / "e"], ["not found", "--hellaswag"]),
-    "HellaSwag item with 2 endings": (lambda u, t: ["--mode", "eval", "--init_from", u["base"], "--hellaswag_path",
-                                                    u["root"] / "hs_two_endings.jsonl", "--out_dir", t / "e"], ["line 1"]),
-    "HellaSwag label 9": (lambda u, t: ["--mode", "eval", "--init_from", u["base"], "--hellaswag_path",
-                                        u["root"] / "hs_label_9.jsonl", "--out_dir", t / "e"], ["line 1", "label"]),
-    "HellaSwag file with no items": (lambda u, t: PRETRAIN + ["--data_dir", u["data"], "--hellaswag", 1, "--hellaswag_path",
-                                                              u["root"] / "hs_empty.jsonl", "--out_dir", t / "o"],
-                                     ["no HellaSwag items"]),
-    "HellaSwag file not JSON": (lambda u, t: PRETRAIN + ["--data_dir", u["data"], "--hellaswag", 1, "--hellaswag_path",
-                                                         u["root"] / "hs_not_json.jsonl", "--out_dir", t / "o"], ["line 1"]),
+    "HellaSwag file missing": (
+        lambda u, t: [
+            "--mode",
+            "eval",
+            "--init_from",
+            u["base"],
+            "--hellaswag_path",
+            t / "hs.jsonl",
+            "--out_dir",
+            t / "e",
+        ],
+        ["not found", "--hellaswag"],
+    ),
+    "HellaSwag item with 2 endings": (
+        lambda u, t: [
+            "--mode",
+            "eval",
+            "--init_from",
+            u["base"],
+            "--hellaswag_path",
+            u["root"] / "hs_two_endings.jsonl",
+            "--out_dir",
+            t / "e",
+        ],
+        ["line 1"],
+    ),
+    "HellaSwag label 9": (
+        lambda u, t: [
+            "--mode",
+            "eval",
+            "--init_from",
+            u["base"],
+            "--hellaswag_path",
+            u["root"] / "hs_label_9.jsonl",
+            "--out_dir",
+            t / "e",
+        ],
+        ["line 1", "label"],
+    ),
+    "HellaSwag file with no items": (
+        lambda u, t: (
+            PRETRAIN
+            + [
+                "--data_dir",
+                u["data"],
+                "--hellaswag",
+                1,
+                "--hellaswag_path",
+                u["root"] / "hs_empty.jsonl",
+                "--out_dir",
+                t / "o",
+            ]
+        ),
+        ["no HellaSwag items"],
+    ),
+    "HellaSwag file not JSON": (
+        lambda u, t: (
+            PRETRAIN
+            + [
+                "--data_dir",
+                u["data"],
+                "--hellaswag",
+                1,
+                "--hellaswag_path",
+                u["root"] / "hs_not_json.jsonl",
+                "--out_dir",
+                t / "o",
+            ]
+        ),
+        ["line 1"],
+    ),
     # sampling, chat, plot
     "empty prompt": (lambda u, t: ["--init_from", u["base"], "--prompt", ""], ["prompt is empty"]),
-    "chat with a model that is not fine-tuned": (lambda u, t: ["--mode", "chat", "--init_from", u["base"]], ["not fine-tuned"]),
-    "plot without a log": (lambda u, t: ["--mode", "plot", "--out_dir", t / "nothing"], ["log.jsonl not found"]),
-    "plot of a log cut short": (lambda u, t: ["--mode", "plot", "--out_dir", u["root"] / "log_bad"], ["line 2"]),
+    "chat with a model that is not fine-tuned": (
+        lambda u, t: ["--mode", "chat", "--init_from", u["base"]],
+        ["not fine-tuned"],
+    ),
+    "plot without a log": (
+        lambda u, t: ["--mode", "plot", "--out_dir", t / "nothing"],
+        ["log.jsonl not found"],
+    ),
+    "plot of a log cut short": (
+        lambda u, t: ["--mode", "plot", "--out_dir", u["root"] / "log_bad"],
+        ["line 2"],
+    ),
 }
 
 
@@ -1456,41 +2542,86 @@ BAD_TRAIN_INPUTS = {  # name: (arguments given the user's files u and a scratch 
 def test_train_gpt2_bad_input(case, user_files, tmp_path):
     make_args, words = BAD_TRAIN_INPUTS[case]
     args = make_args(user_files, tmp_path)
-    args = args if "--device" in args or "plot" in args else args + ["--device", "cpu"]  # plot has no --device
+    args = (
+        args if "--device" in args or "plot" in args else args + ["--device", "cpu"]
+    )  # plot has no --device
     folders = (user_files["root"], user_files["data"], user_files["sft"], tmp_path)
     before = [snapshot(folder) for folder in folders]
     message = main_error(*args)
     for word in words:
         assert word in message, message
-    assert [snapshot(folder) for folder in folders] == before  # nothing the user had, changed; nothing new either
+    assert [
+        snapshot(folder) for folder in folders
+    ] == before  # nothing the user had, changed; nothing new either
 
 
 def test_first_commands_offline_say_what_to_do_in_seconds(tmp_path, monkeypatch):
     """The README's first commands on a machine without internet (nothing downloaded yet): one line that
     says what to do, in seconds (not a minute of retries, not a worker's traceback)."""
     import huggingface_hub.constants as hub
-    monkeypatch.setattr(hub, "ENDPOINT", "https://hub.invalid")  # a name that never resolves (RFC 6761)
-    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "cache"))  # nothing in Hugging Face's cache
-    monkeypatch.setattr("urllib.request.getproxies", dict)  # no proxy (a proxy is trusted to reach the hub)
-    for args in ([], ["--mode", "sample", "--prompt", "Hi"], ["--mode", "finetune"], ["--mode", "eval"]):
+
+    monkeypatch.setattr(
+        hub, "ENDPOINT", "https://hub.invalid"
+    )  # a name that never resolves (RFC 6761)
+    monkeypatch.setattr(
+        hub, "HF_HUB_CACHE", str(tmp_path / "cache")
+    )  # nothing in Hugging Face's cache
+    monkeypatch.setattr(
+        "urllib.request.getproxies", dict
+    )  # no proxy (a proxy is trusted to reach the hub)
+    for args in (
+        [],
+        ["--mode", "sample", "--prompt", "Hi"],
+        ["--mode", "finetune"],
+        ["--mode", "eval"],
+    ):
         t0 = time.time()
         message = main_error(*args)  # each defaults to --init_from gpt2
-        assert time.time() - t0 < 5 and "downloaded from hub.invalid once" in message and "local model" in message
-    for args in (["--sft"], [], ["--hellaswag"]):  # the Hub's datasets: Alpaca, FineWeb-Edu, HellaSwag, streamed
+        assert (
+            time.time() - t0 < 5
+            and "downloaded from hub.invalid once" in message
+            and "local model" in message
+        )
+    for args in (
+        ["--sft"],
+        [],
+        ["--hellaswag"],
+    ):  # the Hub's datasets: Alpaca, FineWeb-Edu, HellaSwag, streamed
         t0 = time.time()
         proc = run_script("prepare_data.py", *args, "--out_dir", tmp_path / "hub", check=False)
-        assert time.time() - t0 < 5 and not (tmp_path / "hub").exists() and not (tmp_path / "hub.partial").exists()
-        assert_one_line_error(proc, "is streamed from hub.invalid, which cannot be reached", "--files")
+        assert (
+            time.time() - t0 < 5
+            and not (tmp_path / "hub").exists()
+            and not (tmp_path / "hub.partial").exists()
+        )
+        assert_one_line_error(
+            proc, "is streamed from hub.invalid, which cannot be reached", "--files"
+        )
     monkeypatch.setattr("urllib.request.getproxies", lambda: {"https": "http://proxy.invalid:3128"})
-    assert tg.not_downloadable("gpt2") is None  # behind a proxy only a download can tell: it is tried
+    assert (
+        tg.not_downloadable("gpt2") is None
+    )  # behind a proxy only a download can tell: it is tried
     (tmp_path / "no_tiktoken").mkdir()
-    offline = {"TIKTOKEN_CACHE_DIR": str(tmp_path / "no_tiktoken")}  # tiktoken's GPT-2 files not downloaded yet
-    prepare = run_script("prepare_data.py", "--files", *write_corpus(tmp_path / "corpus"), "--out_dir", tmp_path / "d",
-                         env=offline, check=False)
+    offline = {
+        "TIKTOKEN_CACHE_DIR": str(tmp_path / "no_tiktoken")
+    }  # tiktoken's GPT-2 files not downloaded yet
+    prepare = run_script(
+        "prepare_data.py",
+        "--files",
+        *write_corpus(tmp_path / "corpus"),
+        "--out_dir",
+        tmp_path / "d",
+        env=offline,
+        check=False,
+    )
     assert_one_line_error(prepare, "tiktoken", "TIKTOKEN_CACHE_DIR")
     model = tg.GPT(tg.GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=8))
-    torch.save({"model": model.state_dict(), "config": tg.asdict(model.config)}, tmp_path / "model.pt")
-    sample = run_script("train_gpt2.py", "--init_from", tmp_path / "model.pt", env=offline, check=False)
+    torch.save(
+        {"model": model.state_dict(), "config": tg.asdict(model.config)}, tmp_path / "model.pt"
+    )
+    sample = run_script(
+        "train_gpt2.py", "--init_from", tmp_path / "model.pt", env=offline, check=False
+    )
     assert_one_line_error(sample, "tiktoken", "TIKTOKEN_CACHE_DIR")
     assert not (tmp_path / "d").exists() and not (tmp_path / "d.partial").exists()
 
@@ -1508,8 +2639,12 @@ prepare_data.main(["--files", *{[str(c) for c in corpus]!r}, "--out_dir", {str(t
 train_gpt2.main(["--mode", "pretrain", *{[str(a) for a in TINY]!r}, "--data_dir", {str(tmp_path / "data")!r},
                  "--out_dir", {str(tmp_path / "run")!r}, "--max_steps", "1", "--val_steps", "1"])
 """
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and (tmp_path / "run" / "ckpt.pt").exists(), proc.stdout + proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and (tmp_path / "run" / "ckpt.pt").exists(), (
+        proc.stdout + proc.stderr
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for platform, compile in (("win32", 0), ("linux", 1)):
         monkeypatch.setattr(sys, "platform", platform)
@@ -1517,16 +2652,35 @@ train_gpt2.main(["--mode", "pretrain", *{[str(a) for a in TINY]!r}, "--data_dir"
 
 
 def test_wandb_without_a_login_is_refused_before_step_1(shakespeare, tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"HOME": str(tmp_path)}  # no key, no netrc
-    args = [*PRETRAIN, "--data_dir", shakespeare, "--out_dir", tmp_path / "o", "--device", "cpu", "--wandb_project", "p"]
-    proc = subprocess.run([sys.executable, HERE / "train_gpt2.py", *map(str, args)], cwd=HERE, capture_output=True,
-                          text=True, env=env, timeout=600)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {
+        "HOME": str(tmp_path)
+    }  # no key, no netrc
+    args = [
+        *PRETRAIN,
+        "--data_dir",
+        shakespeare,
+        "--out_dir",
+        tmp_path / "o",
+        "--device",
+        "cpu",
+        "--wandb_project",
+        "p",
+    ]
+    proc = subprocess.run(
+        [sys.executable, HERE / "train_gpt2.py", *map(str, args)],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert_one_line_error(proc, "wandb login", "WANDB_MODE=offline")
     assert not (tmp_path / "o").exists()
 
 
 def test_another_run_in_the_same_folder_is_refused(shakespeare, tmp_path):
     import fcntl
+
     (tmp_path / "o").mkdir()
     folder = os.open(tmp_path / "o", os.O_RDONLY)
     try:
@@ -1544,8 +2698,23 @@ def test_a_failure_after_training_started_saves_the_steps_done(tmp_path):
     bad = np.load(data / "train_000000.npy")
     bad[900] = 50300
     np.save(data / "train_000000.npy", bad)
-    args = ["--mode", "pretrain", *TINY, "--total_batch_size", 128, "--data_dir", data, "--out_dir", tmp_path / "o",
-            "--max_steps", 10, "--eval_interval", 100, "--ckpt_interval", 100]
+    args = [
+        "--mode",
+        "pretrain",
+        *TINY,
+        "--total_batch_size",
+        128,
+        "--data_dir",
+        data,
+        "--out_dir",
+        tmp_path / "o",
+        "--max_steps",
+        10,
+        "--eval_interval",
+        100,
+        "--ckpt_interval",
+        100,
+    ]
     message = main_error(*args)
     assert "train_000000.npy" in message and "50300" in message
     assert [e["step"] for e in read_log(tmp_path / "o") if "loss" in e] == list(range(1, 8))
@@ -1555,14 +2724,32 @@ def test_a_failure_after_training_started_saves_the_steps_done(tmp_path):
 def test_out_of_memory_is_one_line_that_says_what_may_fit(shakespeare, tmp_path, monkeypatch):
     """CUDA's out-of-memory error at step 1 (raised here by hand: a CPU has no such limit) is one
     line naming a micro-batch half as big, and the run folder is left as it was (none)."""
+
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.28 GiB")
+
     monkeypatch.setattr(tg, "forward_backward", out_of_memory)
-    message = main_error(*PRETRAIN, "--data_dir", shakespeare, "--out_dir", tmp_path / "o", "--device", "cpu")
+    message = main_error(
+        *PRETRAIN, "--data_dir", shakespeare, "--out_dir", tmp_path / "o", "--device", "cpu"
+    )
     assert "--batch_size 2 does not fit" in message and "try --batch_size 1" in message, message
-    assert "--total_batch_size keeps each step the same" in message and not (tmp_path / "o").exists()
-    message = main_error(*PRETRAIN, "--batch_size", 1, "--data_dir", shakespeare, "--out_dir", tmp_path / "o", "--device", "cpu")
-    assert "the model does not fit" in message and "--activation_checkpointing 1" in message, message
+    assert (
+        "--total_batch_size keeps each step the same" in message and not (tmp_path / "o").exists()
+    )
+    message = main_error(
+        *PRETRAIN,
+        "--batch_size",
+        1,
+        "--data_dir",
+        shakespeare,
+        "--out_dir",
+        tmp_path / "o",
+        "--device",
+        "cpu",
+    )
+    assert "the model does not fit" in message and "--activation_checkpointing 1" in message, (
+        message
+    )
 
 
 def test_half_precision_trains_on_cpu(shakespeare, tmp_path, capsys):
@@ -1570,26 +2757,65 @@ def test_half_precision_trains_on_cpu(shakespeare, tmp_path, capsys):
     takes, exercised where CI can run it."""
     for dtype in ("bfloat16", "float16"):
         out = tmp_path / dtype
-        tg.main([*map(str, TINY), "--mode", "pretrain", "--data_dir", str(shakespeare), "--out_dir", str(out),
-                 "--max_lr", "1e-2", "--batch_size", "4", "--max_steps", "8", "--eval_interval", "8", "--val_steps", "2",
-                 "--dtype", dtype])
+        tg.main(
+            [
+                *map(str, TINY),
+                "--mode",
+                "pretrain",
+                "--data_dir",
+                str(shakespeare),
+                "--out_dir",
+                str(out),
+                "--max_lr",
+                "1e-2",
+                "--batch_size",
+                "4",
+                "--max_steps",
+                "8",
+                "--eval_interval",
+                "8",
+                "--val_steps",
+                "2",
+                "--dtype",
+                dtype,
+            ]
+        )
         losses = [loss for _, loss in train_losses(out)]
         assert losses[-1] < losses[0] - 1.0  # it learns
         scaler = torch.load(out / "ckpt.pt", weights_only=True)["scaler"]
-        assert (scaler.get("_growth_tracker") == 8) == (dtype == "float16")  # the scaler ran every step, fp16 only
+        assert (scaler.get("_growth_tracker") == 8) == (
+            dtype == "float16"
+        )  # the scaler ran every step, fp16 only
     capsys.readouterr()
-    tg.main(["--init_from", str(tmp_path / "bfloat16"), "--dtype", "bfloat16", "--device", "cpu", "--max_new_tokens", "5",
-             "--temperature", "0"])
+    tg.main(
+        [
+            "--init_from",
+            str(tmp_path / "bfloat16"),
+            "--dtype",
+            "bfloat16",
+            "--device",
+            "cpu",
+            "--max_new_tokens",
+            "5",
+            "--temperature",
+            "0",
+        ]
+    )
     assert capsys.readouterr().out.startswith("Hello, I'm a language model,")
 
 
 def test_dtype_follows_the_gpu(monkeypatch):
-    assert tg.pick_dtype("cpu") == torch.float32 and tg.pick_dtype("cpu", "bfloat16") == torch.bfloat16
+    assert (
+        tg.pick_dtype("cpu") == torch.float32 and tg.pick_dtype("cpu", "bfloat16") == torch.bfloat16
+    )
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # A100, H100
     assert tg.pick_dtype("cuda") == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # T4, V100
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
-    assert tg.pick_dtype("cuda") == torch.float16 and tg.pick_dtype("cuda:0", "float32") == torch.float32
+    assert (
+        tg.pick_dtype("cuda") == torch.float16
+        and tg.pick_dtype("cuda:0", "float32") == torch.float32
+    )
     with pytest.raises(tg.UserError, match="Tesla T4 has no bfloat16"):
         tg.pick_dtype("cuda", "bfloat16")
 
@@ -1598,15 +2824,35 @@ def test_wandb_logs_what_the_log_holds(shakespeare, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
-    tg.main([*map(str, TINY), "--mode", "pretrain", "--data_dir", str(shakespeare), "--out_dir", str(out),
-             "--max_steps", "2", "--eval_interval", "2", "--val_steps", "1", "--wandb_project", "gpt2-test"])
+    tg.main(
+        [
+            *map(str, TINY),
+            "--mode",
+            "pretrain",
+            "--data_dir",
+            str(shakespeare),
+            "--out_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--eval_interval",
+            "2",
+            "--val_steps",
+            "1",
+            "--wandb_project",
+            "gpt2-test",
+        ]
+    )
     import wandb
+
     wandb.teardown()  # wandb's service writes the run file for good when it stops, as at exit
     (run,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
     record = run.read_bytes()
     for key in ("loss", "val_loss", "grad_norm", "lr", "tok_per_s", "gpt2-test"):
         assert key.encode() in record, key
-    assert torch.load(out / "ckpt.pt", weights_only=True)["wandb_id"] in run.name  # a resume continues this run
+    assert (
+        torch.load(out / "ckpt.pt", weights_only=True)["wandb_id"] in run.name
+    )  # a resume continues this run
 
 
 def readme_commands(heading):
@@ -1614,7 +2860,9 @@ def readme_commands(heading):
     across backslash continuations."""
     section = (HERE / "README.md").read_text().split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
     block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
-    return [line.split("  #")[0].strip() for line in block.splitlines() if line.startswith("python ")]
+    return [
+        line.split("  #")[0].strip() for line in block.splitlines() if line.startswith("python ")
+    ]
 
 
 def test_readme_quick_start_fine_tune_and_eval_run_as_written(tmp_path, monkeypatch, capsys):
@@ -1622,19 +2870,52 @@ def test_readme_quick_start_fine_tune_and_eval_run_as_written(tmp_path, monkeypa
     downloads, a small random GPT-2 in place of OpenAI's, and fewer steps."""
     import io
     import shlex
+
     hf = tmp_path / "tiny_gpt2"
     make_hf_gpt2(hf, n_positions=1024)
-    files = {"input.txt": needs_shared("tinyshakespeare.txt"), "alpaca_data.json": needs_shared("alpaca_data_sample.json"),
-             "hellaswag_val.jsonl": needs_shared("hellaswag_val.jsonl")}
-    fewer = {"pretrain": ["--max_steps", "1", "--eval_interval", "1", "--val_steps", "1", "--eval_samples", "1",
-                          "--total_batch_size", "2048"],
-             "finetune": ["--max_steps", "1", "--eval_interval", "1", "--val_steps", "1", "--batch_size", "4",
-                          "--total_batch_size", "4", "--eval_samples", "1"],
-             "eval": ["--val_steps", "1", "--batch_size", "2", "--hellaswag_limit", "4"], "sample": ["--max_new_tokens", "4"],
-             "chat": ["--max_new_tokens", "4"]}
+    files = {
+        "input.txt": needs_shared("tinyshakespeare.txt"),
+        "alpaca_data.json": needs_shared("alpaca_data_sample.json"),
+        "hellaswag_val.jsonl": needs_shared("hellaswag_val.jsonl"),
+    }
+    fewer = {
+        "pretrain": [
+            "--max_steps",
+            "1",
+            "--eval_interval",
+            "1",
+            "--val_steps",
+            "1",
+            "--eval_samples",
+            "1",
+            "--total_batch_size",
+            "2048",
+        ],
+        "finetune": [
+            "--max_steps",
+            "1",
+            "--eval_interval",
+            "1",
+            "--val_steps",
+            "1",
+            "--batch_size",
+            "4",
+            "--total_batch_size",
+            "4",
+            "--eval_samples",
+            "1",
+        ],
+        "eval": ["--val_steps", "1", "--batch_size", "2", "--hellaswag_limit", "4"],
+        "sample": ["--max_new_tokens", "4"],
+        "chat": ["--max_new_tokens", "4"],
+    }
     monkeypatch.chdir(tmp_path)
     ran = []
-    for heading in ("Quick start on a laptop: tiny Shakespeare", "Fine-tune and chat", "Evaluate and plot"):
+    for heading in (
+        "Quick start on a laptop: tiny Shakespeare",
+        "Fine-tune and chat",
+        "Evaluate and plot",
+    ):
         for line in readme_commands(heading):
             args = [str(files.get(a, a)) for a in shlex.split(line)[2:]]
             if line.startswith("python prepare_data.py"):
@@ -1644,24 +2925,45 @@ def test_readme_quick_start_fine_tune_and_eval_run_as_written(tmp_path, monkeypa
             else:
                 if "--mode pretrain" in line and "--data_dir" not in line or "out/pretrain" in line:
                     continue  # FineWeb-Edu's defaults, and plotting that run: a GPU's work
-                args = [str(hf) if a == "gpt2" else a for a in args] + (["--device", "cpu"] if "plot" not in args else [])
+                args = [str(hf) if a == "gpt2" else a for a in args] + (
+                    ["--device", "cpu"] if "plot" not in args else []
+                )
                 args += fewer.get(args[args.index("--mode") + 1], [])
                 monkeypatch.setattr("sys.stdin", io.StringIO("Name a fruit.\n/quit\n"))
                 tg.main(args)
             ran.append(line.split()[1] + " " + " ".join(a for a in args if a.startswith("--mode")))
     assert len(ran) == 10, ran
-    assert (tmp_path / "out" / "shakespeare" / "plot.png").exists() and (tmp_path / "data" / "alpaca" / "meta.json").exists()
+    assert (tmp_path / "out" / "shakespeare" / "plot.png").exists() and (
+        tmp_path / "data" / "alpaca" / "meta.json"
+    ).exists()
     assert json.loads((tmp_path / "out" / "eval" / "eval.json").read_text())["hellaswag_items"] == 4
 
 
 def test_mfu_peak_matches_the_exact_gpu_model():
-    peaks = {"NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H100 NVL": 835, "NVIDIA H200": 989,
-             "NVIDIA A100-SXM4-80GB": 312, "NVIDIA A100 80GB PCIe": 312, "NVIDIA A100-PCIE-40GB": 312,
-             "NVIDIA L4": 121, "NVIDIA L40S": 362, "NVIDIA L40": 181, "NVIDIA A10G": 70, "NVIDIA A10": 125,
-             "NVIDIA GeForce RTX 4090": 165, "NVIDIA GeForce RTX 3090": 71,
-             # not in the table: None, no MFU rather than a wrong one
-             "NVIDIA GeForce RTX 3090 Ti": None, "NVIDIA GeForce RTX 4090 D": None, "Tesla V100-SXM2-16GB": None,
-             "NVIDIA RTX A6000": None, "NVIDIA L20": None, "NVIDIA A40": None, "": None}
+    peaks = {
+        "NVIDIA H100 80GB HBM3": 989,
+        "NVIDIA H100 PCIe": 756,
+        "NVIDIA H100 NVL": 835,
+        "NVIDIA H200": 989,
+        "NVIDIA A100-SXM4-80GB": 312,
+        "NVIDIA A100 80GB PCIe": 312,
+        "NVIDIA A100-PCIE-40GB": 312,
+        "NVIDIA L4": 121,
+        "NVIDIA L40S": 362,
+        "NVIDIA L40": 181,
+        "NVIDIA A10G": 70,
+        "NVIDIA A10": 125,
+        "NVIDIA GeForce RTX 4090": 165,
+        "NVIDIA GeForce RTX 3090": 71,
+        # not in the table: None, no MFU rather than a wrong one
+        "NVIDIA GeForce RTX 3090 Ti": None,
+        "NVIDIA GeForce RTX 4090 D": None,
+        "Tesla V100-SXM2-16GB": None,
+        "NVIDIA RTX A6000": None,
+        "NVIDIA L20": None,
+        "NVIDIA A40": None,
+        "": None,
+    }
     found = {}
     for name in peaks:  # as torch.cuda names the GPU
         with mock.patch.object(torch.cuda, "get_device_name", lambda device, name=name: name):
@@ -1673,12 +2975,45 @@ def test_mfu_peak_matches_the_exact_gpu_model():
 def test_bench_mode_prints_throughput_in_the_dtype_asked(capsys, monkeypatch):
     """--dtype reaches the timed step's autocast: float32 measures float32, bfloat16 bfloat16."""
     seen = []
-    monkeypatch.setattr(tg, "autocast", lambda device, dtype: seen.append(dtype) or torch.autocast(
-        "cpu", dtype=dtype, enabled=dtype != torch.float32))
+    monkeypatch.setattr(
+        tg,
+        "autocast",
+        lambda device, dtype: (
+            seen.append(dtype) or torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+        ),
+    )
     for dtype in ("float32", "bfloat16"):
-        tg.main(list(map(str, ["--mode", "bench", "--n_layer", 2, "--n_head", 2, "--n_embd", 32, "--block_size", 32,
-                               "--batch_size", 2, "--bench_steps", 3, "--bench_warmup", 1, "--device", "cpu",
-                               "--compile", 0, "--dtype", dtype])))
+        tg.main(
+            list(
+                map(
+                    str,
+                    [
+                        "--mode",
+                        "bench",
+                        "--n_layer",
+                        2,
+                        "--n_head",
+                        2,
+                        "--n_embd",
+                        32,
+                        "--block_size",
+                        32,
+                        "--batch_size",
+                        2,
+                        "--bench_steps",
+                        3,
+                        "--bench_warmup",
+                        1,
+                        "--device",
+                        "cpu",
+                        "--compile",
+                        0,
+                        "--dtype",
+                        dtype,
+                    ],
+                )
+            )
+        )
         out = capsys.readouterr().out
         assert "median step" in out and "tokens/s" in out
         assert f"torch.{dtype}" in out and set(seen) == {getattr(torch, dtype)}, (dtype, seen)
@@ -1690,8 +3025,30 @@ import dev.compare as compare  # noqa: E402
 
 def test_compare_train_against_build_nanogpt(capsys):
     """dev/compare.py: the training-step comparison the README quotes runs and reports."""
-    compare.main(list(map(str, ["train", "--device", "cpu", "--n_layer", 2, "--n_head", 2, "--n_embd", 32,
-                                "--block_size", 32, "--batch_size", 2, "--rounds", 3])))
+    compare.main(
+        list(
+            map(
+                str,
+                [
+                    "train",
+                    "--device",
+                    "cpu",
+                    "--n_layer",
+                    2,
+                    "--n_head",
+                    2,
+                    "--n_embd",
+                    32,
+                    "--block_size",
+                    32,
+                    "--batch_size",
+                    2,
+                    "--rounds",
+                    3,
+                ],
+            )
+        )
+    )
     out = capsys.readouterr().out
     ours = next(line for line in out.splitlines() if line.startswith("ours "))
     assert "tokens/s" in ours and "peak memory +" in ours and "build-nanogpt" in out
@@ -1702,14 +3059,25 @@ def test_compare_train_against_build_nanogpt(capsys):
 # FSDP and activation checkpointing
 
 
-
 def torchrun(n, *args, out_dir, stop_after=None):
     """train_gpt2.py on n ranks (gloo, CPU); with stop_after, SIGTERM once rank 0 logs that step.
     torchrun passes the signal on to the ranks, which save at the next step and exit."""
     import signal
-    proc = subprocess.Popen(TORCHRUN + [f"--nproc_per_node={n}", str(HERE / "train_gpt2.py"), *map(str, args),
-                                        "--out_dir", str(out_dir)], cwd=HERE, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+
+    proc = subprocess.Popen(
+        TORCHRUN
+        + [
+            f"--nproc_per_node={n}",
+            str(HERE / "train_gpt2.py"),
+            *map(str, args),
+            "--out_dir",
+            str(out_dir),
+        ],
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     output = []
     for line in proc.stdout:  # blocking reads: no sleeps
         output.append(line)
@@ -1728,8 +3096,23 @@ def test_fsdp_equals_one_process_and_resumes_on_one_process_and_ddp(shakespeare,
     the same numbers in another order). Gradient norms rel 1e-3: a float32 norm over 1.6M
     numbers sums in another order over shards, which moves it by ~1e-5 of itself (both are
     ~2e-5 from the float64 norm), and the clip carries that into the weights."""
-    args = ["--mode", "pretrain", "--data_dir", shakespeare, *TINY, "--grad_clip", 0.1, "--max_steps", 8,
-            "--eval_interval", 4, "--val_steps", 3, "--ckpt_interval", 1000]  # 3 val batches: 2 ranks get 2 and 1
+    args = [
+        "--mode",
+        "pretrain",
+        "--data_dir",
+        shakespeare,
+        *TINY,
+        "--grad_clip",
+        0.1,
+        "--max_steps",
+        8,
+        "--eval_interval",
+        4,
+        "--val_steps",
+        3,
+        "--ckpt_interval",
+        1000,
+    ]  # 3 val batches: 2 ranks get 2 and 1
     run_script("train_gpt2.py", *args, "--out_dir", tmp_path / "one")
     fsdp = tmp_path / "fsdp"
     torchrun(2, *args, "--fsdp", 1, "--activation_checkpointing", 1, out_dir=fsdp, stop_after=2)
@@ -1737,18 +3120,35 @@ def test_fsdp_equals_one_process_and_resumes_on_one_process_and_ddp(shakespeare,
     stopped_at = checkpoint["step"]
     assert 2 <= stopped_at < 8 and checkpoint["args"]["fsdp"] == 1
     # the same file as a single process writes: full weights under plain names, AdamW by name
-    assert checkpoint["model"].keys() == tg.GPT(tg.GPTConfig(**checkpoint["config"])).state_dict().keys()
+    assert (
+        checkpoint["model"].keys()
+        == tg.GPT(tg.GPTConfig(**checkpoint["config"])).state_dict().keys()
+    )
     assert checkpoint["model"]["lm_head.weight"] is checkpoint["model"]["transformer.wte.weight"]
     assert "transformer.wte.weight" in checkpoint["optimizer"]["state"]
     shutil.copytree(fsdp, tmp_path / "ddp")
     # under FSDP on one process, started without torchrun (a new process: it opens a process group)
-    run_script("train_gpt2.py", *args, "--fsdp", 1, "--init_from", "resume", "--out_dir", fsdp, new_process=True)
+    run_script(
+        "train_gpt2.py",
+        *args,
+        "--fsdp",
+        1,
+        "--init_from",
+        "resume",
+        "--out_dir",
+        fsdp,
+        new_process=True,
+    )
     torchrun(2, *args, "--fsdp", 0, "--init_from", "resume", out_dir=tmp_path / "ddp")
 
     one = read_log(tmp_path / "one")
-    assert len(one) == 10 and all(e["grad_norm"] > 0.1 for e in one if "grad_norm" in e)  # 8 steps, 2 evaluations
+    assert len(one) == 10 and all(
+        e["grad_norm"] > 0.1 for e in one if "grad_norm" in e
+    )  # 8 steps, 2 evaluations
     for run in (fsdp, tmp_path / "ddp"):
-        log = [e for e in read_log(run) if not ("val_loss" in e and e["step"] == stopped_at)]  # logged twice
+        log = [
+            e for e in read_log(run) if not ("val_loss" in e and e["step"] == stopped_at)
+        ]  # logged twice
         assert [e["step"] for e in log] == [e["step"] for e in one], run
         for a, b in zip(one, log):
             for key, rel in (("loss", 1e-5), ("val_loss", 1e-5), ("grad_norm", 1e-3)):
@@ -1759,8 +3159,11 @@ def test_fsdp_equals_one_process_and_resumes_on_one_process_and_ddp(shakespeare,
 def bytes_held(model, optimizer):
     """Bytes of parameters, gradients and AdamW state this process stores (FSDP: its shards alone)."""
     from torch.distributed.tensor import DTensor
+
     tensors = [t for p in model.parameters() for t in (p, p.grad) if t is not None]
-    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    tensors += [
+        v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)
+    ]
     storages = {}  # tied weights and views share storage: counted once
     for t in tensors:
         t = t.to_local() if isinstance(t, DTensor) else t
@@ -1783,7 +3186,9 @@ def two_steps(model, wrap=None):
 def test_fsdp_rank_holds_its_share_of_the_bytes(ranks, tmp_path):
     """Parameters, gradients and AdamW state stored by each rank under FSDP (the DTensors' local shards),
     against one process's: a share of 1 / ranks each."""
-    script = tmp_path / "shards.py"  # run by torchrun: wrap_blocks shards over the group, each rank reports
+    script = (
+        tmp_path / "shards.py"
+    )  # run by torchrun: wrap_blocks shards over the group, each rank reports
     script.write_text(f"""import argparse, os, sys
 sys.path.insert(0, {str(HERE)!r})
 import torch, test_gpt2 as t
@@ -1796,34 +3201,56 @@ sys.stdout.flush()
 torch.distributed.destroy_process_group()
 os._exit(0)  # as train_gpt2.py's command line: no interpreter shutdown for gloo's threads to abort
 """)
-    proc = subprocess.run(TORCHRUN + [f"--nproc_per_node={ranks}", str(script)], cwd=HERE, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        TORCHRUN + [f"--nproc_per_node={ranks}", str(script)],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     held = [int(n) for n in re.findall(r"rank \d+ holds (\d+)\n", proc.stdout)]
     torch.manual_seed(0)
-    model = tg.GPT(tg.GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, padded_vocab_size=50304))
+    model = tg.GPT(
+        tg.GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, padded_vocab_size=50304)
+    )
     one = two_steps(model)  # 16 bytes per parameter: weight, gradient, 2 Adam moments
     assert one == pytest.approx(16 * sum(p.numel() for p in model.parameters()), rel=1e-3)
-    assert len(held) == ranks and all(h == pytest.approx(one / ranks, rel=0.01) for h in held), (held, one)
+    assert len(held) == ranks and all(h == pytest.approx(one / ranks, rel=0.01) for h in held), (
+        held,
+        one,
+    )
 
 
 def test_activation_checkpointing_same_gradients_fewer_saved_bytes():
     """The same loss and gradients, bit for bit (the forward runs again exactly), and far
     fewer bytes saved for the backward pass: a block keeps only its input."""
     import copy
+
     torch.manual_seed(0)
     # a small vocabulary, so that the blocks' activations, not the logits, dominate
-    plain = tg.GPT(tg.GPTConfig(block_size=64, vocab_size=128, padded_vocab_size=128, n_layer=4, n_head=2, n_embd=64))
+    plain = tg.GPT(
+        tg.GPTConfig(
+            block_size=64, vocab_size=128, padded_vocab_size=128, n_layer=4, n_head=2, n_embd=64
+        )
+    )
     import argparse
-    checkpointed = tg.wrap_blocks(copy.deepcopy(plain), torch.float32,
-                                  argparse.Namespace(fsdp=0, activation_checkpointing=1, compile=0))
-    assert checkpointed.state_dict().keys() == plain.state_dict().keys()  # the wrapper leaves no trace in names
+
+    checkpointed = tg.wrap_blocks(
+        copy.deepcopy(plain),
+        torch.float32,
+        argparse.Namespace(fsdp=0, activation_checkpointing=1, compile=0),
+    )
+    assert (
+        checkpointed.state_dict().keys() == plain.state_dict().keys()
+    )  # the wrapper leaves no trace in names
     x, y = random_ids(4, 64, vocab=128), random_ids(4, 64, seed=1, vocab=128)
 
     def run(model):
         saved = []  # bytes of every tensor autograd keeps for the backward pass
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
-                                                      lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t
+        ):
             _, loss = model(x, y)
         loss.backward()
         return sum(saved), loss.item(), [p.grad for p in model.parameters()]
@@ -1843,7 +3270,11 @@ INSTRUCTIONS = [
     {"instruction": "Name a fruit.", "input": "", "output": "An apple, crisp and red."},
     {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
     {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
-    {"instruction": "Who wrote Hamlet?", "input": "", "output": "William Shakespeare wrote Hamlet."},
+    {
+        "instruction": "Who wrote Hamlet?",
+        "input": "",
+        "output": "William Shakespeare wrote Hamlet.",
+    },
     {"instruction": "Say hello.", "input": "", "output": "Hello there, friend!"},
     {"instruction": "Count to three.", "input": "", "output": "One, two, three."},
     {"instruction": "What is the opposite of hot?", "input": "", "output": "Cold."},
@@ -1854,8 +3285,18 @@ INSTRUCTIONS = [
 def sft_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sft")
     (folder / "records.json").write_text(json.dumps(INSTRUCTIONS))
-    run_script("prepare_data.py", "--sft", "--files", folder / "records.json", "--out_dir", folder / "data",
-               "--val_fraction", 0.125, "--block_size", 128)
+    run_script(
+        "prepare_data.py",
+        "--sft",
+        "--files",
+        folder / "records.json",
+        "--out_dir",
+        folder / "data",
+        "--val_fraction",
+        0.125,
+        "--block_size",
+        128,
+    )
     return folder / "data"
 
 
@@ -1873,12 +3314,20 @@ def base_model(tmp_path_factory):
 def train_examples(data):
     """The (instruction, output) pairs of the train split, decoded back."""
     enc = tg.get_tokenizer()
-    tokens, mask, offsets = (np.load(data / f"train_{n}.npy") for n in ("tokens", "mask", "offsets"))
+    tokens, mask, offsets = (
+        np.load(data / f"train_{n}.npy") for n in ("tokens", "mask", "offsets")
+    )
     pairs = []
     for i in range(len(offsets) - 1):
-        t, m = tokens[offsets[i]:offsets[i + 1]], mask[offsets[i]:offsets[i + 1]].astype(bool)
+        t, m = tokens[offsets[i] : offsets[i + 1]], mask[offsets[i] : offsets[i + 1]].astype(bool)
         prompt, answer = enc.decode(t[~m].tolist()), enc.decode(t[m][:-1].tolist())
-        pairs.append(next((r["instruction"], answer) for r in INSTRUCTIONS if r["output"] == answer and r["instruction"] in prompt))
+        pairs.append(
+            next(
+                (r["instruction"], answer)
+                for r in INSTRUCTIONS
+                if r["output"] == answer and r["instruction"] in prompt
+            )
+        )
     return pairs
 
 
@@ -1894,7 +3343,7 @@ def test_loss_counts_answer_tokens_only_and_ignores_padding(sft_data):
         for i in range(3):
             start, end = loader.offsets[i], loader.offsets[i + 1]
             tokens = torch.tensor(loader.tokens[start:end].astype(np.int64))
-            answer = torch.tensor(loader.mask[start + 1:end].astype(bool))
+            answer = torch.tensor(loader.mask[start + 1 : end].astype(bool))
             logits, _ = model(tokens[None, :-1])
             log_probs = logits[0].log_softmax(-1)[torch.arange(len(tokens) - 1), tokens[1:]]
             total -= log_probs[answer].sum().item()
@@ -1904,33 +3353,90 @@ def test_loss_counts_answer_tokens_only_and_ignores_padding(sft_data):
         for width in (60, 80):  # padded further: same loss
             x_wide = torch.full((3, width), tg.EOT_TOKEN)
             y_wide = torch.full((3, width), -100)
-            x_wide[:, :x.size(1)], y_wide[:, :y.size(1)] = x, y
+            x_wide[:, : x.size(1)], y_wide[:, : y.size(1)] = x, y
             assert model(x_wide, y_wide)[1].item() == pytest.approx(loss.item(), rel=1e-5)
 
 
-FINETUNE = ["--mode", "finetune", "--batch_size", 7, "--total_batch_size", 7, "--max_lr", 3e-3,
-            "--warmup_steps", 5, "--eval_interval", 20, "--val_steps", 2, "--eval_samples", 0, "--device", "cpu"]
+FINETUNE = [
+    "--mode",
+    "finetune",
+    "--batch_size",
+    7,
+    "--total_batch_size",
+    7,
+    "--max_lr",
+    3e-3,
+    "--warmup_steps",
+    5,
+    "--eval_interval",
+    20,
+    "--val_steps",
+    2,
+    "--eval_samples",
+    0,
+    "--device",
+    "cpu",
+]
 
 
 def test_finetuned_model_answers_and_stops(sft_data, base_model, tmp_path, monkeypatch, capsys):
     out = tmp_path / "ft"
-    run_script("train_gpt2.py", *FINETUNE, "--init_from", base_model, "--data_dir", sft_data, "--out_dir", out,
-               "--max_steps", 40)
+    run_script(
+        "train_gpt2.py",
+        *FINETUNE,
+        "--init_from",
+        base_model,
+        "--data_dir",
+        sft_data,
+        "--out_dir",
+        out,
+        "--max_steps",
+        40,
+    )
     losses = [loss for _, loss in train_losses(out)]
     assert losses[-1] < 0.1 * losses[0]  # memorized the handful of answers
     checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
-    assert checkpoint["prompt_template"] == pdata.ALPACA_PROMPT  # the checkpoint remembers its template
+    assert (
+        checkpoint["prompt_template"] == pdata.ALPACA_PROMPT
+    )  # the checkpoint remembers its template
     no_input = [r["instruction"] for r in INSTRUCTIONS if not r["input"]]
-    (instruction, answer), (chat_instruction, chat_answer) = [p for p in train_examples(sft_data) if p[0] in no_input][:2]
+    (instruction, answer), (chat_instruction, chat_answer) = [
+        p for p in train_examples(sft_data) if p[0] in no_input
+    ][:2]
     # --mode sample wraps the prompt in the template and stops at <|endoftext|>
-    proc = run_script("train_gpt2.py", "--mode", "sample", "--init_from", out / "ckpt.pt", "--prompt", instruction,
-                      "--temperature", 0, "--max_new_tokens", 40, "--device", "cpu")
+    proc = run_script(
+        "train_gpt2.py",
+        "--mode",
+        "sample",
+        "--init_from",
+        out / "ckpt.pt",
+        "--prompt",
+        instruction,
+        "--temperature",
+        0,
+        "--max_new_tokens",
+        40,
+        "--device",
+        "cpu",
+    )
     assert proc.stdout == f"{instruction}\n{answer}\n"
     # and chat does the same, one instruction at a time, until /quit
     import io
+
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{chat_instruction}\n/quit\n"))
     capsys.readouterr()
-    tg.main(["--mode", "chat", "--init_from", str(out / "ckpt.pt"), "--temperature", "0", "--device", "cpu"])
+    tg.main(
+        [
+            "--mode",
+            "chat",
+            "--init_from",
+            str(out / "ckpt.pt"),
+            "--temperature",
+            "0",
+            "--device",
+            "cpu",
+        ]
+    )
     assert f"> {chat_answer}\n> " in capsys.readouterr().out
 
 
@@ -1940,29 +3446,71 @@ def test_sample_applies_the_template_only_to_finetuned_checkpoints(base_model, t
     prompt = "Name a fruit."
     for template in (None, pdata.ALPACA_PROMPT):
         path = tmp_path / f"{template is None}.pt"
-        torch.save({"model": model.state_dict(), "config": tg.asdict(model.config), "prompt_template": template}, path)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "config": tg.asdict(model.config),
+                "prompt_template": template,
+            },
+            path,
+        )
         tokens = enc.encode(template.format(instruction=prompt) if template else prompt)
-        new = model.generate(torch.tensor([tokens]), max_new_tokens=10, temperature=0)[0, len(tokens):].tolist()
-        new = new[:new.index(tg.EOT_TOKEN)] if tg.EOT_TOKEN in new else new
-        proc = run_script("train_gpt2.py", "--mode", "sample", "--init_from", path, "--prompt", prompt,
-                          "--temperature", 0, "--max_new_tokens", 10, "--device", "cpu")
+        new = model.generate(torch.tensor([tokens]), max_new_tokens=10, temperature=0)[
+            0, len(tokens) :
+        ].tolist()
+        new = new[: new.index(tg.EOT_TOKEN)] if tg.EOT_TOKEN in new else new
+        proc = run_script(
+            "train_gpt2.py",
+            "--mode",
+            "sample",
+            "--init_from",
+            path,
+            "--prompt",
+            prompt,
+            "--temperature",
+            0,
+            "--max_new_tokens",
+            10,
+            "--device",
+            "cpu",
+        )
         assert proc.stdout == (f"{prompt}\n" if template else prompt) + enc.decode(new) + "\n"
     assert "not fine-tuned" in main_error("--mode", "chat", "--init_from", tmp_path / "True.pt")
 
 
 def test_finetune_resume_equals_uninterrupted(sft_data, base_model, tmp_path):
-    args = [*FINETUNE, "--init_from", base_model, "--data_dir", sft_data, "--max_steps", 16, "--ckpt_interval", 1000,
-            "--batch_size", 2, "--total_batch_size", 4, "--eval_interval", 8, "--block_size", 100]  # 100 < the model's 128
+    args = [
+        *FINETUNE,
+        "--init_from",
+        base_model,
+        "--data_dir",
+        sft_data,
+        "--max_steps",
+        16,
+        "--ckpt_interval",
+        1000,
+        "--batch_size",
+        2,
+        "--total_batch_size",
+        4,
+        "--eval_interval",
+        8,
+        "--block_size",
+        100,
+    ]  # 100 < the model's 128
     run_script("train_gpt2.py", *args, "--out_dir", tmp_path / "straight")
     stopped_at = interrupt_and_resume(args, tmp_path / "cut", signal_at_step=4)
     assert 4 <= stopped_at < 16
-    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["model"]["transformer.wpe.weight"].shape == (100, 64)
+    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["model"][
+        "transformer.wpe.weight"
+    ].shape == (100, 64)
     assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "straight")
 
 
 def read_until(proc, text, timeout=120):
     """What the process has printed up to and including text (blocking reads, no sleeps)."""
     import select
+
     out, deadline = b"", time.time() + timeout
     while text.encode() not in out:
         ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.time()))
@@ -1976,17 +3524,44 @@ def test_ctrl_c_in_sample_and_chat(base_model, tmp_path):
     """Ctrl-C as a terminal sends it, to the whole process group: sample ends with one line;
     chat drops the answer in progress and asks for the next instruction."""
     import signal
+
     model, _ = tg.load_model(str(base_model))
     chat_model = tmp_path / "chat.pt"
-    torch.save({"model": model.state_dict(), "config": tg.asdict(model.config), "prompt_template": pdata.ALPACA_PROMPT},
-               chat_model)
-    endless = ["--max_new_tokens", 100_000, "--temperature", 0, "--device", "cpu"]  # slides past 128 positions: long
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "config": tg.asdict(model.config),
+            "prompt_template": pdata.ALPACA_PROMPT,
+        },
+        chat_model,
+    )
+    endless = [
+        "--max_new_tokens",
+        100_000,
+        "--temperature",
+        0,
+        "--device",
+        "cpu",
+    ]  # slides past 128 positions: long
     for mode, checkpoint in (("sample", base_model), ("chat", chat_model)):
-        proc = subprocess.Popen([sys.executable, str(HERE / "train_gpt2.py"), "--mode", mode, "--init_from", str(checkpoint),
-                                 *(["--prompt", "Once"] if mode == "sample" else []), *map(str, endless)],
-                                cwd=HERE, start_new_session=True,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(HERE / "train_gpt2.py"),
+                "--mode",
+                mode,
+                "--init_from",
+                str(checkpoint),
+                *(["--prompt", "Once"] if mode == "sample" else []),
+                *map(str, endless),
+            ],
+            cwd=HERE,
+            start_new_session=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         try:
             if mode == "chat":
                 read_until(proc, "> ")
@@ -2013,9 +3588,13 @@ def test_finetune_bad_input(sft_data, shakespeare, base_model, tmp_path):
     def finetune(*args):
         return main_error(*FINETUNE, "--init_from", base_model, "--out_dir", tmp_path / "o", *args)
 
-    assert "--sft" in finetune("--data_dir", shakespeare)  # pretraining shards are not instruction data
+    assert "--sft" in finetune(
+        "--data_dir", shakespeare
+    )  # pretraining shards are not instruction data
     assert "not found" in finetune("--data_dir", tmp_path / "missing")
-    assert "less than one step" in finetune("--data_dir", sft_data, "--total_batch_size", 70, "--batch_size", 7)
+    assert "less than one step" in finetune(
+        "--data_dir", sft_data, "--total_batch_size", 70, "--batch_size", 7
+    )
 
 
 def test_advice_run_as_written_makes_the_refused_command_work(tmp_path, monkeypatch):
@@ -2023,16 +3602,40 @@ def test_advice_run_as_written_makes_the_refused_command_work(tmp_path, monkeypa
     for a longer model (its own command again, with --block_size and --overwrite), and a text file given
     as --data_dir (prepared first, then its folder)."""
     import shlex
+
     monkeypatch.chdir(tmp_path)
     Path("records.json").write_text(json.dumps(INSTRUCTIONS))  # examples of 39 to 54 tokens
-    pdata.main(["--sft", "--files", "records.json", "--out_dir", "data/sft", "--val_fraction", "0.125"])
-    os.rename("data/sft", "data/moved")  # the advice redoes the folder refused, wherever it was first made
+    pdata.main(
+        ["--sft", "--files", "records.json", "--out_dir", "data/sft", "--val_fraction", "0.125"]
+    )
+    os.rename(
+        "data/sft", "data/moved"
+    )  # the advice redoes the folder refused, wherever it was first made
     model = tg.GPT(tg.GPTConfig(block_size=48, n_layer=1, n_head=2, n_embd=32))
     torch.save({"model": model.state_dict(), "config": tg.asdict(model.config)}, "short.pt")
-    finetune = ["--mode", "finetune", "--init_from", "short.pt", "--data_dir", "data/moved", "--batch_size", 2,
-                "--total_batch_size", 2, "--max_steps", 1, "--eval_samples", 0, "--device", "cpu"]
+    finetune = [
+        "--mode",
+        "finetune",
+        "--init_from",
+        "short.pt",
+        "--data_dir",
+        "data/moved",
+        "--batch_size",
+        2,
+        "--total_batch_size",
+        2,
+        "--max_steps",
+        1,
+        "--eval_samples",
+        0,
+        "--device",
+        "cpu",
+    ]
     message = main_error(*finetune)
-    assert "examples of 54 tokens" in message and "--block_size 48 --out_dir data/moved --overwrite" in message
+    assert (
+        "examples of 54 tokens" in message
+        and "--block_size 48 --out_dir data/moved --overwrite" in message
+    )
     pdata.main(shlex.split(re.search(r"python prepare_data\.py.*", message)[0])[2:])
     assert not os.path.exists("data/sft")
     run_script("train_gpt2.py", *finetune)
@@ -2040,7 +3643,9 @@ def test_advice_run_as_written_makes_the_refused_command_work(tmp_path, monkeypa
 
     Path("input.txt").write_text(" ".join(DOCS) * 100)
     message = main_error("--mode", "pretrain", *TINY, "--data_dir", "input.txt", "--max_steps", 1)
-    command, folder = re.search(r"(python prepare_data\.py [^,]*), then give --data_dir (\S+)$", message).groups()
+    command, folder = re.search(
+        r"(python prepare_data\.py [^,]*), then give --data_dir (\S+)$", message
+    ).groups()
     pdata.main(shlex.split(command)[2:])
     run_script("train_gpt2.py", "--mode", "pretrain", *TINY, "--data_dir", folder, "--max_steps", 1)
     assert torch.load("out/pretrain/ckpt.pt", weights_only=True)["step"] == 1
@@ -2056,7 +3661,14 @@ def hellaswag_file(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hellaswag")
     lines = needs_shared("hellaswag_val.jsonl").read_text().splitlines()[:12]
     (folder / "raw.jsonl").write_text("\n".join(lines) + "\n")
-    run_script("prepare_data.py", "--hellaswag", "--files", folder / "raw.jsonl", "--out_dir", folder / "hs")
+    run_script(
+        "prepare_data.py",
+        "--hellaswag",
+        "--files",
+        folder / "raw.jsonl",
+        "--out_dir",
+        folder / "hs",
+    )
     return folder / "hs" / "hellaswag_val.jsonl"
 
 
@@ -2065,7 +3677,9 @@ def test_hellaswag_scores_match_transformers_and_a_plain_loop(hellaswag_file, tm
     model = tg.GPT.from_pretrained(str(tmp_path)).eval()
     enc = tg.get_tokenizer()
     items = tg.load_hellaswag(hellaswag_file)
-    sums, means = tg.score_endings(model, enc, items, torch.float32, max_batch_tokens=1000)  # several batches, padded
+    sums, means = tg.score_endings(
+        model, enc, items, torch.float32, max_batch_tokens=1000
+    )  # several batches, padded
     by_hand = []
     with torch.no_grad():
         for i, item in enumerate(items):
@@ -2073,26 +3687,43 @@ def test_hellaswag_scores_match_transformers_and_a_plain_loop(hellaswag_file, tm
             for j, ending in enumerate(item["endings"]):  # one forward pass per ending, no padding
                 ending_tokens = enc.encode(" " + ending)
                 ids = torch.tensor([context + ending_tokens])
-                losses = torch.nn.functional.cross_entropy(hf_model(ids).logits[0, :-1], ids[0, 1:], reduction="none")
-                theirs = losses[-len(ending_tokens):]
+                losses = torch.nn.functional.cross_entropy(
+                    hf_model(ids).logits[0, :-1], ids[0, 1:], reduction="none"
+                )
+                theirs = losses[-len(ending_tokens) :]
                 assert sums[i, j].item() == pytest.approx(theirs.sum().item(), abs=1e-3)
                 assert means[i, j].item() == pytest.approx(theirs.mean().item(), abs=1e-4)
-                ours = torch.nn.functional.cross_entropy(model(ids)[0][0, :-1], ids[0, 1:], reduction="none")
-                by_hand.append(ours[-len(ending_tokens):].mean().item())
+                ours = torch.nn.functional.cross_entropy(
+                    model(ids)[0][0, :-1], ids[0, 1:], reduction="none"
+                )
+                by_hand.append(ours[-len(ending_tokens) :].mean().item())
     by_hand = torch.tensor(by_hand).view(-1, 4)
     assert means.argmin(1).tolist() == by_hand.argmin(1).tolist()
     result = tg.hellaswag_eval(model, tg.load_hellaswag(hellaswag_file), torch.float32)
     labels = torch.tensor([item["label"] for item in items])
-    assert result["hellaswag_acc_norm"] == pytest.approx((by_hand.argmin(1) == labels).double().mean().item())
-    assert result["hellaswag_acc"] == pytest.approx((sums.argmin(1) == labels).double().mean().item())
+    assert result["hellaswag_acc_norm"] == pytest.approx(
+        (by_hand.argmin(1) == labels).double().mean().item()
+    )
+    assert result["hellaswag_acc"] == pytest.approx(
+        (sums.argmin(1) == labels).double().mean().item()
+    )
 
 
 def test_hellaswag_harness_convention_matches_transformers(hellaswag_file, tmp_path):
     # lm-evaluation-harness's clean-up, on an item with the WikiHow half's tags
-    tagged = {"activity_label": "Home", "ctx_a": "Clean the sink. [title] Rinse it.", "ctx_b": "then wipe",
-              "endings": ["[step] Dry  it.", "Stop.", "Go.", "Sit."], "label": 0, "ctx": "unused"}
+    tagged = {
+        "activity_label": "Home",
+        "ctx_a": "Clean the sink. [title] Rinse it.",
+        "ctx_b": "then wipe",
+        "endings": ["[step] Dry  it.", "Stop.", "Go.", "Sit."],
+        "label": 0,
+        "ctx": "unused",
+    }
     asked = tg.harness_item(tagged)
-    assert asked["ctx"] == "Home: Clean the sink.. Rinse it. Then wipe" and asked["endings"][0] == " Dry it."
+    assert (
+        asked["ctx"] == "Home: Clean the sink.. Rinse it. Then wipe"
+        and asked["endings"][0] == " Dry it."
+    )
     hf_model = make_hf_gpt2(tmp_path, n_positions=256)
     model = tg.GPT.from_pretrained(str(tmp_path)).eval()
     enc = tg.get_tokenizer()
@@ -2104,34 +3735,93 @@ def test_hellaswag_harness_convention_matches_transformers(hellaswag_file, tmp_p
             for ending in item["endings"]:
                 ids = torch.tensor([enc.encode(item["ctx"]) + enc.encode(" " + ending)])
                 n = len(enc.encode(" " + ending))
-                losses = torch.nn.functional.cross_entropy(hf_model(ids).logits[0, :-1], ids[0, 1:], reduction="none")
+                losses = torch.nn.functional.cross_entropy(
+                    hf_model(ids).logits[0, :-1], ids[0, 1:], reduction="none"
+                )
                 sums.append(losses[-n:].sum().item())
             right["acc"] += int(np.argmin(sums) == item["label"])
-            right["acc_norm"] += int(np.argmin([s / len(e) for s, e in zip(sums, item["endings"])]) == item["label"])
-    both = tg.hellaswag_eval(model, tg.load_hellaswag(hellaswag_file, convention="both"), torch.float32, "both")
+            right["acc_norm"] += int(
+                np.argmin([s / len(e) for s, e in zip(sums, item["endings"])]) == item["label"]
+            )
+    both = tg.hellaswag_eval(
+        model, tg.load_hellaswag(hellaswag_file, convention="both"), torch.float32, "both"
+    )
     assert both["hellaswag_harness_acc"] == right["acc"] / len(items)
     assert both["hellaswag_harness_acc_norm"] == right["acc_norm"] / len(items)
     completion = tg.hellaswag_eval(model, tg.load_hellaswag(hellaswag_file), torch.float32)
-    assert {k: both[k] for k in completion} == completion and "hellaswag_harness_acc" not in completion
+    assert {
+        k: both[k] for k in completion
+    } == completion and "hellaswag_harness_acc" not in completion
 
 
 def test_eval_mode_with_two_ranks_equals_one(hellaswag_file, shakespeare, base_model, tmp_path):
-    args = ["--mode", "eval", "--init_from", base_model, "--hellaswag_path", hellaswag_file, "--data_dir", shakespeare,
-            "--batch_size", 2, "--val_steps", 5, "--device", "cpu"]
+    args = [
+        "--mode",
+        "eval",
+        "--init_from",
+        base_model,
+        "--hellaswag_path",
+        hellaswag_file,
+        "--data_dir",
+        shakespeare,
+        "--batch_size",
+        2,
+        "--val_steps",
+        5,
+        "--device",
+        "cpu",
+    ]
     proc = run_script("train_gpt2.py", *args, "--out_dir", tmp_path / "one")
     assert "hellaswag_acc_norm" in proc.stdout and "val_loss" in proc.stdout
-    subprocess.run(TORCHRUN + ["--nproc_per_node=2", str(HERE / "train_gpt2.py"), *map(str, args), "--out_dir",
-                               str(tmp_path / "two")], check=True, capture_output=True, cwd=HERE)
+    subprocess.run(
+        TORCHRUN
+        + [
+            "--nproc_per_node=2",
+            str(HERE / "train_gpt2.py"),
+            *map(str, args),
+            "--out_dir",
+            str(tmp_path / "two"),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=HERE,
+    )
     one, two = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "two"))
     assert one["hellaswag_items"] == two["hellaswag_items"] == 12
-    assert one["hellaswag_acc"] == two["hellaswag_acc"] and one["hellaswag_acc_norm"] == two["hellaswag_acc_norm"]
-    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-6)  # the same 5 batches, split over 2 ranks
+    assert (
+        one["hellaswag_acc"] == two["hellaswag_acc"]
+        and one["hellaswag_acc_norm"] == two["hellaswag_acc_norm"]
+    )
+    assert two["val_loss"] == pytest.approx(
+        one["val_loss"], rel=1e-6
+    )  # the same 5 batches, split over 2 ranks
 
 
 def test_hellaswag_during_pretraining_and_plot(shakespeare, hellaswag_file, tmp_path):
-    run_script("train_gpt2.py", "--mode", "pretrain", "--data_dir", shakespeare, "--out_dir", tmp_path, *TINY,
-               "--block_size", 128, "--max_steps", 4, "--eval_interval", 2, "--val_steps", 2,
-               "--hellaswag", 1, "--hellaswag_path", hellaswag_file, "--hellaswag_limit", 4)
+    run_script(
+        "train_gpt2.py",
+        "--mode",
+        "pretrain",
+        "--data_dir",
+        shakespeare,
+        "--out_dir",
+        tmp_path,
+        *TINY,
+        "--block_size",
+        128,
+        "--max_steps",
+        4,
+        "--eval_interval",
+        2,
+        "--val_steps",
+        2,
+        "--hellaswag",
+        1,
+        "--hellaswag_path",
+        hellaswag_file,
+        "--hellaswag_limit",
+        4,
+    )
     evals = [e for e in read_log(tmp_path) if "val_loss" in e]
     assert [e["step"] for e in evals] == [2, 4] and all(e["hellaswag_items"] == 4 for e in evals)
     run_script("train_gpt2.py", "--mode", "plot", "--out_dir", tmp_path)
@@ -2144,8 +3834,30 @@ def test_generation_comparison_at_two_batch_sizes(capsys):
     # Only that it runs and reports: whether the tokens agree with transformers is tested
     # independently above (test_greedy_generation_matches_transformers_left_padded), not
     # taken from the comparison's own "same tokens" line.
-    compare.main(list(map(str, ["generate", "--device", "cpu", "--n_layer", 1, "--n_head", 2, "--n_embd", 32,
-                                "--block_size", 64, "--max_new_tokens", 8, "--rounds", 1])))
+    compare.main(
+        list(
+            map(
+                str,
+                [
+                    "generate",
+                    "--device",
+                    "cpu",
+                    "--n_layer",
+                    1,
+                    "--n_head",
+                    2,
+                    "--n_embd",
+                    32,
+                    "--block_size",
+                    64,
+                    "--max_new_tokens",
+                    8,
+                    "--rounds",
+                    1,
+                ],
+            )
+        )
+    )
     out = capsys.readouterr().out
     assert "batch 1" in out and "batch 8" in out and out.count("transformers generate") == 2
     assert out.count("LM head alone") == 4  # a row, and the cap it sets, at each batch size
@@ -2192,22 +3904,39 @@ def exports(tmp_path_factory):
     """{case: (our model, the folder exported from it)}: one of our fine-tuned checkpoints with the
     vocabulary padded to 50304, and a Hugging Face folder re-exported (--init_from DIR)."""
     folder = tmp_path_factory.mktemp("export")
-    model = randomize(tg.GPT(tg.GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32, padded_vocab_size=50304)))
-    checkpoint = {"model": model.state_dict(), "config": tg.asdict(model.config), "prompt_template": pdata.ALPACA_PROMPT}
+    model = randomize(
+        tg.GPT(tg.GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32, padded_vocab_size=50304))
+    )
+    checkpoint = {
+        "model": model.state_dict(),
+        "config": tg.asdict(model.config),
+        "prompt_template": pdata.ALPACA_PROMPT,
+    }
     torch.save(checkpoint, folder / "finetuned.pt")
     make_hf_gpt2(folder / "hf", n_head=4, n_embd=64, n_layer=2, n_positions=64, seed=1)
-    return {"padded_finetuned_pt": (model.eval(), export_to(folder / "finetuned.pt", folder / "out_pt")),
-            "hf_folder": (tg.GPT.from_pretrained(str(folder / "hf")).eval(), export_to(folder / "hf", folder / "out_hf"))}
+    return {
+        "padded_finetuned_pt": (
+            model.eval(),
+            export_to(folder / "finetuned.pt", folder / "out_pt"),
+        ),
+        "hf_folder": (
+            tg.GPT.from_pretrained(str(folder / "hf")).eval(),
+            export_to(folder / "hf", folder / "out_hf"),
+        ),
+    }
 
 
 @pytest.mark.parametrize("case", ["padded_finetuned_pt", "hf_folder"])
 def test_export_matches_in_transformers(exports, case):
     from transformers import AutoModelForCausalLM
+
     ours, out = exports[case]
     hf_model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert type(hf_model).__name__ == "GPT2LMHeadModel" and hf_model.dtype == torch.float32
     assert not any(info.values()), info  # no missing, unexpected or mismatched weight
-    assert hf_model.lm_head.weight.data_ptr() == hf_model.transformer.wte.weight.data_ptr()  # tied again
+    assert (
+        hf_model.lm_head.weight.data_ptr() == hf_model.transformer.wte.weight.data_ptr()
+    )  # tied again
     ids = random_ids(3, 64, seed=2)
     with torch.no_grad():
         diff = (hf_model.eval()(ids).logits - ours(ids)[0]).abs().max().item()
@@ -2215,9 +3944,11 @@ def test_export_matches_in_transformers(exports, case):
     assert diff <= 1e-5
     # Greedy generation, a left-padded batch of prompts of different lengths, token for token.
     prompts, mask = tg.left_pad([random_ids(1, n, seed=n)[0].tolist() for n in (5, 12, 1)])
-    theirs = hf_model.generate(prompts, attention_mask=mask, do_sample=False, max_new_tokens=40, pad_token_id=tg.EOT_TOKEN)
+    theirs = hf_model.generate(
+        prompts, attention_mask=mask, do_sample=False, max_new_tokens=40, pad_token_id=tg.EOT_TOKEN
+    )
     mine = ours.generate(prompts, mask, max_new_tokens=40, temperature=0)
-    print(f"{case}: greedy generation equal over {theirs[:, prompts.size(1):].numel()} new tokens")
+    print(f"{case}: greedy generation equal over {theirs[:, prompts.size(1) :].numel()} new tokens")
     assert torch.equal(theirs, mine)
 
 
@@ -2226,8 +3957,11 @@ def test_export_reloads_exactly(exports, case):
     ours, out = exports[case]
     reloaded, _ = tg.load_model(str(out))  # what --init_from DIR does
     theirs = reloaded.state_dict()
-    for key, tensor in ours.state_dict().items():  # ours may have padded rows: compare the real ones
-        assert torch.equal(tensor[:theirs[key].size(0)], theirs[key]), key
+    for (
+        key,
+        tensor,
+    ) in ours.state_dict().items():  # ours may have padded rows: compare the real ones
+        assert torch.equal(tensor[: theirs[key].size(0)], theirs[key]), key
     assert reloaded.config.vocab_size == 50257 and reloaded.config.padded_vocab_size == 50257
 
 
@@ -2242,12 +3976,17 @@ def test_re_export_is_identical(exports, tmp_path):
 def tiktoken_cached(url):
     """A file tiktoken downloaded and cached, or None (the name is the sha1 of its URL)."""
     import hashlib
-    path = Path(os.environ.get("TIKTOKEN_CACHE_DIR", "/nonexistent")) / hashlib.sha1(url.encode()).hexdigest()
+
+    path = (
+        Path(os.environ.get("TIKTOKEN_CACHE_DIR", "/nonexistent"))
+        / hashlib.sha1(url.encode()).hexdigest()
+    )
     return path if path.exists() else None
 
 
 def test_exported_tokenizer_matches_tiktoken(exports):
     from transformers import AutoTokenizer
+
     _, out = exports["padded_finetuned_pt"]
     enc = tg.get_tokenizer()
     texts = EXPORT_TEXTS + [needs_shared("tinyshakespeare.txt").read_text()[:20000]]
@@ -2261,17 +4000,28 @@ def test_exported_tokenizer_matches_tiktoken(exports):
     assert tokenizers
     compared = 0
     for name, tokenizer in tokenizers.items():
-        assert len(tokenizer) == 50257 and tokenizer.eos_token_id == tokenizer.bos_token_id == tg.EOT_TOKEN
+        assert (
+            len(tokenizer) == 50257
+            and tokenizer.eos_token_id == tokenizer.bos_token_id == tg.EOT_TOKEN
+        )
         for text in texts:
-            expected = enc.encode(text, allowed_special="all")  # "<|endoftext|>" is the one token 50256
+            expected = enc.encode(
+                text, allowed_special="all"
+            )  # "<|endoftext|>" is the one token 50256
             ids = tokenizer(text)["input_ids"]
             assert ids == expected, (name, text[:40])
             assert tokenizer.decode(ids) == text
             compared += len(ids)
-    print(f"tokenizers {', '.join(tokenizers)}: {compared} tokens equal to tiktoken's over {len(texts)} texts")
+    print(
+        f"tokenizers {', '.join(tokenizers)}: {compared} tokens equal to tiktoken's over {len(texts)} texts"
+    )
     # The files rebuilt from tiktoken's ranks are OpenAI's own, where tiktoken cached those.
-    encoder_json = tiktoken_cached("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json")
-    vocab_bpe = tiktoken_cached("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe")
+    encoder_json = tiktoken_cached(
+        "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"
+    )
+    vocab_bpe = tiktoken_cached(
+        "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe"
+    )
     if encoder_json and vocab_bpe:
         assert json.loads((out / "vocab.json").read_text()) == json.loads(encoder_json.read_text())
         openai_merges = vocab_bpe.read_text(encoding="utf-8").split("\n")[1:]
@@ -2280,21 +4030,33 @@ def test_exported_tokenizer_matches_tiktoken(exports):
 
 def test_finetuned_export_carries_its_chat_template(exports):
     from transformers import AutoConfig, AutoTokenizer
+
     _, out = exports["padded_finetuned_pt"]
     tokenizer = AutoTokenizer.from_pretrained(out)
     enc = tg.get_tokenizer()
     assert AutoConfig.from_pretrained(out).prompt_template == pdata.ALPACA_PROMPT  # the plain field
-    for instruction in ["Who wrote Hamlet?", 'Quote "this" and {{ that }} {% raw %} \\n', "Übersetze: 猫 🐈\n\nzwei Zeilen"]:
+    for instruction in [
+        "Who wrote Hamlet?",
+        'Quote "this" and {{ that }} {% raw %} \\n',
+        "Übersetze: 猫 🐈\n\nzwei Zeilen",
+    ]:
         messages = [{"role": "user", "content": instruction}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert text == pdata.ALPACA_PROMPT.format(instruction=instruction)
-        assert tokenizer(text)["input_ids"] == tg.encode_prompt(enc, instruction, pdata.ALPACA_PROMPT)  # what --mode sample feeds
-        answered = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": "Fine."}], tokenize=False)
+        assert tokenizer(text)["input_ids"] == tg.encode_prompt(
+            enc, instruction, pdata.ALPACA_PROMPT
+        )  # what --mode sample feeds
+        answered = tokenizer.apply_chat_template(
+            messages + [{"role": "assistant", "content": "Fine."}], tokenize=False
+        )
         assert answered == text + "Fine.<|endoftext|>"  # as a fine-tuning example ends
     # Any str.format template: braces, quotes and backslashes in it stay text, not Jinja.
     template = 'Q {{literal}} "quoted" \\ {{% not a tag %}} ☃:\n{instruction}\nA:'  # formats to "{% not a tag %}"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
-                                         chat_template=tg.jinja_chat_template(template))
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}],
+        tokenize=False,
+        chat_template=tg.jinja_chat_template(template),
+    )
     assert text == template.format(instruction="x")
 
 
@@ -2302,16 +4064,46 @@ def test_exported_finetune_answers_as_its_checkpoint(exports, tmp_path, monkeypa
     """--init_from out/hf reads the export back whole: the same greedy answer as the checkpoint it came
     from (its prompt template included), and chat takes it as a fine-tuned model."""
     import io
+
     folder = exports["padded_finetuned_pt"][1]
     answers = {}
     for source in (folder.parent / "finetuned.pt", folder):
-        tg.main(["--mode", "sample", "--init_from", str(source), "--prompt", "Name a fruit.", "--temperature", "0",
-                 "--max_new_tokens", "12", "--device", "cpu"])
+        tg.main(
+            [
+                "--mode",
+                "sample",
+                "--init_from",
+                str(source),
+                "--prompt",
+                "Name a fruit.",
+                "--temperature",
+                "0",
+                "--max_new_tokens",
+                "12",
+                "--device",
+                "cpu",
+            ]
+        )
         answers[source.name] = capsys.readouterr().out
         monkeypatch.setattr("sys.stdin", io.StringIO("Name a fruit.\n/quit\n"))
-        tg.main(["--mode", "chat", "--init_from", str(source), "--temperature", "0", "--max_new_tokens", "12", "--device", "cpu"])
+        tg.main(
+            [
+                "--mode",
+                "chat",
+                "--init_from",
+                str(source),
+                "--temperature",
+                "0",
+                "--max_new_tokens",
+                "12",
+                "--device",
+                "cpu",
+            ]
+        )
         answers[source.name + " chat"] = capsys.readouterr().out
-    assert answers["finetuned.pt"] == answers[folder.name] and answers["finetuned.pt"].startswith("Name a fruit.\n")
+    assert answers["finetuned.pt"] == answers[folder.name] and answers["finetuned.pt"].startswith(
+        "Name a fruit.\n"
+    )
     assert answers["finetuned.pt chat"] == answers[folder.name + " chat"]
 
 
@@ -2322,52 +4114,117 @@ def fail_with(error):
 def full_disk(monkeypatch, error):
     """What a disk that fills up mid-write looks like on a real full tmpfs (torch 2.13): the writer fails in its
     own words, and the disk has no space left."""
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**30, 2**30, 0))
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**30, 2**30, 0)
+    )
     return fail_with(error)
 
 
 def export_filled_by_another(monkeypatch, out_dir):
     """A second export into the same new folder that finishes first, while this one writes its weights."""
     from transformers import GPT2LMHeadModel
+
     save = GPT2LMHeadModel.save_pretrained
 
     def save_and_be_overtaken(self, folder, **kwargs):
         save(self, folder, **kwargs)
         out_dir.mkdir()
         (out_dir / "config.json").write_text("{}")
+
     monkeypatch.setattr(GPT2LMHeadModel, "save_pretrained", save_and_be_overtaken)
 
 
 EXPORT = lambda t, train: ["--mode", "export", "--init_from", t / "model.pt", "--out_dir", t / "hf"]  # noqa: E731
 FAULTS = {  # name: (set up the fault (monkeypatch, tmp folder), the command (tmp folder, a run's flags), words of its line)
-    "export onto a disk that fills up": (lambda mp, t: mp.setattr("transformers.GPT2LMHeadModel.save_pretrained", full_disk(
-        mp, __import__("safetensors").SafetensorError("Error while serializing: I/O error: No space left on device (os "
-                                                      "error 28)"))), EXPORT, ["hf: No space left", "free some"]),
-    "export under a read-only folder": (lambda mp, t: mp.setattr("transformers.GPT2LMHeadModel.save_pretrained", fail_with(
-        OSError(30, "Read-only file system", str(t / "hf.partial")))), EXPORT, ["Read-only file system", "another folder"]),
-    "two exports into one new folder": (lambda mp, t: export_filled_by_another(mp, t / "hf"), EXPORT,
-                                        ["another command filled it meanwhile"]),
-    "a checkpoint onto a disk that fills up": (lambda mp, t: mp.setattr(torch, "save", full_disk(mp, RuntimeError(
-        "[enforce fail at inline_container.cc:672] . unexpected pos 6560960 vs 6560852"))),
-        lambda t, train: [*train, "--init_from", "resume", "--max_steps", 4], ["ckpt.pt: No space left"]),
-    "eval.json onto a full disk": (lambda mp, t: mp.setattr(os, "fsync", fail_with(OSError(28, "No space left on device"))),
-                                   lambda t, train: ["--mode", "eval", "--init_from", t / "run", "--data_dir",
-                                                     train[train.index("--data_dir") + 1],
-                                                     "--hellaswag", 0, "--out_dir", t / "run"], ["run: No space left"]),
-    "a plot under a read-only folder": (lambda mp, t: mp.setattr("matplotlib.figure.Figure.savefig", fail_with(OSError(
-        30, "Read-only file system", str(t / "run" / "plot.png")))), lambda t, train: ["--mode", "plot", "--out_dir",
-                                                                                       t / "run"], ["plot.png: Read-only"]),
+    "export onto a disk that fills up": (
+        lambda mp, t: mp.setattr(
+            "transformers.GPT2LMHeadModel.save_pretrained",
+            full_disk(
+                mp,
+                __import__("safetensors").SafetensorError(
+                    "Error while serializing: I/O error: No space left on device (os error 28)"
+                ),
+            ),
+        ),
+        EXPORT,
+        ["hf: No space left", "free some"],
+    ),
+    "export under a read-only folder": (
+        lambda mp, t: mp.setattr(
+            "transformers.GPT2LMHeadModel.save_pretrained",
+            fail_with(OSError(30, "Read-only file system", str(t / "hf.partial"))),
+        ),
+        EXPORT,
+        ["Read-only file system", "another folder"],
+    ),
+    "two exports into one new folder": (
+        lambda mp, t: export_filled_by_another(mp, t / "hf"),
+        EXPORT,
+        ["another command filled it meanwhile"],
+    ),
+    "a checkpoint onto a disk that fills up": (
+        lambda mp, t: mp.setattr(
+            torch,
+            "save",
+            full_disk(
+                mp,
+                RuntimeError(
+                    "[enforce fail at inline_container.cc:672] . unexpected pos 6560960 vs 6560852"
+                ),
+            ),
+        ),
+        lambda t, train: [*train, "--init_from", "resume", "--max_steps", 4],
+        ["ckpt.pt: No space left"],
+    ),
+    "eval.json onto a full disk": (
+        lambda mp, t: mp.setattr(os, "fsync", fail_with(OSError(28, "No space left on device"))),
+        lambda t, train: [
+            "--mode",
+            "eval",
+            "--init_from",
+            t / "run",
+            "--data_dir",
+            train[train.index("--data_dir") + 1],
+            "--hellaswag",
+            0,
+            "--out_dir",
+            t / "run",
+        ],
+        ["run: No space left"],
+    ),
+    "a plot under a read-only folder": (
+        lambda mp, t: mp.setattr(
+            "matplotlib.figure.Figure.savefig",
+            fail_with(OSError(30, "Read-only file system", str(t / "run" / "plot.png"))),
+        ),
+        lambda t, train: ["--mode", "plot", "--out_dir", t / "run"],
+        ["plot.png: Read-only"],
+    ),
 }
 
 
 @pytest.mark.parametrize("case", FAULTS)
-def test_a_full_or_read_only_disk_is_one_line_and_loses_nothing(case, shakespeare, tmp_path, monkeypatch):
+def test_a_full_or_read_only_disk_is_one_line_and_loses_nothing(
+    case, shakespeare, tmp_path, monkeypatch
+):
     """Each fault (simulated as the libraries report it on a real full or read-only tmpfs) ends the command with one
     line, leaves what was there as it was (a checkpoint written before: byte for byte, and it still resumes), and
     no .tmp or .partial behind."""
     model = tg.GPT(tg.GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=8))
-    torch.save({"model": model.state_dict(), "config": tg.asdict(model.config)}, tmp_path / "model.pt")
-    train = [*PRETRAIN, "--eval_interval", 100, "--out_dir", tmp_path / "run", "--data_dir", shakespeare, "--device", "cpu"]
+    torch.save(
+        {"model": model.state_dict(), "config": tg.asdict(model.config)}, tmp_path / "model.pt"
+    )
+    train = [
+        *PRETRAIN,
+        "--eval_interval",
+        100,
+        "--out_dir",
+        tmp_path / "run",
+        "--data_dir",
+        shakespeare,
+        "--device",
+        "cpu",
+    ]
     run_script("train_gpt2.py", *train, "--max_steps", 2)  # a checkpoint at step 2
     before = snapshot(tmp_path)
     setup, command, words = FAULTS[case]
@@ -2399,14 +4256,23 @@ def test_export_bad_input(tmp_path, monkeypatch):
     message = main_error("--mode", "export", "--init_from", source, "--out_dir", taken)
     assert "not an empty folder" in message and "--out_dir" in message
     assert snapshot(taken) == before
-    assert "not an empty folder" in main_error("--mode", "export", "--init_from", source, "--out_dir", taken / "notes.txt")
+    assert "not an empty folder" in main_error(
+        "--mode", "export", "--init_from", source, "--out_dir", taken / "notes.txt"
+    )
     assert "--init_from" in main_error("--mode", "export", "--out_dir", tmp_path / "new")
     assert "--out_dir" in main_error("--mode", "export", "--init_from", source)
-    assert "not found" in main_error("--mode", "export", "--init_from", tmp_path / "missing.pt", "--out_dir", tmp_path / "new")
+    assert "not found" in main_error(
+        "--mode", "export", "--init_from", tmp_path / "missing.pt", "--out_dir", tmp_path / "new"
+    )
     # A failure half-way leaves nothing behind: no folder, no partial sibling.
-    monkeypatch.setattr("tiktoken.load.read_file_cached", lambda url: (_ for _ in ()).throw(OSError("disk full, say")))
+    monkeypatch.setattr(
+        "tiktoken.load.read_file_cached",
+        lambda url: (_ for _ in ()).throw(OSError("disk full, say")),
+    )
     with pytest.raises(OSError, match="disk full"):  # not a user's mistake: it keeps its traceback
-        tg.main(["--mode", "export", "--init_from", str(source), "--out_dir", str(tmp_path / "new")])
+        tg.main(
+            ["--mode", "export", "--init_from", str(source), "--out_dir", str(tmp_path / "new")]
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "taken"]
     monkeypatch.undo()
     (tmp_path / "empty").mkdir()  # an empty folder is fine to fill

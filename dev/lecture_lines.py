@@ -20,9 +20,32 @@ sys.path.insert(0, HERE)
 import prepare_data  # noqa: E402
 import train_gpt2  # noqa: E402
 
-TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "2",
-        "--total_batch_size", "256", "--device", "cpu", "--eval_interval", "2", "--val_steps", "2", "--eval_samples", "1",
-        "--ckpt_interval", "2", "--warmup_steps", "1"]
+TINY = [
+    "--n_layer",
+    "2",
+    "--n_head",
+    "2",
+    "--n_embd",
+    "32",
+    "--block_size",
+    "32",
+    "--batch_size",
+    "2",
+    "--total_batch_size",
+    "256",
+    "--device",
+    "cpu",
+    "--eval_interval",
+    "2",
+    "--val_steps",
+    "2",
+    "--eval_samples",
+    "1",
+    "--ckpt_interval",
+    "2",
+    "--warmup_steps",
+    "1",
+]
 
 
 def main(text_file):
@@ -43,24 +66,46 @@ def main(text_file):
         try:
             train_gpt2.main(run + ["--max_steps", "4"])
             train_gpt2.main(run + ["--init_from", "resume", "--max_steps", "6"])
-            train_gpt2.main(["--mode", "sample", "--init_from", f"{tmp}/run", "--max_new_tokens", "8", "--device", "cpu"])
+            train_gpt2.main(
+                [
+                    "--mode",
+                    "sample",
+                    "--init_from",
+                    f"{tmp}/run",
+                    "--max_new_tokens",
+                    "8",
+                    "--device",
+                    "cpu",
+                ]
+            )
         finally:
             sys.settrace(None)
     source = open(path).read()
     lines = source.splitlines()
     first = {}  # line -> the first line of the innermost statement holding it
-    for node in sorted((n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.stmt)),
-                       key=lambda n: n.end_lineno - n.lineno, reverse=True):  # the innermost last, so it wins
+    for node in sorted(
+        (n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.stmt)),
+        key=lambda n: n.end_lineno - n.lineno,
+        reverse=True,
+    ):  # the innermost last, so it wins
         first.update({line: node.lineno for line in range(node.lineno, node.end_lineno + 1)})
     executed = {first[line] for line in executed if line in first}
     appendix = next(i for i, line in enumerate(lines, 1) if line.startswith("# APPENDIX"))
-    comments = {t.start[0] for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    comments = {
+        t.start[0]
+        for t in tokenize.generate_tokens(io.StringIO(source).readline)
+        if t.type == tokenize.COMMENT
+    }
     share = lambda lines_: 100 * len(lines_) / len(executed)  # noqa: E731
-    print(f"train_gpt2.py: {len(lines)} lines, {100 * len(comments) / len(lines):.1f}% carry a comment; "
-          f"the lecture is lines 1-{appendix - 1}")
-    print(f"a tiny pretrain, its resume and a sample execute {len(executed)} statements: "
-          f"{share([n for n in executed if n <= 800]):.1f}% in the first 800, "
-          f"{share([n for n in executed if n < appendix]):.1f}% in the lecture")
+    print(
+        f"train_gpt2.py: {len(lines)} lines, {100 * len(comments) / len(lines):.1f}% carry a comment; "
+        f"the lecture is lines 1-{appendix - 1}"
+    )
+    print(
+        f"a tiny pretrain, its resume and a sample execute {len(executed)} statements: "
+        f"{share([n for n in executed if n <= 800]):.1f}% in the first 800, "
+        f"{share([n for n in executed if n < appendix]):.1f}% in the lecture"
+    )
 
 
 if __name__ == "__main__":
