@@ -1,22 +1,29 @@
 """
 GPT-2 in one file. The lecture reads top to bottom in the order things happen: the model and its
-generation, the shard loader, the optimizer, one step, the pretraining loop, sampling, the command line.
+generation, the tokenizer, the shard loader, the optimizer and one training step, the pretraining
+loop, sampling, the command line. A marked appendix holds the rest (fine-tuning, FSDP, HellaSwag,
+chat, export, bench, plot, and the guards that keep a user's work safe).
 
     python train_gpt2.py --mode sample --init_from gpt2 --prompt "Hello, I'm a language model,"
-    python prepare_data.py && python train_gpt2.py --mode pretrain    # GPT-2 124M: one GPU, a Mac or a CPU
-    torchrun --standalone --nproc_per_node=8 train_gpt2.py --mode pretrain                   # 8 GPUs
-    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --master_addr=IP_OF_NODE_0 --master_port=29500 ...
-        ... train_gpt2.py --mode pretrain           # 2 nodes of 8 GPUs, on each (--node_rank=1 on the second)
-    ... --mode pretrain --model gpt2-xl --batch_size 8 --fsdp 1 --activation_checkpointing 1  # GPT-2 XL, small GPUs
-    python prepare_data.py --sft && python train_gpt2.py --mode finetune && python train_gpt2.py --mode chat
-A marked appendix holds the rest: --mode eval, export, bench, plot... A mode's flags: --mode MODE --help
+    python prepare_data.py && python train_gpt2.py --mode pretrain   # one GPU, a Mac or a CPU
+    torchrun --standalone --nproc_per_node=8 train_gpt2.py --mode pretrain   # 8 GPUs
+    # 2 nodes of 8 GPUs: the same command on each, with --node_rank=1 on the second
+    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --master_addr=IP_OF_NODE_0 \
+        --master_port=29500 train_gpt2.py --mode pretrain
+    # GPT-2 XL on smaller GPUs: sharded, and each block recomputed in the backward pass
+    torchrun --standalone --nproc_per_node=8 train_gpt2.py --mode pretrain --model gpt2-xl \
+        --batch_size 8 --fsdp 1 --activation_checkpointing 1
+    python prepare_data.py --sft && python train_gpt2.py --mode finetune
+    python train_gpt2.py --mode chat
+
+Each mode lists its flags: python train_gpt2.py --mode MODE --help
 """
 
 import argparse
 import contextlib
+import difflib
 import errno
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -32,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 # -----------------------------------------------------------------------------
 # The model, and its generation with a KV cache: one unit, to copy whole into a project
@@ -39,58 +47,25 @@ from torch.nn import functional as F
 EOT_TOKEN = 50256  # <|endoftext|>: separates documents, ends an answer, stops generation
 
 
-class UserError(ValueError):
-    """A mistake the user can fix (a flag, a path, a file): one line, no traceback."""
-
-
 @dataclass
 class GPTConfig:
-    block_size: int = 1024  # longest sequence the model reads (learned positions)
+    block_size: int = 1024  # the longest sequence: the model learns one embedding per position
     vocab_size: int = 50257  # GPT-2's BPE vocabulary: the token ids the model reads and predicts
-    padded_vocab_size: int = (
-        50257  # rows of wte and lm_head: 50304 = 128 * 393 tiles on a GPU (see lm_logits)
-    )
+    padded_vocab_size: int = 50257  # rows of wte and lm_head; 50304 = 128 * 393 is faster on GPUs
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
 
 
-PRESETS = {  # the four sizes OpenAI released, by their Hugging Face names: 124M, 350M, 774M, 1558M parameters
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
-}
-# OpenAI's checkpoints (and transformers') store these as Conv1D, (in, out); nn.Linear keeps (out, in)
-CONV1D_WEIGHTS = (
-    "attn.c_attn.weight",
-    "attn.c_proj.weight",
-    "mlp.c_fc.weight",
-    "mlp.c_proj.weight",
-)
-# GPT2Config's settings that change the computation: this model computes their defaults (OpenAI's)
-HF_COMPUTATION = (
-    "activation_function",
-    "layer_norm_epsilon",
-    "scale_attn_weights",
-    "scale_attn_by_inverse_layer_idx",
-    "reorder_and_upcast_attn",
-    "tie_word_embeddings",
-    "n_inner",
-    "add_cross_attention",
-)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx=0):
         super().__init__()
-        self.n_head, self.layer_idx = (
-            config.n_head,
-            layer_idx,
-        )  # layer_idx: which layer of a KVCache is ours
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # query, key, value in one matmul
+        self.n_head = config.n_head
+        self.layer_idx = layer_idx  # which layer of a KVCache holds this one's keys and values
+        # query, key and value of every head in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.c_proj.RESIDUAL_SCALE_INIT = 1  # adds into the residual stream: see GPT._init_weights
+        self.c_proj.RESIDUAL_SCALE_INIT = 1
 
     def forward(self, x, attn_mask=None, kv_cache=None):
         B, T, C = x.size()
@@ -98,13 +73,14 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if kv_cache is not None:  # generating: the positions fed before are keys too
+        if kv_cache is not None:
+            # Generating: the positions fed before are keys and values too.
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hs)
-        # Whole sequences are causal: is_causal lets PyTorch pick the flash kernel. With a cache the keys start
-        # first: KVCache.extend makes the mask. (No test on T, which torch.compile may make a symbol.)
+        # A whole sequence is causal, and is_causal lets PyTorch pick its flash kernel. With a
+        # cache, or with padding, the caller gives the mask.
         is_causal = attn_mask is None and kv_cache is None
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side
         return self.c_proj(y)
 
 
@@ -121,8 +97,6 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: the residual stream itself is never normalised."""
-
     def __init__(self, config, layer_idx=0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
@@ -131,106 +105,54 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, attn_mask=None, kv_cache=None):
+        # Pre-LayerNorm: each branch reads a normalised copy; the residual stream is never normalised.
         x = x + self.attn(self.ln_1(x), attn_mask, kv_cache)
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
 
 
 class KVCache:
-    """Keys and values of the positions fed so far, every layer's: one more token costs one position's work."""
+    """The keys and values of every layer for the positions fed so far, so that each new token
+    costs one position's work instead of the whole sequence's."""
 
     def __init__(self, config, batch_size, capacity):
-        self.shape = (
-            config.n_layer,
-            batch_size,
-            config.n_head,
-            capacity,
-            config.n_embd // config.n_head,
-        )
-        self.k = self.v = (
-            None  # made by the first update in the keys' dtype: bf16 under bf16 autocast, half the size
-        )
-        self.real = (
-            None  # (B, capacity): False at left padding, from which positions and masks follow
-        )
-        self.length = 0  # positions fed so far
-
-    def extend(self, T, device, real=None):
-        """T more positions (real (B, T): 0 at padding) -> their positions, (T,) or (B, T), and the
-        attention mask: None for one query, else (B or 1, 1, T, past + T), True where it may look."""
-        past, end = self.length, self.length + T
-        if end > self.shape[3]:
-            raise ValueError(f"the KV cache holds {self.shape[3]} positions, {end} asked")
-        self.length = end
-        if real is not None and not bool(real.all()) and self.real is None:
-            self.real = torch.ones(self.shape[1], self.shape[3], dtype=torch.bool, device=device)
-        if self.real is not None and real is not None:
-            self.real[:, past:end] = real.bool()
-        key_pos = torch.arange(end, device=device)  # (past + T,)
-        query_pos = key_pos[past:, None]  # (T, 1)
-        if self.real is None:  # no padding: query i sees keys 0 .. past + i
-            return key_pos[past:], None if T == 1 else (key_pos <= query_pos)[
-                None, None
-            ]  # (1, 1, T, past + T)
-        # A row's positions count its real tokens only: a padded row computes what it would alone.
-        pos = (self.real[:, :end].long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
-        # earlier real tokens, and itself always: a padding query seeing nothing would give NaN
-        visible = self.real[:, None, None, :end] | (key_pos == query_pos)  # (B, 1, T, past + T)
-        return pos, (key_pos <= query_pos) & visible
+        head_size = config.n_embd // config.n_head
+        self.shape = (config.n_layer, batch_size, config.n_head, capacity, head_size)
+        # Made at the first update, in the keys' dtype: bfloat16 under autocast, half the memory.
+        self.k = None
+        self.v = None
+        self.length = 0  # positions stored in every layer
 
     def update(self, layer, k, v):
-        """Store one layer's (B, nh, T, hs) keys and values of the new positions; return all so far."""
+        """Store one layer's keys and values (B, nh, T, hs) of T new positions; return all so far.
+        The model counts the new positions in self.length once every layer has stored them."""
         if self.k is None:
             self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
             self.v = torch.zeros_like(self.k)
-        start = self.length - k.size(2)  # extend has counted the T new positions already
-        self.k[layer, :, :, start : self.length], self.v[layer, :, :, start : self.length] = k, v
-        return self.k[layer, :, :, : self.length], self.v[
-            layer, :, :, : self.length
-        ]  # (B, nh, past + T, hs)
+        start = self.length
+        end = start + k.size(2)
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, past + T, hs)
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """A token id per row of (B, vocab) logits: 0 is greedy; top_k, top_p (nucleus) keep the likeliest."""
+    """A token id for each row of logits (B, vocab): temperature 0 is greedy; top_k keeps the k
+    likeliest tokens, top_p (nucleus sampling) the likeliest that together reach probability p."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k:
-        kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         sorted_probs = sorted_logits.softmax(dim=-1)
-        drop = (
-            sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
-        )  # the likelier ones already reach top_p
+        # A token is dropped when the likelier ones before it already reach top_p.
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(-1)
-
-
-class CrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(logits, targets), the mean over targets that are not -100, with the gradient made in place of
-    log_softmax's output: backward makes no logits-sized buffer (torch's makes two: 825 MB at 8 x 256 x 50304)."""
-
-    @staticmethod
-    def forward(ctx, logits, targets):  # (N, V) floats, (N,) ids
-        logp, counted = torch.log_softmax(logits, dim=-1), targets != -100  # (N, V), (N,)
-        ctx.save_for_backward(logp, targets, counted)
-        return (
-            -(logp.gather(1, targets.clamp(min=0)[:, None]).squeeze(1) * counted).sum()
-            / counted.sum()
-        )
-
-    @staticmethod
-    def backward(
-        ctx, grad
-    ):  # (softmax - one-hot) / count on the counted rows, 0 on the others; it runs once
-        logp, targets, counted = ctx.saved_tensors
-        g = logp.exp_().scatter_add_(
-            1, targets.clamp(min=0)[:, None], -counted[:, None].to(logp.dtype)
-        )
-        return g.mul_(
-            (grad * counted / counted.sum().clamp(min=1))[:, None]
-        ), None  # none counted: 0, as torch's
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
 
 
 class GPT(nn.Module):
@@ -246,20 +168,17 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        self.transformer.wte.weight = (
-            self.lm_head.weight
-        )  # tied, as GPT-2: one matrix reads tokens and scores them
+        # Tied, as in GPT-2: one matrix reads the tokens in and scores them out.
+        self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
             std = 0.02
-            if hasattr(
-                module, "RESIDUAL_SCALE_INIT"
-            ):  # 2 adds a block: the stream's variance stays
-                std *= (
-                    2 * self.config.n_layer
-                ) ** -0.5  # put with depth (GPT-2 paper, section 2.3)
+            # Each block adds into the residual stream twice: scaled down with depth, the
+            # stream's variance stays put (GPT-2 paper, section 2.3).
+            if hasattr(module, "RESIDUAL_SCALE_INIT"):
+                std *= (2 * self.config.n_layer) ** -0.5
             torch.nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
@@ -267,265 +186,263 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def hidden_states(self, idx, pos, attn_mask=None, kv_cache=None):
-        """ids (B, T) at positions pos, (T,) or (B, T) -> (B, T, C), before the final LayerNorm."""
+        """Token ids (B, T) at positions pos, (T,) or (B, T) -> the last LayerNorm's output (B, T, C)."""
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, attn_mask, kv_cache)
-        return x
-
-    def lm_logits(self, x):
-        """(..., C) -> (..., padded_vocab_size) logits, -inf on the padded columns: never predicted."""
-        logits = self.lm_head(x)  # all padded_vocab_size rows: the fast shape
-        if self.config.padded_vocab_size > self.config.vocab_size:
-            # In place and hidden from autograd: exact, as the gradient reaching a padded column is
-            # softmax - one-hot = 0 - 0; a -inf bias or a slice would cost a pass over the logits.
-            with torch.no_grad():
-                logits[..., self.config.vocab_size :] = float("-inf")
-        return logits
+        return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
-        """ids (B, T), targets (B, T) (-100: no loss) -> (B, T, vocab_size) logits, the mean loss (or None)."""
-        if idx.size(1) > self.config.block_size:
-            raise ValueError(
-                f"sequence of {idx.size(1)} tokens is longer than block_size {self.config.block_size}"
-            )
-        return self.head(
-            self.hidden_states(idx, torch.arange(idx.size(1), device=idx.device)), targets
-        )
+        """Token ids (B, T) -> (logits (B, T, vocab_size), None); with targets (B, T), the next
+        tokens, -100 where nothing is to be learned -> (None, the mean loss)."""
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"{T} tokens are more than block_size {self.config.block_size}")
+        x = self.hidden_states(idx, torch.arange(T, device=idx.device))
+        return self.head(x, targets)
 
     def head(self, x, targets=None):
-        """(B, T, C) -> forward's logits and loss: the last LayerNorm, the LM head, the loss (FSDP compiles it alone)."""
-        logits = self.lm_logits(self.transformer.ln_f(x))  # (B, T, padded_vocab_size)
-        loss = None
-        if (
-            targets is not None
-        ):  # (B * T, padded_vocab_size) is a view of the logits; compiled, the loss fuses anyway
-            cross_entropy = F.cross_entropy if torch.compiler.is_compiling() else CrossEntropy.apply
-            loss = cross_entropy(
-                logits.flatten(0, 1).float(), targets.flatten()
-            )  # (ignoring -100, as F.cross_entropy)
-        return logits[..., : self.config.vocab_size], loss  # a view: (B, T, vocab_size)
+        """The LM head, and the loss (FSDP compiles this part on its own)."""
+        logits = self.lm_head(x)  # (B, T, padded_vocab_size)
+        if targets is None:
+            return logits[..., : self.config.vocab_size], None
+        if self.config.padded_vocab_size > self.config.vocab_size:
+            # The padded columns are never the answer: -inf, written in place and hidden from
+            # autograd. Exact: the gradient reaching them is softmax - one-hot = 0 - 0.
+            with torch.no_grad():
+                logits[..., self.config.vocab_size :] = float("-inf")
+        # The logits are not returned with the loss: nothing reads them, and a compiled backward
+        # would fill a logits-sized gradient for them with zeros.
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return None, loss
 
-    @classmethod
-    def from_pretrained(cls, name_or_path, padded_vocab_size=None):
-        """OpenAI's GPT-2 ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", from the Hugging Face
-        hub) or a local Hugging Face GPT-2 folder. padded_vocab_size=50304: to train on at speed."""
-        from safetensors import SafetensorError  # comes with transformers, only needed here
-        from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
-        from transformers.utils import logging
-
-        logging.set_verbosity_error()  # missing or mismatched weights are errors below, not warnings
-        try:
-            if (hf := AutoConfig.from_pretrained(name_or_path)).model_type != "gpt2":
-                raise ValueError(f"it is a {hf.model_type} checkpoint, not a GPT-2 checkpoint")
-            hf_model, info = GPT2LMHeadModel.from_pretrained(name_or_path, output_loading_info=True)
-        except (OSError, ValueError, SafetensorError) as e:  # a missing, broken or foreign folder
-            raise UserError(
-                f"could not load {name_or_path!r} as a GPT-2 checkpoint: {(str(e) or repr(e)).splitlines()[0]}"
-            ) from None
-        if info["missing_keys"] or info["mismatched_keys"]:
-            raise UserError(
-                f"checkpoint {name_or_path!r} is broken: missing keys or shapes: "
-                f"{sorted(map(str, info['missing_keys'] or info['mismatched_keys']))}"
-            )
-        same = {
-            "activation_function": "gelu_pytorch_tanh",
-            "n_inner": 4 * hf.n_embd,
-        }  # the same maths, spelled otherwise
-        for field in HF_COMPUTATION:  # another value would silently make another model
-            if getattr(hf, field) not in (getattr(GPT2Config(), field), same.get(field)):
-                raise UserError(
-                    f"{name_or_path!r} sets {field}={getattr(hf, field)!r}, which this GPT-2 does not compute"
-                )
-        model = cls(
-            GPTConfig(
-                block_size=hf.n_positions,
-                vocab_size=hf.vocab_size,
-                n_layer=hf.n_layer,
-                n_head=hf.n_head,
-                n_embd=hf.n_embd,
-                padded_vocab_size=max(padded_vocab_size or 0, hf.vocab_size),
-            )
-        )
-        theirs = hf_model.state_dict()  # the same names as ours: a key-by-key copy
-        with torch.no_grad():
-            for key, param in model.state_dict().items():
-                src = theirs[key].t() if key.endswith(CONV1D_WEIGHTS) else theirs[key]
-                param[: src.size(0)].copy_(
-                    src
-                )  # wte / lm_head: the real rows; padded rows keep their init
-        return model
-
-    def next_logits(self, idx, cache, real=None):
-        """idx (B, T) fed after what the cache holds -> the last position's (B, vocab_size) logits."""
-        pos, attn_mask = cache.extend(idx.size(1), idx.device, real)
-        x = self.transformer.ln_f(
-            self.hidden_states(idx, pos, attn_mask, cache)[:, -1, :]
-        )  # (B, C)
-        # (padded_vocab, C) @ (C, B): x @ W.T in the layout CPU BLAS runs ~2.5x faster for a few rows
-        return (self.lm_head.weight @ x.t()).t()[:, : self.config.vocab_size]  # (B, vocab_size)
+    def next_logits(self, idx, cache, real):
+        """The logits (B, vocab_size) of the token after idx (B, T), which is fed after what the
+        cache holds. real (B, past + T): 1 at every token so far, 0 at left padding."""
+        T = idx.size(1)
+        past = cache.length
+        # A row's positions count its real tokens only: a padded row computes what it would alone.
+        pos = (real.cumsum(dim=1) - 1).clamp(min=0)[:, past:]  # (B, T)
+        key_pos = torch.arange(past + T, device=idx.device)  # (past + T,)
+        query_pos = key_pos[past:, None]  # (T, 1)
+        # A query sees the real keys up to itself, and always itself (a padding query that saw
+        # nothing would give NaN).
+        visible = real[:, None, None, :].bool() | (key_pos == query_pos)  # (B, 1, T, past + T)
+        attn_mask = visible & (key_pos <= query_pos)
+        x = self.hidden_states(idx, pos, attn_mask, cache)[:, -1, :]  # (B, C)
+        cache.length += T
+        # (padded_vocab, C) @ (C, B): x @ W.T in the layout a CPU's BLAS runs ~2.5x faster.
+        logits = (self.lm_head.weight @ x.t()).t()
+        return logits[:, : self.config.vocab_size]  # (B, vocab_size)
 
     @torch.no_grad()
     def stream(
         self, input_ids, attention_mask=None, max_new_tokens=64, eos_token_id=EOT_TOKEN, **sampling
     ):
-        """Yield each row's next token, (B,), when chosen; left padding: attention_mask 0 (see left_pad)."""
-        B, T = input_ids.size()
-        if T == 0:
+        """Yield each row's next token (B,) as soon as it is chosen. attention_mask (B, T): 0 at
+        left padding (see left_pad). sampling: sample_next_token's temperature, top_k, top_p."""
+        if input_ids.size(1) == 0:
             raise ValueError("the prompt is empty: give at least one token")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
         window = self.config.block_size
-        padded = attention_mask is not None and not bool(attention_mask.all())
-        mask = attention_mask[:, -window:] if padded else None  # (B, T), at most window wide
-        ids = input_ids[:, -window:]  # a prompt longer than the model reads: keep its end
-        cache = KVCache(self.config, B, min(window, ids.size(1) + max_new_tokens))
-        finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
-        for step in range(max_new_tokens):
-            if step == 0:
-                logits = self.next_logits(ids, cache, mask)
-            elif ids.size(1) <= window:  # the usual step: one new position, the rest is cached
-                logits = self.next_logits(ids[:, -1:], cache)
-            else:  # past block_size the window slides, and the positions in the keys with it: fed anew
-                if padded:  # the tokens generated since the mask was cut are all real
-                    mask = torch.cat([mask, mask.new_ones(B, ids.size(1) - mask.size(1))], dim=1)[
-                        :, -window:
-                    ]
-                ids, cache = ids[:, -window:], KVCache(self.config, B, window)
-                logits = self.next_logits(ids, cache, mask)
-            next_token = sample_next_token(logits, **sampling)  # (B,)
-            if (
-                eos_token_id is not None
-            ):  # a finished row goes on giving eos, as transformers pads it
-                next_token = torch.where(finished, eos_token_id, next_token)
-                finished |= next_token == eos_token_id
-            yield next_token
+        # A prompt longer than the model reads: its end.
+        ids = input_ids[:, -window:]
+        real = attention_mask[:, -window:]
+        capacity = min(window, ids.size(1) + max_new_tokens)
+        cache = KVCache(self.config, ids.size(0), capacity)
+        new = ids  # what the next forward feeds: the prompt, then one token at a time
+        finished = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)
+        for _ in range(max_new_tokens):
+            logits = self.next_logits(new, cache, real)
+            token = sample_next_token(logits, **sampling)  # (B,)
+            if eos_token_id is not None:
+                # A finished row goes on giving eos, as transformers pads it.
+                token = torch.where(finished, eos_token_id, token)
+                finished |= token == eos_token_id
+            yield token
             if eos_token_id is not None and bool(finished.all()):
                 return
-            ids = torch.cat(
-                [ids, next_token[:, None]], dim=1
-            )  # (B, T + 1); the cache remembers the padding
+            ids = torch.cat([ids, token[:, None]], dim=1)  # (B, T + 1)
+            real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)
+            new = ids[:, -1:]
+            if ids.size(1) > window:
+                # Past block_size the window slides, and every position in it: all is fed anew.
+                ids = ids[:, -window:]
+                real = real[:, -window:]
+                cache = KVCache(self.config, ids.size(0), window)
+                new = ids
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
         """The prompt and up to max_new_tokens new tokens, (B, T + new), as transformers' generate."""
-        return torch.cat(
-            [input_ids]
-            + [token[:, None] for token in self.stream(input_ids, attention_mask, **kwargs)],
-            1,
+        new_tokens = [token[:, None] for token in self.stream(input_ids, attention_mask, **kwargs)]
+        return torch.cat([input_ids] + new_tokens, dim=1)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, padded_vocab_size=None):
+        """OpenAI's GPT-2 ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", from the Hugging Face
+        hub) or a Hugging Face GPT-2 folder. padded_vocab_size=50304: to train it at speed."""
+        from transformers import GPT2LMHeadModel
+
+        hf_model, info = GPT2LMHeadModel.from_pretrained(name_or_path, output_loading_info=True)
+        broken = sorted(map(str, info["missing_keys"] or info["mismatched_keys"]))
+        if broken:
+            raise ValueError(f"{name_or_path} is broken: missing keys or shapes: {broken}")
+        hf = hf_model.config
+        config = GPTConfig(
+            block_size=hf.n_positions,
+            vocab_size=hf.vocab_size,
+            padded_vocab_size=max(padded_vocab_size or 0, hf.vocab_size),
+            n_layer=hf.n_layer,
+            n_head=hf.n_head,
+            n_embd=hf.n_embd,
         )
+        model = cls(config)
+        theirs = hf_model.state_dict()  # the same names as ours: a key-by-key copy
+        with torch.no_grad():
+            for key, param in model.state_dict().items():
+                weight = theirs[key]
+                if key.endswith(CONV1D_WEIGHTS):
+                    weight = weight.t()
+                # wte and lm_head: the real rows; the padded rows keep their initialization.
+                param[: weight.size(0)].copy_(weight)
+        return model
+
+
+# OpenAI's checkpoints (and transformers') store these as Conv1D, (in, out); nn.Linear is (out, in).
+CONV1D_WEIGHTS = (
+    "attn.c_attn.weight",
+    "attn.c_proj.weight",
+    "mlp.c_fc.weight",
+    "mlp.c_proj.weight",
+)
 
 
 def left_pad(token_lists, pad_id=EOT_TOKEN):
-    """(B, T) ids and mask of prompts of different lengths, right-aligned: next tokens in one column."""
-    width = max(len(t) for t in token_lists)
+    """Prompts of different lengths as one batch, right-aligned so that their next tokens share a
+    column: ids (B, T) and attention_mask (B, T), 0 at the padding."""
+    width = max(len(tokens) for tokens in token_lists)
     ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(token_lists), width), dtype=torch.long)
     for row, tokens in enumerate(token_lists):
-        ids[row, width - len(tokens) :], mask[row, width - len(tokens) :] = (
-            torch.tensor(tokens, dtype=torch.long),
-            1,
-        )
+        start = width - len(tokens)
+        ids[row, start:] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, start:] = 1
     return ids, mask
 
 
 # -----------------------------------------------------------------------------
-# The data: pretraining shards, one optimizer step at a time
-#
-# prepare_data.py writes uint16 token shards and a meta.json listing them. Step s reads the same tokens
-# however split over micro-steps and ranks: the same losses on 1 GPU or 8, resumed from two numbers.
+# The tokenizer, and the data: pretraining shards, one optimizer step at a time
+
+
+class UserError(ValueError):
+    """A mistake the user can fix (a flag, a path, a file): one line that says what to do."""
+
+
+def get_tokenizer():
+    """GPT-2's BPE tokenizer: tiktoken's, which downloads OpenAI's files once and caches them."""
+    import tiktoken  # here, so that the model above can be copied without it
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception:
+        # Offline, with nothing cached, it fails deep inside requests.
+        raise UserError(
+            "tiktoken has no GPT-2 files: it downloads them once (vocab.bpe and encoder.json, from "
+            "openaipublic.blob.core.windows.net/gpt-2/encodings/main); offline, copy tiktoken's "
+            "cache folder from a machine that has them and set TIKTOKEN_CACHE_DIR to it"
+        ) from None
+
+
+def encode_prompt(enc, prompt, template=None):
+    """A prompt's token ids, wrapped in a fine-tuned model's template if it has one.
+    "<|endoftext|>" is the special token: a prompt of it alone samples unconditionally."""
+    if template is not None:
+        prompt = template.format(instruction=prompt)
+    return enc.encode(prompt, allowed_special={"<|endoftext|>"})
+
+
+# prepare_data.py writes uint16 token shards and a meta.json that lists them. A step reads the same
+# tokens however it is split over micro-steps and ranks, so that 1 GPU and 8 give the same losses,
+# and two numbers (epoch, position) resume it.
 
 
 class PretrainLoader:
-    """(B, T) windows of a split's shards, read as one stream (a window may run on into the next
-    shard: no token is skipped), the train shards in an order shuffled from (seed, epoch)."""
+    """(B, T) windows of a split's shards, read as one stream of tokens (a window may run on into
+    the next shard: no token is skipped); the train shards in an order shuffled each epoch."""
 
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337):
-        self.meta = json.load(open(os.path.join(data_dir, "meta.json")))["splits"][
-            split
-        ]  # its shards, lengths, sha256
-        self.names = [os.path.join(data_dir, name) for name in self.meta["shards"]]
-        self.shards = [
-            np.load(path, mmap_mode="r") for path in self.names
-        ]  # the OS pages in what is read
-        self.heads = [
-            hashlib.sha256(shard[: 1 << 15]).hexdigest() for shard in self.shards
-        ]  # a shard swapped shows
+        self.split = split
+        self.B = batch_size
+        self.T = block_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        meta = json.load(open(os.path.join(data_dir, "meta.json")))
+        self.names = [os.path.join(data_dir, name) for name in meta["splits"][split]["shards"]]
+        # Memory-mapped: the OS reads in the pages a window touches, nothing more.
+        self.shards = [np.load(path, mmap_mode="r") for path in self.names]
         self.total_tokens = sum(len(shard) for shard in self.shards)
-        self.split, self.B, self.T, self.rank, self.world_size, self.seed = (
-            split,
-            batch_size,
-            block_size,
-            rank,
-            world_size,
-            seed,
-        )
-        self.position = 0  # where the next step starts in the epoch's stream
+        # On resume, the data must be the same: its shard list, and each shard's first 32 KB.
+        heads = [hashlib.sha256(shard[: 1 << 15]).hexdigest() for shard in self.shards]
+        self.fingerprint = [meta["splits"][split], heads]
+        self.position = 0  # where the next step starts in this epoch's stream
         self.set_epoch(0)
 
     def set_epoch(self, epoch):
+        self.epoch = epoch
         order = np.arange(
             len(self.shards)
-        )  # val: in file order, so every evaluation reads the same tokens
-        if self.split == "train":  # a fixed order would make the loss rise and fall with each epoch
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-        self.order, self.order_names = (
-            [self.shards[i] for i in order],
-            [self.names[i] for i in order],
-        )
-        self.starts = np.cumsum(
-            [0] + [len(s) for s in self.order]
-        )  # where each shard begins in the stream
-        self.epoch = epoch
+        )  # val: in file order, the same tokens at every evaluation
+        if self.split == "train":
+            # The same order every epoch would make the loss rise and fall with it.
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(len(self.shards))
+        self.order = [self.shards[i] for i in order]
+        self.order_names = [self.names[i] for i in order]
+        # where each shard starts in the stream
+        self.starts = np.cumsum([0] + [len(shard) for shard in self.order])
 
     def read(self, start, n):
-        """n tokens of the stream from start on, as int64 (what cross_entropy's targets must be)."""
-        out, filled = np.empty(n, dtype=np.int64), 0
-        shard = (
-            int(np.searchsorted(self.starts, start, side="right")) - 1
-        )  # the shard whose span holds start
+        """n tokens of the stream from position start, as int64 (what cross_entropy's targets are)."""
+        out = np.empty(n, dtype=np.int64)
+        filled = 0
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1  # the one holding start
         while filled < n:
-            offset = (
-                start + filled - self.starts[shard]
-            )  # where the stream position falls in that shard
+            offset = start + filled - self.starts[shard]
             piece = self.order[shard][offset : offset + n - filled]
-            if (
-                len(piece) and piece.max() >= 50257
-            ):  # the embedding would fail with a device-side assert
+            # An id past the vocabulary would stop a GPU with a device-side assert: say which file.
+            if len(piece) > 0 and piece.max() >= 50257:
                 raise UserError(
                     f"{self.order_names[shard]} holds token id {int(piece.max())} near position "
                     f"{offset:,}, outside GPT-2's 50,257: re-run prepare_data.py for it"
                 )
             out[filled : filled + len(piece)] = piece
-            filled, shard = (
-                filled + len(piece),
-                shard + 1,
-            )  # what is still missing comes from the next shard
+            filled += len(piece)
+            shard += 1  # what is still missing comes from the next shard
         return out
 
     def window(self, start):
-        tokens = torch.from_numpy(
-            self.read(start, self.B * self.T + 1)
-        )  # + 1: the last input's target
-        return tokens[:-1].view(self.B, self.T), tokens[1:].view(
-            self.B, self.T
-        )  # inputs, next-token targets
+        tokens = torch.from_numpy(self.read(start, self.B * self.T + 1))  # + 1: the last target
+        x = tokens[:-1].view(self.B, self.T)  # inputs
+        y = tokens[1:].view(self.B, self.T)  # targets: each input's next token
+        return x, y
 
     def steps_per_epoch(self, grad_accum):
-        return (self.total_tokens - 1) // (
-            grad_accum * self.world_size * self.B * self.T
-        )  # - 1: the last target
+        tokens_per_step = grad_accum * self.world_size * self.B * self.T
+        return (self.total_tokens - 1) // tokens_per_step  # - 1: the last token has no target
 
     def next_step(self, grad_accum):
         """This rank's grad_accum micro-batches of the next optimizer step."""
-        tokens_per_step = (
-            grad_accum * self.world_size * self.B * self.T
-        )  # every rank's micro-batches, end to end
+        tokens_per_step = grad_accum * self.world_size * self.B * self.T
         if self.position + tokens_per_step + 1 > self.total_tokens:  # the epoch is used up
             self.set_epoch(self.epoch + 1)
             self.position = 0
-        # micro-step m of rank r reads the (m * world_size + r)-th block of B sequences
-        batches = [
-            self.window(self.position + (m * self.world_size + self.rank) * self.B * self.T)
-            for m in range(grad_accum)
-        ]
+        batches = []
+        for micro_step in range(grad_accum):
+            # Micro-step m of rank r reads the (m * world_size + r)-th block of B sequences.
+            block = micro_step * self.world_size + self.rank
+            batches.append(self.window(self.position + block * self.B * self.T))
         self.position += tokens_per_step
         return batches
 
@@ -533,12 +450,10 @@ class PretrainLoader:
         return min(max_batches, (self.total_tokens - 1) // (self.B * self.T))
 
     def eval_batch(self, i):
-        return self.window(i * self.B * self.T)  # the split's i-th batch, from its start
+        return self.window(i * self.B * self.T)  # the split's i-th batch from its start
 
-    def state_dict(
-        self,
-    ):  # (seed, epoch) gives the shard order; the shards' list: is it the same data on resume?
-        return {"epoch": self.epoch, "position": self.position, "data": [self.meta, self.heads]}
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position, "data": self.fingerprint}
 
     def load_state_dict(self, state):
         self.set_epoch(state["epoch"])
@@ -546,15 +461,13 @@ class PretrainLoader:
 
 
 # -----------------------------------------------------------------------------
-# Training: the learning rate, AdamW, devices and precision, one step, checkpoints
+# Training: the learning rate, AdamW, devices and precision, one step
 
 
 def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
-    """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    """Linear warmup to max_lr over warmup_steps, then a cosine decay to min_lr at max_steps."""
     if step < warmup_steps:
-        return (
-            max_lr * (step + 1) / warmup_steps
-        )  # step + 1: the first step trains at a small LR, not at 0
+        return max_lr * (step + 1) / warmup_steps  # step + 1: the first step does not train at 0
     if step >= max_steps:
         return min_lr  # past max_steps the cosine would climb back up
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1
@@ -562,447 +475,474 @@ def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
 
 
 def configure_optimizer(model, weight_decay, learning_rate):
-    """AdamW, fused (one kernel for all); weight decay on matrices only: biases and gains need none."""
-    params = [
-        p for p in model.parameters() if p.requires_grad
-    ]  # parameters() yields tied wte / lm_head once
+    """AdamW, fused (one kernel for every parameter); weight decay on the matrices only."""
+    params = [p for p in model.parameters() if p.requires_grad]  # tied wte / lm_head: once
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},  # biases, gains
     ]
-    # GPT-3's betas: beta2 0.95, not 0.999, follows a change in the gradients' scale in ~20 steps
+    # GPT-3's betas: with beta2 0.95, not 0.999, AdamW follows the gradients' scale within ~20 steps.
     return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 
 def pick_dtype(device, requested="auto"):
-    """The matmuls' dtype (the weights stay float32): bfloat16 on GPUs that have it (A100, H100, RTX 30xx
-    on), float16 on older ones (T4, V100: a gradient scaler), float32 on CPUs and Macs."""
+    """The matmuls' dtype (the weights stay float32): bfloat16 on GPUs that have it (A100, H100,
+    RTX 30xx and later), float16 on older ones (T4, V100: with a gradient scaler), else float32."""
     cuda = device.startswith("cuda")
     if requested == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
-        raise UserError(
-            f"{torch.cuda.get_device_name(device)} has no bfloat16: use --dtype float16 (or auto)"
-        )
+        name = torch.cuda.get_device_name(device)
+        raise UserError(f"{name} has no bfloat16: use --dtype float16 (or auto)")
     if requested != "auto":
         return getattr(torch, requested)
-    return (
-        (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-        if cuda
-        else torch.float32
-    )
+    if not cuda:
+        return torch.float32
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
 
 
-def autocast(
-    device, dtype
-):  # matmuls in dtype, what needs range (softmax, norms, the loss) in float32
-    return torch.autocast(str(device).split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+def autocast(device, dtype):
+    """Matmuls in dtype; what needs the range (softmax, norms, the loss) stays in float32."""
+    device_type = str(device).split(":")[0]
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def setup_distributed(device="auto"):
-    """(rank, local_rank, world_size, device); under torchrun, in the process group: NCCL or gloo."""
+def keep_freed_memory():
+    """On a CPU, glibc gives big freed buffers back to the kernel, which must zero them again at
+    the next step: a third of a small model's step. Told to keep up to 2 GiB, it reuses them."""
+    import ctypes
+
+    # Another C library (macOS, Windows, musl) has no mallopt: the step is slower, nothing breaks.
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 2**31 - 1)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
+
+
+def setup_distributed(device):
+    """This process's rank, local_rank (its GPU on this node), world_size and device. Under
+    torchrun it joins the process group: NCCL between GPUs, gloo between CPU processes."""
     if device == "auto":
-        device = (
-            "cuda"
-            if torch.cuda.is_available()
-            else "mps"
-            if torch.backends.mps.is_available()
-            else "cpu"
-        )
-    keep_freed_memory(
-        device
-    )  # (appendix) a CPU step's buffers are not mapped and zeroed afresh each step
-    torch.set_float32_matmul_precision(
-        "high" if device.startswith("cuda") else "highest"
-    )  # float32 matmuls: TF32
-    if (
-        "LOCAL_RANK" not in os.environ
-    ):  # (the flags' checks refused torchrun's variables left in a shell)
+        device = "cpu"
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif torch.backends.mps.is_available():
+            device = "mps"
+    if device == "cpu":
+        keep_freed_memory()
+    if device.startswith("cuda"):
+        # float32 matmuls in TF32 (A100 and later): several times faster, precise enough to train.
+        torch.set_float32_matmul_precision("high")
+    if "LOCAL_RANK" not in os.environ:  # a single process, not started by torchrun
         return 0, 0, 1, device
-    # set by torchrun: rank over all nodes, local_rank on this node (which GPU), world_size in all
-    rank, local_rank, world_size = (
-        int(os.environ[name]) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE")
-    )
+    rank = int(os.environ["RANK"])  # over all nodes
+    local_rank = int(os.environ["LOCAL_RANK"])  # on this node: which GPU
+    world_size = int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)  # before NCCL starts: otherwise every rank opens it on GPU 0
-    torch.distributed.init_process_group(
-        "nccl" if device.startswith("cuda") else "gloo",
-        device_id=torch.device(device) if device.startswith("cuda") else None,
-    )
+        # Before NCCL starts, or every rank would open its communicator on GPU 0.
+        torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl", device_id=torch.device(device))
+    else:
+        torch.distributed.init_process_group("gloo")
     return rank, local_rank, world_size, device
 
 
-def all_reduce_sum(values):  # a tensor summed over all ranks, in place (one process: as it is)
+def is_master():
+    """Rank 0, or the only process: the one that prints and writes files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def print0(*args, **kwargs):
+    if is_master():
+        print(*args, **kwargs)
+
+
+def all_reduce_sum(values):
+    """A tensor summed over all ranks, in place (one process: as it is)."""
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(values)
     return values
 
 
 def forward_backward(model, micro_batches, dtype, scaler, stop=False):
-    """The gradients of one optimizer step over this rank's micro-batches (on the device). Returns
-    the loss, the mean over all ranks' targets, and whether any rank must stop (all stop together)."""
-    # The mean over all the step's targets: micro-batches (and ranks, fine-tuning) hold different numbers
-    # of them, so each mean is weighted by its share, times world_size as DDP and FSDP average over ranks.
-    counts = torch.stack(
-        [(y != -100).sum() for _, y in micro_batches]
-    ).float()  # targets per micro-batch
-    totals = all_reduce_sum(
-        torch.stack([counts.sum(), torch.tensor(float(stop), device=counts.device)])
-    )
-    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    loss_sum = 0.0
+    """The gradients of one optimizer step from this rank's micro-batches. Returns the step's loss
+    (the mean over every rank's targets) and whether any rank must stop (then all stop together)."""
+    # Micro-batches (and ranks, fine-tuning) hold different numbers of targets: each micro-batch's
+    # mean loss is weighted by its share of the step's targets, times world_size, as DDP and FSDP
+    # average the gradients over the ranks.
+    counts = torch.stack([(y != -100).sum() for _, y in micro_batches]).float()
+    stop_flag = torch.tensor(float(stop), device=counts.device)
+    totals = all_reduce_sum(torch.stack([counts.sum(), stop_flag]))  # targets, ranks stopping
+    world_size = 1
+    if torch.distributed.is_initialized():
+        world_size = torch.distributed.get_world_size()
+    loss_sum = torch.zeros((), device=counts.device)
     for i, (x, y) in enumerate(micro_batches):
-        last = (
-            i == len(micro_batches) - 1
-        )  # the gradients are averaged over ranks at the last one only
+        # The ranks average their gradients once, at the last micro-step.
+        last = i == len(micro_batches) - 1
+        if isinstance(model, DistributedDataParallel):
+            model.require_backward_grad_sync = last
         if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
             model.set_requires_gradient_sync(last)
-        with (
-            model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
-        ):
-            with autocast(x.device, dtype):
-                loss = model(x, y)[
-                    1
-                ]  # the logits are dropped at once: one logits-sized buffer less in backward
-            weight = (
-                counts[i] / totals[0] * world_size
-            )  # this micro-batch's share of the step's targets
-            scaler.scale(
-                loss * weight
-            ).backward()  # float16: scaled up, so small gradients do not underflow
-        loss_sum = loss_sum + loss.detach().float() * weight / world_size
-    return all_reduce_sum(loss_sum.reshape(1)).item(), bool(totals[1] > 0)
-
-
-def save_checkpoint(path, raw_model, optimizer, state, master):
-    """Full weights and AdamW's state by parameter name, gathered into rank 0's CPU memory (every rank
-    calls this under FSDP): one format, resumable on any number of GPUs, with or without FSDP."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    model_state, optimizer_state = get_state_dict(
-        raw_model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
-    if master:
-        model_state["lm_head.weight"] = model_state[
-            "transformer.wte.weight"
-        ]  # tied: stored once, as state_dict() does
-        checkpoint = {
-            "model": model_state,
-            "optimizer": optimizer_state,
-            "config": asdict(raw_model.config),
-            **state,
-        }
-        atomic_write(path, lambda f: torch.save(checkpoint, f))  # (appendix) whole, or not at all
-        print(f"saved {path} at step {state['step']}")
+        with autocast(x.device, dtype):
+            _, loss = model(x, y)
+        weight = counts[i] / totals[0] * world_size
+        scaler.scale(loss * weight).backward()  # float16: scaled up, so that nothing underflows
+        loss_sum += loss.detach().float() * weight / world_size
+    loss = all_reduce_sum(loss_sum).item()
+    return loss, bool(totals[1] > 0)
 
 
 # -----------------------------------------------------------------------------
-# The pretraining loop (fine-tuning runs it too, with the appendix's loader)
-#
-# Check what can refuse the run, build (or resume) it, then loop: evaluate, step, log, save when proven.
+# The model a run trains, its checkpoints, and what it does between steps
+
+# The four sizes OpenAI released, by their Hugging Face names: 124M, 350M, 774M, 1558M parameters.
+PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+
+
+def new_model_config(args):
+    """A new model's size: the --model preset, or --n_layer, --n_head, --n_embd where given. Its
+    vocabulary is padded to 50304 = 128 * 393: a GPU's matmuls are faster on multiples of 128."""
+    size = dict(PRESETS[args.model])
+    for name in ("n_layer", "n_head", "n_embd"):
+        if getattr(args, name) is not None:
+            size[name] = getattr(args, name)
+    if size["n_embd"] % size["n_head"] != 0:
+        raise UserError(
+            f"--n_embd {size['n_embd']} is not a multiple of --n_head {size['n_head']}: each "
+            "head takes an equal slice of the width"
+        )
+    block_size = 1024
+    if args.block_size is not None:
+        block_size = args.block_size
+    return GPTConfig(block_size=block_size, padded_vocab_size=50304, **size)
+
+
+def model_to_train(args):
+    """The model a run trains, and the checkpoint it resumes (or None): the run in --out_dir to
+    resume, a new model, or a trained one (OpenAI's, a Hugging Face folder, a .pt of ours)."""
+    if args.init_from == "resume":
+        return load_run_to_resume(args)  # (appendix) checked against the flags given now
+    refuse_earlier_run(args.out_dir)  # (appendix) a new run never writes over another
+    if args.init_from == "scratch":
+        return GPT(new_model_config(args)), None
+    model, _ = load_model(args.init_from, padded_vocab_size=50304)  # (appendix)
+    if args.block_size is not None and args.block_size > model.config.block_size:
+        raise UserError(
+            f"--block_size {args.block_size} is longer than the {model.config.block_size} "
+            f"positions {args.init_from} has learned: give at most {model.config.block_size}"
+        )
+    if args.block_size is not None and args.block_size < model.config.block_size:
+        # Shorter sequences: the model keeps the embeddings of its first positions.
+        model.config.block_size = args.block_size
+        wpe = model.transformer.wpe.weight[: args.block_size].clone()
+        model.transformer.wpe.weight = nn.Parameter(wpe)
+    return model, None
+
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """A file opened under a temporary name and renamed when whole: a crash, a Ctrl-C or a full
+    disk never leaves half a file under path."""
+    tmp = f"{path}.tmp"  # in the same folder: a rename is atomic within one filesystem
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # on the disk before the rename makes it the real file
+        os.replace(tmp, path)
+    except Exception as e:
+        raise_if_disk_full(path, e)  # (appendix) torch.save says "unexpected pos" instead
+        raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def save_checkpoint(path, raw_model, optimizer, state):
+    """The full weights and AdamW's state by parameter name, gathered into rank 0's CPU memory
+    (under FSDP every rank calls this): one format, to resume on any number of GPUs."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state, optimizer_state = get_state_dict(raw_model, optimizer, options=options)
+    if not is_master():
+        return
+    # Tied: stored under both names, as state_dict() does.
+    model_state["lm_head.weight"] = model_state["transformer.wte.weight"]
+    checkpoint = {"model": model_state, "optimizer": optimizer_state, **state}
+    checkpoint["config"] = asdict(raw_model.config)
+    with atomic_write(path) as f:
+        torch.save(checkpoint, f)
+    print(f"saved {path} at step {state['step']}")
+
+
+def resume_training(checkpoint, model, optimizer, scaler, train_loader):
+    """Put a run back where its checkpoint left it (the weights are in place already): AdamW's
+    moments, float16's scaler, the data's position, the random state. Returns the step."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=options)
+    scaler.load_state_dict(checkpoint["scaler"])
+    train_loader.load_state_dict(checkpoint["loader"])  # no batch twice, none skipped
+    torch.set_rng_state(checkpoint["rng"]["cpu"])
+    if checkpoint["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+    return checkpoint["step"]
+
+
+def log(path, entry, line, tracker=None):
+    """One entry: a line of log.jsonl (a crash loses at most the line being written), the same to
+    wandb, and a line on the screen."""
+    if is_master():
+        with open(path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if tracker is not None:
+            tracker.log(entry, step=entry["step"])
+    print0(line, flush=True)
 
 
 @torch.no_grad()
 def evaluate_loss(model, loader, max_batches, dtype):
-    """Mean loss per target over the split's first max_batches batches, dealt to the ranks in turn; each
-    runs as many forwards (FSDP gathers in each): a rank short of one repeats one, uncounted."""
-    n, world_size, device = (
-        loader.eval_steps(max_batches),
-        loader.world_size,
-        next(model.parameters()).device,
-    )
-    sums = torch.zeros(2, device=device)  # summed loss, and targets
-    for i in range(loader.rank, math.ceil(n / world_size) * world_size, world_size):
-        x, y = (t.to(device) for t in loader.eval_batch(min(i, n - 1)))
+    """The mean loss per target over the split's first max_batches batches. They are dealt to the
+    ranks in turn, and every rank runs as many forwards (FSDP gathers weights in each): a rank
+    short of one repeats the last batch, uncounted."""
+    device = next(model.parameters()).device
+    n = loader.eval_steps(max_batches)
+    rounds = math.ceil(n / loader.world_size)
+    sums = torch.zeros(2, device=device)  # the summed loss, and the number of targets
+    for i in range(loader.rank, rounds * loader.world_size, loader.world_size):
+        x, y = loader.eval_batch(min(i, n - 1))
+        x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
-            loss = model(x, y)[1]  # the logits are dropped at once
+            _, loss = model(x, y)
         count = (y != -100).sum() * (i < n)  # fine-tuning batches hold different numbers of targets
         sums += torch.stack([loss.float() * count, count.float()])
     sums = all_reduce_sum(sums)
     return (sums[0] / sums[1]).item()
 
 
+def sample_prompt(prompt, enc, val_loader, template):
+    """What the samples of a run continue, as tokens and as text: --prompt; for a fine-tuned model,
+    an instruction; by default the val split's first tokens, in the corpus's own style."""
+    if template is not None:
+        if prompt is None:
+            prompt = "Give three tips for staying healthy."
+        return encode_prompt(enc, prompt, template), prompt + "\n"
+    if prompt is not None:
+        tokens = encode_prompt(enc, prompt)
+    else:
+        tokens = val_loader.read(0, 9).tolist()  # <|endoftext|> and 8 tokens more
+    text = enc.decode([token for token in tokens if token != EOT_TOKEN])
+    return tokens, text
+
+
 def show_samples(model, enc, prompt, n, dtype):
-    """n continuations of a prompt, by every rank (under FSDP each forward needs them all)."""
-    ids = torch.tensor([prompt] * n, device=next(model.parameters()).device)  # (n, T)
-    generator = torch.Generator(ids.device).manual_seed(
-        42
-    )  # fixed: samples differ only by the weights
-    # eager: FSDP's compiled blocks would compile again for every layer and length, up to dynamo's limit
-    with autocast(ids.device, dtype), torch.compiler.set_stance("force_eager"):
-        out = model.generate(ids, max_new_tokens=32, top_k=50, generator=generator) if n else ids
-    return [
-        enc.decode(row[ids.size(1) :]).split("<|endoftext|>")[0] for row in out.tolist()
-    ]  # until a document ends
+    """n continuations of the prompt's tokens, by every rank (under FSDP each forward needs them
+    all); seeded alike each time, so that the samples differ only as the weights do."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt] * n, device=device)  # (n, T)
+    generator = torch.Generator(device).manual_seed(42)
+    # Eager: under FSDP the compiled blocks would compile again for every layer and length.
+    with autocast(device, dtype), torch.compiler.set_stance("force_eager"):
+        out = model.generate(ids, max_new_tokens=32, top_k=50, generator=generator)
+    texts = []
+    for row in out.tolist():
+        text = enc.decode(row[ids.size(1) :])
+        texts.append(text.split("<|endoftext|>")[0])  # until a document ends
+    return texts
+
+
+# -----------------------------------------------------------------------------
+# The pretraining loop (fine-tuning runs it too, with the appendix's loader)
+#
+# First everything that can refuse the run, then the run built (or resumed), then the loop:
+# evaluate, step, log, save when the weights have proved finite.
 
 
 def train(args):
     """--mode pretrain, and --mode finetune."""
     rank, local_rank, world_size, device = setup_distributed(args.device)
-    master, pretrain, cuda = rank == 0, args.mode == "pretrain", device.startswith("cuda")
-    say = print if master else (lambda *a, **k: None)  # the other ranks run silent
     dtype = pick_dtype(device, args.dtype)
-    torch.manual_seed(args.seed)  # every rank the same seed: the same fresh weights everywhere
-    # All that can refuse the run is checked now, before --out_dir is touched, not after hours of steps.
-    model, checkpoint = model_to_train(
-        args
-    )  # (appendix) new, OpenAI's, ours, or the one to resume (its checkpoint)
-    T = model.to(device).config.block_size
-    check_data(
-        args.data_dir, args.mode, args.batch_size, T
-    )  # (appendix) meta.json, shards, examples
-    Loader = PretrainLoader if pretrain else InstructionLoader  # (appendix: instruction examples)
-    train_loader, val_loader = (
-        Loader(args.data_dir, split, args.batch_size, T, rank, world_size, args.seed)
-        for split in ("train", "val")
+    torch.manual_seed(args.seed)  # the same seed on every rank: the same fresh weights everywhere
+
+    # What can refuse the run is checked now, before --out_dir is touched, not after hours of steps.
+    model, checkpoint = model_to_train(args)
+    model.to(device)
+    block_size = model.config.block_size
+    meta = check_data(args.data_dir, args.mode, args.batch_size, block_size)  # (appendix)
+    Loader = PretrainLoader
+    if args.mode == "finetune":
+        Loader = InstructionLoader  # (appendix) instruction examples, the loss on the answers
+    train_loader = Loader(
+        args.data_dir, "train", args.batch_size, block_size, rank, world_size, args.seed
     )
-    # total_batch_size = batch_size x block_size (pretraining counts tokens) x GPUs x grad_accum
-    per_micro_step = args.batch_size * (T if pretrain else 1) * world_size
-    if (
-        args.total_batch_size % per_micro_step
-    ):  # (in tokens when pretraining, examples when fine-tuning)
-        raise UserError(
-            f"--total_batch_size {args.total_batch_size} is not a multiple of {per_micro_step}, the batch x GPUs"
-        )
-    grad_accum = (
-        args.total_batch_size // per_micro_step
-    )  # micro-steps per optimizer step on each rank
+    val_loader = Loader(
+        args.data_dir, "val", args.batch_size, block_size, rank, world_size, args.seed
+    )
+    # --total_batch_size counts tokens when pretraining (batch x block_size x GPUs x micro-steps),
+    # examples when fine-tuning. What a micro-step cannot hold is gradient accumulation.
+    per_micro_step = args.batch_size * world_size
+    if args.mode == "pretrain":
+        per_micro_step *= block_size
+    if args.total_batch_size % per_micro_step != 0:
+        raise UserError(total_batch_size_error(args, per_micro_step))  # (appendix) what would fit
+    grad_accum = args.total_batch_size // per_micro_step  # micro-steps per step on each rank
     steps_per_epoch = train_loader.steps_per_epoch(grad_accum)
     if steps_per_epoch == 0:
         raise UserError(
             f"the train split of {args.data_dir} is less than one step: lower --total_batch_size"
         )
-    max_steps = args.max_steps or steps_per_epoch * args.epochs
-    hellaswag = (
-        pretrain
-        and args.hellaswag
-        and load_hellaswag(
-            args.hellaswag_path,
-            args.hellaswag_limit,  # (appendix)
-            args.hellaswag_convention,
-        )
-    )  # read now: a bad one fails now
-    enc, template = (
-        get_tokenizer(),
-        getattr(train_loader, "template", None),
-    )  # (appendix) tiktoken's; fine-tuning's template
-    prompt, prompt_text = sample_prompt(
-        args.prompt, enc, val_loader, template
-    )  # (appendix) what samples continue
+    max_steps = args.max_steps
+    if max_steps is None:
+        max_steps = steps_per_epoch * args.epochs
+    hellaswag = None
+    if args.mode == "pretrain" and args.hellaswag:
+        hellaswag = load_hellaswag(args.hellaswag_path, args.hellaswag_limit)  # (appendix)
+    enc = get_tokenizer()
+    template = meta.get("prompt_template")  # fine-tuning's: chat and sample wrap prompts in it
+    prompt, prompt_text = sample_prompt(args.prompt, enc, val_loader, template)
+
+    # The run: FSDP replaces the parameters, so it comes before the optimizer.
     if args.fsdp or args.activation_checkpointing:
-        wrap_blocks(
-            model, dtype, args
-        )  # (appendix) before the optimizer: FSDP replaces the parameters
-    optimizer = configure_optimizer(
-        model, args.weight_decay, args.max_lr
-    )  # its lr is set at every step
-    scaler = torch.amp.GradScaler(
-        device.split(":")[0], enabled=dtype == torch.float16
-    )  # a no-op but in float16
+        wrap_blocks(model, dtype, args)  # (appendix)
+    optimizer = configure_optimizer(model, args.weight_decay, args.max_lr)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
     step = 0
-    if (
-        checkpoint is not None
-    ):  # resume: the optimizer, the scaler, the data's position, the random state
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_optimizer_state_dict,
-        )
-
-        if (step := checkpoint["step"]) > max_steps:
-            raise UserError(
-                f"{args.out_dir} is at step {step}, past --max_steps {max_steps}: give at least {step}"
-            )
-        set_optimizer_state_dict(
-            model,
-            optimizer,
-            checkpoint["optimizer"],
-            options=StateDictOptions(full_state_dict=True),
-        )
-        scaler.load_state_dict(checkpoint["scaler"])
-        if (
-            checkpoint["loader"]["data"] != train_loader.state_dict()["data"]
-        ):  # prepared again, or shards swapped
-            raise UserError(
-                f"{args.data_dir} is not the data this run was reading (prepared again?): resume on that "
-                f"data, or start a new run from its weights with --init_from {args.out_dir}/ckpt.pt"
-            )
-        train_loader.load_state_dict(
-            checkpoint["loader"]
-        )  # the next step reads on: no batch twice, none skipped
-        torch.set_rng_state(checkpoint["rng"]["cpu"])
-        if cuda:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
-    start_step, saved_step, raw_model, weights_bad = (
-        step,
-        step or None,
-        model,
-        False,
-    )  # saved_step: the one on disk
-    if (
-        args.compile and not args.fsdp
-    ):  # (FSDP compiled each block, and the head, as it sharded them)
+    if checkpoint is not None:
+        check_resume(checkpoint, train_loader, max_steps, args)  # (appendix) the same data?
+        step = resume_training(checkpoint, model, optimizer, scaler, train_loader)
+    start_step = step
+    raw_model = model  # what is saved, sampled and measured
+    if args.compile and not args.fsdp:  # FSDP compiled each block as it sharded it
         model = torch.compile(model)
-    if world_size > 1 and not args.fsdp:  # DDP: a whole copy on every GPU, gradients averaged
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if cuda else None
-        )
-    say(
-        f"{args.mode}: {sum(p.numel() for p in raw_model.parameters()):,} parameters, {world_size} process(es) on "
-        f"{device}, {grad_accum} micro-steps of {args.batch_size} a step, {max_steps} steps ({steps_per_epoch} an epoch)"
+    if world_size > 1 and not args.fsdp:
+        # DDP: a whole copy on every GPU, the gradients averaged over them.
+        device_ids = None
+        if device.startswith("cuda"):
+            device_ids = [local_rank]
+        model = DistributedDataParallel(model, device_ids=device_ids)
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    print0(
+        f"{args.mode}: {n_params:,} parameters, {world_size} process(es) on {device}, "
+        f"{grad_accum} micro-steps of {args.batch_size} a step, {max_steps} steps "
+        f"({steps_per_epoch} an epoch)"
     )
-    peak = (
-        pretrain and cuda and peak_flops(device)
-    )  # MFU: the step's FLOPs against the GPUs' peak (appendix)
-    step_seconds_at_peak = (
-        flops_per_token(raw_model) * args.total_batch_size / (peak * world_size) if peak else 0
-    )
-    log_path, checkpoint_path = (
-        os.path.join(args.out_dir, "log.jsonl"),
-        os.path.join(args.out_dir, "ckpt.pt"),
-    )
+    # MFU: the FLOPs of a step's tokens against the GPUs' peak (None on a CPU or an unknown GPU)
+    peak = peak_flops(device)  # (appendix)
+    model_flops = flops_per_token(raw_model)  # (appendix)
+    max_norm = math.inf  # --grad_clip 0: the norm is measured, not clipped
+    if args.grad_clip > 0:
+        max_norm = args.grad_clip
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    checkpoint_path = os.path.join(args.out_dir, "ckpt.pt")
+    saved_step = start_step  # the step of the checkpoint on the disk
+    state = None  # what a checkpoint of the weights as they are now holds besides them
+    tracker = None
+    guard = RunGuard(args.out_dir)  # (appendix) --out_dir locked; Ctrl-C saves, then stops
 
-    def log(
-        entry, line
-    ):  # log.jsonl (a crash loses at most the line being written), wandb, the screen
-        if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-            if tracker:
-                tracker.log(entry, step=entry["step"])
-        say(line, flush=True)
-
-    guard, tracker, t_start = (
-        RunGuard(args.out_dir, master),
-        None,
-        time.time(),
-    )  # (appendix) --out_dir locked; Ctrl-C
     try:
-        if (
-            master and checkpoint is not None
-        ):  # a run killed after its checkpoint logged steps that are done again now
-            truncate_log(log_path, step)  # (appendix)
-        tracker = (
-            start_wandb(args, checkpoint) if master and args.wandb_project else None
-        )  # (appendix)
-        checkpoint = None  # the weights and optimizer state are in place: the copy is freed
+        if checkpoint is not None:
+            truncate_log(log_path, step)  # (appendix) steps logged after the checkpoint: redone
+        if args.wandb_project:
+            tracker = start_wandb(args, checkpoint)  # (appendix)
+        checkpoint = None  # its weights and moments are in place: the copy is freed
+        t_start = time.time()
         while True:
-            # what a checkpoint of this step holds besides the weights: taken before the loader moves on
+            # What a checkpoint of this step holds besides the weights, before the loader moves on.
             state = {
                 "step": step,
                 "loader": train_loader.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": {"cpu": torch.get_rng_state(), "cuda": None},
                 "args": vars(args),
                 "prompt_template": template,
-                "scaler": scaler.state_dict(),
-                "wandb_id": tracker and tracker.id,
-                "rng": {
-                    "cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state() if cuda else None,
-                },
+                "wandb_id": getattr(tracker, "id", None),
             }
+            if device.startswith("cuda"):
+                state["rng"]["cuda"] = torch.cuda.get_rng_state()
+
             if step > start_step and (step % args.eval_interval == 0 or step == max_steps):
                 model.eval()
-                entry = {
-                    "step": step,
-                    "val_loss": evaluate_loss(model, val_loader, args.val_steps, dtype),
-                }
-                if hellaswag:
-                    entry.update(
-                        hellaswag_eval(raw_model, hellaswag, dtype, args.hellaswag_convention)
-                    )
-                log(
-                    entry,
-                    " | ".join(
-                        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                        for k, v in entry.items()
-                    ),
-                )
-                for i, text in enumerate(
-                    show_samples(raw_model, enc, prompt, args.eval_samples, dtype)
-                ):
-                    say(f"--- sample {i + 1}\n{prompt_text}{text}")
+                val_loss = evaluate_loss(model, val_loader, args.val_steps, dtype)
+                entry = {"step": step, "val_loss": val_loss}
+                line = f"step {step:5d}/{max_steps} | val_loss {val_loss:.4f}"
+                if hellaswag is not None:
+                    entry.update(hellaswag_eval(raw_model, hellaswag, dtype))  # (appendix)
+                    line += f" | hellaswag_acc_norm {entry['hellaswag_acc_norm']:.4f}"
+                log(log_path, entry, line, tracker)
+                if args.eval_samples > 0:
+                    texts = show_samples(raw_model, enc, prompt, args.eval_samples, dtype)
+                    for i, text in enumerate(texts):
+                        print0(f"--- sample {i + 1}\n{prompt_text}{text}")
                 model.train()
+
             if step == max_steps:
-                if step > start_step:
-                    save_checkpoint(checkpoint_path, raw_model, optimizer, state, master)
-                say(f"{args.out_dir} is at step {step} of --max_steps {max_steps}: done")
+                if step > saved_step:
+                    save_checkpoint(checkpoint_path, raw_model, optimizer, state)
+                print0(f"{args.out_dir} is at step {step} of --max_steps {max_steps}: done")
                 break
-            t0 = (
-                time.time()
-            )  # after the evaluation: a step's time is its data, forward, backward and update
+
+            t0 = time.time()  # after the evaluation: a step is its data, forward, backward, update
             lr = get_lr(
                 step, args.max_lr, args.max_lr * args.min_lr_ratio, args.warmup_steps, max_steps
             )
-            for (
-                group
-            ) in optimizer.param_groups:  # both groups, with and without decay, follow the schedule
+            for group in optimizer.param_groups:  # both groups, with and without weight decay
                 group["lr"] = lr
-            micro_batches = [
-                (x.to(device), y.to(device)) for x, y in train_loader.next_step(grad_accum)
-            ]
-            loss, stop_now = forward_backward(
-                model, micro_batches, dtype, scaler, guard.stop_requested
-            )
-            scaler.unscale_(
-                optimizer
-            )  # float16: the true gradients, for their norm and the clipping
-            # clipped to a global norm of grad_clip (0: only measured); float16's scaler skips an overflow
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), args.grad_clip or math.inf
-            ).item()
-            if not (math.isfinite(loss) and (math.isfinite(grad_norm) or scaler.is_enabled())):
-                weights_bad = True
-                raise non_finite_error(
-                    step, loss, grad_norm, checkpoint_path, saved_step
-                )  # (appendix)
+            micro_batches = []
+            for x, y in train_loader.next_step(grad_accum):
+                micro_batches.append((x.to(device), y.to(device)))
+            loss, stop = forward_backward(model, micro_batches, dtype, scaler, guard.stop_requested)
+            scaler.unscale_(optimizer)  # float16: the true gradients, for their norm and clipping
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+            # float16's scaler skips a step whose gradients overflowed (and scales down): no error.
+            norm_bad = not math.isfinite(grad_norm) and not scaler.is_enabled()
+            if not math.isfinite(loss) or norm_bad:
+                state = None  # weights that lead to a non-finite loss are not worth saving
+                raise non_finite_error(step, loss, grad_norm, checkpoint_path, saved_step)
             # A checkpoint due at this step is written now that its weights have proved finite.
-            if stop_now or (step > start_step and step % args.ckpt_interval == 0):
-                save_checkpoint(checkpoint_path, raw_model, optimizer, state, master)
+            if stop or (step > start_step and step % args.ckpt_interval == 0):
+                save_checkpoint(checkpoint_path, raw_model, optimizer, state)
                 saved_step = step
-            if stop_now:  # this step's update is dropped: the checkpoint resumes it exactly
-                say("stopped; continue with --init_from resume")
+            if stop:  # this step's update is dropped: the checkpoint resumes it exactly
+                print0("stopped; continue with --init_from resume")
                 break
-            scaler.step(optimizer)  # optimizer.step(), unless float16 gradients overflowed
+            scaler.step(optimizer)  # optimizer.step(), unless float16's gradients overflowed
             scaler.update()
-            optimizer.zero_grad(
-                set_to_none=True
-            )  # None, not zeros: the memory is free until the next backward
-            if cuda:
-                torch.cuda.synchronize()  # the GPU runs behind Python: wait, so that dt is the step's time
-            dt, step = time.time() - t0, step + 1  # step counts the steps done, as checkpoints do
-            tokens = (
-                sum(x.numel() for x, _ in micro_batches) * world_size
-            )  # fine-tuning: padding included
-            eta = (
-                (time.time() - t_start) / (step - start_step) * (max_steps - step)
-            )  # evaluations included
-            entry = {
-                "step": step,
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "ms": 1000 * dt,
-                "tok_per_s": tokens / dt,
-                **({"mfu": step_seconds_at_peak / dt} if peak else {}),
-            }
-            log(
-                entry,
-                f"step {step:5d}/{max_steps} | loss {loss:.6f} | lr {lr:.2e} | norm {grad_norm:.3f} | "
-                f"{1000 * dt:.0f} ms | {tokens / dt:,.0f} tok/s"
-                + (f" | MFU {100 * entry['mfu']:.1f}%" if peak else "")
-                + f" | ETA {int(eta) // 60}m{int(eta) % 60:02d}s",
+            state = None  # the weights moved on: no checkpoint of the old state from now on
+            optimizer.zero_grad(set_to_none=True)  # None: the memory is free until the backward
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()  # the GPU runs behind Python: wait for the step's end
+            step += 1  # the steps done, as a checkpoint counts them
+
+            dt = time.time() - t0
+            tokens = world_size * sum(x.numel() for x, _ in micro_batches)  # with any padding
+            eta = (time.time() - t_start) / (step - start_step) * (max_steps - step)
+            entry = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+            entry["ms"] = 1000 * dt
+            entry["tok_per_s"] = tokens / dt
+            line = (
+                f"step {step:5d}/{max_steps} | loss {loss:.6f} | lr {lr:.2e} | "
+                f"norm {grad_norm:.3f} | {1000 * dt:.0f} ms | {tokens / dt:,.0f} tok/s"
             )
-    except (
-        Exception
-    ):  # no trained step is lost: they are saved first (unless bad, or under FSDP: see appendix)
-        if (
-            step > start_step
-            and not weights_bad
-            and state["step"] == step != saved_step
-            and not args.fsdp
-        ):
-            with contextlib.suppress(
-                Exception
-            ):  # whatever failed (an evaluation, the disk, the data): it is reported
-                save_checkpoint(checkpoint_path, raw_model, optimizer, state, master)
+            if peak is not None:
+                entry["mfu"] = model_flops * tokens / dt / (peak * world_size)
+                line += f" | MFU {100 * entry['mfu']:.1f}%"
+            line += f" | ETA {int(eta) // 60}m{int(eta) % 60:02d}s"
+            log(log_path, entry, line, tracker)
+    except Exception:
+        # No trained step is lost to a failure (an evaluation, the disk, the data): the weights
+        # are saved first. Not under FSDP, where saving needs every rank, and one has failed.
+        if state is not None and step > saved_step and not args.fsdp:
+            with contextlib.suppress(Exception):
+                save_checkpoint(checkpoint_path, raw_model, optimizer, state)
         raise
     finally:
         guard.close(tracker)  # Ctrl-C means Ctrl-C again; the lock is given back; wandb ends
@@ -1012,24 +952,15 @@ def train(args):
 # Sampling
 
 
-def encode_prompt(enc, prompt, template=None):
-    """A prompt's ids, in the fine-tuning template if any; "<|endoftext|>" samples unconditionally."""
-    return enc.encode(
-        template.format(instruction=prompt) if template else prompt,
-        allowed_special={"<|endoftext|>"},
-    )
-
-
 def stream_text(model, enc, tokens, args, generator=None):
-    """Print one answer as it is generated, token by token; return its text."""
+    """Print one answer token by token, as it is generated; return its text."""
     import codecs
 
     device = next(model.parameters()).device
-    ids = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, T): a batch of one
-    decoder, pieces = (
-        codecs.getincrementaldecoder("utf-8")(errors="replace"),
-        [],
-    )  # a token may end mid-character
+    ids = torch.tensor([tokens], device=device)  # (1, T): a batch of one
+    # A token may end in the middle of a character: bytes are printed once they make one.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pieces = []
     with autocast(device, pick_dtype(str(device), args.dtype)):
         for token in model.stream(
             ids,
@@ -1039,96 +970,139 @@ def stream_text(model, enc, tokens, args, generator=None):
             top_p=args.top_p,
             generator=generator,
         ):
-            if token.item() == EOT_TOKEN:  # the end of a fine-tuned answer, or of a document
+            token_id = token.item()
+            if token_id == EOT_TOKEN:  # the end of a fine-tuned answer, or of a document
                 break
-            pieces.append(decoder.decode(enc.decode_single_token_bytes(token.item())))
+            pieces.append(decoder.decode(enc.decode_single_token_bytes(token_id)))
             print(pieces[-1], end="", flush=True)
-    pieces.append(
-        decoder.decode(b"", final=True)
-    )  # bytes still held: a cut-off character shows as U+FFFD
+    pieces.append(decoder.decode(b"", final=True))  # a character cut off shows as U+FFFD
     print(pieces[-1])
     return "".join(pieces)
 
 
 def sample(args):
     """--mode sample: continue each --prompt (a fine-tuned model answers it)."""
-    device = setup_distributed(args.device)[3]  # one process: sampling needs no torchrun
-    prompts = args.prompt or ["Hello, I'm a language model,"]
-    model, template = load_model(
-        args.init_from
-    )  # (appendix) ours (.pt, a run folder), a Hugging Face GPT-2, OpenAI's
-    model.to(device).eval()
-    enc = get_tokenizer()  # (appendix)
-    token_lists = [
-        encode_prompt(enc, prompt, template) for prompt in prompts
-    ]  # a long one: its end is read
-    generator = (
-        torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
-    )  # None: fresh samples
-    if len(prompts) == 1 and args.num_samples == 1:  # one answer: streamed as it comes, as in chat
-        print(
-            prompts[0], end="" if template is None else "\n", flush=True
-        )  # a continuation goes on the same line
-        stream_text(model, enc, token_lists[0], args, generator)
-    else:  # (appendix) every prompt times num_samples, as one left-padded batch
-        sample_batch(
-            model,
-            enc,
-            prompts if template is None else [""] * len(prompts),
-            token_lists,
-            args,
-            generator,
-        )
+    _, _, _, device = setup_distributed(args.device)  # one process: sampling needs no torchrun
+    model, template = load_model(args.init_from)  # (appendix) a .pt, a run folder, HF, OpenAI's
+    model.to(device)
+    model.eval()
+    enc = get_tokenizer()
+    generator = None  # fresh samples every time, unless --seed is given
+    if args.seed is not None:
+        generator = torch.Generator(device).manual_seed(args.seed)
+    if len(args.prompt) > 1 or args.num_samples > 1:
+        sample_batch(model, enc, template, args, generator)  # (appendix) as one batch
+        return
+    # One answer, streamed as it comes. A continuation goes on on the prompt's line.
+    tokens = encode_prompt(enc, args.prompt[0], template)
+    if template is None:
+        print(args.prompt[0], end="", flush=True)
+    else:
+        print(args.prompt[0])
+    stream_text(model, enc, tokens, args, generator)
 
 
 # -----------------------------------------------------------------------------
-# The command line: --mode says what to do, and which flags exist
+# The command line: --mode says what to do, and which flags there are
+
+MODES = ("pretrain", "finetune", "sample", "chat", "eval", "export", "bench", "plot")
+
+# Where the other modes' defaults differ from pretraining's (the first default of each flag below)
+MODE_DEFAULTS = {
+    "finetune": dict(
+        init_from="gpt2",
+        data_dir="data/alpaca",
+        out_dir="out/finetune",
+        batch_size=8,
+        total_batch_size=32,  # examples
+        max_lr=2e-5,  # a small LR: fine-tuning adjusts a trained model
+        warmup_steps=100,
+        epochs=2,
+        eval_interval=200,
+        val_steps=50,
+        ckpt_interval=1000,
+    ),
+    "sample": dict(seed=None),
+    "chat": dict(init_from="out/finetune", max_new_tokens=256, seed=None),
+    # eval: a run's own data and batches, else none; HellaSwag in both published conventions
+    "eval": dict(data_dir=None, out_dir="out/eval", batch_size=16, hellaswag=1),
+    "export": dict(init_from=None, out_dir=None),  # both must be given
+    "bench": dict(block_size=1024),
+}
 
 
-def parse_args(argv):
-    """One mode's flags, each with one default (--mode MODE --help); resume: the run's flags, unless given."""
-    p = argparse.ArgumentParser(
-        add_help=False,
-        allow_abbrev=False,  # allow_abbrev: --max_l is not --max_lr
+def number(kind, low, high=None, above=False):
+    """An argparse type: a number of that kind from low (or above it) up to high, so that a value
+    out of its domain (--max_steps -1) is refused as it is given."""
+    domain = f">= {low:g}"
+    if above:
+        domain = f"> {low:g}"
+    if high is not None:
+        domain = f"in [{low:g}, {high:g}]"
+        if above:
+            domain = f"in ({low:g}, {high:g}]"
+
+    def parse(text):
+        value = kind(text)  # argparse reports a ValueError as "invalid value"
+        low_ok = value > low or (value == low and not above)
+        high_ok = high is None or value <= high
+        if not (math.isfinite(value) and low_ok and high_ok):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {domain}")
+        return value
+
+    return parse
+
+
+def device_flag(text):
+    """An argparse type: auto, or a device this machine has (--device cuda without a GPU is refused)."""
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    name = text
+    if text == "cuda":
+        name = "cuda:0"
+    if text != "auto" and name not in devices:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a device this machine has ({torch.cuda.device_count()} CUDA GPUs): "
+            f"use auto or one of {', '.join(devices)}"
+        )
+    return text
+
+
+def build_parser(mode):
+    """--mode and the flags of that mode, each with one default and a help line true for it."""
+    p = Parser(
+        prog="train_gpt2.py",
+        description=f"GPT-2, --mode {mode}: the flags below. --mode MODE --help: another mode's.",
         formatter_class=HelpFormatter,
-        description="GPT-2. --mode MODE --help: its flags",
+        allow_abbrev=False,  # --max_l is a mistake, not --max_lr
     )
-    p.error = lambda message: p.exit(
-        2, f"error: {message} (see --help)\n"
-    )  # one line, as every other mistake
-    p.add_argument(
-        "--mode",
-        default="sample",
-        help="what to do",
-        choices=["pretrain", "finetune", "sample", "chat", "eval", "export", "bench", "plot"],
-    )
-    mode, add = (
-        p.parse_known_args(argv)[0].mode,
-        p.add_argument,
-    )  # the mode decides which flags follow
-    pre, train, count, count0 = (
-        mode == "pretrain",
-        mode in ("pretrain", "finetune"),
-        number(int, 1),
-        number(int, 0),
-    )
-    if mode not in (
-        "bench",
-        "plot",
-    ):  # gpt2: or -medium, -large, -xl; a run folder: one holding ckpt.pt
+    add = p.add_argument
+    training = mode in ("pretrain", "finetune")
+    count = number(int, 1)
+    add("--mode", default="sample", choices=MODES, help="what to do")
+    if training:
         add(
             "--init_from",
-            default="scratch" if pre else "gpt2",
-            help="scratch | resume | gpt2 | a .pt | a run or HF folder",
+            default="scratch",
+            help="scratch (a new model) | resume (the run in "
+            "--out_dir) | gpt2, gpt2-medium, gpt2-large, gpt2-xl | a .pt | a run or HF GPT-2 folder",
         )
-    if mode in ("pretrain", "finetune", "eval"):
-        add("--data_dir", default="data/fineweb_edu_10B", help="a folder made by prepare_data.py")
-    if mode not in ("sample", "chat", "bench"):
+    elif mode not in ("bench", "plot"):
         add(
-            "--out_dir",
-            default=f"out/{mode}",
-            help="the run's folder: ckpt.pt, log.jsonl, eval.json, plot.png",
+            "--init_from",
+            default="gpt2",
+            help="gpt2, gpt2-medium, gpt2-large, gpt2-xl | a .pt | "
+            "a run folder (holding ckpt.pt) | a Hugging Face GPT-2 folder",
         )
+    if training or mode == "eval":
+        add("--data_dir", default="data/fineweb_edu_10B", help="a folder made by prepare_data.py")
+    if training or mode == "plot":
+        add("--out_dir", default="out/pretrain", help="the run's folder: ckpt.pt, log.jsonl")
+    elif mode == "eval":
+        add("--out_dir", help="where eval.json is written")
+    elif mode == "export":
+        add("--out_dir", help="a new, empty folder for the Hugging Face files")
     if mode not in ("export", "plot"):
         add(
             "--device",
@@ -1140,100 +1114,99 @@ def parse_args(argv):
             "--dtype",
             default="auto",
             choices=["auto", "bfloat16", "float16", "float32"],
-            help="the matmuls' precision",
+            help="the matmuls' precision (auto: bfloat16 on recent GPUs, float32 on CPUs)",
         )
-        add("--seed", type=int, default=1337, help="data order, initial weights, sampling")
-    if pre or mode == "bench":
-        add(
-            "--model",
-            default="gpt2",
-            choices=list(PRESETS),
-            help="a new model's size (the next three override it)",
-        )
-        for name, what in (
-            ("--n_layer", "transformer blocks"),
-            ("--n_head", "attention heads"),
-            ("--n_embd", "width"),
-        ):
-            add(name, type=count, help=f"{what}, instead of the --model's")
-    if train or mode in ("eval", "bench"):
-        add("--batch_size", type=count, default=64, help="micro-batch per GPU")
-    if train or mode == "bench":
+    if training or mode == "bench":
+        add("--seed", default=1337, type=int, help="initial weights and data order")
+    elif mode in ("sample", "chat"):
+        add("--seed", type=int, help="sampling's random numbers (default: new ones each time)")
+    if mode in ("pretrain", "bench"):
+        add("--model", default="gpt2", choices=list(PRESETS), help="a new model's size")
+        add("--n_layer", type=count, help="transformer blocks, instead of --model's")
+        add("--n_head", type=count, help="attention heads, instead of --model's")
+        add("--n_embd", type=count, help="the width, instead of --model's")
+    if training or mode in ("eval", "bench"):
+        add("--batch_size", default=64, type=count, help="sequences per micro-batch, per GPU")
+    if training:
         add(
             "--block_size",
             type=count,
-            help="sequence length (default: 1024 for a new model, else the model's)",
+            help="sequence length (default: 1024 for a new model, else the model's own)",
         )
+    if mode == "bench":
+        add("--block_size", type=count, help="sequence length")
+    if training or mode == "bench":
+        # torch.compile needs Triton: Linux with a GPU (Windows has no Triton by default)
+        compile_default = int(torch.cuda.is_available() and sys.platform != "win32")
         add(
             "--compile",
+            default=compile_default,
             type=int,
             choices=[0, 1],
-            default=int(torch.cuda.is_available() and sys.platform != "win32"),
-            help="1: torch.compile the model (it needs Triton: Linux with a GPU)",
+            help="1: torch.compile the model",
         )
-    if train or mode == "eval":
-        add(
-            "--val_steps", type=count, default=160, help="val batches per evaluation, over all GPUs"
-        )
-    if train:
+    if training or mode == "eval":
+        add("--val_steps", default=160, type=count, help="val batches per evaluation, all GPUs")
+    if training:
         add(
             "--total_batch_size",
-            type=count,
             default=524288,
-            help="a step's tokens (finetune: examples), all GPUs",
+            type=count,
+            help="a step's tokens (finetune: examples), all GPUs and micro-steps",
         )
-        add("--max_lr", type=number(float, 0, above=True), default=6e-4, help="peak learning rate")
+        add("--max_lr", default=6e-4, type=number(float, 0, above=True), help="peak learning rate")
         add(
             "--min_lr_ratio",
-            type=number(float, 0, 1),
             default=0.1,
-            help="the LR decays to max_lr x this",
+            type=number(float, 0, 1),
+            help="the learning rate decays to max_lr x this",
         )
-        add("--warmup_steps", type=count0, default=715, help="steps of linear warmup to max_lr")
+        add("--warmup_steps", default=715, type=number(int, 0), help="steps of warmup to max_lr")
         add(
-            "--max_steps",
+            "--max_steps", type=count, help="optimizer steps (default: --epochs of the train split)"
+        )
+        add(
+            "--epochs",
+            default=1,
             type=count,
-            help="optimizer steps (default: --epochs over the train split)",
+            help="passes over the train split, without --max_steps",
         )
-        add(
-            "--epochs", type=count, default=1, help="passes over the train split, if no --max_steps"
-        )
-        add("--weight_decay", type=number(float, 0), default=0.1, help="AdamW's, on matrices only")
+        add("--weight_decay", default=0.1, type=number(float, 0), help="AdamW's, on matrices only")
         add(
             "--grad_clip",
-            type=number(float, 0),
             default=1.0,
-            help="clip the gradients' global norm to this; 0: off",
+            type=number(float, 0),
+            help="clip the gradients' global norm to this; 0: no clipping",
         )
-        add("--eval_interval", type=count, default=250, help="steps between evaluations")
-        add("--eval_samples", type=count0, default=4, help="lines sampled at each evaluation")
+        add("--eval_interval", default=250, type=count, help="steps between evaluations")
+        add("--eval_samples", default=4, type=number(int, 0), help="samples at each evaluation")
         add(
             "--prompt",
             help="what they continue (default: the val split's start; finetune: an instruction)",
         )
         add(
             "--ckpt_interval",
-            type=count,
             default=5000,
+            type=count,
             help="steps between checkpoints (and one at the end)",
         )
-    if mode in (
-        "sample",
-        "chat",
-    ):  # nanoGPT's defaults: a small model at temperature 1 drifts into noise
-        add("--max_new_tokens", type=count0, default=64, help="tokens to generate at most")
+    if mode in ("sample", "chat"):
+        add("--max_new_tokens", default=64, type=number(int, 0), help="tokens generated at most")
+        # nanoGPT's defaults: a small model at temperature 1 drifts into noise.
         add(
             "--temperature",
-            type=number(float, 0),
             default=0.8,
+            type=number(float, 0),
             help="0 is greedy; below 1 sharpens the distribution",
         )
-        add("--top_k", type=count0, default=200, help="sample among the k likeliest tokens; 0: all")
+        add(
+            "--top_k", default=200, type=number(int, 0), help="sample among the k likeliest; 0: all"
+        )
         add(
             "--top_p",
-            type=number(float, 0, 1, above=True),
             default=1.0,
-            help="among the likeliest with this probability",
+            type=number(float, 0, 1, above=True),
+            help="among the likeliest tokens that reach this probability",
         )
     if mode == "sample":
         add(
@@ -1241,704 +1214,681 @@ def parse_args(argv):
             action="append",
             help='repeat for several prompts (default: "Hello, I\'m a language model,")',
         )
-        add("--num_samples", type=count, default=1, help="samples per prompt")
-    for name, modes, kwargs in APPENDIX_FLAGS:  # (appendix) FSDP, wandb, HellaSwag, bench
-        if mode in modes:
-            add(name, **kwargs)
-    p.set_defaults(**MODE_DEFAULTS.get(mode, {}))  # (appendix) the other modes' defaults
-    add("-h", "--help", action="help", help=f"show the flags of --mode {mode}")
+        add("--num_samples", default=1, type=count, help="samples per prompt")
+    add_appendix_flags(add, mode)  # (appendix) FSDP, wandb, HellaSwag, bench
+    p.set_defaults(**MODE_DEFAULTS.get(mode, {}))
+    return p
+
+
+def parse_args(argv):
+    """--mode, then that mode's flags. Resuming, a run's own flags are the defaults."""
+    first = Parser(add_help=False)  # (appendix) argparse, with one-line errors
+    first.add_argument("--mode", default="sample", choices=MODES)
+    mode = first.parse_known_args(argv)[0].mode
+    p = build_parser(mode)
     args = p.parse_args(argv)
-    resume = args.mode in ("pretrain", "finetune") and args.init_from == "resume"
-    if (
-        resume or mode == "eval"
-    ):  # the run's flags, unless given now; eval: its data and val batches (its val loss)
-        run = (
-            saved_args(args.out_dir)
-            if resume
-            else saved_args(args.init_from, ("data_dir", "batch_size", "val_steps"))
-        )
-        p.set_defaults(**run)  # (appendix)
+    if args.mode in ("pretrain", "finetune") and args.init_from == "resume":
+        p.set_defaults(**saved_args(args.out_dir))  # (appendix)
         args = p.parse_args(argv)
-    check_args(p, args)  # (appendix) what spans several flags
+    if args.mode == "eval":
+        # A run's val loss is measured on its own data and batches, so that it equals the logged one.
+        p.set_defaults(**saved_args(args.init_from, ("data_dir", "batch_size", "val_steps")))
+        args = p.parse_args(argv)
+    if args.mode == "sample" and args.prompt is None:
+        args.prompt = ["Hello, I'm a language model,"]
+    check_args(p, args)  # (appendix) what no single flag can check
     return args
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    modes = dict(
-        pretrain=train,
-        finetune=train,
-        sample=sample,
-        chat=chat,
-        eval=evaluate,
-        export=export,
-        bench=bench,
-        plot=plot,
-    )
+    if argv is None:
+        argv = sys.argv[1:]
+    args = parse_args(argv)
+    modes = {"pretrain": train, "finetune": train, "sample": sample, "chat": chat}
+    modes.update({"eval": evaluate, "export": export, "bench": bench, "plot": plot})
     try:
         modes[args.mode](args)
-        if torch.distributed.is_initialized():  # a clean exit: NCCL warns about a group left open
-            torch.distributed.destroy_process_group()
-    except (
-        UserError,
-        OSError,
-        torch.OutOfMemoryError,
-    ) as e:  # what the user can fix, wherever it strikes: one line
-        if not (line := one_line(e, args)):  # (appendix)
-            raise  # a bug: it keeps its traceback
-        sys.exit(f"error: {line}")
-    except KeyboardInterrupt:  # Ctrl-C (training handles its first one itself, and saves)
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)  # the shell's code for "killed by SIGINT"
+    except (UserError, OSError, torch.OutOfMemoryError) as e:
+        message = one_line(e, args)  # (appendix) what the user can fix, wherever it strikes
+        if message is None:
+            raise  # a bug keeps its traceback
+        end_processes(args, f"error: {message}")  # (appendix)
+    except KeyboardInterrupt:  # Ctrl-C (training handles the first one itself, and saves)
+        end_processes(args, "interrupted", code=130)  # the shell's code for "killed by SIGINT"
+    end_processes(args)
 
 
 # =============================================================================
-# APPENDIX. The lecture ends here: what follows does not teach GPT-2. First the rest of
-# what a training run needs (the guards that keep a user's work safe, fine-tuning, FSDP),
-# then the other modes: eval, chat, export, bench, plot.
+# APPENDIX. The lecture ends here: what follows does not teach GPT-2. First the rest of what a
+# training run needs (the guards that keep a user's work safe, fine-tuning, FSDP), then the other
+# modes: eval, chat, export, bench, plot.
 # =============================================================================
+
 
 # -----------------------------------------------------------------------------
-# The guards of a run: its flags, the files it reads, the folder it writes, its stop. Each thing a
-# user gives is checked once, where it enters, before step 1 and before any output is touched; what
-# fails says what to do in one line (main() does so for a full or read-only disk, wherever it strikes).
+# The guards of a run: its flags, the files it reads, the folder it writes, its stop. What a user
+# gives is checked once, where it enters, before step 1 and before any output is touched; what
+# fails says what to do in one line. Exit status 2: the command line is wrong; 1: anything else.
 
 try:
-    import fcntl  # the folder lock of a run (POSIX)
+    import fcntl  # the lock on a run's folder (POSIX)
 except ImportError:  # Windows: runs are not locked
     fcntl = None
 
-
-def number(
-    kind, low, high=None, above=False
-):  # an argparse type: a number in its domain (no --max_steps -1)
-    def parse(text):
-        value = kind(text)  # argparse reports a ValueError as "invalid value"
-        if not (
-            math.isfinite(value)
-            and (value > low if above else value >= low)
-            and (high is None or value <= high)
-        ):
-            domain = (
-                f"in {'(' if above else '['}{low:g}, {high:g}]"
-                if high
-                else f"{'>' if above else '>='} {low:g}"
-            )
-            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {domain}")
-        return value
-
-    return parse
+# Other codebases' names for these flags (nanoGPT, llm.c), named when one is given
+OTHER_NAMES = {
+    "--learning_rate": "--max_lr",
+    "--lr": "--max_lr",
+    "--min_lr": "--min_lr_ratio",
+    "--max_iters": "--max_steps",
+    "--num_iterations": "--max_steps",
+    "--warmup_iters": "--warmup_steps",
+    "--sequence_length": "--block_size",
+    "--eval_iters": "--val_steps",
+    "--val_max_steps": "--val_steps",
+    "--val_loss_every": "--eval_interval",
+    "--gradient_accumulation_steps": "--total_batch_size",
+    "--dataset": "--data_dir",
+}
 
 
-def device_flag(
-    text,
-):  # an argparse type: a device this machine has (--device cuda without a GPU is a mistake)
-    try:  # torch says what a name means, and whether this machine has it
-        return text if text == "auto" else torch.empty(0, device=text) is not None and text
-    except (RuntimeError, AssertionError) as e:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a device this machine has ({first_line(e)}); use auto, cpu, "
-            "cuda, cuda:N or mps"
-        ) from None
+class Parser(argparse.ArgumentParser):
+    """argparse, whose mistakes are one line that points to the fix."""
+
+    mode = None
+
+    def error(self, message):
+        if message.startswith("unrecognized arguments"):
+            for flag in re.findall(r"--\w+", message):
+                message += f"; {flag_hint(flag, self)}"
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def flags_of(mode):
+    return set(re.findall(r"\[(--\w+)", build_parser(mode).format_usage()))
+
+
+def flag_hint(flag, parser):
+    """What an unknown flag may have meant: another mode's flag, another codebase's, a misspelling."""
+    modes = [mode for mode in MODES if flag in flags_of(mode)]
+    if modes:
+        return f"{flag} belongs to --mode {', '.join(modes)} (here: --mode {parser.mode})"
+    ours = flags_of(parser.mode)
+    close = difflib.get_close_matches(flag, ours, n=1, cutoff=0.75)
+    if flag in OTHER_NAMES and OTHER_NAMES[flag] in ours:
+        return f"did you mean {OTHER_NAMES[flag]}?"
+    if close:
+        return f"did you mean {close[0]}?"
+    return f"--mode {parser.mode} takes: {', '.join(sorted(ours))}"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # "(default: ...)", unless there is none to show
-        return action.help if action.default is None else super()._get_help_string(action)
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
-APPENDIX_FLAGS = [  # the appendix's flags: (name, the modes that take it, argparse's settings)
-    (
-        "--fsdp",
-        ("pretrain", "finetune", "bench"),
-        dict(type=int, choices=[0, 1], default=0, help="1: shard over the GPUs (FSDP2)"),
-    ),
-    (
-        "--activation_checkpointing",
-        ("pretrain", "finetune", "bench"),
-        dict(type=int, choices=[0, 1], default=0, help="1: less memory"),
-    ),
-    (
-        "--wandb_project",
-        ("pretrain", "finetune"),
-        dict(help="also log to this Weights & Biases project (pip install wandb)"),
-    ),
-    (
-        "--hellaswag",
-        ("pretrain", "eval"),
-        dict(type=int, choices=[0, 1], default=0, help="1: score HellaSwag too"),
-    ),
-    (
-        "--hellaswag_path",
-        ("pretrain", "eval"),
-        dict(default="data/hellaswag/hellaswag_val.jsonl", help="its items"),
-    ),
-    (
-        "--hellaswag_limit",
-        ("pretrain", "eval"),
-        dict(type=number(int, 1), help="the first N items only (default: all)"),
-    ),
-    (
-        "--hellaswag_convention",
-        ("pretrain", "eval"),
-        dict(
-            default="completion",
-            choices=["completion", "harness", "both"],
-            help="GPT-2's or lm-evaluation-harness's",
-        ),
-    ),
-    ("--bench_steps", ("bench",), dict(type=number(int, 1), default=20, help="steps timed")),
-    (
-        "--bench_warmup",
-        ("bench",),
-        dict(type=number(int, 0), default=5, help="steps not timed first (compilation)"),
-    ),
-]
-MODE_DEFAULTS = {  # where the other modes' defaults differ from pretraining's
-    "finetune": dict(
-        init_from="gpt2",
-        data_dir="data/alpaca",
-        batch_size=8,
-        total_batch_size=32,
-        max_lr=2e-5,
-        warmup_steps=100,
-        epochs=2,
-        eval_interval=200,
-        val_steps=50,
-        ckpt_interval=1000,
-    ),  # a small LR
-    "eval": dict(
-        data_dir=None, batch_size=16, hellaswag=1, hellaswag_convention="both"
-    ),  # either published number
-    "sample": dict(seed=None),  # fresh samples every time, unless --seed is given
-    "chat": dict(init_from="out/finetune", max_new_tokens=256, seed=None),
-    "export": dict(init_from=None, out_dir=None),  # both must be given
-    "bench": dict(block_size=1024),
-    "plot": dict(out_dir="out/pretrain"),
-}
+def add_appendix_flags(add, mode):
+    """The flags of the appendix's features: FSDP, wandb, HellaSwag, bench."""
+    if mode in ("pretrain", "finetune", "bench"):
+        add("--fsdp", default=0, type=int, choices=[0, 1], help="1: shard over the GPUs (FSDP2)")
+        add(
+            "--activation_checkpointing",
+            default=0,
+            type=int,
+            choices=[0, 1],
+            help="1: less memory (each block recomputed in the backward pass)",
+        )
+    if mode in ("pretrain", "finetune"):
+        add("--wandb_project", help="also log to this Weights & Biases project (pip install wandb)")
+    if mode in ("pretrain", "eval"):
+        add("--hellaswag", default=0, type=int, choices=[0, 1], help="1: score HellaSwag too")
+        add("--hellaswag_path", default="data/hellaswag/hellaswag_val.jsonl", help="its items")
+        add("--hellaswag_limit", type=number(int, 1), help="the first N items only (default: all)")
+    if mode == "bench":
+        add("--bench_steps", default=20, type=number(int, 1), help="training steps run")
+        add(
+            "--bench_warmup",
+            default=5,
+            type=number(int, 0),
+            help="of which the first few are not timed (compilation)",
+        )
 
 
 def saved_args(path, names=None):
-    """The flags (or those named) that a run (its folder or ckpt.pt) was started with, but those saying what to resume."""
+    """The flags a run (its folder, or its ckpt.pt) was started with, or those of them named;
+    not those saying what to resume."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
     try:  # mmap: only the flags are read, not the weights
-        saved = torch.load(
-            os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path,
-            map_location="cpu",
-            weights_only=True,
-            mmap=True,
-        )["args"]
-    except Exception:  # missing, unreadable or not ours: what reads it says what is wrong
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["args"]
+    except Exception:  # missing, unreadable or not ours: what reads it next says what is wrong
         return {}
+    if names is None:
+        names = saved
     return {
-        k: v
-        for k, v in saved.items()
-        if k not in ("init_from", "mode", "out_dir") and k in (names or saved)
+        k: v for k, v in saved.items() if k in names and k not in ("init_from", "mode", "out_dir")
     }
 
 
 def check_args(p, args):
     """What no flag's type can check alone, before anything runs."""
-    env = {
-        name: os.environ.get(name)
-        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    }
-    mistakes = [  # (what is wrong, what to say)
-        (
-            any(env.values())
-            and not (all(env.values()) and all(env[k].isdigit() for k in list(env)[:3])),
-            f"the environment sets {', '.join(f'{k}={v}' for k, v in env.items() if v)}, but not as torchrun does: start "
-            "with torchrun, or unset them (unset RANK LOCAL_RANK WORLD_SIZE MASTER_ADDR MASTER_PORT)",
-        ),
-        (
-            args.mode == "export" and not (args.init_from and args.out_dir),
-            "--mode export needs --init_from (a checkpoint "
-            ".pt, a Hugging Face GPT-2 folder, a name such as gpt2) and --out_dir (a new folder)",
-        ),
-        (
-            getattr(args, "fsdp", 0) and getattr(args, "hellaswag", 0) and args.mode == "pretrain",
-            "--hellaswag 1 during pretraining does not work with --fsdp 1 yet: score the checkpoint with --mode eval",
-        ),
-        (
-            args.mode == "sample" and not all(args.prompt or ["x"]),
-            "the prompt is empty: give some text, or --prompt "
-            '"<|endoftext|>" to sample unconditionally',
-        ),
-        (
-            args.mode == "finetune" and args.init_from == "scratch",
-            "--mode finetune starts from a trained model: --init_from "
-            "gpt2, a .pt or a run folder (--mode pretrain trains one from scratch)",
-        ),
-        (
-            getattr(args, "init_from", None) == "resume"
-            and args.mode not in ("pretrain", "finetune"),
-            "--init_from resume "
-            f"continues a training run; to {args.mode} a run's model, give its folder (--init_from out/pretrain)",
-        ),
-        (
-            0 < getattr(args, "temperature", 1) < 1e-3,
-            "--temperature below 0.001 makes the logits overflow: 0 is greedy",
-        ),
-        (
-            args.mode == "bench" and args.bench_warmup >= args.bench_steps,
-            "--bench_warmup leaves none of the --bench_steps to time: give fewer warm-up steps, or more steps",
-        ),
-    ]
-    for wrong, message in mistakes:
-        if wrong:
-            p.error(message)
-    if getattr(args, "init_from", None) in PRESETS and (
-        message := not_downloadable(args.init_from)
-    ):
-        p.error(message)  # in seconds, not after a minute of retries
+    env = {name: os.environ.get(name) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    if any(env.values()) and not all(value and value.isdigit() for value in env.values()):
+        given = ", ".join(f"{name}={value}" for name, value in env.items() if value)
+        p.error(
+            f"the environment sets {given}, but not as torchrun does: start with torchrun, or "
+            "unset them (unset RANK LOCAL_RANK WORLD_SIZE MASTER_ADDR MASTER_PORT)"
+        )
+    if args.mode == "export" and (args.init_from is None or args.out_dir is None):
+        p.error(
+            "--mode export needs --init_from (a checkpoint .pt, a Hugging Face GPT-2 folder, a "
+            "name such as gpt2) and --out_dir (a new folder)"
+        )
+    if args.mode == "pretrain" and args.fsdp and args.hellaswag:
+        p.error(
+            "--hellaswag 1 during pretraining does not work with --fsdp 1 yet: score the "
+            "checkpoint with --mode eval"
+        )
+    if args.mode == "sample" and not all(args.prompt):
+        p.error(
+            'the prompt is empty: give some text, or --prompt "<|endoftext|>" to sample unconditionally'
+        )
+    if args.mode == "finetune" and args.init_from == "scratch":
+        p.error(
+            "--mode finetune starts from a trained model: --init_from gpt2, a .pt or a run folder "
+            "(--mode pretrain trains one from scratch)"
+        )
+    init_from = getattr(args, "init_from", None)
+    if init_from in ("resume", "scratch") and args.mode not in ("pretrain", "finetune"):
+        p.error(
+            f"--init_from {init_from} is for training; to {args.mode} a run's model, give its "
+            "folder (--init_from out/pretrain)"
+        )
+    if 0 < getattr(args, "temperature", 1) < 1e-3:
+        p.error("--temperature below 0.001 makes the logits overflow: 0 is greedy")
+    if args.mode == "bench" and args.bench_warmup >= args.bench_steps:
+        p.error("--bench_warmup leaves none of the --bench_steps to time: give fewer warm-up steps")
+    if init_from in PRESETS:
+        message = not_downloadable(init_from)
+        if message is not None:
+            p.error(message)  # in seconds, not after a minute of retries
 
 
 def not_downloadable(name):
-    """Why OpenAI's checkpoint `name` cannot be had now, or None: it is cached, the hub answers, or a proxy may."""
+    """Why OpenAI's checkpoint `name` cannot be had now, or None: it is cached, the hub (or the
+    HF_ENDPOINT mirror) answers, or a proxy stands between, which only a download can try."""
     import socket
+    import urllib.parse
     import urllib.request
 
     from huggingface_hub import constants, try_to_load_from_cache
 
-    host = constants.ENDPOINT.split("://")[-1].split("/")[
-        0
-    ]  # huggingface.co, or the HF_ENDPOINT mirror
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return None
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    proxies = urllib.request.getproxies()
+    behind_proxy = endpoint.scheme in proxies or "all" in proxies
+    if behind_proxy and not urllib.request.proxy_bypass(endpoint.hostname):
+        return None
+    port = endpoint.port
+    if port is None:
+        port = 443
+        if endpoint.scheme == "http":
+            port = 80
     try:
-        if not (
-            os.path.isdir(name)
-            or isinstance(try_to_load_from_cache(name, "config.json"), str)
-            or {"https", "all"} & urllib.request.getproxies().keys()
-        ):  # a proxy: only a download can tell
-            socket.create_connection((host, 443), timeout=5).close()
+        socket.create_connection((endpoint.hostname, port), timeout=5).close()
     except OSError as e:
         return (
-            f"--init_from {name} is downloaded from {host} once, and {host} cannot be reached ({e.strerror or e}): "
-            "connect once, or give a local model (a Hugging Face GPT-2 folder, an export, a .pt)"
+            f"--init_from {name} is downloaded from {endpoint.hostname} once, and it cannot be "
+            f"reached ({e.strerror or e}): connect once, or give a local model (a Hugging Face "
+            "GPT-2 folder, an export, a .pt)"
         )
+    return None
 
 
-def get_tokenizer():
-    import tiktoken  # imported late, so that the model above can be copied without it
-
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception:  # tiktoken downloads GPT-2's files once; offline that fails deep in requests
-        raise UserError(
-            "tiktoken has no GPT-2 files (it downloads them once): offline, set TIKTOKEN_CACHE_DIR to them"
-        ) from None
-
-
-def keep_freed_memory(device):
-    """CPU: freed buffers (up to 2 GiB) stay in the process, not given back for the kernel to zero again each step."""
-    import ctypes
-
-    with contextlib.suppress(
-        OSError, AttributeError
-    ):  # another C library (macOS, Windows, musl): as it is
-        if device == "cpu":
-            libc = ctypes.CDLL("libc.so.6")
-            (
-                libc.mallopt(-3, 2**31 - 1),
-                libc.mallopt(-1, 2**31 - 1),
-            )  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD (C ints)
+def total_batch_size_error(args, per_micro_step):
+    what = "--batch_size x GPUs"
+    if args.mode == "pretrain":
+        what = "--batch_size x --block_size x GPUs"
+    lower = max(per_micro_step, args.total_batch_size // per_micro_step * per_micro_step)
+    return (
+        f"--total_batch_size {args.total_batch_size} is not a multiple of {per_micro_step:,}, a "
+        f"micro-step ({what}): give {lower} or {lower + per_micro_step}"
+    )
 
 
-def atomic_write(path, write):  # a crash or a full disk never leaves half a file under path
-    tmp = f"{path}.tmp"  # same folder: a rename is atomic only within one filesystem
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it the real file
-        os.replace(tmp, path)  # a reader sees the old file or the new one, never a mix
-    except Exception as e:
-        raise_if_disk_full(path, e)  # torch.save says "unexpected pos" when the disk is full
-        raise
-    finally:  # after a full disk or a Ctrl-C, no .tmp is left behind
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-
-
-def raise_if_disk_full(
-    path, error
-):  # after a failed write to path: an OSError that says so, in the writer's stead
-    if (
-        not isinstance(error, OSError)
-        and shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2**24
-    ):
-        raise OSError(
-            errno.ENOSPC, os.strerror(errno.ENOSPC), path
-        ) from error  # (16 MiB: what such a failure leaves)
+def raise_if_disk_full(path, error):
+    """After a failed write to path: an OSError that says the disk is full, in the stead of the
+    writer's own error ("unexpected pos", "I/O error"), when that is why."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not isinstance(error, OSError) and shutil.disk_usage(folder).free < 2**24:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from error
 
 
 def first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][
-        :300
-    ]  # for a one-line message
+    lines = str(error).strip().splitlines()
+    if not lines:
+        return type(error).__name__
+    return lines[0][:200]
 
 
 REPREPARE = "re-run prepare_data.py for it (prepare_data.py --verify names the broken file)"
 
 
 def load_array(path, dtype, length=None):
-    """A .npy file of prepare_data.py's, memory-mapped, its header and length checked (which costs nothing)."""
+    """A .npy file of prepare_data.py's, memory-mapped; its header and length checked (for free)."""
     try:
         array = np.load(path, mmap_mode="r")
-    except (
-        OSError,
-        ValueError,
-    ) as e:  # missing, a header numpy cannot read, or fewer bytes than it says
-        raise UserError(
-            f"{path} is {e.strerror if isinstance(e, OSError) else 'cut short or not .npy'}: {REPREPARE}"
-        ) from None
+    except OSError as e:  # missing, or unreadable
+        raise UserError(f"{path} is {e.strerror}: {REPREPARE}") from None
+    except ValueError:  # a header numpy cannot read, or fewer bytes than it says
+        raise UserError(f"{path} is cut short or not .npy: {REPREPARE}") from None
     if array.dtype != dtype or array.ndim != 1 or (length is not None and len(array) != length):
+        expected = np.dtype(dtype).name
+        if length is not None:
+            expected = f"{length:,} {expected}"
         raise UserError(
-            f"{path} holds {array.dtype} of shape {array.shape}, but meta.json says "
-            f"{'' if length is None else f'{length:,} '}{np.dtype(dtype)}: {REPREPARE}"
+            f"{path} holds {array.dtype} of shape {array.shape}, but meta.json says {expected}: "
+            f"{REPREPARE}"
         )
     return array
 
 
 def check_data(data_dir, mode, batch_size, block_size):
-    """A data folder before a run reads it: its meta.json, its kind (returned), every shard whole and as long."""
+    """A data folder, before a run reads it: its meta.json (returned), every shard whole and as
+    long as meta.json says, a val split of at least one batch."""
+    sft = ""
+    if mode == "finetune":
+        sft = " --sft"
+    if os.path.isfile(data_dir):  # a text file, not yet tokenized
+        folder = os.path.join("data", os.path.basename(data_dir).split(".")[0])
+        raise UserError(
+            f"--data_dir {data_dir} is a file: run python prepare_data.py{sft} --files {data_dir} "
+            f"--out_dir {folder}, then give --data_dir {folder}"
+        )
     try:
         meta = json.load(open(os.path.join(data_dir, "meta.json")))
-        kind, splits = meta["kind"], [meta["splits"][split] for split in ("train", "val")]
-        shards = (
-            [list(zip(s["shards"], s["shard_tokens"])) for s in splits]
-            if kind == "pretrain"
-            else []
-        )
-    except (
-        FileNotFoundError,
-        NotADirectoryError,
-    ):  # missing, unprepared, or a text file, not yet tokenized
-        sft, folder = (
-            " --sft" if mode == "finetune" else "",
-            os.path.join("data", os.path.basename(data_dir).split(".")[0]),
-        )
+        kind = meta["kind"]
+        splits = [meta["splits"]["train"], meta["splits"]["val"]]
+        if kind == "pretrain":
+            shards = [list(zip(split["shards"], split["shard_tokens"])) for split in splits]
+    except (FileNotFoundError, NotADirectoryError):
         raise UserError(
-            f"--data_dir {data_dir} is a file: run python prepare_data.py{sft} --files {data_dir} --out_dir "
-            f"{folder}, then give --data_dir {folder}"
-            if os.path.isfile(data_dir)
-            else f"data folder {data_dir}"
-            f" not found, or not prepared (no meta.json): run prepare_data.py{sft} (the same command resumes "
-            "an interrupted one)"
+            f"data folder {data_dir} not found, or not prepared (no meta.json): run "
+            f"prepare_data.py{sft} (the same command resumes an interrupted one)"
         ) from None
     except (json.JSONDecodeError, KeyError, TypeError) as e:  # not JSON, or not prepare_data.py's
         raise UserError(
             f"{data_dir}/meta.json is not prepare_data.py's ({type(e).__name__}: {e}): {REPREPARE}"
         ) from None
-    if kind != {"pretrain": "pretrain", "finetune": "sft"}.get(mode, kind):
+    wanted = {"pretrain": "pretrain", "finetune": "sft"}.get(mode, kind)
+    if kind != wanted and mode == "finetune":
         raise UserError(
-            f"{data_dir} holds {kind} data, but --mode {mode} reads "
-            + (
-                "instruction data (prepare_data.py --sft)"
-                if mode == "finetune"
-                else "pretraining shards (prepare_data.py)"
-            )
+            f"{data_dir} holds {kind} data, but --mode finetune reads instruction data (prepare_data.py --sft)"
         )
-    if shards and not all(shards):
+    if kind != wanted:
         raise UserError(
-            f"{data_dir} has no {'train' if not shards[0] else 'val'} shards: {REPREPARE}"
+            f"{data_dir} holds {kind} data, but --mode {mode} reads pretraining shards (prepare_data.py)"
         )
-    [
-        load_array(os.path.join(data_dir, name), np.uint16, length)
-        for named in shards
-        for name, length in named
-    ]
-    if (
-        shards and sum(n for _, n in shards[1]) - 1 < batch_size * block_size
-    ):  # found now, not at the first evaluation
+    if kind != "pretrain":
+        return meta
+    for split, named in zip(("train", "val"), shards):
+        if not named:
+            raise UserError(f"{data_dir} has no {split} shards: {REPREPARE}")
+        for name, length in named:
+            load_array(os.path.join(data_dir, name), np.uint16, length)
+    val_tokens = sum(length for _, length in shards[1])
+    if val_tokens - 1 < batch_size * block_size:  # found now, not at the first evaluation
+        lower = "--batch_size or --block_size"
+        if mode == "eval":
+            lower = "--batch_size"
         raise UserError(
-            f"the val split of {data_dir} ({sum(n for _, n in shards[1]):,} tokens) is shorter than one batch"
-            f" of {batch_size} x {block_size}: lower --batch_size{'' if mode == 'eval' else ' or --block_size'}"
+            f"the val split of {data_dir} ({val_tokens:,} tokens) is shorter than one batch of "
+            f"{batch_size} x {block_size}: lower {lower}"
         )
-    return kind
+    return meta
 
 
 def load_checkpoint(path, keys=("model", "config")):
-    """A checkpoint of this file's, checked before anything trusts it, and its model."""
-    try:  # weights_only: a checkpoint is data, and loading it must never run code
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        Exception
-    ) as e:  # truncated, random bytes, another program's file, Python objects besides tensors
-        if refused := re.search(
-            r"GLOBAL (\S+)", str(e)
-        ):  # weights_only refused it: loading it would run code
+    """A checkpoint of this file's, and its model, checked before anything trusts them."""
+    try:
+        # weights_only: a checkpoint is data, and loading it must never run code. mmap: the
+        # weights are read from the file as they are copied, never all held twice.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated, random bytes, another program's file, Python objects
+        refused = re.search(r"GLOBAL (\S+)", str(e))
+        if refused:  # weights_only refused it: loading it would run code
             raise UserError(
-                f"{path} holds a Python object ({refused[1]}), which loading would run: re-save its tensors"
+                f"{path} holds a Python object ({refused[1]}), which loading would run: re-save "
+                "its tensors"
             ) from None
         raise UserError(
-            f"{path} is not a readable checkpoint ({type(e).__name__}: {first_line(e)[:150]}): it may be "
-            "truncated or not a PyTorch file; pick another checkpoint"
+            f"{path} is not a readable checkpoint ({type(e).__name__}: {first_line(e)[:150]}): it "
+            "may be truncated or not a PyTorch file; pick another checkpoint"
         ) from None
-    if missing := [
-        key for key in keys if not isinstance(checkpoint, dict) or key not in checkpoint
-    ]:
-        found = (
-            ", ".join(map(str, checkpoint))[:200]
-            if isinstance(checkpoint, dict)
-            else type(checkpoint).__name__
-        )
+    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in keys):
+        found = type(checkpoint).__name__
+        if isinstance(checkpoint, dict):
+            found = ", ".join(map(str, checkpoint))[:200]
+        missing = ", ".join(key for key in keys if key not in checkpoint)
         raise UserError(
-            f"{path} is not a checkpoint of train_gpt2.py: it has no {', '.join(missing)} (found: {found})"
+            f"{path} is not a checkpoint of train_gpt2.py: it has no {missing} (found: {found})"
         )
     try:
-        (model := GPT(GPTConfig(**checkpoint["config"]))).load_state_dict(checkpoint["model"])
-    except (
-        TypeError,
-        ValueError,
-        RuntimeError,
-    ) as e:  # another model's config or weights (nanoGPT's, say)
-        raise UserError(f"{path} does not hold this file's GPT-2: {first_line(e)[:200]}") from None
+        model = GPT(GPTConfig(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError) as e:  # another model's (nanoGPT's, say)
+        raise UserError(f"{path} does not hold this file's GPT-2: {first_line(e)}") from None
     return model, checkpoint
 
 
+# GPT2Config's settings that change the computation, and the values this GPT-2 computes
+HF_COMPUTATION = {
+    "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+    "layer_norm_epsilon": (1e-5,),
+    "scale_attn_weights": (True,),
+    "scale_attn_by_inverse_layer_idx": (False,),
+    "reorder_and_upcast_attn": (False,),
+    "tie_word_embeddings": (True,),
+    "add_cross_attention": (False,),
+}
+
+
+def load_hf_model(name_or_path, padded_vocab_size=None):
+    """GPT.from_pretrained, once the folder's config says it is a GPT-2 this file computes."""
+    from safetensors import SafetensorError  # comes with transformers
+    from transformers import AutoConfig
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # missing or mismatched weights are errors here, not warnings
+    try:
+        hf = AutoConfig.from_pretrained(name_or_path)
+        if hf.model_type != "gpt2":
+            raise ValueError(f"it is a {hf.model_type} checkpoint, not a GPT-2 checkpoint")
+        for field, values in HF_COMPUTATION.items():
+            if getattr(hf, field) not in values:  # another value would make another model
+                raise ValueError(
+                    f"it sets {field}={getattr(hf, field)!r}, which this GPT-2 does not compute"
+                )
+        if hf.n_inner not in (None, 4 * hf.n_embd):
+            raise ValueError(f"it sets n_inner={hf.n_inner}, which this GPT-2 does not compute")
+        model = GPT.from_pretrained(name_or_path, padded_vocab_size)
+    except (OSError, ValueError, SafetensorError) as e:  # a missing, broken or foreign folder
+        raise UserError(
+            f"could not load {name_or_path!r} as a GPT-2 checkpoint: {first_line(e)}"
+        ) from None
+    if model.config.vocab_size != 50257:  # tiktoken's GPT-2 ids would not fit, or not be its own
+        raise UserError(
+            f"{name_or_path} reads {model.config.vocab_size:,} token ids, not GPT-2's 50,257: "
+            "another tokenizer's"
+        )
+    return model
+
+
 def load_model(init_from, padded_vocab_size=None):
-    """(model, fine-tuning template or None): from our .pt or run folder, a Hugging Face GPT-2 folder, or OpenAI's."""
+    """A model to sample, evaluate, export or fine-tune, and its prompt template (or None): from
+    our .pt or run folder, a Hugging Face GPT-2 folder, or OpenAI's."""
     if os.path.isfile(os.path.join(init_from, "ckpt.pt")):
         init_from = os.path.join(init_from, "ckpt.pt")  # a run folder: its checkpoint
     if os.path.isfile(init_from):
-        model, checkpoint = load_checkpoint(init_from)  # (appendix: checked to be ours)
+        model, checkpoint = load_checkpoint(init_from)
         return model, checkpoint.get("prompt_template")
     if init_from.endswith(".pt") or (init_from not in PRESETS and not os.path.isdir(init_from)):
         raise UserError(
-            f"unknown model {init_from!r} (not found): use one of {', '.join(PRESETS)}, a checkpoint .pt, "
-            "a run folder holding ckpt.pt, or a folder holding a Hugging Face GPT-2"
+            f"unknown model {init_from!r} (not found): use one of {', '.join(PRESETS)}, a "
+            "checkpoint .pt, a run folder holding ckpt.pt, or a folder holding a Hugging Face GPT-2"
         )
-    model, config = (
-        GPT.from_pretrained(init_from, padded_vocab_size),
-        os.path.join(init_from, "config.json"),
-    )
-    if (
-        model.config.vocab_size != 50257
-    ):  # tiktoken's GPT-2 tokenizer would give ids it lacks, or never its own
+    model = load_hf_model(init_from, padded_vocab_size)
+    template = None
+    config_path = os.path.join(init_from, "config.json")
+    if os.path.isfile(config_path):  # an export of a fine-tuned model keeps its template there
+        template = json.load(open(config_path)).get("prompt_template")
+    return model, template
+
+
+def refuse_earlier_run(out_dir):
+    if os.path.exists(os.path.join(out_dir, "ckpt.pt")):
         raise UserError(
-            f"{init_from} reads {model.config.vocab_size:,} token ids, not GPT-2's 50,257: another tokenizer's"
+            f"{out_dir} already holds a checkpoint of an earlier run: continue it with --init_from "
+            "resume, or choose another --out_dir"
         )
-    return model, json.load(open(config)).get("prompt_template") if os.path.isfile(config) else None
-
-
-def new_model_config(args):
-    """A new model's size: the --model preset, or --n_layer --n_head --n_embd where given."""
-    size = {
-        **PRESETS[args.model],
-        **{k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k)},
-    }
-    if size["n_embd"] % size["n_head"]:
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if os.path.exists(log_path):
         raise UserError(
-            f"--n_embd {size['n_embd']} is not a multiple of --n_head {size['n_head']}: each head takes "
-            "an equal slice of the width"
+            f"{out_dir} already holds the log of an earlier run, which saved no checkpoint: move "
+            f"{log_path} away to start again there, or choose another --out_dir"
         )
-    return GPTConfig(
-        block_size=args.block_size or 1024, padded_vocab_size=50304, **size
-    )  # 50304: the fast LM head
 
 
-def model_to_train(args):
-    """(model, checkpoint to resume or None): to resume, new, or loaded and cut to --block_size; never over a run."""
+def load_run_to_resume(args):
+    """The model and checkpoint of the run in --out_dir, if it is the run these flags describe."""
     path = os.path.join(args.out_dir, "ckpt.pt")
-    if args.init_from == "resume":
-        if not os.path.exists(path):
-            raise UserError(
-                f"nothing to resume: {path} does not exist (start a run with "
-                f"--init_from {'scratch' if args.mode == 'pretrain' else 'gpt2'})"
-            )
-        model, checkpoint = load_checkpoint(
-            path, ("model", "config", "optimizer", "step", "loader", "rng", "args")
-        )
-        if (was := checkpoint["args"].get("mode")) != args.mode:
-            raise UserError(
-                f"{path} is a --mode {was} run: resume it with --mode {was}, or start a {args.mode} run "
-                f"with --init_from {path}"
-            )
-        for flag in (
-            "model",
-            "n_layer",
-            "n_head",
-            "n_embd",
-            "block_size",
-            "seed",
-        ):  # what made its weights and order
-            if getattr(args, flag, None) != checkpoint["args"].get(flag):
-                raise UserError(
-                    f"--{flag} {getattr(args, flag, None)} differs from the run's {checkpoint['args'].get(flag)}:"
-                    f" a resumed run keeps its model and data order; start a new run with --init_from {path}"
-                )
-        return model, checkpoint
-    if any(os.path.exists(os.path.join(args.out_dir, name)) for name in ("ckpt.pt", "log.jsonl")):
+    if not os.path.exists(path):
+        start = "scratch"
+        if args.mode == "finetune":
+            start = "gpt2"
         raise UserError(
-            f"{args.out_dir} already holds a checkpoint or log of an earlier run: continue it with "
-            "--init_from resume, or choose another --out_dir"
+            f"nothing to resume: {path} does not exist (start a run with --init_from {start})"
         )
-    if args.init_from == "scratch":
-        return GPT(new_model_config(args)), None
-    model, _ = load_model(args.init_from, padded_vocab_size=50304)
-    if (args.block_size or 0) > model.config.block_size:
+    keys = ("model", "config", "optimizer", "step", "loader", "rng", "args")
+    model, checkpoint = load_checkpoint(path, keys)
+    saved = checkpoint["args"]
+    if saved.get("mode") != args.mode:
         raise UserError(
-            f"--block_size {args.block_size} is longer than the {model.config.block_size} positions "
-            f"{args.init_from} has learned: give at most {model.config.block_size}"
+            f"{path} is a --mode {saved.get('mode')} run: resume it with --mode {saved.get('mode')}, "
+            f"or start a {args.mode} run with --init_from {path}"
         )
-    if (
-        args.block_size and args.block_size < model.config.block_size
-    ):  # shorter sequences: the first positions
-        model.config.block_size = args.block_size
-        model.transformer.wpe.weight = nn.Parameter(
-            model.transformer.wpe.weight[: args.block_size].clone()
-        )
-    return model, None
+    given = {
+        flag: getattr(args, flag, None) for flag in ("model", "n_layer", "n_head", "n_embd", "seed")
+    }
+    given["block_size"] = args.block_size
+    if given["block_size"] is None:  # the model's own
+        given["block_size"] = checkpoint["config"]["block_size"]
+    ran = {flag: saved.get(flag) for flag in given}
+    if ran["block_size"] is None:
+        ran["block_size"] = checkpoint["config"]["block_size"]
+    for flag in given:  # what made its weights and its data order
+        if given[flag] != ran[flag]:
+            raise UserError(
+                f"--{flag} {given[flag]} differs from the run's {ran[flag]}: a resumed run keeps "
+                f"its model and data order; start a new run with --init_from {path}"
+            )
+    return model, checkpoint
 
 
-def sample_prompt(prompt, enc, val_loader, template):
-    """(tokens, text) the samples continue: --prompt, an instruction, or the val split's start (the corpus's style)."""
-    if template:
-        prompt = prompt or "Give three tips for staying healthy."
-        return encode_prompt(enc, prompt, template), prompt + "\n"
-    tokens = (
-        encode_prompt(enc, prompt) if prompt else val_loader.read(0, 9).tolist()
-    )  # <|endoftext|> and 8 more
-    return tokens, enc.decode([t for t in tokens if t != EOT_TOKEN])
+def check_resume(checkpoint, train_loader, max_steps, args):
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    if checkpoint["step"] > max_steps:
+        raise UserError(
+            f"{args.out_dir} is at step {checkpoint['step']}, past --max_steps {max_steps}: give at "
+            f"least {checkpoint['step']}"
+        )
+    if checkpoint["loader"]["data"] != train_loader.state_dict()["data"]:  # prepared again?
+        raise UserError(
+            f"{args.data_dir} is not the data this run was reading (prepared again?): resume on "
+            f"that data, or start a new run from its weights with --init_from {path}"
+        )
 
 
 class RunGuard:
-    """A run's hold on --out_dir (an flock on the folder, dropped by the kernel if the process dies; not on Windows):
-    two runs would mix checkpoints and logs. And its stop button: Ctrl-C or SIGTERM saves at the next step, stops."""
+    """A run's hold on --out_dir: an flock on the folder, which the kernel drops if the process
+    dies (not on Windows), since two runs would mix their checkpoints and logs. And its stop
+    button: Ctrl-C or SIGTERM saves a checkpoint at the next step, then stops."""
 
-    def __init__(self, out_dir, master):
-        self.out_dir, self.made, self.folder, self.stop_requested = (
-            out_dir,
-            not os.path.exists(out_dir),
-            None,
-            False,
-        )
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+        self.made = not os.path.exists(out_dir)  # removed again if the run leaves nothing in it
+        self.folder = None
+        self.stop_requested = False
+        self.previous = {}
+        if is_master():
+            self.lock(out_dir)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handler)
+
+    def lock(self, out_dir):
+        if os.path.isfile(out_dir):
+            raise UserError(f"--out_dir {out_dir} is a file: choose a folder")
         try:
-            if master:
-                os.makedirs(out_dir, exist_ok=True)
-                self.folder = os.open(out_dir, os.O_RDONLY)
-                if fcntl:  # LOCK_NB: refuse at once, rather than wait for the other run
-                    fcntl.flock(self.folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.makedirs(out_dir, exist_ok=True)
         except OSError as e:
+            raise UserError(f"cannot write to --out_dir {out_dir}: {e.strerror}") from None
+        self.folder = os.open(out_dir, os.O_RDONLY)
+        try:
+            if fcntl is not None:  # LOCK_NB: refuse at once, rather than wait for the other run
+                fcntl.flock(self.folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             self.close()
             raise UserError(
                 f"another run is using {out_dir}: wait for it to end, or choose another --out_dir"
-                if self.folder is not None
-                else f"--out_dir {out_dir} is a file: choose a folder"
-                if os.path.isfile(out_dir)
-                else f"cannot write to --out_dir {out_dir}: {e.strerror}"
             ) from None
-        self.previous = {
-            sig: signal.signal(sig, self.handler) for sig in (signal.SIGINT, signal.SIGTERM)
-        }
 
     def handler(self, signum, frame):
         if self.stop_requested:  # a second Ctrl-C: stop at once
             raise KeyboardInterrupt
-        self.stop_requested = (
-            True  # a flag only: the loop acts on it between steps, where a checkpoint is whole
-        )
+        # A flag only: the loop acts on it between steps, where a checkpoint is whole.
+        self.stop_requested = True
         print(
             "\nstopping: a checkpoint will be saved at the next step; Ctrl-C again to quit at once",
             flush=True,
         )
 
     def close(self, tracker=None):
-        """Give back the signals and the lock, end wandb, and remove the folder if the run made it in vain."""
-        for sig, handler in getattr(self, "previous", {}).items():
+        """Give back the signals and the lock, end wandb, remove the folder if it was made in vain."""
+        for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-        if tracker:
+        if tracker is not None:
             tracker.finish()
         if self.folder is not None:
             os.close(self.folder)  # releases the lock
+            self.folder = None
             if self.made:
                 with contextlib.suppress(OSError):  # rmdir refuses a folder that is not empty
                     os.rmdir(self.out_dir)
 
 
-def non_finite_error(
-    step, loss, grad_norm, checkpoint_path, saved_step
-):  # its update was not applied
-    where = (
-        f"the last good checkpoint is {checkpoint_path} at step {saved_step} (resume it with a lower --max_lr, "
-        "or check the data)"
-        if saved_step not in (None, step)
-        else "no checkpoint before it to go back to: start again with a lower --max_lr"
-    )
+def non_finite_error(step, loss, grad_norm, checkpoint_path, saved_step):
+    """The error of a step whose loss or gradient norm is not finite (its update not applied)."""
+    where = "no checkpoint before it to go back to: start again with a lower --max_lr"
+    if 0 < saved_step < step:
+        where = (
+            f"the last good checkpoint is {checkpoint_path} at step {saved_step} (resume it with a "
+            "lower --max_lr, or check the data)"
+        )
     return UserError(
-        f"the loss became non-finite at step {step + 1} (loss {loss:.4g}, gradient norm {grad_norm:.4g}); "
-        f"{where}"
+        f"the loss became non-finite at step {step + 1} (loss {loss:.4g}, gradient norm "
+        f"{grad_norm:.4g}); {where}"
     )
 
 
 def one_line(e, args):
-    """main()'s line for what the user can fix (a mistake, memory, a full or read-only disk), or None: a bug."""
+    """main()'s line for what the user can fix (a mistake, memory, a full or read-only disk), or
+    None: a bug, which keeps its traceback."""
     if isinstance(e, UserError):
         return str(e)
-    if isinstance(
-        e, torch.OutOfMemoryError
-    ):  # how much memory, and a micro-batch half as big (half the activations)
-        cuda, train = (
-            torch.cuda.is_available() and torch.cuda.is_initialized(),
-            args.mode in ("pretrain", "finetune"),
-        )
-        where = (
-            f"{torch.cuda.mem_get_info()[1] / 2**30:.0f} GiB on {torch.cuda.get_device_name()}"
-            if cuda
-            else "this machine"
-        )
-        if getattr(args, "batch_size", 1) > 1:
-            return (
-                f"--batch_size {args.batch_size} does not fit in {where}: try --batch_size {args.batch_size // 2}"
-                + ("; --total_batch_size keeps each step the same" if train else "")
-            )
-        return f"the model does not fit in {where}: try a smaller one" + (
-            ", or --activation_checkpointing 1" if train else ""
-        )
-    full, filled = "free some space, or ", "another command filled it meanwhile: "
-    fix = {
-        errno.ENOSPC: full,
-        errno.EDQUOT: full,
-        errno.ENOTEMPTY: filled,
-        errno.EEXIST: filled,
+    if isinstance(e, torch.OutOfMemoryError):
+        return out_of_memory_advice(args)
+    advice = {
+        errno.ENOSPC: "free some space, or ",
+        errno.EDQUOT: "free some space, or ",
+        errno.ENOTEMPTY: "another command filled it meanwhile: ",
+        errno.EEXIST: "another command filled it meanwhile: ",
         errno.EROFS: "",
         errno.EACCES: "check its permissions, or ",
         errno.EPERM: "check its permissions, or ",
-    }.get(e.errno)
-    return fix is not None and (
-        f"cannot use {e.filename2 or e.filename or getattr(args, 'out_dir', None) or 'a file'}: "
-        f"{e.strerror}; {fix}choose another folder"
-    )
+    }
+    if e.errno not in advice:
+        return None
+    path = e.filename2 or e.filename or getattr(args, "out_dir", None) or "a file"
+    return f"cannot use {path}: {e.strerror}; {advice[e.errno]}choose another folder"
+
+
+def out_of_memory_advice(args):
+    """How much memory there is, and a micro-batch half as big (half the activations)."""
+    where = "this machine"
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        memory = torch.cuda.mem_get_info()[1] / 2**30
+        where = f"{memory:.0f} GiB on {torch.cuda.get_device_name()}"
+    training = args.mode in ("pretrain", "finetune")
+    batch_size = getattr(args, "batch_size", 1)
+    if batch_size > 1:
+        advice = (
+            f"--batch_size {batch_size} does not fit in {where}: try --batch_size {batch_size // 2}"
+        )
+        if training:
+            advice += "; --total_batch_size keeps each step the same"
+        return advice
+    advice = f"the model does not fit in {where}: try a smaller one"
+    if training:
+        advice += ", or --activation_checkpointing 1"
+    return advice
+
+
+def end_processes(args, message=None, code=1):
+    """The end of main(): the process group closed, and an error's one line and exit status."""
+    fsdp_gloo = getattr(args, "fsdp", 0) and "LOCAL_RANK" in os.environ
+    fsdp_gloo = fsdp_gloo and torch.distributed.is_initialized()
+    fsdp_gloo = fsdp_gloo and torch.distributed.get_backend() == "gloo"
+    if message is not None:
+        print(message, file=sys.stderr)
+    if fsdp_gloo:
+        # FSDP's device meshes keep gloo's threads alive, and Python's shutdown can abort in
+        # them (PyTorch PR 179291): after torchrun + FSDP on CPUs, the process skips it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code if message else 0)
+    if message is not None:
+        sys.exit(code)
+    if torch.distributed.is_initialized():  # a clean exit: NCCL warns about a group left open
+        torch.distributed.destroy_process_group()
 
 
 def truncate_log(path, step):
-    """log.jsonl cut after `step`'s entries (a run killed after its checkpoint logged steps it now redoes)."""
-    with contextlib.suppress(FileNotFoundError), open(path, "r+b") as f:
-        kept = itertools.takewhile(
-            lambda line: line.endswith(b"\n") and json.loads(line)["step"] <= step, f
-        )
-        f.truncate(sum(map(len, kept)))
+    """log.jsonl cut after `step`'s entries: a run killed after its checkpoint logged steps that
+    it now does again."""
+    if not is_master() or not os.path.exists(path):
+        return
+    kept = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.strip():  # a blank line, added by hand
+                kept += len(line)
+                continue
+            try:  # a line cut short by the kill, or anything but an entry, ends what is kept
+                if json.loads(line)["step"] > step or not line.endswith(b"\n"):
+                    break
+            except (ValueError, KeyError, TypeError):
+                break
+            kept += len(line)
+    with open(path, "r+b") as f:
+        f.truncate(kept)
 
 
 def start_wandb(args, checkpoint):
     """A Weights & Biases run that receives what log.jsonl receives; a resumed run continues it."""
+    if not is_master():
+        return None
     try:
         import wandb
     except ImportError:
         raise UserError("--wandb_project needs wandb: pip install wandb") from None
-    if os.environ.get("WANDB_MODE") not in ("offline", "disabled") and not wandb.login(
-        prompt=False, verify=False
-    ):
+    offline = os.environ.get("WANDB_MODE") in ("offline", "disabled")
+    if not offline and not wandb.login(prompt=False, verify=False):
         raise UserError(
             "--wandb_project needs a Weights & Biases login: run wandb login, or set WANDB_MODE=offline"
         )
-    run_id = (checkpoint or {}).get("wandb_id")  # saved in every checkpoint
+    run_id = None
+    if checkpoint is not None:
+        run_id = checkpoint.get("wandb_id")  # saved in every checkpoint
     return wandb.init(
         project=args.wandb_project,
         name=os.path.basename(os.path.normpath(args.out_dir)),
         config=vars(args),
         dir=args.out_dir,
         id=run_id,
-        resume="allow" if run_id else None,
+        resume="allow",
     )
 
 
@@ -1947,111 +1897,93 @@ def start_wandb(args, checkpoint):
 
 
 class InstructionLoader:
-    """Instruction examples padded to the longest, labels -100 on the prompt and padding: the loss counts the answer
-    and its <|endoftext|>. A step's examples, sorted by length, make its micro-batches, the same on any number of GPUs."""
+    """Instruction examples padded to the longest of their micro-batch, the targets -100 on the
+    prompt and the padding: the loss counts the answer and its <|endoftext|>. A step's examples,
+    sorted by length, make its micro-batches, the same on any number of GPUs."""
 
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337):
-        meta = json.load(open(os.path.join(data_dir, "meta.json")))
-        self.template = meta["prompt_template"]  # chat and sample wrap prompts in it
-        path = lambda name: os.path.join(data_dir, f"{split}_{name}.npy")  # noqa: E731
-        self.tokens = load_array(path("tokens"), np.uint16)  # every example's tokens, end to end
-        self.mask = load_array(
-            path("mask"), np.uint8
-        )  # per token, 1 where it is a target: the answer
-        self.offsets = load_array(
-            path("offsets"), np.int64
-        )  # example i is tokens[offsets[i]:offsets[i + 1]]
-        self.n, self.lengths = (
-            len(self.offsets) - 1,
-            np.diff(self.offsets),
-        )  # examples, and tokens in each
+        self.B = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        files = {}
+        for name, dtype in (("tokens", np.uint16), ("mask", np.uint8), ("offsets", np.int64)):
+            files[name] = load_array(os.path.join(data_dir, f"{split}_{name}.npy"), dtype)
+        self.tokens = files["tokens"]  # every example's tokens, end to end
+        self.mask = files["mask"]  # per token: 1 where it is a target, the answer
+        self.offsets = files["offsets"]  # example i is tokens[offsets[i] : offsets[i + 1]]
+        self.n = len(self.offsets) - 1  # examples
+        self.lengths = np.diff(self.offsets)  # tokens in each example
         if self.n < 1:
             raise UserError(f"{data_dir} has no {split} examples: re-run prepare_data.py --sft")
         # Instruction data is small (Alpaca: ~10M tokens): checked whole, up front.
-        if (
-            self.offsets[0] != 0
-            or self.offsets[-1] != len(self.tokens)
-            or len(self.mask) != len(self.tokens)
-            or (self.lengths < 2).any()
-            or self.tokens.max() >= 50257
-        ):
+        agree = self.offsets[0] == 0 and self.offsets[-1] == len(self.tokens)
+        agree = agree and len(self.mask) == len(self.tokens) and (self.lengths >= 2).all()
+        if not agree or self.tokens.max() >= 50257:
             raise UserError(
-                f"the {split} files of {data_dir} do not agree with each other (lengths, offsets or token "
-                "ids): re-run prepare_data.py --sft for this folder"
+                f"the {split} files of {data_dir} do not agree with each other (lengths, offsets or "
+                "token ids): re-run prepare_data.py --sft for this folder"
             )
         if self.lengths.max() > block_size + 1:
+            command = json.load(open(os.path.join(data_dir, "meta.json"))).get("command")
             raise UserError(
-                f"{data_dir} has examples of {self.lengths.max()} tokens, more than the model's block_size "
-                f"{block_size} + 1: prepare it again for this model, with {meta.get('command', 'its command')}"
-                f" --block_size {block_size} --out_dir {data_dir} --overwrite"
+                f"{data_dir} has examples of {self.lengths.max()} tokens, more than the model's "
+                f"block_size {block_size} + 1: prepare it again for this model, with {command} "
+                f"--block_size {block_size} --out_dir {data_dir} --overwrite"
             )
-        self.B, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
-        self.data = [
-            hashlib.sha256(array).hexdigest() for array in (self.tokens, self.mask, self.offsets)
-        ]  # ~20 ms
-        self.epoch, self.step_in_epoch = 0, 0  # an epoch's order follows from (seed, epoch)
+        # On resume, the data must be the same: the three files' sha256 (~20 ms).
+        self.fingerprint = [hashlib.sha256(files[name]).hexdigest() for name in files]
+        self.epoch = 0  # an epoch's order follows from (seed, epoch)
+        self.step_in_epoch = 0
 
     def batch(self, indices):
-        """(B, L) inputs and labels of these examples, L the longest of them minus one."""
+        """(B, L) inputs and targets of these examples, L the longest of them minus one."""
         width = max(int(self.lengths[i]) for i in indices) - 1
-        x = torch.full(
-            (len(indices), width), EOT_TOKEN, dtype=torch.long
-        )  # right padding: never seen by a causal model
-        y = torch.full((len(indices), width), -100, dtype=torch.long)  # -100: ignored by the loss
+        # Padding on the right: a causal model never sees it from the real tokens.
+        x = torch.full((len(indices), width), EOT_TOKEN, dtype=torch.long)
+        y = torch.full((len(indices), width), -100, dtype=torch.long)  # -100: not counted
         for row, i in enumerate(indices):
-            start, end = self.offsets[i], self.offsets[i + 1]
+            start = self.offsets[i]
+            end = self.offsets[i + 1]
             tokens = torch.from_numpy(self.tokens[start:end].astype(np.int64))
-            is_target = torch.from_numpy(
-                self.mask[start + 1 : end].astype(bool)
-            )  # does token t + 1 count?
+            is_target = torch.from_numpy(self.mask[start + 1 : end].astype(bool))  # token t + 1?
             x[row, : end - start - 1] = tokens[:-1]
-            y[row, : end - start - 1] = tokens[1:].masked_fill(
-                ~is_target, -100
-            )  # the prompt's targets: -100
+            y[row, : end - start - 1] = tokens[1:].masked_fill(~is_target, -100)
         return x, y
 
     def steps_per_epoch(self, grad_accum):
-        return self.n // (
-            grad_accum * self.world_size * self.B
-        )  # the last few examples sit an epoch out
+        return self.n // (grad_accum * self.world_size * self.B)  # the last few sit an epoch out
 
     def next_step(self, grad_accum):
-        per_step = (
-            grad_accum * self.world_size * self.B
-        )  # examples per optimizer step, over all ranks
+        per_step = grad_accum * self.world_size * self.B  # examples per step, all ranks
         if self.step_in_epoch >= self.steps_per_epoch(grad_accum):
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(
-            self.n
-        )  # made again each step: 2 numbers resume
-        step = order[
-            self.step_in_epoch * per_step : (self.step_in_epoch + 1) * per_step
-        ]  # the same on every rank
-        step = step[
-            np.argsort(self.lengths[step], kind="stable")
-        ]  # by length; equal lengths keep their order
+            self.epoch += 1
+            self.step_in_epoch = 0
+        # The epoch's order, made again each step from (seed, epoch): two numbers resume it.
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        first = self.step_in_epoch * per_step
+        step = order[first : first + per_step]  # the same on every rank
+        step = step[np.argsort(self.lengths[step], kind="stable")]  # by length, ties in order
         self.step_in_epoch += 1
-        # micro-step m of rank r takes the (m * world_size + r)-th run of B examples, as PretrainLoader does
-        return [
-            self.batch(step[(m * self.world_size + self.rank) * self.B :][: self.B])
-            for m in range(grad_accum)
-        ]
+        batches = []
+        for micro_step in range(grad_accum):
+            # Micro-step m of rank r takes the (m * world_size + r)-th B examples, as in pretraining.
+            block = micro_step * self.world_size + self.rank
+            batches.append(self.batch(step[block * self.B : (block + 1) * self.B]))
+        return batches
 
     def eval_steps(self, max_batches):
-        return min(
-            max_batches, math.ceil(self.n / self.B)
-        )  # the last batch may be short: every example counts
+        return min(max_batches, math.ceil(self.n / self.B))  # the last batch may be short
 
     def eval_batch(self, i):
-        return self.batch(
-            range(i * self.B, min((i + 1) * self.B, self.n))
-        )  # in file order: the same loss each time
+        return self.batch(range(i * self.B, min((i + 1) * self.B, self.n)))  # in file order
 
     def state_dict(self):
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "data": self.data}
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "data": self.fingerprint}
 
     def load_state_dict(self, state):
-        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.epoch = state["epoch"]
+        self.step_in_epoch = state["step_in_epoch"]
 
 
 # -----------------------------------------------------------------------------
@@ -2059,78 +1991,76 @@ class InstructionLoader:
 
 
 def wrap_blocks(model, dtype, args):
-    """In place, as torchtitan: each block checkpointed, compiled, sharded (FSDP2); then the root (wte = lm_head)."""
+    """In place, as torchtitan does: each block checkpointed, compiled and sharded (FSDP2), then
+    the root (wte = lm_head) sharded too."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    # FSDP2 gathers weights cast to the compute dtype (half the traffic); AdamW's float32 shards stay the master
-    mp_policy = MixedPrecisionPolicy(
-        param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32
-    )
-    if (
-        args.fsdp and not torch.distributed.is_initialized()
-    ):  # one process, to try FSDP on one GPU: a group of one
-        torch.distributed.init_process_group(
-            "nccl" if next(model.parameters()).is_cuda else "gloo",
-            rank=0,
-            world_size=1,
-            store=torch.distributed.HashStore(),
-        )
+    # FSDP2 gathers the weights cast to the compute dtype (half the traffic); AdamW's float32
+    # shards stay the master copy.
+    param_dtype = None
+    if dtype != torch.float32:
+        param_dtype = dtype
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if args.fsdp and not torch.distributed.is_initialized():
+        # One process, to try FSDP on one GPU: a group of one.
+        backend = "gloo"
+        if next(model.parameters()).is_cuda:
+            backend = "nccl"
+        store = torch.distributed.HashStore()
+        torch.distributed.init_process_group(backend, rank=0, world_size=1, store=store)
     for i, block in enumerate(model.transformer.h):
         if args.activation_checkpointing:
-            # the block keeps its input only and runs again in backward: saved activations ~34 -> 2 x (B, T, C)
-            model.transformer.h[i] = block = checkpoint_wrapper(block)
+            # The block keeps only its input, and runs again in the backward pass: the saved
+            # activations go from ~34 to 2 of (B, T, C).
+            block = checkpoint_wrapper(block)
+            model.transformer.h[i] = block
+        if args.fsdp and args.compile:
+            block.compile()  # each block alone (without FSDP, the whole model is compiled)
         if args.fsdp:
-            if args.compile:
-                block.compile()  # per block (without FSDP the whole model is compiled)
-            # one all-gather in the forward and one reduce-scatter in the backward a block
+            # one all-gather in the forward pass and one reduce-scatter in the backward, a block
             fully_shard(block, mp_policy=mp_policy)
+    if args.fsdp and args.compile:
+        # The LM head and the loss too: the step's largest tensors, fused as a whole model's are.
+        model.head = torch.compile(model.head)
     if args.fsdp:
-        if args.compile:  # the LM head and the loss too: the step's largest tensors, fused as a whole-model compile does
-            model.head = torch.compile(model.head)
-        import warnings  # forward returns a view of its logits, and nothing writes into it in place
-
-        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-        fully_shard(
-            model, mp_policy=mp_policy, reshard_after_forward=False
-        )  # its weights are needed again at once
+        # The root's weights are needed again at once (the tied head): not resharded.
+        fully_shard(model, mp_policy=mp_policy, reshard_after_forward=False)
     return model
 
 
 # -----------------------------------------------------------------------------
-# HellaSwag and --mode eval: each rank scores its share, and the sums are all-reduced, so
-# that the numbers are one process's whatever the number of GPUs
+# HellaSwag and --mode eval. Each rank scores its share and the sums are all-reduced, so that
+# the numbers are one process's, whatever the number of GPUs.
 
 
 def load_hellaswag(path, limit=None, convention="completion"):
-    """prepare_data.py --hellaswag's items, each checked (a broken one would be scored, silently, as wrong)."""
-    texts = ("ctx",) + (
-        ("activity_label", "ctx_a", "ctx_b") if convention != "completion" else ()
-    )  # harness: its query's
+    """prepare_data.py --hellaswag's items, each checked (a broken one would be scored as wrong)."""
+    texts = ["ctx"]
+    if convention != "completion":  # lm-evaluation-harness builds its query from these
+        texts += ["activity_label", "ctx_a", "ctx_b"]
     if not os.path.exists(path):
         raise UserError(
             f"{path} not found: run prepare_data.py --hellaswag (or give --hellaswag_path)"
         )
     items = []
-    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported like any bad line
-        lines = (
-            (number, line) for number, line in enumerate(f, 1) if line.strip()
-        )  # a blank line is no item
-        for number, line in itertools.islice(lines, limit):  # (limit None: all)
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported as any bad line
+        for number, line in enumerate(f, 1):
+            if limit is not None and len(items) == limit:
+                break
+            if not line.strip():  # a blank line is no item
+                continue
             try:
                 item = json.loads(line)
-                ok = (
-                    all(isinstance(item.get(k), str) for k in texts)
-                    and len(item["endings"]) == 4
-                    and all(isinstance(e, str) for e in item["endings"])
-                    and item["label"] in (0, 1, 2, 3)
-                )
+                ok = all(isinstance(item.get(key), str) for key in texts)
+                ok = ok and len(item["endings"]) == 4 and item["label"] in (0, 1, 2, 3)
+                ok = ok and all(isinstance(ending, str) for ending in item["endings"])
             except (ValueError, KeyError, TypeError, AttributeError):
                 ok = False
             if not ok:
                 raise UserError(
-                    f"{path}, line {number}: not a HellaSwag item ({', '.join(texts)}, 4 endings, a label "
-                    "0-3): re-run prepare_data.py --hellaswag --overwrite"
+                    f"{path}, line {number}: not a HellaSwag item ({', '.join(texts)}, 4 endings, "
+                    "a label 0-3): re-run prepare_data.py --hellaswag --overwrite"
                 )
             items.append(item)
     if not items:
@@ -2139,165 +2069,157 @@ def load_hellaswag(path, limit=None, convention="completion"):
 
 
 def harness_item(item):
-    """The item as lm-evaluation-harness asks it: the activity label and both halves of the context (the second
-    capitalized) as the query; query and endings cleaned of WikiHow's bracketed tags ("[title]", "[step]")."""
+    """The item as lm-evaluation-harness asks it: the activity label and both halves of the
+    context (the second capitalized) as the query; the query and the endings cleaned of WikiHow's
+    bracketed tags ("[title]", "[step]")."""
 
     def clean(text):
-        return re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". ")).replace("  ", " ")
+        text = text.strip().replace(" [title]", ". ")
+        return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
 
-    query = clean(item["activity_label"] + ": " + item["ctx_a"] + " " + item["ctx_b"].capitalize())
-    return {
-        "ctx": query,
-        "endings": [clean(ending) for ending in item["endings"]],
-        "label": item["label"],
-    }
+    query = item["activity_label"] + ": " + item["ctx_a"] + " " + item["ctx_b"].capitalize()
+    endings = [clean(ending) for ending in item["endings"]]
+    return {"ctx": clean(query), "endings": endings, "label": item["label"]}
 
 
 @torch.no_grad()
-def score_endings(model, enc, items, dtype, max_batch_tokens=8192, progress=False):
-    """Each item's 4 endings' losses after its context, (n, 4) summed and (n, 4) per token; only their positions go
-    through the LM head. Sorted by length, in right-padded batches of at most max_batch_tokens: bounded memory."""
-    from tqdm import tqdm
-
-    T, device = model.config.block_size, next(model.parameters()).device
-    rows, spans = [], []  # each candidate's tokens, and how many at its end are the ending's
+def score_endings(model, enc, items, dtype, max_batch_tokens=8192, progress=None):
+    """Each item's 4 endings' losses after its context: (n, 4) summed and (n, 4) per token. Rows
+    sorted by length, in right-padded batches of at most max_batch_tokens (bounded memory); only
+    the endings' positions go through the LM head."""
+    T = model.config.block_size
+    device = next(model.parameters()).device
+    rows = []  # each candidate's tokens: the context and an ending
+    spans = []  # how many tokens at its end are the ending's
     for item in items:
         context = enc.encode(item["ctx"])
         for ending in item["endings"]:
             ending_tokens = enc.encode(
                 " " + ending
             )  # the space belongs to the ending's first token
-            rows.append((context + ending_tokens)[-T - 1 :])  # too long: keep the end
+            rows.append((context + ending_tokens)[-T - 1 :])  # too long: its end
             spans.append(min(len(ending_tokens), len(rows[-1]) - 1))
-    order = sorted(
-        range(len(rows)), key=lambda i: len(rows[i])
-    )  # shortest first: a batch's rows are alike
-    sums, start = torch.zeros(len(rows)), 0  # (4n,): each candidate's summed ending loss
-    with tqdm(
-        total=len(items), unit="item", desc="HellaSwag", disable=not progress, leave=False
-    ) as bar:
-        while start < len(order):
-            end = (
-                start + 1
-            )  # sorted, so a batch's last row is its widest: grow the batch while it fits
-            while (
-                end < len(order)
-                and (end + 1 - start) * (len(rows[order[end]]) - 1) <= max_batch_tokens
-            ):
-                end += 1
-            batch, width = (
-                order[start:end],
-                len(rows[order[end - 1]]) - 1,
-            )  # a row's last token is only a target
-            ids = torch.full((len(batch), width), EOT_TOKEN, dtype=torch.long)
-            targets = torch.full(
-                (len(batch), width), -100, dtype=torch.long
-            )  # -100: not the ending's
-            for r, i in enumerate(batch):
-                tokens, n = torch.tensor(rows[i]), len(rows[i]) - 1
-                ids[r, :n] = tokens[:-1]
-                targets[r, n - spans[i] : n] = tokens[
-                    n - spans[i] + 1 :
-                ]  # the ending's tokens only
-            ids, targets = ids.to(device), targets.to(device)
-            counted = targets != -100  # (b, width)
-            with autocast(device, dtype):
-                x = model.hidden_states(ids, torch.arange(width, device=device))  # (b, width, C)
-                logits = model.lm_logits(
-                    model.transformer.ln_f(x[counted])
-                )  # (N, padded_vocab): the N that count
-            losses = F.cross_entropy(logits.float(), targets[counted], reduction="none")  # (N,)
-            sums[batch] = (
-                torch.zeros(len(batch), device=device)
-                .index_add_(0, counted.nonzero()[:, 0], losses)
-                .cpu()
-            )
-            bar.update(len(batch) / 4)
-            start = end
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # alike lengths batched together
+    sums = torch.zeros(len(rows))  # each candidate's summed loss over its ending
+    start = 0
+    while start < len(order):
+        # Sorted, a batch's last row is its widest: the batch grows while it fits.
+        end = start + 1
+        while (
+            end < len(order) and (end + 1 - start) * (len(rows[order[end]]) - 1) <= max_batch_tokens
+        ):
+            end += 1
+        batch = order[start:end]
+        width = len(rows[order[end - 1]]) - 1  # a row's last token is a target only
+        ids = torch.full((len(batch), width), EOT_TOKEN, dtype=torch.long)
+        targets = torch.full((len(batch), width), -100, dtype=torch.long)  # -100: not the ending
+        for r, i in enumerate(batch):
+            tokens = torch.tensor(rows[i])
+            n = len(rows[i]) - 1
+            ids[r, :n] = tokens[:-1]
+            targets[r, n - spans[i] : n] = tokens[n - spans[i] + 1 :]  # the ending's tokens only
+        ids = ids.to(device)
+        targets = targets.to(device)
+        counted = targets != -100  # (b, width)
+        with autocast(device, dtype):
+            x = model.hidden_states(ids, torch.arange(width, device=device))  # (b, width, C)
+            logits = model.lm_head(x[counted])[:, : model.config.vocab_size]  # (N, vocab): those N
+        losses = F.cross_entropy(logits.float(), targets[counted], reduction="none")  # (N,)
+        row_of = counted.nonzero()[:, 0]  # each counted position's row in the batch
+        batch_sums = torch.zeros(len(batch), device=device).index_add_(0, row_of, losses)
+        sums[batch] = batch_sums.cpu()
+        if progress is not None:
+            progress.update((end - start) / 4)
+        start = end
     sums = sums.view(-1, 4)  # (n, 4): an item's 4 endings are consecutive rows
-    return sums, sums / torch.tensor(spans, dtype=torch.float).view(
-        -1, 4
-    )  # and per ending token, (n, 4)
+    per_token = sums / torch.tensor(spans, dtype=torch.float).view(-1, 4)  # (n, 4)
+    return sums, per_token
 
 
-def hellaswag_eval(model, items, dtype, convention="completion", progress=False):
-    """HellaSwag accuracy, items split over the ranks. completion (GPT-2, GPT-3): acc_norm per token; harness
-    (lm-evaluation-harness): its cleaned query and endings, acc_norm per character. acc: the summed loss."""
-    rank, world_size = (
-        (torch.distributed.get_rank(), torch.distributed.get_world_size())
-        if torch.distributed.is_initialized()
-        else (0, 1)
-    )
-    mine = items[rank::world_size]  # all_reduce_sum adds the counts back up
-    labels, enc, results, counts = (
-        torch.tensor([item["label"] for item in mine]),
-        get_tokenizer(),
-        {},
-        [],
-    )
-    for name in ("completion", "harness") if convention == "both" else (convention,):
-        asked = [harness_item(item) for item in mine] if name == "harness" else mine
-        sums, per_token = (
-            score_endings(model, enc, asked, dtype, progress=progress)
-            if mine
-            else (torch.zeros(0, 4),) * 2
-        )
+def hellaswag_eval(model, items, dtype, convention="completion", progress=None):
+    """HellaSwag accuracy, the items split over the ranks. completion (GPT-2's and GPT-3's way):
+    acc_norm by the loss per token; harness (lm-evaluation-harness's): its cleaned query and
+    endings, acc_norm per character. acc: the summed loss. "both": both conventions."""
+    rank = 0
+    world_size = 1
+    if torch.distributed.is_initialized():
+        rank = torch.distributed.get_rank()
+        world_size = torch.distributed.get_world_size()
+    mine = items[rank::world_size]  # all_reduce_sum adds the counts up again
+    labels = torch.tensor([item["label"] for item in mine])
+    enc = get_tokenizer()
+    names = [convention]
+    if convention == "both":
+        names = ["completion", "harness"]
+    keys = []
+    right = []  # for each key, the items this rank got right
+    for name in names:
+        asked = mine
+        prefix = "hellaswag"
+        if name == "harness":
+            asked = [harness_item(item) for item in mine]
+            prefix = "hellaswag_harness"
+        sums = torch.zeros(0, 4)
+        per_token = torch.zeros(0, 4)
+        if mine:
+            sums, per_token = score_endings(model, enc, asked, dtype, progress=progress)
         chars = torch.tensor(
             [[len(e) for e in item["endings"]] for item in asked], dtype=torch.float
-        ).view(-1, 4)
-        normed = per_token if name == "completion" else sums / chars
-        counts += [
-            float((sums.argmin(dim=1) == labels).sum()),
-            float((normed.argmin(dim=1) == labels).sum()),
-        ]
-        prefix = "hellaswag" if name == "completion" else "hellaswag_harness"
-        results.update(
-            {f"{prefix}_acc": len(counts) - 2, f"{prefix}_acc_norm": len(counts) - 1}
-        )  # indexes into counts
+        )
+        normed = per_token
+        if name == "harness":
+            normed = sums / chars.view(-1, 4)
+        keys += [f"{prefix}_acc", f"{prefix}_acc_norm"]
+        right += [(sums.argmin(dim=1) == labels).sum(), (normed.argmin(dim=1) == labels).sum()]
     device = next(model.parameters()).device
-    *counts, n = all_reduce_sum(
-        torch.tensor(counts + [float(len(mine))], dtype=torch.float64, device=device)
-    ).tolist()
-    return {**{key: counts[i] / n for key, i in results.items()}, "hellaswag_items": int(n)}
+    counts = torch.tensor(
+        [float(r) for r in right] + [len(mine)], dtype=torch.float64, device=device
+    )
+    counts = all_reduce_sum(counts).tolist()
+    n = counts.pop()
+    results = {key: count / n for key, count in zip(keys, counts)}
+    results["hellaswag_items"] = int(n)
+    return results
 
 
 def evaluate(args):
     """--mode eval: a model's val loss and HellaSwag accuracy, as a table and as eval.json."""
+    from tqdm import tqdm
+
     rank, _, world_size, device = setup_distributed(args.device)
     dtype = pick_dtype(device, args.dtype)
-    # what can be wrong with the inputs is found before the model loads (a minute for gpt2-xl)
-    items = args.hellaswag and load_hellaswag(
-        args.hellaswag_path, args.hellaswag_limit, args.hellaswag_convention
-    )
-    model = load_model(args.init_from)[0].to(device).eval()
+    items = None
+    if (
+        args.hellaswag
+    ):  # a bad file fails now, not after the model has loaded (a minute for gpt2-xl)
+        items = load_hellaswag(args.hellaswag_path, args.hellaswag_limit, "both")
+    model, _ = load_model(args.init_from)
+    model.to(device)
+    model.eval()
+    block_size = model.config.block_size
     results = {"model": args.init_from}
-    if args.data_dir:  # at the model's own block_size; the folder says how to read it
-        kind = check_data(args.data_dir, "eval", args.batch_size, model.config.block_size)
-        loader = (PretrainLoader if kind == "pretrain" else InstructionLoader)(
-            args.data_dir,
-            "val",
-            args.batch_size,
-            model.config.block_size,
-            rank,
-            world_size,
-            args.seed,
-        )
+    if args.data_dir is not None:  # at the model's own block_size; the folder says how to read it
+        meta = check_data(args.data_dir, "eval", args.batch_size, block_size)
+        Loader = PretrainLoader
+        if meta["kind"] == "sft":
+            Loader = InstructionLoader
+        loader = Loader(args.data_dir, "val", args.batch_size, block_size, rank, world_size)
         results["val_loss"] = evaluate_loss(model, loader, args.val_steps, dtype)
         results["val_batches"] = loader.eval_steps(args.val_steps)
-    if items:
+    if items is not None:
         t0 = time.time()
-        results.update(
-            hellaswag_eval(model, items, dtype, args.hellaswag_convention, progress=rank == 0)
-        )
+        # Items, not rows: both conventions score each item once, so the bar counts to twice n.
+        with tqdm(total=2 * len(items), unit="item", desc="HellaSwag", disable=rank != 0) as bar:
+            results.update(hellaswag_eval(model, items, dtype, "both", bar))
         results["hellaswag_items_per_s"] = results["hellaswag_items"] / (time.time() - t0)
-    if rank == 0:  # the results are already summed over the ranks
+    if rank == 0:  # the results are summed over the ranks already
         for key, value in results.items():  # a table, and the same numbers as JSON for scripts
-            print(f"{key:<24}  {value:.4f}" if isinstance(value, float) else f"{key:<24}  {value}")
+            if isinstance(value, float):
+                value = f"{value:.4f}"
+            print(f"{key:<24}  {value}")
         os.makedirs(args.out_dir, exist_ok=True)
-        atomic_write(
-            os.path.join(args.out_dir, "eval.json"),
-            lambda f: f.write(json.dumps(results, indent=2).encode()),
-        )
+        with atomic_write(os.path.join(args.out_dir, "eval.json")) as f:
+            f.write(json.dumps(results, indent=2).encode())
     return results
 
 
@@ -2305,12 +2227,13 @@ def evaluate(args):
 # --mode sample with several prompts or samples, and --mode chat
 
 
-def sample_batch(model, enc, shown, token_lists, args, generator):
-    """Every prompt num_samples times, one left-padded batch; shown: the text printed before each continuation."""
+def sample_batch(model, enc, template, args, generator):
+    """Every prompt num_samples times, generated as one left-padded batch."""
     device = next(model.parameters()).device
-    ids, mask = left_pad(
-        [tokens for tokens in token_lists for _ in range(args.num_samples)]
-    )  # row // num_samples
+    rows = []
+    for prompt in args.prompt:
+        rows += [encode_prompt(enc, prompt, template)] * args.num_samples  # row // num_samples
+    ids, mask = left_pad(rows)
     with autocast(device, pick_dtype(str(device), args.dtype)):
         out = model.generate(
             ids.to(device),
@@ -2321,29 +2244,32 @@ def sample_batch(model, enc, shown, token_lists, args, generator):
             top_p=args.top_p,
             generator=generator,
         )
-    for row in range(len(out)):  # the generated part, until an answer or a document ends
+    for row in range(len(out)):
+        prompt = args.prompt[row // args.num_samples]
+        if template is not None:  # a fine-tuned model's answer stands on its own
+            prompt = ""
         new = enc.decode(out[row, ids.size(1) :].tolist()).split("<|endoftext|>")[0]
-        print(
-            f"--- sample {row % args.num_samples + 1} of prompt {row // args.num_samples + 1}\n"
-            f"{shown[row // args.num_samples]}{new}"
-        )
+        print(f"--- sample {row % args.num_samples + 1} of prompt {row // args.num_samples + 1}")
+        print(prompt + new)
 
 
 def chat(args):
-    """Type an instruction, read the answer as it comes; /quit leaves. Single turns: what Alpaca teaches."""
-    device = setup_distributed(args.device)[3]
+    """--mode chat: type an instruction, read the answer as it comes; /quit leaves. Single
+    turns, as Alpaca teaches."""
+    _, _, _, device = setup_distributed(args.device)
     model, template = load_model(args.init_from)
     if template is None:
         raise UserError(
-            f"{args.init_from} is not fine-tuned (it has no prompt template): chat needs a --mode finetune "
-            "checkpoint or its export; --mode sample continues a pretrained model's text"
+            f"{args.init_from} is not fine-tuned (it has no prompt template): chat needs a --mode "
+            "finetune checkpoint or its export; --mode sample continues a pretrained model's text"
         )
-    model.to(device).eval()
+    model.to(device)
+    model.eval()
     enc = get_tokenizer()
-    generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
-    with contextlib.suppress(
-        ImportError
-    ):  # line editing and history for input(); Windows has no readline
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device).manual_seed(args.seed)
+    with contextlib.suppress(ImportError):  # line editing and history for input(); not on Windows
         import readline  # noqa: F401
     print("Type an instruction and press Enter; Ctrl-C stops an answer; /quit or Ctrl-D leaves.")
     while True:
@@ -2354,36 +2280,36 @@ def chat(args):
             break
         if instruction in ("/quit", "/exit"):
             break
+        if not instruction:  # an empty line asks nothing
+            continue
         try:
-            if instruction:  # an empty line asks nothing
-                stream_text(model, enc, encode_prompt(enc, instruction, template), args, generator)
-        except KeyboardInterrupt:  # Ctrl-C while answering: drop the answer, keep the chat
+            stream_text(model, enc, encode_prompt(enc, instruction, template), args, generator)
+        except KeyboardInterrupt:  # Ctrl-C while answering: the answer stops, the chat goes on
             print(" [stopped]")
 
 
 # -----------------------------------------------------------------------------
-# --mode export: a folder that transformers (and vLLM, TGI, llama.cpp's converter...) loads
-# as it loads OpenAI's GPT-2: its weights, config and tokenizer files.
+# --mode export: a folder that transformers (and vLLM, TGI, llama.cpp's converter...) loads as
+# it loads OpenAI's GPT-2: its weights, config and tokenizer files.
 
 
 def jinja_chat_template(template):
-    """The str.format prompt template as a Jinja chat template: a user message renders as the template does, an answer
-    as itself and <|endoftext|>. The template's text goes in as Jinja string literals: no brace in it is Jinja."""
-    from string import (
-        Formatter,
-    )  # the parser str.format itself uses: '{{' and '}}' come out unescaped
+    """The str.format prompt template as a Jinja chat template: a user message renders as the
+    template does, an answer as itself and <|endoftext|>. The template's text goes in as Jinja
+    string literals, so that no brace in it is read as Jinja."""
+    from string import Formatter  # the parser str.format itself uses: '{{' comes out as '{'
 
     pieces = []
     for literal, field, spec, conversion in Formatter().parse(template):
-        pieces += (
-            ["{{ " + json.dumps(literal, ensure_ascii=False) + " }}"] if literal else []
-        )  # JSON: a Jinja literal
-        if field is not None:
-            if field != "instruction" or spec or conversion:
-                raise UserError(
-                    f"the prompt template has a field {{{field}}}: only {{instruction}} can be exported"
-                )
-            pieces.append("{{ message['content'] }}")
+        if literal:
+            pieces.append("{{ " + json.dumps(literal, ensure_ascii=False) + " }}")  # JSON: Jinja
+        if field is None:
+            continue
+        if field != "instruction" or spec or conversion:
+            raise UserError(
+                f"the prompt template has a field {{{field}}}: only {{instruction}} can be exported"
+            )
+        pieces.append("{{ message['content'] }}")
     return (
         "{% for message in messages %}{% if message['role'] == 'user' %}"
         + "".join(pieces)
@@ -2393,81 +2319,74 @@ def jinja_chat_template(template):
     )
 
 
-def export(args):
-    """--mode export: --init_from as a Hugging Face GPT-2 folder at --out_dir, built beside it, renamed when whole."""
+def write_hf_folder(model, template, folder):
+    """The model as transformers saves a GPT-2 (config.json, generation_config.json,
+    model.safetensors), with OpenAI's tokenizer files as tiktoken cached them."""
     from tiktoken.load import read_file_cached
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    out_dir = os.path.realpath(
-        args.out_dir
-    )  # no trailing '/', no link: the .partial folder is a sibling of the target
+    config = model.config
+    # GPT2Config's defaults for the rest: what this GPT-2 computes.
+    hf_config = GPT2Config(
+        vocab_size=config.vocab_size,
+        n_positions=config.block_size,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    hf_config.prompt_template = template  # the plain str.format template, as sample and chat use it
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.endswith(CONV1D_WEIGHTS):
+            value = value.t()  # Conv1D's layout
+        if key in ("transformer.wte.weight", "lm_head.weight"):
+            value = value[: config.vocab_size]  # without the padded rows
+        state[key] = value
+    hf_model = GPT2LMHeadModel(hf_config)
+    hf_model.load_state_dict(state)
+    hf_model.save_pretrained(folder)
+    # model.safetensors as readable as config.json (the umask's), not private
+    shutil.copymode(os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors"))
+    base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+    for name, url in (("vocab.json", base + "encoder.json"), ("merges.txt", base + "vocab.bpe")):
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(read_file_cached(url))
+    tokenizer_config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": config.block_size,
+        "add_prefix_space": False,
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+    }
+    if template is not None:
+        tokenizer_config["chat_template"] = jinja_chat_template(template)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(tokenizer_config, f, indent=2, ensure_ascii=False)
+
+
+def export(args):
+    """--mode export: --init_from as a Hugging Face GPT-2 folder at --out_dir, built beside it and
+    renamed when whole."""
+    # No trailing '/', no link: the .partial folder is a sibling of the folder it becomes.
+    out_dir = os.path.realpath(args.out_dir)
     if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and not os.listdir(out_dir)):
         raise UserError(
-            f"{args.out_dir} exists and is not an empty folder: export never overwrites files; give a new "
-            "--out_dir, or move that one away first"
+            f"{args.out_dir} exists and is not an empty folder: export never overwrites files; "
+            "give a new --out_dir, or move that one away first"
         )
     print(f"reading {args.init_from}")
     model, template = load_model(args.init_from)
-    chat_template = (
-        jinja_chat_template(template) if template else None
-    )  # refused now, if it cannot be written
-    config = model.config
-    hf = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=config.vocab_size,
-            n_positions=config.block_size,
-            n_embd=config.n_embd,
-            n_layer=config.n_layer,
-            n_head=config.n_head,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-    )  # GPT2Config's defaults for the rest: what we compute
-    hf.load_state_dict(
-        {
-            k: (
-                v.t()
-                if k.endswith(CONV1D_WEIGHTS)
-                else v[: config.vocab_size]
-                if "wte" in k or "lm_head" in k
-                else v
-            )
-            for k, v in model.state_dict().items()
-        }
-    )  # Conv1D's layout; no padded rows
-    hf.config.prompt_template = (
-        template  # model.config.prompt_template: the plain str.format template
-    )
+    if template is not None:
+        jinja_chat_template(template)  # refused now, if it cannot be written
     tmp = f"{out_dir}.partial-{os.getpid()}"  # a sibling: the final rename stays on one filesystem
     try:
-        hf.save_pretrained(tmp)  # config.json, generation_config.json, model.safetensors
-        shutil.copymode(
-            os.path.join(tmp, "config.json"), os.path.join(tmp, "model.safetensors")
-        )  # not private: umask's
-        # GPT-2's tokenizer files are OpenAI's own, as tiktoken downloaded (and cached) them
-        base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-        for name, url in (
-            ("vocab.json", base + "encoder.json"),
-            ("merges.txt", base + "vocab.bpe"),
-        ):
-            with open(os.path.join(tmp, name), "wb") as f:
-                f.write(read_file_cached(url))
-        tokenizer_config = {
-            "tokenizer_class": "GPT2Tokenizer",
-            "model_max_length": config.block_size,
-            "add_prefix_space": False,
-            "bos_token": "<|endoftext|>",
-            "eos_token": "<|endoftext|>",
-            "unk_token": "<|endoftext|>",
-            **({"chat_template": chat_template} if chat_template else {}),
-        }
-        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-            json.dump(tokenizer_config, f, indent=2, ensure_ascii=False)
+        write_hf_folder(model, template, tmp)
         if os.path.isdir(out_dir):
-            os.rmdir(
-                out_dir
-            )  # empty (checked above); refused if another export, or the user, filled it since
+            os.rmdir(out_dir)  # empty, as checked; refused if another command filled it since
         os.rename(tmp, out_dir)  # the finished folder appears at once, under its name
     except Exception as e:
         raise_if_disk_full(out_dir, e)  # safetensors says "I/O error" when the disk is full
@@ -2481,7 +2400,8 @@ def export(args):
 # --mode bench: a training step timed on random tokens, without data; MFU against the GPU's
 # peak. (Generation, and comparisons with other codebases: dev/compare.py.)
 
-# Dense bf16 tensor-core peak, TFLOP/s, by the GPU's model as torch names it, matched whole: "L40S" is not "L4"
+# Dense bf16 tensor-core peak, TFLOP/s, by the GPU's model as torch names it, matched whole (the
+# first match): "L40S" is not "L4".
 PEAK_TFLOPS = {
     r"H[128]00.*PCIe": 756,
     r"H[12]00.*NVL": 835,
@@ -2494,103 +2414,100 @@ PEAK_TFLOPS = {
     "A10": 125,
     "RTX 4090": 165,
     "RTX 3090": 71,
-}  # first match
+}
 
 
 def peak_flops(device):
-    """FLOP/s of PEAK_TFLOPS for the GPU (torch names it "NVIDIA H100 80GB HBM3"), or None: no MFU, not a wrong one."""
-    model = re.sub(
-        r"^(NVIDIA )?(GeForce |Tesla )?",
-        "",
-        torch.cuda.get_device_name(device) if "cuda" in device else "",
-    )
-    return next(
-        (tflops * 1e12 for pattern, tflops in PEAK_TFLOPS.items() if re.fullmatch(pattern, model)),
-        None,
-    )
+    """The GPU's peak FLOP/s from PEAK_TFLOPS (torch names it "NVIDIA H100 80GB HBM3"), or None on
+    a CPU or an unknown GPU: no MFU rather than a wrong one."""
+    if not device.startswith("cuda"):
+        return None
+    name = re.sub(r"^(NVIDIA )?(GeForce |Tesla )?", "", torch.cuda.get_device_name(device))
+    for pattern, tflops in PEAK_TFLOPS.items():
+        if re.fullmatch(pattern, name):
+            return tflops * 1e12
+    return None
 
 
 def flops_per_token(model):
-    """Training FLOPs per token (PaLM, appendix B): 6 a parameter (wpe aside), attention's 12 * L * C * T."""
-    cfg = model.config
-    return (
-        6 * (sum(p.numel() for p in model.parameters()) - cfg.block_size * cfg.n_embd)
-        + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-    )
+    """Training FLOPs per token (PaLM, appendix B): 6 a parameter (wpe aside), and attention's
+    12 * L * C * T."""
+    config = model.config
+    n_params = sum(p.numel() for p in model.parameters()) - config.block_size * config.n_embd
+    return 6 * n_params + 12 * config.n_layer * config.n_embd * config.block_size
 
 
 def bench(args):
-    """--mode bench: the median training step on random tokens (no data): tokens/s, MFU and memory (CUDA); DDP or
-    FSDP under torchrun. (Generation: python dev/compare.py generate.)"""
+    """--mode bench: the median training step on random tokens (no data): tokens/s, MFU and
+    memory (CUDA); DDP or FSDP under torchrun. (Generation: python dev/compare.py generate.)"""
     rank, local_rank, world_size, device = setup_distributed(args.device)
-    dtype, cuda = pick_dtype(device, args.dtype), device.startswith("cuda")
+    dtype = pick_dtype(device, args.dtype)
+    cuda = device.startswith("cuda")
     torch.manual_seed(args.seed)
-    model = GPT(new_model_config(args)).to(device)  # random weights: speed does not depend on them
+    model = GPT(new_model_config(args)).to(device)  # random weights: the speed is the same
     if args.fsdp or args.activation_checkpointing:
         wrap_blocks(model, dtype, args)
-    optimizer, scaler = (
-        configure_optimizer(model, 0.1, 6e-4),
-        torch.amp.GradScaler(enabled=dtype == torch.float16),
-    )
-    compiled = (
-        torch.compile(model) if args.compile and not args.fsdp else model
-    )  # as a training run wraps it
+    optimizer = configure_optimizer(model, 0.1, 6e-4)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
+    compiled = model  # as a training run wraps it
+    if args.compile and not args.fsdp:
+        compiled = torch.compile(model)
     if world_size > 1 and not args.fsdp:
-        compiled = torch.nn.parallel.DistributedDataParallel(
-            compiled, device_ids=[local_rank] if cuda else None
-        )
-    B, T, times, sync = (
-        args.batch_size,
-        model.config.block_size,
-        [],
-        torch.cuda.synchronize if cuda else lambda: None,
+        device_ids = None
+        if cuda:
+            device_ids = [local_rank]
+        compiled = DistributedDataParallel(compiled, device_ids=device_ids)
+    B = args.batch_size
+    T = model.config.block_size
+    gpu = "cpu"
+    if cuda:
+        gpu = torch.cuda.get_device_name(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print0(
+        f"bench: {n_params:,} parameters, batch {B} x {T}, {device} ({gpu}), {dtype}, compile "
+        f"{args.compile}, {world_size} process(es), FSDP {args.fsdp}, {args.bench_steps} steps "
+        f"timed after {args.bench_warmup}"
     )
-    say = print if rank == 0 else (lambda *a, **k: None)
-    say(
-        f"bench: {sum(p.numel() for p in model.parameters()):,} parameters, batch {B} x {T}, {device} "
-        f"({torch.cuda.get_device_name(device) if cuda else 'cpu'}), {dtype}, compile {args.compile}, {world_size} "
-        f"process(es){', FSDP' if args.fsdp else ''}, {args.bench_steps} steps timed after {args.bench_warmup}"
-    )
+    times = []
     for i in range(args.bench_steps):
         x = torch.randint(0, 50257, (B, T + 1), device=device)  # fresh tokens each step
-        sync()
+        micro_batch = (x[:, :-1].contiguous(), x[:, 1:].contiguous())  # as a loader gives them
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        forward_backward(
-            compiled, [(x[:, :-1], x[:, 1:])], dtype, scaler
-        )  # the training step, as train() takes it
+        forward_backward(compiled, [micro_batch], dtype, scaler)  # the training step, as train()'s
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         scaler.step(optimizer)
         scaler.update()
-        sync()  # the GPU runs behind Python: the step is timed once it is done
-        times += [time.perf_counter() - t0] if i >= args.bench_warmup else []
-    median, peak = (
-        statistics.median(times),
-        peak_flops(device),
-    )  # the median: a stray slow step does not count
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()  # the GPU runs behind Python: timed once the step is done
+        if i >= args.bench_warmup:
+            times.append(time.perf_counter() - t0)
+    median = statistics.median(times)  # a stray slow step does not count
     tokens_per_s = B * T * world_size / median
-    say(
-        f"median step {1000 * median:.1f} ms | {tokens_per_s:,.0f} tokens/s"
-        + (
-            f" | MFU {100 * flops_per_token(model) * tokens_per_s / (peak * world_size):.1f}% of {peak / 1e12:.0f} TFLOP/s"
-            if peak
-            else ""
-        )
-        + (
-            f" | peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
-            if cuda
-            else ""
-        )
-    )
+    line = f"median step {1000 * median:.1f} ms | {tokens_per_s:,.0f} tokens/s"
+    peak = peak_flops(device)
+    if peak is not None:
+        mfu = flops_per_token(model) * tokens_per_s / (peak * world_size)
+        line += f" | MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s"
+    if cuda:
+        line += f" | peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    print0(line)
 
 
 # -----------------------------------------------------------------------------
 # --mode plot
 
+# OpenAI's GPT-2 124M, for the default recipe (124M on FineWeb-Edu): its val loss on FineWeb-Edu's
+# val split as build-nanogpt measured it, and its HellaSwag acc_norm (this file's --mode eval).
+GPT2_124M = {"val_loss": 3.2924, "hellaswag_acc_norm": 0.2955}
+
 
 def plot(args):
-    """--mode plot: log.jsonl's losses, LR and HellaSwag; for the default recipe, OpenAI's GPT-2 124M beside them."""
+    """--mode plot: log.jsonl's losses, learning rate and HellaSwag, drawn into plot.png; for the
+    default recipe, OpenAI's GPT-2 124M beside them."""
     log_path = os.path.join(args.out_dir, "log.jsonl")
     if not os.path.exists(log_path):
         raise UserError(f"{log_path} not found: point --out_dir at a training run's folder")
@@ -2602,47 +2519,32 @@ def plot(args):
     entries = []
     with open(log_path, "rb") as f:
         for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
             try:
-                entries.append(json.loads(line)) if line.strip() else None
+                entries.append(json.loads(line))
             except ValueError:  # a line cut short by a crash, or edited by hand
                 raise UserError(
                     f"{log_path}, line {number}, is not JSON: remove that line and plot again"
                 ) from None
-
-    def series(key):
-        return (
-            [e["step"] for e in entries if key in e],
-            [e[key] for e in entries if key in e],
-        )
-
     run = saved_args(args.out_dir)  # the run's flags, from its checkpoint
-    gpt2 = (
-        run.get("model") == "gpt2"
-        and not run.get("n_layer")
-        and "fineweb_edu" in str(run.get("data_dir"))
-    )
-    # (panel, curves, OpenAI GPT-2 124M's level): val loss 3.2924 on FineWeb-Edu's val as build-nanogpt measured
-    # it, HellaSwag acc_norm 0.2955 (this file's --mode eval, completion)
-    panels = [
-        ("loss", ("loss", "val_loss"), 3.2924 if gpt2 else None),
-        ("learning rate", ("lr",), None),
-    ] + (
-        [("HellaSwag acc_norm", ("hellaswag_acc_norm",), 0.2955)]
-        if series("hellaswag_acc_norm")[0]
-        else []
-    )
+    default_recipe = run.get("model") == "gpt2" and run.get("n_layer") is None
+    default_recipe = default_recipe and "fineweb_edu" in str(run.get("data_dir"))
+    panels = [("loss", ["loss", "val_loss"]), ("learning rate", ["lr"])]
+    if any("hellaswag_acc_norm" in entry for entry in entries):
+        panels.append(("HellaSwag acc_norm", ["hellaswag_acc_norm"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
-    for ax, (title, keys, openai) in zip(axes[0], panels):
-        for key in keys:  # the noisy train loss light, under the val points
-            ax.plot(
-                *series(key),
-                "-" if key in ("loss", "lr") else "o-",
-                alpha=0.6 if key == "loss" else 1,
-                label=key,
-            )
-        if openai:
-            ax.axhline(openai, color="gray", linestyle="--", label="OpenAI GPT-2 124M")
-        ax.set(xlabel="step", title=title)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for key in keys:
+            steps = [entry["step"] for entry in entries if key in entry]
+            values = [entry[key] for entry in entries if key in entry]
+            if key == "loss":  # the noisy train loss light, under the val points
+                ax.plot(steps, values, "-", alpha=0.6, label=key)
+            else:
+                ax.plot(steps, values, "-" if key == "lr" else "o-", label=key)
+            if default_recipe and key in GPT2_124M:
+                ax.axhline(GPT2_124M[key], color="gray", linestyle="--", label="OpenAI GPT-2 124M")
+        ax.set(xlabel="step", ylabel=title, title=title)
         ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle(args.out_dir)
@@ -2653,6 +2555,4 @@ def plot(args):
 
 
 if __name__ == "__main__":
-    main()  # done, every file closed: no interpreter shutdown, in which gloo's threads (kept by FSDP) can abort it
-    sys.stdout.flush()
-    os._exit(0)
+    main()
