@@ -2139,7 +2139,7 @@ BAD_TRAIN_INPUTS = {  # name: (arguments given the user's files u and a scratch 
         lambda u, t: ["--temperature", -1, "--init_from", u["base"]],
         ["--temperature"],
     ),
-    "top_p 0": (lambda u, t: ["--top_p", 0, "--init_from", u["base"]], ["--top_p", "(0, 1]"]),
+    "top_p 0": (lambda u, t: ["--top_p", 0, "--init_from", u["base"]], ["--top_p", "> 0 and <= 1"]),
     "top_k -5": (lambda u, t: ["--top_k", -5, "--init_from", u["base"]], ["--top_k"]),
     "max_new_tokens -3": (
         lambda u, t: ["--max_new_tokens", -3, "--init_from", u["base"]],
@@ -2613,7 +2613,8 @@ train_gpt2.main(["--mode", "pretrain", *{[str(a) for a in TINY]!r}, "--data_dir"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for platform, compile in (("win32", 0), ("linux", 1)):
         monkeypatch.setattr(sys, "platform", platform)
-        assert tg.parse_args(["--mode", "pretrain"]).compile == compile
+        args = ["--mode", "pretrain", "--data_dir", str(tmp_path / "data")]
+        assert tg.parse_args(args).compile == compile
 
 
 def test_wandb_without_a_login_is_refused_before_step_1(shakespeare, tmp_path):
@@ -3303,12 +3304,15 @@ def test_loss_counts_answer_tokens_only_and_ignores_padding(sft_data):
     x, y = loader.batch([0, 1, 2])
     with torch.no_grad():
         _, loss = model(x, y)
-        # by hand: every example alone, unpadded, cross-entropy at its answer positions only
+        # by hand, from the files: every example alone, unpadded, cross-entropy at its answers only
+        files = {
+            name: np.load(sft_data / f"train_{name}.npy") for name in ("tokens", "mask", "offsets")
+        }
         total, count = 0.0, 0
         for i in range(3):
-            start, end = loader.offsets[i], loader.offsets[i + 1]
-            tokens = torch.tensor(loader.tokens[start:end].astype(np.int64))
-            answer = torch.tensor(loader.mask[start + 1 : end].astype(bool))
+            start, end = files["offsets"][i], files["offsets"][i + 1]
+            tokens = torch.tensor(files["tokens"][start:end].astype(np.int64))
+            answer = torch.tensor(files["mask"][start + 1 : end].astype(bool))
             logits, _ = model(tokens[None, :-1])
             log_probs = logits[0].log_softmax(-1)[torch.arange(len(tokens) - 1), tokens[1:]]
             total -= log_probs[answer].sum().item()
@@ -3642,9 +3646,10 @@ def test_hellaswag_scores_match_transformers_and_a_plain_loop(hellaswag_file, tm
     model = tg.GPT.from_pretrained(str(tmp_path)).eval()
     enc = tg.get_tokenizer()
     items = tg.load_hellaswag(hellaswag_file)
-    sums, means = tg.score_endings(
-        model, enc, items, torch.float32, max_batch_tokens=1000
-    )  # several batches, padded
+    # each item's 4 endings in one batch, padded to the longest
+    scores = [tg.score_item(model, enc, item, torch.float32) for item in items]
+    sums = torch.stack([item_sums for item_sums, _ in scores])
+    means = torch.stack([item_sums / lengths for item_sums, lengths in scores])
     by_hand = []
     with torch.no_grad():
         for i, item in enumerate(items):

@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils.rnn import pad_sequence
 
 # -----------------------------------------------------------------------------
 # The model, and its generation with a KV cache: one unit, to copy whole into a project
@@ -279,7 +280,7 @@ class GPT(nn.Module):
         return torch.cat([input_ids] + new_tokens, dim=1)
 
     @classmethod
-    def from_pretrained(cls, name_or_path, padded_vocab_size=None):
+    def from_pretrained(cls, name_or_path, padded_vocab_size=0):
         """OpenAI's GPT-2 ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", from the Hugging Face
         hub) or a Hugging Face GPT-2 folder. padded_vocab_size=50304: to train it at speed."""
         from transformers import GPT2LMHeadModel
@@ -292,7 +293,7 @@ class GPT(nn.Module):
         config = GPTConfig(
             block_size=hf.n_positions,
             vocab_size=hf.vocab_size,
-            padded_vocab_size=max(padded_vocab_size or 0, hf.vocab_size),
+            padded_vocab_size=max(padded_vocab_size, hf.vocab_size),
             n_layer=hf.n_layer,
             n_head=hf.n_head,
             n_embd=hf.n_embd,
@@ -383,6 +384,11 @@ class PretrainLoader:
         # Memory-mapped: the OS reads in the pages a window touches, nothing more.
         self.shards = [np.load(path, mmap_mode="r") for path in self.names]
         self.total_tokens = sum(len(shard) for shard in self.shards)
+        if split == "val" and self.total_tokens - 1 < self.B * self.T:  # found now, not at step 250
+            raise UserError(
+                f"the val split of {data_dir} ({self.total_tokens:,} tokens) is shorter than one "
+                f"batch of {self.B} x {self.T}: lower --batch_size (or --block_size)"
+            )
         # On resume, the data must be the same: its shard list, and each shard's first 32 KB.
         heads = [hashlib.sha256(shard[: 1 << 15]).hexdigest() for shard in self.shards]
         self.fingerprint = [meta["splits"][split], heads]
@@ -453,7 +459,7 @@ class PretrainLoader:
         return self.window(i * self.B * self.T)  # the split's i-th batch from its start
 
     def state_dict(self):
-        return {"epoch": self.epoch, "position": self.position, "data": self.fingerprint}
+        return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state):
         self.set_epoch(state["epoch"])
@@ -520,8 +526,8 @@ def keep_freed_memory():
 
 
 def setup_distributed(device):
-    """This process's rank, local_rank (its GPU on this node), world_size and device. Under
-    torchrun it joins the process group: NCCL between GPUs, gloo between CPU processes."""
+    """The device this process computes on. Under torchrun it joins the process group: NCCL
+    between GPUs (one per process), gloo between CPU processes."""
     if device == "auto":
         device = "cpu"
         if torch.cuda.is_available():
@@ -534,18 +540,23 @@ def setup_distributed(device):
         # float32 matmuls in TF32 (A100 and later): several times faster, precise enough to train.
         torch.set_float32_matmul_precision("high")
     if "LOCAL_RANK" not in os.environ:  # a single process, not started by torchrun
-        return 0, 0, 1, device
-    rank = int(os.environ["RANK"])  # over all nodes
-    local_rank = int(os.environ["LOCAL_RANK"])  # on this node: which GPU
-    world_size = int(os.environ["WORLD_SIZE"])
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        # Before NCCL starts, or every rank would open its communicator on GPU 0.
-        torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl", device_id=torch.device(device))
-    else:
+        return device
+    if not device.startswith("cuda"):
         torch.distributed.init_process_group("gloo")
-    return rank, local_rank, world_size, device
+        return device
+    # LOCAL_RANK: this process's GPU on its node (RANK counts over all nodes).
+    device = f"cuda:{os.environ['LOCAL_RANK']}"
+    # Before NCCL starts, or every rank would open its communicator on GPU 0.
+    torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl", device_id=torch.device(device))
+    return device
+
+
+def rank_and_world_size():
+    """This process's rank, and how many there are: 0 and 1 without torchrun."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def is_master():
@@ -574,9 +585,7 @@ def forward_backward(model, micro_batches, dtype, scaler, stop=False):
     counts = torch.stack([(y != -100).sum() for _, y in micro_batches]).float()
     stop_flag = torch.tensor(float(stop), device=counts.device)
     totals = all_reduce_sum(torch.stack([counts.sum(), stop_flag]))  # targets, ranks stopping
-    world_size = 1
-    if torch.distributed.is_initialized():
-        world_size = torch.distributed.get_world_size()
+    _, world_size = rank_and_world_size()
     loss_sum = torch.zeros((), device=counts.device)
     for i, (x, y) in enumerate(micro_batches):
         # The ranks average their gradients once, at the last micro-step.
@@ -592,6 +601,20 @@ def forward_backward(model, micro_batches, dtype, scaler, stop=False):
         loss_sum += loss.detach().float() * weight / world_size
     loss = all_reduce_sum(loss_sum).item()
     return loss, bool(totals[1] > 0)
+
+
+def parallelize(model, dtype, args):
+    """The model as a training step runs it: sharded with --fsdp 1 (appendix), else compiled and,
+    under torchrun, wrapped in DDP: a whole copy on every GPU, their gradients averaged."""
+    if args.fsdp or args.activation_checkpointing:
+        wrap_blocks(model, dtype, args)  # (appendix) FSDP compiles each block as it shards it
+    if args.fsdp:
+        return model
+    if args.compile:
+        model = torch.compile(model)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        model = DistributedDataParallel(model)  # on the GPU set_device chose, if any
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -629,7 +652,17 @@ def model_to_train(args):
     resume, a new model, or a trained one (OpenAI's, a Hugging Face folder, a .pt of ours)."""
     if args.init_from == "resume":
         return load_run_to_resume(args)  # (appendix) checked against the flags given now
-    refuse_earlier_run(args.out_dir)  # (appendix) a new run never writes over another
+    # A new run never writes over another.
+    if os.path.exists(os.path.join(args.out_dir, "ckpt.pt")):
+        raise UserError(
+            f"{args.out_dir} already holds a checkpoint of an earlier run: continue it with "
+            "--init_from resume, or choose another --out_dir"
+        )
+    if os.path.exists(os.path.join(args.out_dir, "log.jsonl")):
+        raise UserError(
+            f"{args.out_dir} already holds the log of an earlier run, which saved no checkpoint: "
+            "move its log.jsonl away to start again there, or choose another --out_dir"
+        )
     if args.init_from == "scratch":
         return GPT(new_model_config(args)), None
     model, _ = load_model(args.init_from, padded_vocab_size=50304)  # (appendix)
@@ -684,17 +717,13 @@ def save_checkpoint(path, raw_model, optimizer, state):
 
 
 def resume_training(checkpoint, model, optimizer, scaler, train_loader):
-    """Put a run back where its checkpoint left it (the weights are in place already): AdamW's
-    moments, float16's scaler, the data's position, the random state. Returns the step."""
+    """AdamW's moments, float16's scaler and the data's position, as the checkpoint saved them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True)
     set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=options)
     scaler.load_state_dict(checkpoint["scaler"])
     train_loader.load_state_dict(checkpoint["loader"])  # no batch twice, none skipped
-    torch.set_rng_state(checkpoint["rng"]["cpu"])
-    if checkpoint["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
     return checkpoint["step"]
 
 
@@ -769,15 +798,15 @@ def show_samples(model, enc, prompt, n, dtype):
 
 def train(args):
     """--mode pretrain, and --mode finetune."""
-    rank, local_rank, world_size, device = setup_distributed(args.device)
+    device = setup_distributed(args.device)
+    rank, world_size = rank_and_world_size()
     dtype = pick_dtype(device, args.dtype)
     torch.manual_seed(args.seed)  # the same seed on every rank: the same fresh weights everywhere
 
     # What can refuse the run is checked now, before --out_dir is touched, not after hours of steps.
-    model, checkpoint = model_to_train(args)
-    model.to(device)
-    block_size = model.config.block_size
-    meta = check_data(args.data_dir, args.mode, args.batch_size, block_size)  # (appendix)
+    raw_model, checkpoint = model_to_train(args)  # raw: not wrapped for speed, as it is saved
+    raw_model.to(device)
+    block_size = raw_model.config.block_size
     Loader = PretrainLoader
     if args.mode == "finetune":
         Loader = InstructionLoader  # (appendix) instruction examples, the loss on the answers
@@ -793,7 +822,7 @@ def train(args):
     if args.mode == "pretrain":
         per_micro_step *= block_size
     if args.total_batch_size % per_micro_step != 0:
-        raise UserError(total_batch_size_error(args, per_micro_step))  # (appendix) what would fit
+        raise UserError(total_batch_size_error(args, per_micro_step))  # (appendix) what fits
     grad_accum = args.total_batch_size // per_micro_step  # micro-steps per step on each rank
     steps_per_epoch = train_loader.steps_per_epoch(grad_accum)
     if steps_per_epoch == 0:
@@ -807,37 +836,30 @@ def train(args):
     if args.mode == "pretrain" and args.hellaswag:
         hellaswag = load_hellaswag(args.hellaswag_path, args.hellaswag_limit)  # (appendix)
     enc = get_tokenizer()
-    template = meta.get("prompt_template")  # fine-tuning's: chat and sample wrap prompts in it
+    template = None  # fine-tuning's prompt template: sample and chat wrap a prompt in it
+    if args.mode == "finetune":
+        template = train_loader.template
     prompt, prompt_text = sample_prompt(args.prompt, enc, val_loader, template)
 
-    # The run: FSDP replaces the parameters, so it comes before the optimizer.
-    if args.fsdp or args.activation_checkpointing:
-        wrap_blocks(model, dtype, args)  # (appendix)
-    optimizer = configure_optimizer(model, args.weight_decay, args.max_lr)
+    # The run. The optimizer comes after FSDP, which replaces the parameters.
+    model = parallelize(raw_model, dtype, args)
+    optimizer = configure_optimizer(raw_model, args.weight_decay, args.max_lr)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
     step = 0
     if checkpoint is not None:
-        check_resume(checkpoint, train_loader, max_steps, args)  # (appendix) the same data?
-        step = resume_training(checkpoint, model, optimizer, scaler, train_loader)
+        check_resume(checkpoint, [train_loader, val_loader], max_steps, args)  # (appendix)
+        step = resume_training(checkpoint, raw_model, optimizer, scaler, train_loader)
     start_step = step
-    raw_model = model  # what is saved, sampled and measured
-    if args.compile and not args.fsdp:  # FSDP compiled each block as it sharded it
-        model = torch.compile(model)
-    if world_size > 1 and not args.fsdp:
-        # DDP: a whole copy on every GPU, the gradients averaged over them.
-        device_ids = None
-        if device.startswith("cuda"):
-            device_ids = [local_rank]
-        model = DistributedDataParallel(model, device_ids=device_ids)
     n_params = sum(p.numel() for p in raw_model.parameters())
     print0(
         f"{args.mode}: {n_params:,} parameters, {world_size} process(es) on {device}, "
         f"{grad_accum} micro-steps of {args.batch_size} a step, {max_steps} steps "
         f"({steps_per_epoch} an epoch)"
     )
-    # MFU: the FLOPs of a step's tokens against the GPUs' peak (None on a CPU or an unknown GPU)
-    peak = peak_flops(device)  # (appendix)
-    model_flops = flops_per_token(raw_model)  # (appendix)
+    # MFU: the FLOPs of a step's tokens against the GPUs' peak (None for an unknown GPU)
+    peak = None
+    if device.startswith("cuda"):
+        peak = peak_flops(device)  # (appendix)
     max_norm = math.inf  # --grad_clip 0: the norm is measured, not clipped
     if args.grad_clip > 0:
         max_norm = args.grad_clip
@@ -860,14 +882,12 @@ def train(args):
             state = {
                 "step": step,
                 "loader": train_loader.state_dict(),
+                "data": [train_loader.fingerprint, val_loader.fingerprint],
                 "scaler": scaler.state_dict(),
-                "rng": {"cpu": torch.get_rng_state(), "cuda": None},
                 "args": vars(args),
                 "prompt_template": template,
                 "wandb_id": getattr(tracker, "id", None),
             }
-            if device.startswith("cuda"):
-                state["rng"]["cuda"] = torch.cuda.get_rng_state()
 
             if step > start_step and (step % args.eval_interval == 0 or step == max_steps):
                 model.eval()
@@ -933,7 +953,7 @@ def train(args):
                 f"norm {grad_norm:.3f} | {1000 * dt:.0f} ms | {tokens / dt:,.0f} tok/s"
             )
             if peak is not None:
-                entry["mfu"] = model_flops * tokens / dt / (peak * world_size)
+                entry["mfu"] = flops_per_token(raw_model) * tokens / dt / (peak * world_size)
                 line += f" | MFU {100 * entry['mfu']:.1f}%"
             line += f" | ETA {int(eta) // 60}m{int(eta) % 60:02d}s"
             log(log_path, entry, line, tracker)
@@ -981,8 +1001,9 @@ def stream_text(model, enc, tokens, args, generator=None):
 
 
 def sample(args):
-    """--mode sample: continue each --prompt (a fine-tuned model answers it)."""
-    _, _, _, device = setup_distributed(args.device)  # one process: sampling needs no torchrun
+    """--mode sample: continue each --prompt, --num_samples times, printed as it is generated (a
+    fine-tuned model answers the prompt instead)."""
+    device = setup_distributed(args.device)  # one process: sampling needs no torchrun
     model, template = load_model(args.init_from)  # (appendix) a .pt, a run folder, HF, OpenAI's
     model.to(device)
     model.eval()
@@ -990,63 +1011,71 @@ def sample(args):
     generator = None  # fresh samples every time, unless --seed is given
     if args.seed is not None:
         generator = torch.Generator(device).manual_seed(args.seed)
-    if len(args.prompt) > 1 or args.num_samples > 1:
-        sample_batch(model, enc, template, args, generator)  # (appendix) as one batch
-        return
-    # One answer, streamed as it comes. A continuation goes on on the prompt's line.
-    tokens = encode_prompt(enc, args.prompt[0], template)
-    if template is None:
-        print(args.prompt[0], end="", flush=True)
-    else:
-        print(args.prompt[0])
-    stream_text(model, enc, tokens, args, generator)
+    several = len(args.prompt) > 1 or args.num_samples > 1
+    for i, prompt in enumerate(args.prompt):
+        tokens = encode_prompt(enc, prompt, template)
+        for j in range(args.num_samples):
+            if several:
+                print(f"--- sample {j + 1} of prompt {i + 1}")
+            if template is None:
+                print(prompt, end="", flush=True)  # the continuation goes on on its line
+            else:
+                print(prompt)  # the instruction, then its answer
+            stream_text(model, enc, tokens, args, generator)
 
 
 # -----------------------------------------------------------------------------
-# The command line: --mode says what to do, and which flags there are
+# The command line: --mode says what to do (its flags: the appendix's first section)
+
+
+def main(argv=None):
+    if argv is None:
+        argv = sys.argv[1:]
+    args = parse_args(argv)  # (appendix) --mode and its flags, checked
+    modes = {"pretrain": train, "finetune": train, "sample": sample, "chat": chat}
+    modes.update({"eval": evaluate, "export": export, "bench": bench, "plot": plot})
+    try:
+        modes[args.mode](args)
+    except (UserError, OSError, torch.OutOfMemoryError) as e:
+        # What the user can fix is one line, wherever it strikes; a bug keeps its traceback.
+        message = one_line(e, args)  # (appendix)
+        if message is None:
+            raise
+        exit_with(args, f"error: {message}", 1)  # (appendix)
+    except KeyboardInterrupt:  # Ctrl-C (training handles the first one itself, and saves)
+        exit_with(args, "interrupted", 130)  # the shell's code for "killed by SIGINT"
+    if torch.distributed.is_initialized():
+        end_process_group(args)  # (appendix)
+
+
+# =============================================================================
+# APPENDIX. The lecture ends here: what follows does not teach GPT-2. First the command line
+# and the guards that keep a user's work safe, then fine-tuning and FSDP, then the other modes:
+# eval, chat, export, bench, plot.
+# =============================================================================
+
+
+# -----------------------------------------------------------------------------
+# The command line: every mode's flags, each with one default and a help line, checked as they
+# are given. A mistake is one line that points to the fix, with exit status 2 (1: any other error).
 
 MODES = ("pretrain", "finetune", "sample", "chat", "eval", "export", "bench", "plot")
 
-# Where the other modes' defaults differ from pretraining's (the first default of each flag below)
-MODE_DEFAULTS = {
-    "finetune": dict(
-        init_from="gpt2",
-        data_dir="data/alpaca",
-        out_dir="out/finetune",
-        batch_size=8,
-        total_batch_size=32,  # examples
-        max_lr=2e-5,  # a small LR: fine-tuning adjusts a trained model
-        warmup_steps=100,
-        epochs=2,
-        eval_interval=200,
-        val_steps=50,
-        ckpt_interval=1000,
-    ),
-    "sample": dict(seed=None),
-    "chat": dict(init_from="out/finetune", max_new_tokens=256, seed=None),
-    # eval: a run's own data and batches, else none; HellaSwag in both published conventions
-    "eval": dict(data_dir=None, out_dir="out/eval", batch_size=16, hellaswag=1),
-    "export": dict(init_from=None, out_dir=None),  # both must be given
-    "bench": dict(block_size=1024),
-}
+
+TRAIN = ("pretrain", "finetune")
 
 
 def number(kind, low, high=None, above=False):
-    """An argparse type: a number of that kind from low (or above it) up to high, so that a value
-    out of its domain (--max_steps -1) is refused as it is given."""
-    domain = f">= {low:g}"
-    if above:
-        domain = f"> {low:g}"
+    """An argparse type: a number of that kind, at least low (above: more than low), at most high,
+    so that a value out of its domain (--max_steps -1) is refused as it is given."""
+    domain = f"{'>' if above else '>='} {low:g}"
     if high is not None:
-        domain = f"in [{low:g}, {high:g}]"
-        if above:
-            domain = f"in ({low:g}, {high:g}]"
+        domain += f" and <= {high}"
 
     def parse(text):
         value = kind(text)  # argparse reports a ValueError as "invalid value"
-        low_ok = value > low or (value == low and not above)
-        high_ok = high is None or value <= high
-        if not (math.isfinite(value) and low_ok and high_ok):
+        too_low = value < low or (above and value == low)
+        if too_low or not math.isfinite(value) or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {domain}")
         return value
 
@@ -1055,353 +1084,246 @@ def number(kind, low, high=None, above=False):
 
 def device_flag(text):
     """An argparse type: auto, or a device this machine has (--device cuda without a GPU is refused)."""
-    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    devices = ["auto", "cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.cuda.is_available():
+        devices.append("cuda")
     if torch.backends.mps.is_available():
         devices.append("mps")
-    name = text
-    if text == "cuda":
-        name = "cuda:0"
-    if text != "auto" and name not in devices:
+    if text not in devices:
+        gpus = torch.cuda.device_count()
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a device this machine has ({torch.cuda.device_count()} CUDA GPUs): "
-            f"use auto or one of {', '.join(devices)}"
+            f"{text!r} is not a device this machine has ({gpus} CUDA GPUs): use {', '.join(devices)}"
         )
     return text
 
 
-def build_parser(mode):
-    """--mode and the flags of that mode, each with one default and a help line true for it."""
-    p = Parser(
-        prog="train_gpt2.py",
-        description=f"GPT-2, --mode {mode}: the flags below. --mode MODE --help: another mode's.",
-        formatter_class=HelpFormatter,
-        allow_abbrev=False,  # --max_l is a mistake, not --max_lr
-    )
-    add = p.add_argument
-    training = mode in ("pretrain", "finetune")
+def flags():
+    """Every flag: the modes that take it, its default there, its type (a list: its choices), and
+    a help line true for those modes."""
     count = number(int, 1)
-    add("--mode", default="sample", choices=MODES, help="what to do")
-    if training:
-        add(
-            "--init_from",
-            default="scratch",
-            help="scratch (a new model) | resume (the run in "
-            "--out_dir) | gpt2, gpt2-medium, gpt2-large, gpt2-xl | a .pt | a run or HF GPT-2 folder",
-        )
-    elif mode not in ("bench", "plot"):
-        add(
-            "--init_from",
-            default="gpt2",
-            help="gpt2, gpt2-medium, gpt2-large, gpt2-xl | a .pt | "
-            "a run folder (holding ckpt.pt) | a Hugging Face GPT-2 folder",
-        )
-    if training or mode == "eval":
-        add("--data_dir", default="data/fineweb_edu_10B", help="a folder made by prepare_data.py")
-    if training or mode == "plot":
-        add("--out_dir", default="out/pretrain", help="the run's folder: ckpt.pt, log.jsonl")
-    elif mode == "eval":
-        add("--out_dir", help="where eval.json is written")
-    elif mode == "export":
-        add("--out_dir", help="a new, empty folder for the Hugging Face files")
-    if mode not in ("export", "plot"):
-        add(
+    count0 = number(int, 0)
+    seed = number(int, 0, 2**32 - 1)
+    positive = number(float, 0, above=True)
+    switch = [0, 1]
+    # torch.compile needs Triton: Linux with a GPU (Windows has no Triton by default).
+    compile_default = int(torch.cuda.is_available() and sys.platform != "win32")
+    models = "gpt2, gpt2-medium, gpt2-large, gpt2-xl | a .pt | a run or Hugging Face GPT-2 folder"
+    run_dir = "the run's folder: ckpt.pt, log.jsonl"
+    return [
+        ("--init_from", "pretrain", "scratch", str, f"scratch | resume (--out_dir's) | {models}"),
+        ("--init_from", "finetune", "gpt2", str, f"resume (--out_dir's) | {models}"),
+        ("--init_from", "sample eval export", "gpt2", str, models),
+        ("--init_from", "chat", "out/finetune", str, "a fine-tuned model: a .pt, run or export"),
+        ("--data_dir", "pretrain", "data/fineweb_edu_10B", str, "made by prepare_data.py"),
+        ("--data_dir", "finetune", "data/alpaca", str, "made by prepare_data.py --sft"),
+        ("--data_dir", "eval", None, str, "for the val loss (default: a run's own data)"),
+        ("--out_dir", "pretrain", "out/pretrain", str, run_dir),
+        ("--out_dir", "finetune", "out/finetune", str, run_dir),
+        ("--out_dir", "eval", "out/eval", str, "where eval.json is written"),
+        ("--out_dir", "export", None, str, "a new, empty folder for the Hugging Face files"),
+        ("--out_dir", "plot", "out/pretrain", str, "a run's folder: log.jsonl -> plot.png"),
+        (
             "--device",
-            default="auto",
-            type=device_flag,
-            help="auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps",
-        )
-        add(
+            "pretrain finetune sample chat eval bench",
+            "auto",
+            device_flag,
+            "auto (cuda, else mps, else cpu) | cuda:N",
+        ),
+        (
             "--dtype",
-            default="auto",
-            choices=["auto", "bfloat16", "float16", "float32"],
-            help="the matmuls' precision (auto: bfloat16 on recent GPUs, float32 on CPUs)",
-        )
-    if training or mode == "bench":
-        add("--seed", default=1337, type=int, help="initial weights and data order")
-    elif mode in ("sample", "chat"):
-        add("--seed", type=int, help="sampling's random numbers (default: new ones each time)")
-    if mode in ("pretrain", "bench"):
-        add("--model", default="gpt2", choices=list(PRESETS), help="a new model's size")
-        add("--n_layer", type=count, help="transformer blocks, instead of --model's")
-        add("--n_head", type=count, help="attention heads, instead of --model's")
-        add("--n_embd", type=count, help="the width, instead of --model's")
-    if training or mode in ("eval", "bench"):
-        add("--batch_size", default=64, type=count, help="sequences per micro-batch, per GPU")
-    if training:
-        add(
+            "pretrain finetune sample chat eval bench",
+            "auto",
+            ["auto", "bfloat16", "float16", "float32"],
+            "of the matmuls",
+        ),
+        (
+            "--seed",
+            "pretrain finetune bench",
+            1337,
+            seed,
+            "of the initial weights and the data order",
+        ),
+        ("--seed", "sample chat", None, seed, "of the sampling (default: new samples)"),
+        (
+            "--model",
+            "pretrain bench",
+            "gpt2",
+            ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"],
+            "size",
+        ),
+        ("--n_layer", "pretrain bench", None, count, "blocks, instead of --model's"),
+        ("--n_head", "pretrain bench", None, count, "heads, instead of --model's"),
+        ("--n_embd", "pretrain bench", None, count, "width, instead of --model's"),
+        ("--batch_size", "pretrain bench", 64, count, "sequences a micro-step, per GPU"),
+        ("--batch_size", "finetune", 8, count, "examples a micro-step, per GPU"),
+        ("--batch_size", "eval", 16, count, "sequences a batch (default: a run's own)"),
+        (
             "--block_size",
-            type=count,
-            help="sequence length (default: 1024 for a new model, else the model's own)",
-        )
-    if mode == "bench":
-        add("--block_size", type=count, help="sequence length")
-    if training or mode == "bench":
-        # torch.compile needs Triton: Linux with a GPU (Windows has no Triton by default)
-        compile_default = int(torch.cuda.is_available() and sys.platform != "win32")
-        add(
+            "pretrain finetune",
+            None,
+            count,
+            "sequence length (default: 1024, or the model's)",
+        ),
+        ("--block_size", "bench", 1024, count, "sequence length"),
+        (
             "--compile",
-            default=compile_default,
-            type=int,
-            choices=[0, 1],
-            help="1: torch.compile the model",
-        )
-    if training or mode == "eval":
-        add("--val_steps", default=160, type=count, help="val batches per evaluation, all GPUs")
-    if training:
-        add(
-            "--total_batch_size",
-            default=524288,
-            type=count,
-            help="a step's tokens (finetune: examples), all GPUs and micro-steps",
-        )
-        add("--max_lr", default=6e-4, type=number(float, 0, above=True), help="peak learning rate")
-        add(
+            "pretrain finetune bench",
+            compile_default,
+            switch,
+            "1: torch.compile the model",
+        ),
+        ("--val_steps", "pretrain", 160, count, "val batches an evaluation, all GPUs"),
+        ("--val_steps", "finetune", 50, count, "val batches an evaluation, all GPUs"),
+        ("--val_steps", "eval", 160, count, "val batches (default: a run's own)"),
+        ("--total_batch_size", "pretrain", 524288, count, "tokens a step, all GPUs"),
+        ("--total_batch_size", "finetune", 32, count, "examples a step, all GPUs"),
+        ("--max_lr", "pretrain", 6e-4, positive, "the peak learning rate"),
+        ("--max_lr", "finetune", 2e-5, positive, "the peak learning rate"),
+        (
             "--min_lr_ratio",
-            default=0.1,
-            type=number(float, 0, 1),
-            help="the learning rate decays to max_lr x this",
-        )
-        add("--warmup_steps", default=715, type=number(int, 0), help="steps of warmup to max_lr")
-        add(
-            "--max_steps", type=count, help="optimizer steps (default: --epochs of the train split)"
-        )
-        add(
-            "--epochs",
-            default=1,
-            type=count,
-            help="passes over the train split, without --max_steps",
-        )
-        add("--weight_decay", default=0.1, type=number(float, 0), help="AdamW's, on matrices only")
-        add(
+            "pretrain finetune",
+            0.1,
+            number(float, 0, 1),
+            "the LR decays to max_lr x this",
+        ),
+        ("--warmup_steps", "pretrain", 715, count0, "steps of linear warmup to max_lr"),
+        ("--warmup_steps", "finetune", 100, count0, "steps of linear warmup to max_lr"),
+        (
+            "--max_steps",
+            "pretrain finetune",
+            None,
+            count,
+            "optimizer steps (default: --epochs of the data)",
+        ),
+        ("--epochs", "pretrain", 1, count, "passes over the data, without --max_steps"),
+        ("--epochs", "finetune", 2, count, "passes over the data, without --max_steps"),
+        ("--weight_decay", "pretrain finetune", 0.1, number(float, 0), "AdamW's, on matrices only"),
+        (
             "--grad_clip",
-            default=1.0,
-            type=number(float, 0),
-            help="clip the gradients' global norm to this; 0: no clipping",
-        )
-        add("--eval_interval", default=250, type=count, help="steps between evaluations")
-        add("--eval_samples", default=4, type=number(int, 0), help="samples at each evaluation")
-        add(
+            "pretrain finetune",
+            1.0,
+            number(float, 0),
+            "the gradients' largest norm; 0: any",
+        ),
+        ("--eval_interval", "pretrain", 250, count, "steps between evaluations"),
+        ("--eval_interval", "finetune", 200, count, "steps between evaluations"),
+        ("--eval_samples", "pretrain finetune", 4, count0, "samples at each evaluation"),
+        (
             "--prompt",
-            help="what they continue (default: the val split's start; finetune: an instruction)",
-        )
-        add(
-            "--ckpt_interval",
-            default=5000,
-            type=count,
-            help="steps between checkpoints (and one at the end)",
-        )
-    if mode in ("sample", "chat"):
-        add("--max_new_tokens", default=64, type=number(int, 0), help="tokens generated at most")
+            "pretrain finetune",
+            None,
+            str,
+            "what they continue (default: the val split's start)",
+        ),
+        ("--ckpt_interval", "pretrain", 5000, count, "steps between checkpoints, and the end"),
+        ("--ckpt_interval", "finetune", 1000, count, "steps between checkpoints, and the end"),
+        (
+            "--prompt",
+            "sample",
+            None,
+            "append",
+            "again for more (default: Hello, I'm a language model,)",
+        ),
+        ("--num_samples", "sample", 1, count, "samples of each prompt"),
+        ("--max_new_tokens", "sample", 64, count0, "tokens generated at most"),
+        ("--max_new_tokens", "chat", 256, count0, "tokens generated at most"),
         # nanoGPT's defaults: a small model at temperature 1 drifts into noise.
-        add(
-            "--temperature",
-            default=0.8,
-            type=number(float, 0),
-            help="0 is greedy; below 1 sharpens the distribution",
-        )
-        add(
-            "--top_k", default=200, type=number(int, 0), help="sample among the k likeliest; 0: all"
-        )
-        add(
-            "--top_p",
-            default=1.0,
-            type=number(float, 0, 1, above=True),
-            help="among the likeliest tokens that reach this probability",
-        )
-    if mode == "sample":
-        add(
-            "--prompt",
-            action="append",
-            help='repeat for several prompts (default: "Hello, I\'m a language model,")',
-        )
-        add("--num_samples", default=1, type=count, help="samples per prompt")
-    add_appendix_flags(add, mode)  # (appendix) FSDP, wandb, HellaSwag, bench
-    p.set_defaults(**MODE_DEFAULTS.get(mode, {}))
-    return p
+        ("--temperature", "sample chat", 0.8, number(float, 0), "0: greedy; < 1: sharper"),
+        ("--top_k", "sample chat", 200, count0, "sample among the k likeliest; 0: all"),
+        ("--top_p", "sample chat", 1.0, number(float, 0, 1, above=True), "nucleus sampling"),
+        ("--fsdp", "pretrain finetune bench", 0, switch, "1: shard over the GPUs (FSDP2)"),
+        (
+            "--activation_checkpointing",
+            "pretrain finetune bench",
+            0,
+            switch,
+            "1: less memory, slower",
+        ),
+        (
+            "--wandb_project",
+            "pretrain finetune",
+            None,
+            str,
+            "also log to Weights & Biases (pip install wandb)",
+        ),
+        ("--hellaswag", "pretrain", 0, switch, "1: score HellaSwag at each evaluation"),
+        ("--hellaswag", "eval", 1, switch, "1: score HellaSwag"),
+        ("--hellaswag_path", "pretrain eval", "data/hellaswag/hellaswag_val.jsonl", str, ""),
+        (
+            "--hellaswag_limit",
+            "pretrain eval",
+            None,
+            count,
+            "its first N items (default: all)",
+        ),
+        ("--bench_steps", "bench", 20, count, "training steps"),
+        ("--bench_warmup", "bench", 5, count0, "of them, the first ones not timed (compiling)"),
+    ]
 
 
 def parse_args(argv):
-    """--mode, then that mode's flags. Resuming, a run's own flags are the defaults."""
-    first = Parser(add_help=False)  # (appendix) argparse, with one-line errors
+    """--mode, then that mode's flags. Resuming, the run's own flags are the defaults."""
+    first = Parser(add_help=False)
+    first.mode = "sample"
     first.add_argument("--mode", default="sample", choices=MODES)
     mode = first.parse_known_args(argv)[0].mode
-    p = build_parser(mode)
+    p = Parser(
+        prog="train_gpt2.py",
+        description=f"GPT-2, --mode {mode}: its flags. Another mode's: --mode MODE --help",
+        formatter_class=HelpFormatter,
+        allow_abbrev=False,  # --max_l is a mistake, not --max_lr
+    )
+    p.mode = mode
+    p.add_argument("--mode", default="sample", choices=MODES, help="what to do")
+    for name, modes, default, kind, text in flags():
+        if mode not in modes.split():
+            continue
+        if kind == "append":
+            p.add_argument(name, action="append", help=text)
+        elif isinstance(kind, list):
+            p.add_argument(name, default=default, type=type(kind[0]), choices=kind, help=text)
+        else:
+            p.add_argument(name, default=default, type=kind, help=text)
     args = p.parse_args(argv)
-    if args.mode in ("pretrain", "finetune") and args.init_from == "resume":
-        p.set_defaults(**saved_args(args.out_dir))  # (appendix)
+    if mode in TRAIN and args.init_from == "resume":
+        p.set_defaults(**saved_args(args.out_dir))
         args = p.parse_args(argv)
-    if args.mode == "eval":
-        # A run's val loss is measured on its own data and batches, so that it equals the logged one.
+    if mode == "eval":
+        # A run's val loss is measured on its own data and batches: it equals the one it logged.
         p.set_defaults(**saved_args(args.init_from, ("data_dir", "batch_size", "val_steps")))
         args = p.parse_args(argv)
-    if args.mode == "sample" and args.prompt is None:
+    if mode == "sample" and args.prompt is None:
         args.prompt = ["Hello, I'm a language model,"]
-    check_args(p, args)  # (appendix) what no single flag can check
+    check_args(p, args)
     return args
-
-
-def main(argv=None):
-    if argv is None:
-        argv = sys.argv[1:]
-    args = parse_args(argv)
-    modes = {"pretrain": train, "finetune": train, "sample": sample, "chat": chat}
-    modes.update({"eval": evaluate, "export": export, "bench": bench, "plot": plot})
-    try:
-        modes[args.mode](args)
-    except (UserError, OSError, torch.OutOfMemoryError) as e:
-        message = one_line(e, args)  # (appendix) what the user can fix, wherever it strikes
-        if message is None:
-            raise  # a bug keeps its traceback
-        end_processes(args, f"error: {message}")  # (appendix)
-    except KeyboardInterrupt:  # Ctrl-C (training handles the first one itself, and saves)
-        end_processes(args, "interrupted", code=130)  # the shell's code for "killed by SIGINT"
-    end_processes(args)
-
-
-# =============================================================================
-# APPENDIX. The lecture ends here: what follows does not teach GPT-2. First the rest of what a
-# training run needs (the guards that keep a user's work safe, fine-tuning, FSDP), then the other
-# modes: eval, chat, export, bench, plot.
-# =============================================================================
-
-
-# -----------------------------------------------------------------------------
-# The guards of a run: its flags, the files it reads, the folder it writes, its stop. What a user
-# gives is checked once, where it enters, before step 1 and before any output is touched; what
-# fails says what to do in one line. Exit status 2: the command line is wrong; 1: anything else.
-
-try:
-    import fcntl  # the lock on a run's folder (POSIX)
-except ImportError:  # Windows: runs are not locked
-    fcntl = None
-
-# Other codebases' names for these flags (nanoGPT, llm.c), named when one is given
-OTHER_NAMES = {
-    "--learning_rate": "--max_lr",
-    "--lr": "--max_lr",
-    "--min_lr": "--min_lr_ratio",
-    "--max_iters": "--max_steps",
-    "--num_iterations": "--max_steps",
-    "--warmup_iters": "--warmup_steps",
-    "--sequence_length": "--block_size",
-    "--eval_iters": "--val_steps",
-    "--val_max_steps": "--val_steps",
-    "--val_loss_every": "--eval_interval",
-    "--gradient_accumulation_steps": "--total_batch_size",
-    "--dataset": "--data_dir",
-}
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, whose mistakes are one line that points to the fix."""
-
-    mode = None
-
-    def error(self, message):
-        if message.startswith("unrecognized arguments"):
-            for flag in re.findall(r"--\w+", message):
-                message += f"; {flag_hint(flag, self)}"
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def flags_of(mode):
-    return set(re.findall(r"\[(--\w+)", build_parser(mode).format_usage()))
-
-
-def flag_hint(flag, parser):
-    """What an unknown flag may have meant: another mode's flag, another codebase's, a misspelling."""
-    modes = [mode for mode in MODES if flag in flags_of(mode)]
-    if modes:
-        return f"{flag} belongs to --mode {', '.join(modes)} (here: --mode {parser.mode})"
-    ours = flags_of(parser.mode)
-    close = difflib.get_close_matches(flag, ours, n=1, cutoff=0.75)
-    if flag in OTHER_NAMES and OTHER_NAMES[flag] in ours:
-        return f"did you mean {OTHER_NAMES[flag]}?"
-    if close:
-        return f"did you mean {close[0]}?"
-    return f"--mode {parser.mode} takes: {', '.join(sorted(ours))}"
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # "(default: ...)", unless there is none to show
-        if action.default is None:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def add_appendix_flags(add, mode):
-    """The flags of the appendix's features: FSDP, wandb, HellaSwag, bench."""
-    if mode in ("pretrain", "finetune", "bench"):
-        add("--fsdp", default=0, type=int, choices=[0, 1], help="1: shard over the GPUs (FSDP2)")
-        add(
-            "--activation_checkpointing",
-            default=0,
-            type=int,
-            choices=[0, 1],
-            help="1: less memory (each block recomputed in the backward pass)",
-        )
-    if mode in ("pretrain", "finetune"):
-        add("--wandb_project", help="also log to this Weights & Biases project (pip install wandb)")
-    if mode in ("pretrain", "eval"):
-        add("--hellaswag", default=0, type=int, choices=[0, 1], help="1: score HellaSwag too")
-        add("--hellaswag_path", default="data/hellaswag/hellaswag_val.jsonl", help="its items")
-        add("--hellaswag_limit", type=number(int, 1), help="the first N items only (default: all)")
-    if mode == "bench":
-        add("--bench_steps", default=20, type=number(int, 1), help="training steps run")
-        add(
-            "--bench_warmup",
-            default=5,
-            type=number(int, 0),
-            help="of which the first few are not timed (compilation)",
-        )
-
-
-def saved_args(path, names=None):
-    """The flags a run (its folder, or its ckpt.pt) was started with, or those of them named;
-    not those saying what to resume."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
-    try:  # mmap: only the flags are read, not the weights
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["args"]
-    except Exception:  # missing, unreadable or not ours: what reads it next says what is wrong
-        return {}
-    if names is None:
-        names = saved
-    return {
-        k: v for k, v in saved.items() if k in names and k not in ("init_from", "mode", "out_dir")
-    }
 
 
 def check_args(p, args):
     """What no flag's type can check alone, before anything runs."""
-    env = {name: os.environ.get(name) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    if any(env.values()) and not all(value and value.isdigit() for value in env.values()):
-        given = ", ".join(f"{name}={value}" for name, value in env.items() if value)
+    env = [os.environ.get(name) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE")]
+    if any(env) and not all(value and value.isdigit() for value in env):
         p.error(
-            f"the environment sets {given}, but not as torchrun does: start with torchrun, or "
-            "unset them (unset RANK LOCAL_RANK WORLD_SIZE MASTER_ADDR MASTER_PORT)"
+            "the environment sets RANK, LOCAL_RANK or WORLD_SIZE, but not as torchrun does: start "
+            "with torchrun, or unset them (unset RANK LOCAL_RANK WORLD_SIZE)"
         )
-    if args.mode == "export" and (args.init_from is None or args.out_dir is None):
+    init_from = getattr(args, "init_from", None)
+    if args.mode == "export" and (init_from is None or args.out_dir is None):
         p.error(
             "--mode export needs --init_from (a checkpoint .pt, a Hugging Face GPT-2 folder, a "
             "name such as gpt2) and --out_dir (a new folder)"
         )
     if args.mode == "pretrain" and args.fsdp and args.hellaswag:
         p.error(
-            "--hellaswag 1 during pretraining does not work with --fsdp 1 yet: score the "
-            "checkpoint with --mode eval"
+            "--hellaswag 1 during pretraining needs --fsdp 0: score a checkpoint with --mode eval"
         )
     if args.mode == "sample" and not all(args.prompt):
-        p.error(
-            'the prompt is empty: give some text, or --prompt "<|endoftext|>" to sample unconditionally'
-        )
-    if args.mode == "finetune" and args.init_from == "scratch":
+        p.error('the prompt is empty: give some text, or --prompt "<|endoftext|>" to sample freely')
+    if args.mode == "finetune" and init_from == "scratch":
         p.error(
             "--mode finetune starts from a trained model: --init_from gpt2, a .pt or a run folder "
             "(--mode pretrain trains one from scratch)"
         )
-    init_from = getattr(args, "init_from", None)
-    if init_from in ("resume", "scratch") and args.mode not in ("pretrain", "finetune"):
+    if init_from in ("resume", "scratch") and args.mode not in TRAIN:
         p.error(
             f"--init_from {init_from} is for training; to {args.mode} a run's model, give its "
             "folder (--init_from out/pretrain)"
@@ -1411,9 +1333,121 @@ def check_args(p, args):
     if args.mode == "bench" and args.bench_warmup >= args.bench_steps:
         p.error("--bench_warmup leaves none of the --bench_steps to time: give fewer warm-up steps")
     if init_from in PRESETS:
-        message = not_downloadable(init_from)
+        message = not_downloadable(init_from)  # in seconds, not after a minute of retries
         if message is not None:
-            p.error(message)  # in seconds, not after a minute of retries
+            p.error(message)
+    try:
+        if getattr(args, "data_dir", None) is not None:
+            check_data(args.data_dir, args.mode)
+    except UserError as e:  # one line, as the others, its advice to run as written
+        p.exit(2, f"error: {e}\n")
+
+
+def check_data(data_dir, mode):
+    """A data folder, before a run reads it: its meta.json, its kind, every shard whole and as
+    long as meta.json says."""
+    sft = " --sft" if mode == "finetune" else ""
+    if os.path.isfile(data_dir):  # a text file, not yet tokenized
+        folder = os.path.join("data", os.path.basename(data_dir).split(".")[0])
+        raise UserError(
+            f"--data_dir {data_dir} is a file: run python prepare_data.py{sft} --files {data_dir} "
+            f"--out_dir {folder}, then give --data_dir {folder}"
+        )
+    try:
+        meta = json.load(open(os.path.join(data_dir, "meta.json")))
+        kind = meta["kind"]
+        splits = [meta["splits"]["train"], meta["splits"]["val"]]
+        if kind == "pretrain":
+            shards = [list(zip(split["shards"], split["shard_tokens"])) for split in splits]
+    except (FileNotFoundError, NotADirectoryError):
+        raise UserError(
+            f"data folder {os.path.abspath(data_dir)} not found, or not prepared (no meta.json): "
+            f"run prepare_data.py{sft} (the same command resumes an interrupted one)"
+        ) from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:  # not JSON, or not prepare_data.py's
+        raise UserError(
+            f"{data_dir}/meta.json is not prepare_data.py's ({type(e).__name__}: {e}): {REPREPARE}"
+        ) from None
+    if mode == "finetune" and kind != "sft":
+        raise UserError(
+            f"{data_dir} holds {kind} data, but --mode finetune reads instruction data (prepare_data.py --sft)"
+        )
+    if mode == "pretrain" and kind != "pretrain":
+        raise UserError(
+            f"{data_dir} holds {kind} data, but --mode pretrain reads pretraining shards (prepare_data.py)"
+        )
+    if kind != "pretrain":
+        return
+    for split, named in zip(("train", "val"), shards):
+        if not named:
+            raise UserError(f"{data_dir} has no {split} shards: {REPREPARE}")
+        for name, length in named:
+            load_array(os.path.join(data_dir, name), np.uint16, length)
+
+
+def load_array(path, dtype, length=None):
+    """A .npy file of prepare_data.py's, memory-mapped; its header and length checked (for free)."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except OSError as e:  # missing, or unreadable
+        raise UserError(f"{path} is {e.strerror}: {REPREPARE}") from None
+    except ValueError:  # a header numpy cannot read, or fewer bytes than it says
+        raise UserError(f"{path} is cut short or not .npy: {REPREPARE}") from None
+    if array.dtype != dtype or array.ndim != 1 or length not in (None, len(array)):
+        expected = np.dtype(dtype).name if length is None else f"{length:,} {np.dtype(dtype)}"
+        raise UserError(
+            f"{path} holds {array.dtype} of shape {array.shape}, but meta.json says {expected}: "
+            f"{REPREPARE}"
+        )
+    return array
+
+
+REPREPARE = "re-run prepare_data.py for it (prepare_data.py --verify names the broken file)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, whose mistakes are one line that points to the fix."""
+
+    def error(self, message):
+        for flag in re.findall(r"unrecognized arguments: (--\w+)", message):
+            message += f"; {flag_hint(flag, self.mode)}"
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # "(default: ...)", unless there is none to show
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+OTHER_NAMES = {"--learning_rate": "--max_lr", "--lr": "--max_lr", "--max_iters": "--max_steps"}
+
+
+def flag_hint(flag, mode):
+    """What an unknown flag may have meant: another mode's flag, another codebase's name for one
+    (nanoGPT's, llm.c's), or a misspelling."""
+    modes = [m for name, flag_modes, *_ in flags() if name == flag for m in flag_modes.split()]
+    if modes:
+        return f"{flag} is a flag of --mode {', '.join(dict.fromkeys(modes))}, not of --mode {mode}"
+    ours = {name for name, flag_modes, *_ in flags() if mode in flag_modes.split()}
+    close = difflib.get_close_matches(flag, ours, n=1, cutoff=0.75)
+    if OTHER_NAMES.get(flag) in ours:
+        close = [OTHER_NAMES[flag]]
+    return (
+        f"did you mean {close[0]}?" if close else f"--mode {mode} takes {', '.join(sorted(ours))}"
+    )
+
+
+def saved_args(path, names=None):
+    """The flags a run (its folder, or its ckpt.pt) was started with, or those of them named;
+    never those that say what to resume."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    try:  # mmap: only the flags are read, not the weights
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["args"]
+    except Exception:  # missing, unreadable or not ours: what reads it next says what is wrong
+        return {}
+    names = set(names or saved) - {"init_from", "mode", "out_dir"}
+    return {name: saved[name] for name in names if name in saved}
 
 
 def not_downloadable(name):
@@ -1429,14 +1463,10 @@ def not_downloadable(name):
         return None
     endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
     proxies = urllib.request.getproxies()
-    behind_proxy = endpoint.scheme in proxies or "all" in proxies
-    if behind_proxy and not urllib.request.proxy_bypass(endpoint.hostname):
-        return None
-    port = endpoint.port
-    if port is None:
-        port = 443
-        if endpoint.scheme == "http":
-            port = 80
+    if endpoint.scheme in proxies or "all" in proxies:
+        if not urllib.request.proxy_bypass(endpoint.hostname):
+            return None
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
         socket.create_connection((endpoint.hostname, port), timeout=5).close()
     except OSError as e:
@@ -1449,9 +1479,9 @@ def not_downloadable(name):
 
 
 def total_batch_size_error(args, per_micro_step):
-    what = "--batch_size x GPUs"
-    if args.mode == "pretrain":
-        what = "--batch_size x --block_size x GPUs"
+    what = (
+        "--batch_size x --block_size x GPUs" if args.mode == "pretrain" else "--batch_size x GPUs"
+    )
     lower = max(per_micro_step, args.total_batch_size // per_micro_step * per_micro_step)
     return (
         f"--total_batch_size {args.total_batch_size} is not a multiple of {per_micro_step:,}, a "
@@ -1459,175 +1489,17 @@ def total_batch_size_error(args, per_micro_step):
     )
 
 
-def raise_if_disk_full(path, error):
-    """After a failed write to path: an OSError that says the disk is full, in the stead of the
-    writer's own error ("unexpected pos", "I/O error"), when that is why."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not isinstance(error, OSError) and shutil.disk_usage(folder).free < 2**24:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from error
+# -----------------------------------------------------------------------------
+# The guards of a run: the files it reads, the folder it writes, its stop. What a user gives is
+# checked once, where it enters, before step 1 and before any output is touched.
+
+try:
+    import fcntl  # the lock on a run's folder (POSIX)
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
 
 
-def first_line(error):
-    lines = str(error).strip().splitlines()
-    if not lines:
-        return type(error).__name__
-    return lines[0][:200]
-
-
-REPREPARE = "re-run prepare_data.py for it (prepare_data.py --verify names the broken file)"
-
-
-def load_array(path, dtype, length=None):
-    """A .npy file of prepare_data.py's, memory-mapped; its header and length checked (for free)."""
-    try:
-        array = np.load(path, mmap_mode="r")
-    except OSError as e:  # missing, or unreadable
-        raise UserError(f"{path} is {e.strerror}: {REPREPARE}") from None
-    except ValueError:  # a header numpy cannot read, or fewer bytes than it says
-        raise UserError(f"{path} is cut short or not .npy: {REPREPARE}") from None
-    if array.dtype != dtype or array.ndim != 1 or (length is not None and len(array) != length):
-        expected = np.dtype(dtype).name
-        if length is not None:
-            expected = f"{length:,} {expected}"
-        raise UserError(
-            f"{path} holds {array.dtype} of shape {array.shape}, but meta.json says {expected}: "
-            f"{REPREPARE}"
-        )
-    return array
-
-
-def check_data(data_dir, mode, batch_size, block_size):
-    """A data folder, before a run reads it: its meta.json (returned), every shard whole and as
-    long as meta.json says, a val split of at least one batch."""
-    sft = ""
-    if mode == "finetune":
-        sft = " --sft"
-    if os.path.isfile(data_dir):  # a text file, not yet tokenized
-        folder = os.path.join("data", os.path.basename(data_dir).split(".")[0])
-        raise UserError(
-            f"--data_dir {data_dir} is a file: run python prepare_data.py{sft} --files {data_dir} "
-            f"--out_dir {folder}, then give --data_dir {folder}"
-        )
-    try:
-        meta = json.load(open(os.path.join(data_dir, "meta.json")))
-        kind = meta["kind"]
-        splits = [meta["splits"]["train"], meta["splits"]["val"]]
-        if kind == "pretrain":
-            shards = [list(zip(split["shards"], split["shard_tokens"])) for split in splits]
-    except (FileNotFoundError, NotADirectoryError):
-        raise UserError(
-            f"data folder {data_dir} not found, or not prepared (no meta.json): run "
-            f"prepare_data.py{sft} (the same command resumes an interrupted one)"
-        ) from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:  # not JSON, or not prepare_data.py's
-        raise UserError(
-            f"{data_dir}/meta.json is not prepare_data.py's ({type(e).__name__}: {e}): {REPREPARE}"
-        ) from None
-    wanted = {"pretrain": "pretrain", "finetune": "sft"}.get(mode, kind)
-    if kind != wanted and mode == "finetune":
-        raise UserError(
-            f"{data_dir} holds {kind} data, but --mode finetune reads instruction data (prepare_data.py --sft)"
-        )
-    if kind != wanted:
-        raise UserError(
-            f"{data_dir} holds {kind} data, but --mode {mode} reads pretraining shards (prepare_data.py)"
-        )
-    if kind != "pretrain":
-        return meta
-    for split, named in zip(("train", "val"), shards):
-        if not named:
-            raise UserError(f"{data_dir} has no {split} shards: {REPREPARE}")
-        for name, length in named:
-            load_array(os.path.join(data_dir, name), np.uint16, length)
-    val_tokens = sum(length for _, length in shards[1])
-    if val_tokens - 1 < batch_size * block_size:  # found now, not at the first evaluation
-        lower = "--batch_size or --block_size"
-        if mode == "eval":
-            lower = "--batch_size"
-        raise UserError(
-            f"the val split of {data_dir} ({val_tokens:,} tokens) is shorter than one batch of "
-            f"{batch_size} x {block_size}: lower {lower}"
-        )
-    return meta
-
-
-def load_checkpoint(path, keys=("model", "config")):
-    """A checkpoint of this file's, and its model, checked before anything trusts them."""
-    try:
-        # weights_only: a checkpoint is data, and loading it must never run code. mmap: the
-        # weights are read from the file as they are copied, never all held twice.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # truncated, random bytes, another program's file, Python objects
-        refused = re.search(r"GLOBAL (\S+)", str(e))
-        if refused:  # weights_only refused it: loading it would run code
-            raise UserError(
-                f"{path} holds a Python object ({refused[1]}), which loading would run: re-save "
-                "its tensors"
-            ) from None
-        raise UserError(
-            f"{path} is not a readable checkpoint ({type(e).__name__}: {first_line(e)[:150]}): it "
-            "may be truncated or not a PyTorch file; pick another checkpoint"
-        ) from None
-    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in keys):
-        found = type(checkpoint).__name__
-        if isinstance(checkpoint, dict):
-            found = ", ".join(map(str, checkpoint))[:200]
-        missing = ", ".join(key for key in keys if key not in checkpoint)
-        raise UserError(
-            f"{path} is not a checkpoint of train_gpt2.py: it has no {missing} (found: {found})"
-        )
-    try:
-        model = GPT(GPTConfig(**checkpoint["config"]))
-        model.load_state_dict(checkpoint["model"])
-    except (TypeError, ValueError, RuntimeError) as e:  # another model's (nanoGPT's, say)
-        raise UserError(f"{path} does not hold this file's GPT-2: {first_line(e)}") from None
-    return model, checkpoint
-
-
-# GPT2Config's settings that change the computation, and the values this GPT-2 computes
-HF_COMPUTATION = {
-    "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
-    "layer_norm_epsilon": (1e-5,),
-    "scale_attn_weights": (True,),
-    "scale_attn_by_inverse_layer_idx": (False,),
-    "reorder_and_upcast_attn": (False,),
-    "tie_word_embeddings": (True,),
-    "add_cross_attention": (False,),
-}
-
-
-def load_hf_model(name_or_path, padded_vocab_size=None):
-    """GPT.from_pretrained, once the folder's config says it is a GPT-2 this file computes."""
-    from safetensors import SafetensorError  # comes with transformers
-    from transformers import AutoConfig
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()  # missing or mismatched weights are errors here, not warnings
-    try:
-        hf = AutoConfig.from_pretrained(name_or_path)
-        if hf.model_type != "gpt2":
-            raise ValueError(f"it is a {hf.model_type} checkpoint, not a GPT-2 checkpoint")
-        for field, values in HF_COMPUTATION.items():
-            if getattr(hf, field) not in values:  # another value would make another model
-                raise ValueError(
-                    f"it sets {field}={getattr(hf, field)!r}, which this GPT-2 does not compute"
-                )
-        if hf.n_inner not in (None, 4 * hf.n_embd):
-            raise ValueError(f"it sets n_inner={hf.n_inner}, which this GPT-2 does not compute")
-        model = GPT.from_pretrained(name_or_path, padded_vocab_size)
-    except (OSError, ValueError, SafetensorError) as e:  # a missing, broken or foreign folder
-        raise UserError(
-            f"could not load {name_or_path!r} as a GPT-2 checkpoint: {first_line(e)}"
-        ) from None
-    if model.config.vocab_size != 50257:  # tiktoken's GPT-2 ids would not fit, or not be its own
-        raise UserError(
-            f"{name_or_path} reads {model.config.vocab_size:,} token ids, not GPT-2's 50,257: "
-            "another tokenizer's"
-        )
-    return model
-
-
-def load_model(init_from, padded_vocab_size=None):
+def load_model(init_from, padded_vocab_size=0):
     """A model to sample, evaluate, export or fine-tune, and its prompt template (or None): from
     our .pt or run folder, a Hugging Face GPT-2 folder, or OpenAI's."""
     if os.path.isfile(os.path.join(init_from, "ckpt.pt")):
@@ -1640,76 +1512,83 @@ def load_model(init_from, padded_vocab_size=None):
             f"unknown model {init_from!r} (not found): use one of {', '.join(PRESETS)}, a "
             "checkpoint .pt, a run folder holding ckpt.pt, or a folder holding a Hugging Face GPT-2"
         )
-    model = load_hf_model(init_from, padded_vocab_size)
-    template = None
-    config_path = os.path.join(init_from, "config.json")
-    if os.path.isfile(config_path):  # an export of a fine-tuned model keeps its template there
-        template = json.load(open(config_path)).get("prompt_template")
-    return model, template
+    from safetensors import SafetensorError  # comes with transformers
+    from transformers import AutoConfig
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # missing or mismatched weights are errors here, not warnings
+    try:
+        hf = AutoConfig.from_pretrained(init_from)
+        # Another value would silently make another model.
+        for field, values in HF_COMPUTATION.items():
+            if getattr(hf, field) not in values:
+                raise ValueError(f"it sets {field}={getattr(hf, field)!r}: not a GPT-2 as this one")
+        if hf.n_inner not in (None, 4 * hf.n_embd):
+            raise ValueError(f"it sets n_inner={hf.n_inner}: not a GPT-2 as this one")
+        model = GPT.from_pretrained(init_from, padded_vocab_size)
+    except (OSError, ValueError, SafetensorError) as e:  # a missing, broken or foreign folder
+        raise UserError(
+            f"could not load {init_from!r} as a GPT-2 checkpoint: {first_line(e)}"
+        ) from None
+    if model.config.vocab_size != 50257:  # tiktoken's GPT-2 ids would not fit, or not be its own
+        raise UserError(
+            f"{init_from} reads {model.config.vocab_size:,} token ids, not GPT-2's 50,257: "
+            "another tokenizer's"
+        )
+    # An export of a fine-tuned model keeps its template in config.json.
+    return model, getattr(hf, "prompt_template", None)
 
 
-def refuse_earlier_run(out_dir):
-    if os.path.exists(os.path.join(out_dir, "ckpt.pt")):
-        raise UserError(
-            f"{out_dir} already holds a checkpoint of an earlier run: continue it with --init_from "
-            "resume, or choose another --out_dir"
-        )
-    log_path = os.path.join(out_dir, "log.jsonl")
-    if os.path.exists(log_path):
-        raise UserError(
-            f"{out_dir} already holds the log of an earlier run, which saved no checkpoint: move "
-            f"{log_path} away to start again there, or choose another --out_dir"
-        )
-
-
-def load_run_to_resume(args):
-    """The model and checkpoint of the run in --out_dir, if it is the run these flags describe."""
-    path = os.path.join(args.out_dir, "ckpt.pt")
-    if not os.path.exists(path):
-        start = "scratch"
-        if args.mode == "finetune":
-            start = "gpt2"
-        raise UserError(
-            f"nothing to resume: {path} does not exist (start a run with --init_from {start})"
-        )
-    keys = ("model", "config", "optimizer", "step", "loader", "rng", "args")
-    model, checkpoint = load_checkpoint(path, keys)
-    saved = checkpoint["args"]
-    if saved.get("mode") != args.mode:
-        raise UserError(
-            f"{path} is a --mode {saved.get('mode')} run: resume it with --mode {saved.get('mode')}, "
-            f"or start a {args.mode} run with --init_from {path}"
-        )
-    given = {
-        flag: getattr(args, flag, None) for flag in ("model", "n_layer", "n_head", "n_embd", "seed")
-    }
-    given["block_size"] = args.block_size
-    if given["block_size"] is None:  # the model's own
-        given["block_size"] = checkpoint["config"]["block_size"]
-    ran = {flag: saved.get(flag) for flag in given}
-    if ran["block_size"] is None:
-        ran["block_size"] = checkpoint["config"]["block_size"]
-    for flag in given:  # what made its weights and its data order
-        if given[flag] != ran[flag]:
+def load_checkpoint(path, keys=("model", "config")):
+    """A checkpoint of this file's, and its model, checked before anything trusts them."""
+    try:
+        # weights_only: a checkpoint is data, and loading it must never run code. mmap: the
+        # weights are read from the file as they are copied, not held twice.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated, random bytes, another program's file, Python objects
+        refused = re.search(r"GLOBAL (\S+)", str(e))
+        if refused:  # weights_only refused it: loading it would run code
             raise UserError(
-                f"--{flag} {given[flag]} differs from the run's {ran[flag]}: a resumed run keeps "
-                f"its model and data order; start a new run with --init_from {path}"
-            )
+                f"{path} holds a Python object ({refused[1]}), which loading would run: re-save "
+                "its tensors"
+            ) from None
+        raise UserError(
+            f"{path} is not a readable checkpoint ({type(e).__name__}: {first_line(e)[:150]}): it "
+            "may be truncated or not a PyTorch file; pick another checkpoint"
+        ) from None
+    missing = [key for key in keys if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        found = (
+            ", ".join(map(str, checkpoint))[:200] if isinstance(checkpoint, dict) else checkpoint
+        )
+        raise UserError(
+            f"{path} is not a checkpoint of train_gpt2.py: it has no {', '.join(missing)} (found: "
+            f"{found})"
+        )
+    try:
+        model = GPT(GPTConfig(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError) as e:  # another model's (nanoGPT's, say)
+        raise UserError(f"{path} does not hold this file's GPT-2: {first_line(e)}") from None
     return model, checkpoint
 
 
-def check_resume(checkpoint, train_loader, max_steps, args):
-    path = os.path.join(args.out_dir, "ckpt.pt")
-    if checkpoint["step"] > max_steps:
-        raise UserError(
-            f"{args.out_dir} is at step {checkpoint['step']}, past --max_steps {max_steps}: give at "
-            f"least {checkpoint['step']}"
-        )
-    if checkpoint["loader"]["data"] != train_loader.state_dict()["data"]:  # prepared again?
-        raise UserError(
-            f"{args.data_dir} is not the data this run was reading (prepared again?): resume on "
-            f"that data, or start a new run from its weights with --init_from {path}"
-        )
+# GPT2Config's settings that change the computation, and the values this GPT-2 computes
+HF_COMPUTATION = {
+    "model_type": ("gpt2",),
+    "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+    "layer_norm_epsilon": (1e-5,),
+    "scale_attn_weights": (True,),
+    "scale_attn_by_inverse_layer_idx": (False,),
+    "reorder_and_upcast_attn": (False,),
+    "tie_word_embeddings": (True,),
+    "add_cross_attention": (False,),
+}
+
+
+def first_line(error):
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return lines[0][:200]
 
 
 class RunGuard:
@@ -1722,27 +1601,27 @@ class RunGuard:
         self.made = not os.path.exists(out_dir)  # removed again if the run leaves nothing in it
         self.folder = None
         self.stop_requested = False
-        self.previous = {}
         if is_master():
-            self.lock(out_dir)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self.handler)
+            self.lock()
+        self.previous = {
+            sig: signal.signal(sig, self.handler) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
 
-    def lock(self, out_dir):
-        if os.path.isfile(out_dir):
-            raise UserError(f"--out_dir {out_dir} is a file: choose a folder")
+    def lock(self):
+        if os.path.isfile(self.out_dir):
+            raise UserError(f"--out_dir {self.out_dir} is a file: choose a folder")
         try:
-            os.makedirs(out_dir, exist_ok=True)
+            os.makedirs(self.out_dir, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot write to --out_dir {out_dir}: {e.strerror}") from None
-        self.folder = os.open(out_dir, os.O_RDONLY)
-        try:
-            if fcntl is not None:  # LOCK_NB: refuse at once, rather than wait for the other run
+            raise UserError(f"cannot write to --out_dir {self.out_dir}: {e.strerror}") from None
+        self.folder = os.open(self.out_dir, os.O_RDONLY)
+        try:  # LOCK_NB: refuse at once, rather than wait for the other run
+            if fcntl is not None:
                 fcntl.flock(self.folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self.close()
             raise UserError(
-                f"another run is using {out_dir}: wait for it to end, or choose another --out_dir"
+                f"another run is using {self.out_dir}: wait for it to end, or choose another --out_dir"
             ) from None
 
     def handler(self, signum, frame):
@@ -1750,14 +1629,11 @@ class RunGuard:
             raise KeyboardInterrupt
         # A flag only: the loop acts on it between steps, where a checkpoint is whole.
         self.stop_requested = True
-        print(
-            "\nstopping: a checkpoint will be saved at the next step; Ctrl-C again to quit at once",
-            flush=True,
-        )
+        print0("\nstopping at the next step, with a checkpoint; Ctrl-C again quits at once")
 
     def close(self, tracker=None):
         """Give back the signals and the lock, end wandb, remove the folder if it was made in vain."""
-        for sig, handler in self.previous.items():
+        for sig, handler in getattr(self, "previous", {}).items():
             signal.signal(sig, handler)
         if tracker is not None:
             tracker.finish()
@@ -1767,6 +1643,58 @@ class RunGuard:
             if self.made:
                 with contextlib.suppress(OSError):  # rmdir refuses a folder that is not empty
                     os.rmdir(self.out_dir)
+
+
+def raise_if_disk_full(path, error):
+    """After a failed write to path: an OSError that says the disk is full, in the stead of the
+    writer's own error ("unexpected pos", "I/O error"), when that is why."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not isinstance(error, OSError) and shutil.disk_usage(folder).free < 2**24:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from error
+
+
+def load_run_to_resume(args):
+    """The model and checkpoint of the run in --out_dir, if it is the run these flags describe."""
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        raise UserError(
+            f"nothing to resume: {path} does not exist (start a run with --init_from scratch, or "
+            "with a trained model to fine-tune)"
+        )
+    keys = ("model", "config", "optimizer", "step", "loader", "data", "args")
+    model, checkpoint = load_checkpoint(path, keys)
+    run = checkpoint["args"]
+    if run["mode"] != args.mode:
+        raise UserError(
+            f"{path} is a --mode {run['mode']} run: resume it with --mode {run['mode']}, or start a "
+            f"{args.mode} run with --init_from {path}"
+        )
+    # What made its weights and its data order. Flags not given now are the run's already.
+    ran = {flag: run.get(flag) for flag in ("model", "n_layer", "n_head", "n_embd", "seed")}
+    ran["block_size"] = model.config.block_size
+    for flag, value in ran.items():
+        given = getattr(args, flag, None)
+        if given is not None and given != value:
+            raise UserError(
+                f"--{flag} {given} differs from the run's {value}: a resumed run keeps its model "
+                f"and data order; start a new run with --init_from {path}"
+            )
+    return model, checkpoint
+
+
+def check_resume(checkpoint, loaders, max_steps, args):
+    """A resumed run has steps left, and reads the data it was reading."""
+    step = checkpoint["step"]
+    if step > max_steps:
+        raise UserError(
+            f"{args.out_dir} is at step {step}, past --max_steps {max_steps}: give at least {step}"
+        )
+    # Checked: the shards' names and lengths, each one's first 32 KB (or, fine-tuning, the whole).
+    if checkpoint["data"] != [loader.fingerprint for loader in loaders]:
+        raise UserError(
+            f"{args.data_dir} is not the data this run was reading (prepared again?): resume on "
+            f"that data, or start a new run from its weights with --init_from {args.out_dir}/ckpt.pt"
+        )
 
 
 def non_finite_error(step, loss, grad_norm, checkpoint_path, saved_step):
@@ -1809,55 +1737,50 @@ def out_of_memory_advice(args):
     """How much memory there is, and a micro-batch half as big (half the activations)."""
     where = "this machine"
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        memory = torch.cuda.mem_get_info()[1] / 2**30
-        where = f"{memory:.0f} GiB on {torch.cuda.get_device_name()}"
-    training = args.mode in ("pretrain", "finetune")
+        where = f"{torch.cuda.mem_get_info()[1] / 2**30:.0f} GiB on {torch.cuda.get_device_name()}"
     batch_size = getattr(args, "batch_size", 1)
-    if batch_size > 1:
-        advice = (
-            f"--batch_size {batch_size} does not fit in {where}: try --batch_size {batch_size // 2}"
-        )
-        if training:
-            advice += "; --total_batch_size keeps each step the same"
-        return advice
-    advice = f"the model does not fit in {where}: try a smaller one"
-    if training:
-        advice += ", or --activation_checkpointing 1"
-    return advice
+    if batch_size == 1:
+        advice = f"the model does not fit in {where}: try a smaller one"
+        return advice + (", or --activation_checkpointing 1" if args.mode in TRAIN else "")
+    advice = (
+        f"--batch_size {batch_size} does not fit in {where}: try --batch_size {batch_size // 2}"
+    )
+    return advice + ("; --total_batch_size keeps each step the same" if args.mode in TRAIN else "")
 
 
-def end_processes(args, message=None, code=1):
-    """The end of main(): the process group closed, and an error's one line and exit status."""
-    fsdp_gloo = getattr(args, "fsdp", 0) and "LOCAL_RANK" in os.environ
-    fsdp_gloo = fsdp_gloo and torch.distributed.is_initialized()
-    fsdp_gloo = fsdp_gloo and torch.distributed.get_backend() == "gloo"
-    if message is not None:
-        print(message, file=sys.stderr)
-    if fsdp_gloo:
-        # FSDP's device meshes keep gloo's threads alive, and Python's shutdown can abort in
-        # them (PyTorch PR 179291): after torchrun + FSDP on CPUs, the process skips it.
-        sys.stdout.flush()
+def fsdp_on_gloo(args):
+    """FSDP on CPUs under torchrun, whose gloo threads (kept alive by FSDP's device meshes) can
+    abort Python's shutdown (PyTorch PR 179291): such a process ends with os._exit."""
+    if not getattr(args, "fsdp", 0) or "LOCAL_RANK" not in os.environ:
+        return False
+    return torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo"
+
+
+def exit_with(args, message, code):
+    print(message, file=sys.stderr)
+    if fsdp_on_gloo(args):
         sys.stderr.flush()
-        os._exit(code if message else 0)
-    if message is not None:
-        sys.exit(code)
-    if torch.distributed.is_initialized():  # a clean exit: NCCL warns about a group left open
-        torch.distributed.destroy_process_group()
+        os._exit(code)
+    sys.exit(code)
+
+
+def end_process_group(args):
+    if fsdp_on_gloo(args):
+        sys.stdout.flush()
+        os._exit(0)
+    torch.distributed.destroy_process_group()  # a clean exit: NCCL warns about a group left open
 
 
 def truncate_log(path, step):
     """log.jsonl cut after `step`'s entries: a run killed after its checkpoint logged steps that
-    it now does again."""
+    it does again now. A line cut short by the kill, or anything but an entry, ends what is kept."""
     if not is_master() or not os.path.exists(path):
         return
     kept = 0
     with open(path, "rb") as f:
         for line in f:
-            if not line.strip():  # a blank line, added by hand
-                kept += len(line)
-                continue
-            try:  # a line cut short by the kill, or anything but an entry, ends what is kept
-                if json.loads(line)["step"] > step or not line.endswith(b"\n"):
+            try:
+                if line.strip() and (json.loads(line)["step"] > step or not line.endswith(b"\n")):
                     break
             except (ValueError, KeyError, TypeError):
                 break
@@ -1879,12 +1802,11 @@ def start_wandb(args, checkpoint):
         raise UserError(
             "--wandb_project needs a Weights & Biases login: run wandb login, or set WANDB_MODE=offline"
         )
-    run_id = None
-    if checkpoint is not None:
-        run_id = checkpoint.get("wandb_id")  # saved in every checkpoint
+    run_id = checkpoint.get("wandb_id") if checkpoint else None  # saved in every checkpoint
+    name = os.path.basename(os.path.normpath(args.out_dir))
     return wandb.init(
         project=args.wandb_project,
-        name=os.path.basename(os.path.normpath(args.out_dir)),
+        name=name,
         config=vars(args),
         dir=args.out_dir,
         id=run_id,
@@ -1897,89 +1819,81 @@ def start_wandb(args, checkpoint):
 
 
 class InstructionLoader:
-    """Instruction examples padded to the longest of their micro-batch, the targets -100 on the
-    prompt and the padding: the loss counts the answer and its <|endoftext|>. A step's examples,
-    sorted by length, make its micro-batches, the same on any number of GPUs."""
+    """Instruction examples, each with its targets: the next token where it is the answer's (and
+    its <|endoftext|>), else -100, not learned. A step's examples, sorted by length, are padded to
+    the longest of their micro-batch; the micro-batches are the same on any number of GPUs."""
 
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337):
         self.B = batch_size
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
-        files = {}
-        for name, dtype in (("tokens", np.uint16), ("mask", np.uint8), ("offsets", np.int64)):
-            files[name] = load_array(os.path.join(data_dir, f"{split}_{name}.npy"), dtype)
-        self.tokens = files["tokens"]  # every example's tokens, end to end
-        self.mask = files["mask"]  # per token: 1 where it is a target, the answer
-        self.offsets = files["offsets"]  # example i is tokens[offsets[i] : offsets[i + 1]]
-        self.n = len(self.offsets) - 1  # examples
-        self.lengths = np.diff(self.offsets)  # tokens in each example
-        if self.n < 1:
-            raise UserError(f"{data_dir} has no {split} examples: re-run prepare_data.py --sft")
+        path = os.path.join(data_dir, split)
+        tokens = load_array(f"{path}_tokens.npy", np.uint16)  # every example's, end to end
+        mask = load_array(f"{path}_mask.npy", np.uint8)  # 1 where a token is the answer's
+        offsets = load_array(f"{path}_offsets.npy", np.int64)  # example i: offsets[i] to [i + 1]
         # Instruction data is small (Alpaca: ~10M tokens): checked whole, up front.
-        agree = self.offsets[0] == 0 and self.offsets[-1] == len(self.tokens)
-        agree = agree and len(self.mask) == len(self.tokens) and (self.lengths >= 2).all()
-        if not agree or self.tokens.max() >= 50257:
+        if len(offsets) < 2 or offsets[-1] != len(tokens) or tokens.max() >= 50257:
             raise UserError(
-                f"the {split} files of {data_dir} do not agree with each other (lengths, offsets or "
-                "token ids): re-run prepare_data.py --sft for this folder"
+                f"the {split} files of {data_dir} do not agree (examples, offsets or token ids): "
+                "re-run prepare_data.py --sft for this folder"
             )
-        if self.lengths.max() > block_size + 1:
-            command = json.load(open(os.path.join(data_dir, "meta.json"))).get("command")
+        self.examples = []
+        for start, end in zip(offsets[:-1], offsets[1:]):
+            x = torch.from_numpy(tokens[start:end].astype(np.int64))
+            is_answer = torch.from_numpy(mask[start:end].astype(bool))
+            self.examples.append((x[:-1], x.masked_fill(~is_answer, -100)[1:]))
+        self.lengths = np.diff(offsets) - 1
+        meta = json.load(open(os.path.join(data_dir, "meta.json")))
+        self.template = meta["prompt_template"]  # chat and sample wrap a prompt in it
+        if self.lengths.max() > block_size:
+            command = meta.get("command")
             raise UserError(
-                f"{data_dir} has examples of {self.lengths.max()} tokens, more than the model's "
+                f"{data_dir} has examples of {self.lengths.max() + 1} tokens, more than the model's "
                 f"block_size {block_size} + 1: prepare it again for this model, with {command} "
                 f"--block_size {block_size} --out_dir {data_dir} --overwrite"
             )
         # On resume, the data must be the same: the three files' sha256 (~20 ms).
-        self.fingerprint = [hashlib.sha256(files[name]).hexdigest() for name in files]
+        self.fingerprint = [hashlib.sha256(array).hexdigest() for array in (tokens, mask, offsets)]
         self.epoch = 0  # an epoch's order follows from (seed, epoch)
         self.step_in_epoch = 0
 
     def batch(self, indices):
-        """(B, L) inputs and targets of these examples, L the longest of them minus one."""
-        width = max(int(self.lengths[i]) for i in indices) - 1
-        # Padding on the right: a causal model never sees it from the real tokens.
-        x = torch.full((len(indices), width), EOT_TOKEN, dtype=torch.long)
-        y = torch.full((len(indices), width), -100, dtype=torch.long)  # -100: not counted
-        for row, i in enumerate(indices):
-            start = self.offsets[i]
-            end = self.offsets[i + 1]
-            tokens = torch.from_numpy(self.tokens[start:end].astype(np.int64))
-            is_target = torch.from_numpy(self.mask[start + 1 : end].astype(bool))  # token t + 1?
-            x[row, : end - start - 1] = tokens[:-1]
-            y[row, : end - start - 1] = tokens[1:].masked_fill(~is_target, -100)
+        """(B, L) inputs and targets of these examples, right-padded to the longest: a causal
+        model never reads the padding from the real tokens."""
+        x = pad_sequence([self.examples[i][0] for i in indices], True, EOT_TOKEN)
+        y = pad_sequence([self.examples[i][1] for i in indices], True, -100)
         return x, y
 
     def steps_per_epoch(self, grad_accum):
-        return self.n // (grad_accum * self.world_size * self.B)  # the last few sit an epoch out
+        return len(self.examples) // (grad_accum * self.world_size * self.B)  # the rest sits out
 
     def next_step(self, grad_accum):
-        per_step = grad_accum * self.world_size * self.B  # examples per step, all ranks
+        per_step = grad_accum * self.world_size * self.B  # examples a step, all ranks
         if self.step_in_epoch >= self.steps_per_epoch(grad_accum):
             self.epoch += 1
             self.step_in_epoch = 0
         # The epoch's order, made again each step from (seed, epoch): two numbers resume it.
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
         first = self.step_in_epoch * per_step
         step = order[first : first + per_step]  # the same on every rank
         step = step[np.argsort(self.lengths[step], kind="stable")]  # by length, ties in order
         self.step_in_epoch += 1
         batches = []
         for micro_step in range(grad_accum):
-            # Micro-step m of rank r takes the (m * world_size + r)-th B examples, as in pretraining.
+            # Micro-step m of rank r takes the (m * world_size + r)-th B examples, as pretraining.
             block = micro_step * self.world_size + self.rank
             batches.append(self.batch(step[block * self.B : (block + 1) * self.B]))
         return batches
 
     def eval_steps(self, max_batches):
-        return min(max_batches, math.ceil(self.n / self.B))  # the last batch may be short
+        return min(max_batches, math.ceil(len(self.examples) / self.B))  # the last may be short
 
     def eval_batch(self, i):
-        return self.batch(range(i * self.B, min((i + 1) * self.B, self.n)))  # in file order
+        return self.batch(range(i * self.B, min((i + 1) * self.B, len(self.examples))))
 
     def state_dict(self):
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "data": self.fingerprint}
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
 
     def load_state_dict(self, state):
         self.epoch = state["epoch"]
@@ -1998,15 +1912,11 @@ def wrap_blocks(model, dtype, args):
 
     # FSDP2 gathers the weights cast to the compute dtype (half the traffic); AdamW's float32
     # shards stay the master copy.
-    param_dtype = None
-    if dtype != torch.float32:
-        param_dtype = dtype
+    param_dtype = None if dtype == torch.float32 else dtype
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     if args.fsdp and not torch.distributed.is_initialized():
         # One process, to try FSDP on one GPU: a group of one.
-        backend = "gloo"
-        if next(model.parameters()).is_cuda:
-            backend = "nccl"
+        backend = "nccl" if next(model.parameters()).is_cuda else "gloo"
         store = torch.distributed.HashStore()
         torch.distributed.init_process_group(backend, rank=0, world_size=1, store=store)
     for i, block in enumerate(model.transformer.h):
@@ -2030,7 +1940,7 @@ def wrap_blocks(model, dtype, args):
 
 
 # -----------------------------------------------------------------------------
-# HellaSwag and --mode eval. Each rank scores its share and the sums are all-reduced, so that
+# HellaSwag and --mode eval. Each rank scores its share and the counts are all-reduced, so that
 # the numbers are one process's, whatever the number of GPUs.
 
 
@@ -2046,15 +1956,20 @@ def load_hellaswag(path, limit=None, convention="completion"):
     items = []
     with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported as any bad line
         for number, line in enumerate(f, 1):
-            if limit is not None and len(items) == limit:
+            if len(items) == limit:
                 break
             if not line.strip():  # a blank line is no item
                 continue
             try:
                 item = json.loads(line)
-                ok = all(isinstance(item.get(key), str) for key in texts)
-                ok = ok and len(item["endings"]) == 4 and item["label"] in (0, 1, 2, 3)
-                ok = ok and all(isinstance(ending, str) for ending in item["endings"])
+                ok = all(isinstance(item.get(key), str) for key in texts) and item[
+                    "label"
+                ] in range(4)
+                ok = (
+                    ok
+                    and len(item["endings"]) == 4
+                    and all(isinstance(e, str) for e in item["endings"])
+                )
             except (ValueError, KeyError, TypeError, AttributeError):
                 ok = False
             if not ok:
@@ -2083,102 +1998,73 @@ def harness_item(item):
 
 
 @torch.no_grad()
-def score_endings(model, enc, items, dtype, max_batch_tokens=8192, progress=None):
-    """Each item's 4 endings' losses after its context: (n, 4) summed and (n, 4) per token. Rows
-    sorted by length, in right-padded batches of at most max_batch_tokens (bounded memory); only
-    the endings' positions go through the LM head."""
-    T = model.config.block_size
+def score_item(model, enc, item, dtype):
+    """The 4 endings' losses after the item's context, summed over each ending's tokens (4,), and
+    the endings' lengths in tokens (4,)."""
     device = next(model.parameters()).device
-    rows = []  # each candidate's tokens: the context and an ending
-    spans = []  # how many tokens at its end are the ending's
-    for item in items:
-        context = enc.encode(item["ctx"])
-        for ending in item["endings"]:
-            ending_tokens = enc.encode(
-                " " + ending
-            )  # the space belongs to the ending's first token
-            rows.append((context + ending_tokens)[-T - 1 :])  # too long: its end
-            spans.append(min(len(ending_tokens), len(rows[-1]) - 1))
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # alike lengths batched together
-    sums = torch.zeros(len(rows))  # each candidate's summed loss over its ending
-    start = 0
-    while start < len(order):
-        # Sorted, a batch's last row is its widest: the batch grows while it fits.
-        end = start + 1
-        while (
-            end < len(order) and (end + 1 - start) * (len(rows[order[end]]) - 1) <= max_batch_tokens
-        ):
-            end += 1
-        batch = order[start:end]
-        width = len(rows[order[end - 1]]) - 1  # a row's last token is a target only
-        ids = torch.full((len(batch), width), EOT_TOKEN, dtype=torch.long)
-        targets = torch.full((len(batch), width), -100, dtype=torch.long)  # -100: not the ending
-        for r, i in enumerate(batch):
-            tokens = torch.tensor(rows[i])
-            n = len(rows[i]) - 1
-            ids[r, :n] = tokens[:-1]
-            targets[r, n - spans[i] : n] = tokens[n - spans[i] + 1 :]  # the ending's tokens only
-        ids = ids.to(device)
-        targets = targets.to(device)
-        counted = targets != -100  # (b, width)
-        with autocast(device, dtype):
-            x = model.hidden_states(ids, torch.arange(width, device=device))  # (b, width, C)
-            logits = model.lm_head(x[counted])[:, : model.config.vocab_size]  # (N, vocab): those N
-        losses = F.cross_entropy(logits.float(), targets[counted], reduction="none")  # (N,)
-        row_of = counted.nonzero()[:, 0]  # each counted position's row in the batch
-        batch_sums = torch.zeros(len(batch), device=device).index_add_(0, row_of, losses)
-        sums[batch] = batch_sums.cpu()
-        if progress is not None:
-            progress.update((end - start) / 4)
-        start = end
-    sums = sums.view(-1, 4)  # (n, 4): an item's 4 endings are consecutive rows
-    per_token = sums / torch.tensor(spans, dtype=torch.float).view(-1, 4)  # (n, 4)
-    return sums, per_token
+    context = enc.encode(item["ctx"])
+    endings = [enc.encode(" " + ending) for ending in item["endings"]]  # the space is the ending's
+    rows = [
+        (context + ending)[-model.config.block_size - 1 :] for ending in endings
+    ]  # long: its end
+    width = max(len(row) for row in rows) - 1  # a row's last token is a target only
+    ids = torch.full((4, width), EOT_TOKEN, dtype=torch.long)
+    targets = torch.full((4, width), -100, dtype=torch.long)  # -100: not the ending, not counted
+    lengths = []
+    for i, (row, ending) in enumerate(zip(rows, endings)):
+        n = len(row) - 1
+        span = min(len(ending), n)
+        ids[i, :n] = torch.tensor(row[:-1])
+        targets[i, n - span : n] = torch.tensor(row[n - span + 1 :])
+        lengths.append(span)
+    with autocast(device, dtype):
+        logits, _ = model(ids.to(device))  # (4, width, vocab)
+    losses = F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten().to(device), reduction="none"
+    )
+    sums = losses.view(4, width).sum(dim=1)  # (4,)
+    return sums.cpu(), torch.tensor(lengths)
 
 
 def hellaswag_eval(model, items, dtype, convention="completion", progress=None):
-    """HellaSwag accuracy, the items split over the ranks. completion (GPT-2's and GPT-3's way):
-    acc_norm by the loss per token; harness (lm-evaluation-harness's): its cleaned query and
-    endings, acc_norm per character. acc: the summed loss. "both": both conventions."""
+    """HellaSwag accuracy, the items dealt to the ranks. acc: the ending of least summed loss.
+    acc_norm, completion (GPT-2's and GPT-3's way): the least loss per token; harness
+    (lm-evaluation-harness's): its cleaned query and endings, the least loss per character.
+    convention "both": both."""
     rank = 0
     world_size = 1
     if torch.distributed.is_initialized():
         rank = torch.distributed.get_rank()
         world_size = torch.distributed.get_world_size()
-    mine = items[rank::world_size]  # all_reduce_sum adds the counts up again
-    labels = torch.tensor([item["label"] for item in mine])
     enc = get_tokenizer()
     names = [convention]
     if convention == "both":
         names = ["completion", "harness"]
-    keys = []
-    right = []  # for each key, the items this rank got right
-    for name in names:
-        asked = mine
+    right = torch.zeros(2 * len(names) + 1, dtype=torch.float64)  # acc, acc_norm of each; items
+    for item in items[rank::world_size]:
+        for i, name in enumerate(names):
+            asked = item
+            if name == "harness":
+                asked = harness_item(item)
+            sums, lengths = score_item(model, enc, asked, dtype)
+            normed = sums / lengths
+            if name == "harness":
+                normed = sums / torch.tensor([len(ending) for ending in asked["endings"]])
+            right[2 * i] += int(sums.argmin()) == item["label"]
+            right[2 * i + 1] += int(normed.argmin()) == item["label"]
+        right[-1] += 1
+        if progress is not None:
+            progress.update(1)
+    device = next(model.parameters()).device
+    right = all_reduce_sum(right.to(device)).tolist()  # the counts of every rank
+    results = {}
+    for i, name in enumerate(names):
         prefix = "hellaswag"
         if name == "harness":
-            asked = [harness_item(item) for item in mine]
             prefix = "hellaswag_harness"
-        sums = torch.zeros(0, 4)
-        per_token = torch.zeros(0, 4)
-        if mine:
-            sums, per_token = score_endings(model, enc, asked, dtype, progress=progress)
-        chars = torch.tensor(
-            [[len(e) for e in item["endings"]] for item in asked], dtype=torch.float
-        )
-        normed = per_token
-        if name == "harness":
-            normed = sums / chars.view(-1, 4)
-        keys += [f"{prefix}_acc", f"{prefix}_acc_norm"]
-        right += [(sums.argmin(dim=1) == labels).sum(), (normed.argmin(dim=1) == labels).sum()]
-    device = next(model.parameters()).device
-    counts = torch.tensor(
-        [float(r) for r in right] + [len(mine)], dtype=torch.float64, device=device
-    )
-    counts = all_reduce_sum(counts).tolist()
-    n = counts.pop()
-    results = {key: count / n for key, count in zip(keys, counts)}
-    results["hellaswag_items"] = int(n)
+        results[f"{prefix}_acc"] = right[2 * i] / right[-1]
+        results[f"{prefix}_acc_norm"] = right[2 * i + 1] / right[-1]
+    results["hellaswag_items"] = int(right[-1])
     return results
 
 
@@ -2186,77 +2072,54 @@ def evaluate(args):
     """--mode eval: a model's val loss and HellaSwag accuracy, as a table and as eval.json."""
     from tqdm import tqdm
 
-    rank, _, world_size, device = setup_distributed(args.device)
+    device = setup_distributed(args.device)
+    rank, world_size = rank_and_world_size()
     dtype = pick_dtype(device, args.dtype)
     items = None
-    if (
-        args.hellaswag
-    ):  # a bad file fails now, not after the model has loaded (a minute for gpt2-xl)
+    if args.hellaswag:
+        # A bad file fails now, not after the model has loaded (a minute for gpt2-xl).
         items = load_hellaswag(args.hellaswag_path, args.hellaswag_limit, "both")
     model, _ = load_model(args.init_from)
     model.to(device)
     model.eval()
     block_size = model.config.block_size
     results = {"model": args.init_from}
-    if args.data_dir is not None:  # at the model's own block_size; the folder says how to read it
-        meta = check_data(args.data_dir, "eval", args.batch_size, block_size)
-        Loader = PretrainLoader
-        if meta["kind"] == "sft":
-            Loader = InstructionLoader
+    if args.data_dir is not None:
+        # At the model's own block_size; the folder says how to read it.
+        meta = json.load(open(os.path.join(args.data_dir, "meta.json")))  # checked by check_args
+        Loader = InstructionLoader if meta["kind"] == "sft" else PretrainLoader
         loader = Loader(args.data_dir, "val", args.batch_size, block_size, rank, world_size)
         results["val_loss"] = evaluate_loss(model, loader, args.val_steps, dtype)
         results["val_batches"] = loader.eval_steps(args.val_steps)
     if items is not None:
         t0 = time.time()
-        # Items, not rows: both conventions score each item once, so the bar counts to twice n.
-        with tqdm(total=2 * len(items), unit="item", desc="HellaSwag", disable=rank != 0) as bar:
+        mine = len(items[rank::world_size])
+        with tqdm(total=mine, unit="item", desc="HellaSwag", disable=rank != 0) as bar:
             results.update(hellaswag_eval(model, items, dtype, "both", bar))
         results["hellaswag_items_per_s"] = results["hellaswag_items"] / (time.time() - t0)
-    if rank == 0:  # the results are summed over the ranks already
-        for key, value in results.items():  # a table, and the same numbers as JSON for scripts
-            if isinstance(value, float):
-                value = f"{value:.4f}"
-            print(f"{key:<24}  {value}")
-        os.makedirs(args.out_dir, exist_ok=True)
-        with atomic_write(os.path.join(args.out_dir, "eval.json")) as f:
-            f.write(json.dumps(results, indent=2).encode())
+    if rank != 0:  # the results are summed over the ranks already
+        return results
+    # A table, and the same numbers as JSON for scripts.
+    for key, value in results.items():
+        if isinstance(value, float):
+            value = f"{value:.4f}"
+        print(f"{key:<24}  {value}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "eval.json")
+    with atomic_write(path) as f:
+        f.write(json.dumps(results, indent=2).encode())
+    print(f"wrote {path}")
     return results
 
 
 # -----------------------------------------------------------------------------
-# --mode sample with several prompts or samples, and --mode chat
-
-
-def sample_batch(model, enc, template, args, generator):
-    """Every prompt num_samples times, generated as one left-padded batch."""
-    device = next(model.parameters()).device
-    rows = []
-    for prompt in args.prompt:
-        rows += [encode_prompt(enc, prompt, template)] * args.num_samples  # row // num_samples
-    ids, mask = left_pad(rows)
-    with autocast(device, pick_dtype(str(device), args.dtype)):
-        out = model.generate(
-            ids.to(device),
-            mask.to(device),
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            generator=generator,
-        )
-    for row in range(len(out)):
-        prompt = args.prompt[row // args.num_samples]
-        if template is not None:  # a fine-tuned model's answer stands on its own
-            prompt = ""
-        new = enc.decode(out[row, ids.size(1) :].tolist()).split("<|endoftext|>")[0]
-        print(f"--- sample {row % args.num_samples + 1} of prompt {row // args.num_samples + 1}")
-        print(prompt + new)
+# --mode chat
 
 
 def chat(args):
     """--mode chat: type an instruction, read the answer as it comes; /quit leaves. Single
     turns, as Alpaca teaches."""
-    _, _, _, device = setup_distributed(args.device)
+    device = setup_distributed(args.device)
     model, template = load_model(args.init_from)
     if template is None:
         raise UserError(
@@ -2440,44 +2303,33 @@ def flops_per_token(model):
 def bench(args):
     """--mode bench: the median training step on random tokens (no data): tokens/s, MFU and
     memory (CUDA); DDP or FSDP under torchrun. (Generation: python dev/compare.py generate.)"""
-    rank, local_rank, world_size, device = setup_distributed(args.device)
+    device = setup_distributed(args.device)
+    _, world_size = rank_and_world_size()
     dtype = pick_dtype(device, args.dtype)
     cuda = device.startswith("cuda")
     torch.manual_seed(args.seed)
-    model = GPT(new_model_config(args)).to(device)  # random weights: the speed is the same
-    if args.fsdp or args.activation_checkpointing:
-        wrap_blocks(model, dtype, args)
-    optimizer = configure_optimizer(model, 0.1, 6e-4)
+    raw_model = GPT(new_model_config(args)).to(device)  # random weights: the speed is the same
+    model = parallelize(raw_model, dtype, args)  # as a training run's
+    optimizer = configure_optimizer(raw_model, 0.1, 6e-4)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
-    compiled = model  # as a training run wraps it
-    if args.compile and not args.fsdp:
-        compiled = torch.compile(model)
-    if world_size > 1 and not args.fsdp:
-        device_ids = None
-        if cuda:
-            device_ids = [local_rank]
-        compiled = DistributedDataParallel(compiled, device_ids=device_ids)
     B = args.batch_size
-    T = model.config.block_size
-    gpu = "cpu"
-    if cuda:
-        gpu = torch.cuda.get_device_name(device)
-    n_params = sum(p.numel() for p in model.parameters())
+    T = raw_model.config.block_size
+    n_params = sum(p.numel() for p in raw_model.parameters())
     print0(
-        f"bench: {n_params:,} parameters, batch {B} x {T}, {device} ({gpu}), {dtype}, compile "
-        f"{args.compile}, {world_size} process(es), FSDP {args.fsdp}, {args.bench_steps} steps "
-        f"timed after {args.bench_warmup}"
+        f"bench: {n_params:,} parameters, batch {B} x {T}, {device}, {dtype}, compile "
+        f"{args.compile}, {world_size} process(es), FSDP {args.fsdp}, {args.bench_steps} steps, "
+        f"the first {args.bench_warmup} not timed"
     )
     times = []
     for i in range(args.bench_steps):
         x = torch.randint(0, 50257, (B, T + 1), device=device)  # fresh tokens each step
-        micro_batch = (x[:, :-1].contiguous(), x[:, 1:].contiguous())  # as a loader gives them
+        micro_batch = (x[:, :-1].contiguous(), x[:, 1:].contiguous())  # as a loader's
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        forward_backward(compiled, [micro_batch], dtype, scaler)  # the training step, as train()'s
+        forward_backward(model, [micro_batch], dtype, scaler)  # the training step, as train()'s
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -2488,11 +2340,13 @@ def bench(args):
     median = statistics.median(times)  # a stray slow step does not count
     tokens_per_s = B * T * world_size / median
     line = f"median step {1000 * median:.1f} ms | {tokens_per_s:,.0f} tokens/s"
-    peak = peak_flops(device)
-    if peak is not None:
-        mfu = flops_per_token(model) * tokens_per_s / (peak * world_size)
-        line += f" | MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s"
     if cuda:
+        peak = peak_flops(device)
+        if peak is None:
+            line += f" | MFU unknown for {torch.cuda.get_device_name(device)}"
+        else:
+            mfu = flops_per_token(raw_model) * tokens_per_s / (peak * world_size)
+            line += f" | MFU {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s"
         line += f" | peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
     print0(line)
 
@@ -2505,46 +2359,52 @@ def bench(args):
 GPT2_124M = {"val_loss": 3.2924, "hellaswag_acc_norm": 0.2955}
 
 
+def read_log(path):
+    """log.jsonl's entries, each a step and numbers; a line cut short by a crash or edited into
+    something else is refused by its number."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: point --out_dir at a training run's folder")
+    entries = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                ok = isinstance(entry.get("step"), int)
+                ok = ok and all(isinstance(v, (int, float)) for v in entry.values())
+            except (ValueError, AttributeError):
+                ok = False
+            if not ok:
+                raise UserError(
+                    f"{path}, line {number}, is not a log entry: remove it and plot again"
+                )
+            entries.append(entry)
+    return entries
+
+
 def plot(args):
     """--mode plot: log.jsonl's losses, learning rate and HellaSwag, drawn into plot.png; for the
     default recipe, OpenAI's GPT-2 124M beside them."""
-    log_path = os.path.join(args.out_dir, "log.jsonl")
-    if not os.path.exists(log_path):
-        raise UserError(f"{log_path} not found: point --out_dir at a training run's folder")
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no window: works on a server
     import matplotlib.pyplot as plt
 
-    entries = []
-    with open(log_path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                entries.append(json.loads(line))
-            except ValueError:  # a line cut short by a crash, or edited by hand
-                raise UserError(
-                    f"{log_path}, line {number}, is not JSON: remove that line and plot again"
-                ) from None
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    entries = read_log(log_path)  # (appendix) checked line by line
     run = saved_args(args.out_dir)  # the run's flags, from its checkpoint
     default_recipe = run.get("model") == "gpt2" and run.get("n_layer") is None
     default_recipe = default_recipe and "fineweb_edu" in str(run.get("data_dir"))
-    panels = [("loss", ["loss", "val_loss"]), ("learning rate", ["lr"])]
-    if any("hellaswag_acc_norm" in entry for entry in entries):
-        panels.append(("HellaSwag acc_norm", ["hellaswag_acc_norm"]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
-    for ax, (title, keys) in zip(axes[0], panels):
+    panels = [["loss", "val_loss"], ["lr"], ["hellaswag_acc_norm"]]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, keys in zip(axes, panels):
         for key in keys:
             steps = [entry["step"] for entry in entries if key in entry]
-            values = [entry[key] for entry in entries if key in entry]
-            if key == "loss":  # the noisy train loss light, under the val points
-                ax.plot(steps, values, "-", alpha=0.6, label=key)
-            else:
-                ax.plot(steps, values, "-" if key == "lr" else "o-", label=key)
+            ax.plot(steps, [entry[key] for entry in entries if key in entry], label=key)
             if default_recipe and key in GPT2_124M:
                 ax.axhline(GPT2_124M[key], color="gray", linestyle="--", label="OpenAI GPT-2 124M")
-        ax.set(xlabel="step", ylabel=title, title=title)
+        ax.set(xlabel="step", ylabel=keys[0])
         ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle(args.out_dir)

@@ -100,7 +100,7 @@ def build_nanogpt_step(model, optimizer, x, y, device):
 
 
 def compare_train(args):
-    device = tg.setup_distributed(args.device)[3]
+    device = tg.setup_distributed(args.device)
     dtype = tg.pick_dtype(device)
     torch.manual_seed(0)
     config = tg.GPTConfig(
@@ -154,7 +154,7 @@ def compare_train(args):
 def compare_generate(args):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    device = tg.setup_distributed(args.device)[3]
+    device = tg.setup_distributed(args.device)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:  # one set of weights for both libraries
         GPT2LMHeadModel(
