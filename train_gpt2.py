@@ -45,14 +45,19 @@ from torch.nn.utils.rnn import pad_sequence
 # -----------------------------------------------------------------------------
 # The model, and its generation with a KV cache: one unit, to copy whole into a project
 
-EOT_TOKEN = 50256  # <|endoftext|>: separates documents, ends an answer, stops generation
+# <|endoftext|>: it separates documents, ends an answer and stops generation.
+EOT_TOKEN = 50256
 
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024  # the longest sequence: the model learns one embedding per position
-    vocab_size: int = 50257  # GPT-2's BPE vocabulary: the token ids the model reads and predicts
-    padded_vocab_size: int = 50257  # rows of wte and lm_head; 50304 = 128 * 393 is faster on GPUs
+    # The longest sequence: the model learns an embedding for each position.
+    block_size: int = 1024
+    # GPT-2's BPE vocabulary: the token ids the model reads and predicts.
+    vocab_size: int = 50257
+    # The rows of wte and lm_head. 50304 = 128 * 393 makes a GPU's matmuls faster; the rows past
+    # vocab_size are never a token.
+    padded_vocab_size: int = 50257
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -62,8 +67,9 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx=0):
         super().__init__()
         self.n_head = config.n_head
-        self.layer_idx = layer_idx  # which layer of a KVCache holds this one's keys and values
-        # query, key and value of every head in one matmul
+        # Which layer of a KVCache holds this attention's keys and values.
+        self.layer_idx = layer_idx
+        # The query, key and value of every head, in one matmul.
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = 1
@@ -81,7 +87,8 @@ class CausalSelfAttention(nn.Module):
         # cache, or with padding, the caller gives the mask.
         is_causal = attn_mask is None and kv_cache is None
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side
+        # The heads side by side again.
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.c_proj(y)
 
 
@@ -89,7 +96,8 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.gelu = nn.GELU(approximate="tanh")  # the approximation GPT-2 was trained with
+        # The approximation GPT-2 was trained with.
+        self.gelu = nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = 1
 
@@ -106,7 +114,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, attn_mask=None, kv_cache=None):
-        # Pre-LayerNorm: each branch reads a normalised copy; the residual stream is never normalised.
+        # Pre-LayerNorm: each branch reads a normalised copy, and the residual stream itself is
+        # never normalised.
         x = x + self.attn(self.ln_1(x), attn_mask, kv_cache)
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -119,14 +128,14 @@ class KVCache:
     def __init__(self, config, batch_size, capacity):
         head_size = config.n_embd // config.n_head
         self.shape = (config.n_layer, batch_size, config.n_head, capacity, head_size)
-        # Made at the first update, in the keys' dtype: bfloat16 under autocast, half the memory.
+        # Made at the first update, in the keys' dtype: under bfloat16 autocast, half the memory.
         self.k = None
         self.v = None
-        self.length = 0  # positions stored in every layer
+        # The positions every layer holds. The model counts new ones once all layers have them.
+        self.length = 0
 
     def update(self, layer, k, v):
-        """Store one layer's keys and values (B, nh, T, hs) of T new positions; return all so far.
-        The model counts the new positions in self.length once every layer has stored them."""
+        """Store one layer's keys and values (B, nh, T, hs) of T new positions; return all so far."""
         if self.k is None:
             self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
             self.v = torch.zeros_like(self.k)
@@ -162,8 +171,8 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),  # token embedding
-                wpe=nn.Embedding(config.block_size, config.n_embd),  # position embedding
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
                 h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd),
             )
@@ -194,8 +203,8 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
-        """Token ids (B, T) -> (logits (B, T, vocab_size), None); with targets (B, T), the next
-        tokens, -100 where nothing is to be learned -> (None, the mean loss)."""
+        """Token ids (B, T) -> (logits (B, T, vocab_size), None). With targets (B, T), each
+        position's next token or -100 (not learned) -> (None, the mean loss)."""
         T = idx.size(1)
         if T > self.config.block_size:
             raise ValueError(f"{T} tokens are more than block_size {self.config.block_size}")
@@ -203,18 +212,18 @@ class GPT(nn.Module):
         return self.head(x, targets)
 
     def head(self, x, targets=None):
-        """The LM head, and the loss (FSDP compiles this part on its own)."""
+        """The LM head, and the loss. (FSDP compiles this part on its own.)"""
         logits = self.lm_head(x)  # (B, T, padded_vocab_size)
         if targets is None:
             return logits[..., : self.config.vocab_size], None
         if self.config.padded_vocab_size > self.config.vocab_size:
             # The padded columns are never the answer: -inf, written in place and hidden from
-            # autograd. Exact: the gradient reaching them is softmax - one-hot = 0 - 0.
+            # autograd. Exact, as the gradient reaching them is softmax - one-hot = 0 - 0.
             with torch.no_grad():
                 logits[..., self.config.vocab_size :] = float("-inf")
         # The logits are not returned with the loss: nothing reads them, and a compiled backward
-        # would fill a logits-sized gradient for them with zeros.
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        # would fill a logits-sized gradient for them with zeros. Targets of -100 do not count.
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return None, loss
 
     def next_logits(self, idx, cache, real):
@@ -226,15 +235,15 @@ class GPT(nn.Module):
         pos = (real.cumsum(dim=1) - 1).clamp(min=0)[:, past:]  # (B, T)
         key_pos = torch.arange(past + T, device=idx.device)  # (past + T,)
         query_pos = key_pos[past:, None]  # (T, 1)
-        # A query sees the real keys up to itself, and always itself (a padding query that saw
-        # nothing would give NaN).
+        # A query sees the real keys up to itself, and always itself: a padding query that saw
+        # nothing would give NaN.
         visible = real[:, None, None, :].bool() | (key_pos == query_pos)  # (B, 1, T, past + T)
         attn_mask = visible & (key_pos <= query_pos)
         x = self.hidden_states(idx, pos, attn_mask, cache)[:, -1, :]  # (B, C)
         cache.length += T
-        # (padded_vocab, C) @ (C, B): x @ W.T in the layout a CPU's BLAS runs ~2.5x faster.
-        logits = (self.lm_head.weight @ x.t()).t()
-        return logits[:, : self.config.vocab_size]  # (B, vocab_size)
+        # x @ W.T computed as (W @ x.T).T: the layout a CPU's BLAS runs ~2.5x faster for a few rows.
+        logits = (self.lm_head.weight @ x.t()).t()  # (B, padded_vocab_size)
+        return logits[:, : self.config.vocab_size]
 
     @torch.no_grad()
     def stream(
@@ -247,12 +256,12 @@ class GPT(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         window = self.config.block_size
-        # A prompt longer than the model reads: its end.
+        # Of a prompt longer than the model reads, its end.
         ids = input_ids[:, -window:]
         real = attention_mask[:, -window:]
-        capacity = min(window, ids.size(1) + max_new_tokens)
-        cache = KVCache(self.config, ids.size(0), capacity)
-        new = ids  # what the next forward feeds: the prompt, then one token at a time
+        cache = KVCache(self.config, ids.size(0), min(window, ids.size(1) + max_new_tokens))
+        # What the next forward feeds: the prompt, then one token at a time.
+        new = ids
         finished = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)
         for _ in range(max_new_tokens):
             logits = self.next_logits(new, cache, real)
@@ -299,13 +308,14 @@ class GPT(nn.Module):
             n_embd=hf.n_embd,
         )
         model = cls(config)
-        theirs = hf_model.state_dict()  # the same names as ours: a key-by-key copy
+        # Their names are ours: a copy key by key.
+        theirs = hf_model.state_dict()
         with torch.no_grad():
             for key, param in model.state_dict().items():
                 weight = theirs[key]
                 if key.endswith(CONV1D_WEIGHTS):
                     weight = weight.t()
-                # wte and lm_head: the real rows; the padded rows keep their initialization.
+                # wte and lm_head: the real rows. The padded rows keep their initialization.
                 param[: weight.size(0)].copy_(weight)
         return model
 
@@ -342,7 +352,8 @@ class UserError(ValueError):
 
 def get_tokenizer():
     """GPT-2's BPE tokenizer: tiktoken's, which downloads OpenAI's files once and caches them."""
-    import tiktoken  # here, so that the model above can be copied without it
+    # Imported here, so that the model above can be copied without tiktoken.
+    import tiktoken
 
     try:
         return tiktoken.get_encoding("gpt2")
@@ -384,59 +395,59 @@ class PretrainLoader:
         # Memory-mapped: the OS reads in the pages a window touches, nothing more.
         self.shards = [np.load(path, mmap_mode="r") for path in self.names]
         self.total_tokens = sum(len(shard) for shard in self.shards)
-        if split == "val" and self.total_tokens - 1 < self.B * self.T:  # found now, not at step 250
+        # Found now, not at the first evaluation.
+        if split == "val" and self.total_tokens - 1 < self.B * self.T:
             raise UserError(
                 f"the val split of {data_dir} ({self.total_tokens:,} tokens) is shorter than one "
                 f"batch of {self.B} x {self.T}: lower --batch_size (or --block_size)"
             )
-        # On resume, the data must be the same: its shard list, and each shard's first 32 KB.
+        # On resume the data must be the same: the shards listed, and each one's first 32 KB.
         heads = [hashlib.sha256(shard[: 1 << 15]).hexdigest() for shard in self.shards]
         self.fingerprint = [meta["splits"][split], heads]
-        self.position = 0  # where the next step starts in this epoch's stream
+        # Where the next step starts in this epoch's stream.
+        self.position = 0
         self.set_epoch(0)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
-        order = np.arange(
-            len(self.shards)
-        )  # val: in file order, the same tokens at every evaluation
+        # The val shards in their order: every evaluation reads the same tokens. The train shards
+        # in another order each epoch, or the loss would rise and fall with the epoch.
+        self.order = np.arange(len(self.shards))
         if self.split == "train":
-            # The same order every epoch would make the loss rise and fall with it.
-            rng = np.random.default_rng([self.seed, epoch])
-            order = rng.permutation(len(self.shards))
-        self.order = [self.shards[i] for i in order]
-        self.order_names = [self.names[i] for i in order]
-        # where each shard starts in the stream
-        self.starts = np.cumsum([0] + [len(shard) for shard in self.order])
+            self.order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        # Where each shard starts in the stream.
+        self.starts = np.cumsum([0] + [len(self.shards[i]) for i in self.order])
 
     def read(self, start, n):
         """n tokens of the stream from position start, as int64 (what cross_entropy's targets are)."""
         out = np.empty(n, dtype=np.int64)
         filled = 0
-        shard = int(np.searchsorted(self.starts, start, side="right")) - 1  # the one holding start
+        # The shard that holds position start; what is missing then comes from the next ones.
+        i = int(np.searchsorted(self.starts, start, side="right")) - 1
         while filled < n:
-            offset = start + filled - self.starts[shard]
-            piece = self.order[shard][offset : offset + n - filled]
+            offset = start + filled - self.starts[i]
+            piece = self.shards[self.order[i]][offset : offset + n - filled]
             # An id past the vocabulary would stop a GPU with a device-side assert: say which file.
             if len(piece) > 0 and piece.max() >= 50257:
                 raise UserError(
-                    f"{self.order_names[shard]} holds token id {int(piece.max())} near position "
+                    f"{self.names[self.order[i]]} holds token id {int(piece.max())} near position "
                     f"{offset:,}, outside GPT-2's 50,257: re-run prepare_data.py for it"
                 )
             out[filled : filled + len(piece)] = piece
             filled += len(piece)
-            shard += 1  # what is still missing comes from the next shard
+            i += 1
         return out
 
     def window(self, start):
-        tokens = torch.from_numpy(self.read(start, self.B * self.T + 1))  # + 1: the last target
-        x = tokens[:-1].view(self.B, self.T)  # inputs
-        y = tokens[1:].view(self.B, self.T)  # targets: each input's next token
+        """(B, T) inputs from position start, and their targets: each input's next token."""
+        tokens = torch.from_numpy(self.read(start, self.B * self.T + 1))
+        x = tokens[:-1].view(self.B, self.T)
+        y = tokens[1:].view(self.B, self.T)
         return x, y
 
     def steps_per_epoch(self, grad_accum):
-        tokens_per_step = grad_accum * self.world_size * self.B * self.T
-        return (self.total_tokens - 1) // tokens_per_step  # - 1: the last token has no target
+        # The stream's last token is a target only.
+        return (self.total_tokens - 1) // (grad_accum * self.world_size * self.B * self.T)
 
     def next_step(self, grad_accum):
         """This rank's grad_accum micro-batches of the next optimizer step."""
@@ -456,7 +467,8 @@ class PretrainLoader:
         return min(max_batches, (self.total_tokens - 1) // (self.B * self.T))
 
     def eval_batch(self, i):
-        return self.window(i * self.B * self.T)  # the split's i-th batch from its start
+        # The split's i-th batch from its start.
+        return self.window(i * self.B * self.T)
 
     def state_dict(self):
         return {"epoch": self.epoch, "position": self.position}
@@ -472,20 +484,24 @@ class PretrainLoader:
 
 def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
     """Linear warmup to max_lr over warmup_steps, then a cosine decay to min_lr at max_steps."""
+    # step + 1: the first step does not train at a learning rate of 0.
     if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps  # step + 1: the first step does not train at 0
+        return max_lr * (step + 1) / warmup_steps
+    # Past max_steps the cosine would climb back up.
     if step >= max_steps:
-        return min_lr  # past max_steps the cosine would climb back up
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # from 0 to 1
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
 def configure_optimizer(model, weight_decay, learning_rate):
-    """AdamW, fused (one kernel for every parameter); weight decay on the matrices only."""
-    params = [p for p in model.parameters() if p.requires_grad]  # tied wte / lm_head: once
+    """AdamW, fused (one kernel for every parameter); weight decay on the matrices only: the
+    biases and LayerNorm gains need none."""
+    # parameters() yields the tied wte / lm_head once.
+    params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},  # biases, gains
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     # GPT-3's betas: with beta2 0.95, not 0.999, AdamW follows the gradients' scale within ~20 steps.
     return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=True)
@@ -539,7 +555,8 @@ def setup_distributed(device):
     if device.startswith("cuda"):
         # float32 matmuls in TF32 (A100 and later): several times faster, precise enough to train.
         torch.set_float32_matmul_precision("high")
-    if "LOCAL_RANK" not in os.environ:  # a single process, not started by torchrun
+    # A single process, not started by torchrun.
+    if "LOCAL_RANK" not in os.environ:
         return device
     if not device.startswith("cuda"):
         torch.distributed.init_process_group("gloo")
@@ -584,7 +601,8 @@ def forward_backward(model, micro_batches, dtype, scaler, stop=False):
     # average the gradients over the ranks.
     counts = torch.stack([(y != -100).sum() for _, y in micro_batches]).float()
     stop_flag = torch.tensor(float(stop), device=counts.device)
-    totals = all_reduce_sum(torch.stack([counts.sum(), stop_flag]))  # targets, ranks stopping
+    # The step's targets, and the ranks that must stop.
+    totals = all_reduce_sum(torch.stack([counts.sum(), stop_flag]))
     _, world_size = rank_and_world_size()
     loss_sum = torch.zeros((), device=counts.device)
     for i, (x, y) in enumerate(micro_batches):
@@ -597,7 +615,8 @@ def forward_backward(model, micro_batches, dtype, scaler, stop=False):
         with autocast(x.device, dtype):
             _, loss = model(x, y)
         weight = counts[i] / totals[0] * world_size
-        scaler.scale(loss * weight).backward()  # float16: scaled up, so that nothing underflows
+        # float16: the loss scaled up, so that small gradients do not underflow.
+        scaler.scale(loss * weight).backward()
         loss_sum += loss.detach().float() * weight / world_size
     loss = all_reduce_sum(loss_sum).item()
     return loss, bool(totals[1] > 0)
@@ -612,8 +631,9 @@ def parallelize(model, dtype, args):
         return model
     if args.compile:
         model = torch.compile(model)
+    # DDP finds the model on the GPU that setup_distributed gave this process.
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        model = DistributedDataParallel(model)  # on the GPU set_device chose, if any
+        model = DistributedDataParallel(model)
     return model
 
 
@@ -652,26 +672,24 @@ def model_to_train(args):
     resume, a new model, or a trained one (OpenAI's, a Hugging Face folder, a .pt of ours)."""
     if args.init_from == "resume":
         return load_run_to_resume(args)  # (appendix) checked against the flags given now
-    # A new run never writes over another.
-    if os.path.exists(os.path.join(args.out_dir, "ckpt.pt")):
-        raise UserError(
-            f"{args.out_dir} already holds a checkpoint of an earlier run: continue it with "
-            "--init_from resume, or choose another --out_dir"
-        )
-    if os.path.exists(os.path.join(args.out_dir, "log.jsonl")):
-        raise UserError(
-            f"{args.out_dir} already holds the log of an earlier run, which saved no checkpoint: "
-            "move its log.jsonl away to start again there, or choose another --out_dir"
-        )
+    # A new run never writes over another one's checkpoint or log.
+    for name in ("ckpt.pt", "log.jsonl"):
+        if os.path.exists(os.path.join(args.out_dir, name)):
+            raise UserError(
+                f"{args.out_dir} already holds a checkpoint or log of an earlier run: continue it "
+                f"with --init_from resume (or, with no ckpt.pt, move its {name} away), or choose "
+                "another --out_dir"
+            )
     if args.init_from == "scratch":
         return GPT(new_model_config(args)), None
     model, _ = load_model(args.init_from, padded_vocab_size=50304)  # (appendix)
-    if args.block_size is not None and args.block_size > model.config.block_size:
+    learned = model.config.block_size
+    if args.block_size is not None and args.block_size > learned:
         raise UserError(
-            f"--block_size {args.block_size} is longer than the {model.config.block_size} "
-            f"positions {args.init_from} has learned: give at most {model.config.block_size}"
+            f"--block_size {args.block_size} is longer than the {learned} positions "
+            f"{args.init_from} has learned: give at most {learned}"
         )
-    if args.block_size is not None and args.block_size < model.config.block_size:
+    if args.block_size is not None and args.block_size < learned:
         # Shorter sequences: the model keeps the embeddings of its first positions.
         model.config.block_size = args.block_size
         wpe = model.transformer.wpe.weight[: args.block_size].clone()
@@ -683,12 +701,14 @@ def model_to_train(args):
 def atomic_write(path):
     """A file opened under a temporary name and renamed when whole: a crash, a Ctrl-C or a full
     disk never leaves half a file under path."""
-    tmp = f"{path}.tmp"  # in the same folder: a rename is atomic within one filesystem
+    # In the same folder: a rename is atomic within one filesystem only.
+    tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") as f:
             yield f
+            # On the disk before the rename makes it the real file.
             f.flush()
-            os.fsync(f.fileno())  # on the disk before the rename makes it the real file
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except Exception as e:
         raise_if_disk_full(path, e)  # (appendix) torch.save says "unexpected pos" instead
@@ -723,7 +743,7 @@ def resume_training(checkpoint, model, optimizer, scaler, train_loader):
     options = StateDictOptions(full_state_dict=True)
     set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=options)
     scaler.load_state_dict(checkpoint["scaler"])
-    train_loader.load_state_dict(checkpoint["loader"])  # no batch twice, none skipped
+    train_loader.load_state_dict(checkpoint["loader"])
     return checkpoint["step"]
 
 
@@ -746,13 +766,14 @@ def evaluate_loss(model, loader, max_batches, dtype):
     device = next(model.parameters()).device
     n = loader.eval_steps(max_batches)
     rounds = math.ceil(n / loader.world_size)
-    sums = torch.zeros(2, device=device)  # the summed loss, and the number of targets
+    # The summed loss, and the number of targets: fine-tuning's batches hold different numbers.
+    sums = torch.zeros(2, device=device)
     for i in range(loader.rank, rounds * loader.world_size, loader.world_size):
         x, y = loader.eval_batch(min(i, n - 1))
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
             _, loss = model(x, y)
-        count = (y != -100).sum() * (i < n)  # fine-tuning batches hold different numbers of targets
+        count = (y != -100).sum() * (i < n)
         sums += torch.stack([loss.float() * count, count.float()])
     sums = all_reduce_sum(sums)
     return (sums[0] / sums[1]).item()
@@ -768,7 +789,8 @@ def sample_prompt(prompt, enc, val_loader, template):
     if prompt is not None:
         tokens = encode_prompt(enc, prompt)
     else:
-        tokens = val_loader.read(0, 9).tolist()  # <|endoftext|> and 8 tokens more
+        # <|endoftext|>, then the split's first 8 tokens.
+        tokens = val_loader.read(0, 9).tolist()
     text = enc.decode([token for token in tokens if token != EOT_TOKEN])
     return tokens, text
 
@@ -782,11 +804,8 @@ def show_samples(model, enc, prompt, n, dtype):
     # Eager: under FSDP the compiled blocks would compile again for every layer and length.
     with autocast(device, dtype), torch.compiler.set_stance("force_eager"):
         out = model.generate(ids, max_new_tokens=32, top_k=50, generator=generator)
-    texts = []
-    for row in out.tolist():
-        text = enc.decode(row[ids.size(1) :])
-        texts.append(text.split("<|endoftext|>")[0])  # until a document ends
-    return texts
+    # Each sample until its document ends.
+    return [enc.decode(row[ids.size(1) :]).split("<|endoftext|>")[0] for row in out.tolist()]
 
 
 # -----------------------------------------------------------------------------
@@ -801,10 +820,12 @@ def train(args):
     device = setup_distributed(args.device)
     rank, world_size = rank_and_world_size()
     dtype = pick_dtype(device, args.dtype)
-    torch.manual_seed(args.seed)  # the same seed on every rank: the same fresh weights everywhere
+    # The same seed on every rank: the same fresh weights everywhere.
+    torch.manual_seed(args.seed)
 
     # What can refuse the run is checked now, before --out_dir is touched, not after hours of steps.
-    raw_model, checkpoint = model_to_train(args)  # raw: not wrapped for speed, as it is saved
+    # The raw model is the one saved and sampled; the model wrapped for speed (below) trains it.
+    raw_model, checkpoint = model_to_train(args)
     raw_model.to(device)
     block_size = raw_model.config.block_size
     Loader = PretrainLoader
@@ -817,13 +838,13 @@ def train(args):
         args.data_dir, "val", args.batch_size, block_size, rank, world_size, args.seed
     )
     # --total_batch_size counts tokens when pretraining (batch x block_size x GPUs x micro-steps),
-    # examples when fine-tuning. What a micro-step cannot hold is gradient accumulation.
+    # examples when fine-tuning. What one micro-step on every GPU cannot hold is accumulated.
     per_micro_step = args.batch_size * world_size
     if args.mode == "pretrain":
         per_micro_step *= block_size
     if args.total_batch_size % per_micro_step != 0:
         raise UserError(total_batch_size_error(args, per_micro_step))  # (appendix) what fits
-    grad_accum = args.total_batch_size // per_micro_step  # micro-steps per step on each rank
+    grad_accum = args.total_batch_size // per_micro_step
     steps_per_epoch = train_loader.steps_per_epoch(grad_accum)
     if steps_per_epoch == 0:
         raise UserError(
@@ -836,7 +857,8 @@ def train(args):
     if args.mode == "pretrain" and args.hellaswag:
         hellaswag = load_hellaswag(args.hellaswag_path, args.hellaswag_limit)  # (appendix)
     enc = get_tokenizer()
-    template = None  # fine-tuning's prompt template: sample and chat wrap a prompt in it
+    # A fine-tuned model keeps its prompt template: sample and chat wrap a prompt in it.
+    template = None
     if args.mode == "finetune":
         template = train_loader.template
     prompt, prompt_text = sample_prompt(args.prompt, enc, val_loader, template)
@@ -844,6 +866,7 @@ def train(args):
     # The run. The optimizer comes after FSDP, which replaces the parameters.
     model = parallelize(raw_model, dtype, args)
     optimizer = configure_optimizer(raw_model, args.weight_decay, args.max_lr)
+    # float16 needs its loss scaled; with other dtypes the scaler does nothing.
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
     step = 0
     if checkpoint is not None:
@@ -856,26 +879,29 @@ def train(args):
         f"{grad_accum} micro-steps of {args.batch_size} a step, {max_steps} steps "
         f"({steps_per_epoch} an epoch)"
     )
-    # MFU: the FLOPs of a step's tokens against the GPUs' peak (None for an unknown GPU)
+    # MFU: the FLOPs of a step's tokens against the GPUs' peak (None for an unknown GPU).
     peak = None
     if device.startswith("cuda"):
         peak = peak_flops(device)  # (appendix)
-    max_norm = math.inf  # --grad_clip 0: the norm is measured, not clipped
+    # --grad_clip 0: the gradients' norm is measured, not clipped.
+    max_norm = math.inf
     if args.grad_clip > 0:
         max_norm = args.grad_clip
     log_path = os.path.join(args.out_dir, "log.jsonl")
     checkpoint_path = os.path.join(args.out_dir, "ckpt.pt")
     saved_step = start_step  # the step of the checkpoint on the disk
-    state = None  # what a checkpoint of the weights as they are now holds besides them
+    state = None
     tracker = None
     guard = RunGuard(args.out_dir)  # (appendix) --out_dir locked; Ctrl-C saves, then stops
 
     try:
         if checkpoint is not None:
-            truncate_log(log_path, step)  # (appendix) steps logged after the checkpoint: redone
+            # A run killed after its checkpoint had logged steps it now does again.
+            truncate_log(log_path, step)  # (appendix)
         if args.wandb_project:
             tracker = start_wandb(args, checkpoint)  # (appendix)
-        checkpoint = None  # its weights and moments are in place: the copy is freed
+        # The weights and AdamW's moments are in place: the checkpoint's copy is freed.
+        checkpoint = None
         t_start = time.time()
         while True:
             # What a checkpoint of this step holds besides the weights, before the loader moves on.
@@ -910,40 +936,52 @@ def train(args):
                 print0(f"{args.out_dir} is at step {step} of --max_steps {max_steps}: done")
                 break
 
-            t0 = time.time()  # after the evaluation: a step is its data, forward, backward, update
+            # --------------- THE OPTIMIZER STEP, BEGIN ---------------
+            # A step's time is its data, forward, backward and update: the evaluation is done.
+            t0 = time.time()
             lr = get_lr(
                 step, args.max_lr, args.max_lr * args.min_lr_ratio, args.warmup_steps, max_steps
             )
-            for group in optimizer.param_groups:  # both groups, with and without weight decay
+            # Both groups follow the schedule, with and without weight decay.
+            for group in optimizer.param_groups:
                 group["lr"] = lr
             micro_batches = []
             for x, y in train_loader.next_step(grad_accum):
                 micro_batches.append((x.to(device), y.to(device)))
             loss, stop = forward_backward(model, micro_batches, dtype, scaler, guard.stop_requested)
-            scaler.unscale_(optimizer)  # float16: the true gradients, for their norm and clipping
+            # float16: the true gradients, for their norm and the clipping.
+            scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
-            # float16's scaler skips a step whose gradients overflowed (and scales down): no error.
+            # float16's scaler skips a step whose gradients overflowed, and scales down: no error.
             norm_bad = not math.isfinite(grad_norm) and not scaler.is_enabled()
             if not math.isfinite(loss) or norm_bad:
-                state = None  # weights that lead to a non-finite loss are not worth saving
+                state = None  # weights whose next loss is not finite are not worth saving
                 raise non_finite_error(step, loss, grad_norm, checkpoint_path, saved_step)
             # A checkpoint due at this step is written now that its weights have proved finite.
             if stop or (step > start_step and step % args.ckpt_interval == 0):
                 save_checkpoint(checkpoint_path, raw_model, optimizer, state)
                 saved_step = step
-            if stop:  # this step's update is dropped: the checkpoint resumes it exactly
+            # Stopped (Ctrl-C, SIGTERM): the update is dropped, and the checkpoint resumes it.
+            if stop:
                 print0("stopped; continue with --init_from resume")
                 break
-            scaler.step(optimizer)  # optimizer.step(), unless float16's gradients overflowed
+            # optimizer.step(), unless float16's gradients overflowed.
+            scaler.step(optimizer)
             scaler.update()
-            state = None  # the weights moved on: no checkpoint of the old state from now on
-            optimizer.zero_grad(set_to_none=True)  # None: the memory is free until the backward
+            # The weights moved on: the state taken before no longer describes them.
+            state = None
+            # None, not zeros: the gradients' memory is free until the next backward.
+            optimizer.zero_grad(set_to_none=True)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()  # the GPU runs behind Python: wait for the step's end
-            step += 1  # the steps done, as a checkpoint counts them
+            # step counts the steps done, as a checkpoint does.
+            step += 1
+            # --------------- THE OPTIMIZER STEP, END ---------------
+            # What follows only reports the step.
 
             dt = time.time() - t0
-            tokens = world_size * sum(x.numel() for x, _ in micro_batches)  # with any padding
+            # All GPUs' tokens; fine-tuning's with their padding.
+            tokens = world_size * sum(x.numel() for x, _ in micro_batches)
             eta = (time.time() - t_start) / (step - start_step) * (max_steps - step)
             entry = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
             entry["ms"] = 1000 * dt
@@ -965,7 +1003,8 @@ def train(args):
                 save_checkpoint(checkpoint_path, raw_model, optimizer, state)
         raise
     finally:
-        guard.close(tracker)  # Ctrl-C means Ctrl-C again; the lock is given back; wandb ends
+        # Ctrl-C means Ctrl-C again, the lock is given back, and wandb's run ends.
+        guard.close(tracker)
 
 
 # -----------------------------------------------------------------------------
@@ -981,21 +1020,17 @@ def stream_text(model, enc, tokens, args, generator=None):
     # A token may end in the middle of a character: bytes are printed once they make one.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     pieces = []
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     with autocast(device, pick_dtype(str(device), args.dtype)):
-        for token in model.stream(
-            ids,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            generator=generator,
-        ):
+        for token in model.stream(ids, None, args.max_new_tokens, generator=generator, **sampling):
             token_id = token.item()
-            if token_id == EOT_TOKEN:  # the end of a fine-tuned answer, or of a document
+            # The end of a fine-tuned answer, or of a document.
+            if token_id == EOT_TOKEN:
                 break
             pieces.append(decoder.decode(enc.decode_single_token_bytes(token_id)))
             print(pieces[-1], end="", flush=True)
-    pieces.append(decoder.decode(b"", final=True))  # a character cut off shows as U+FFFD
+    # The bytes of a character cut off at the end show as U+FFFD.
+    pieces.append(decoder.decode(b"", final=True))
     print(pieces[-1])
     return "".join(pieces)
 
@@ -1003,12 +1038,14 @@ def stream_text(model, enc, tokens, args, generator=None):
 def sample(args):
     """--mode sample: continue each --prompt, --num_samples times, printed as it is generated (a
     fine-tuned model answers the prompt instead)."""
-    device = setup_distributed(args.device)  # one process: sampling needs no torchrun
+    # One process: sampling needs no torchrun.
+    device = setup_distributed(args.device)
     model, template = load_model(args.init_from)  # (appendix) a .pt, a run folder, HF, OpenAI's
     model.to(device)
     model.eval()
     enc = get_tokenizer()
-    generator = None  # fresh samples every time, unless --seed is given
+    # Other samples every time, unless --seed is given.
+    generator = None
     if args.seed is not None:
         generator = torch.Generator(device).manual_seed(args.seed)
     several = len(args.prompt) > 1 or args.num_samples > 1
@@ -1017,10 +1054,11 @@ def sample(args):
         for j in range(args.num_samples):
             if several:
                 print(f"--- sample {j + 1} of prompt {i + 1}")
+            # A continuation goes on on the prompt's line; an answer starts on its own.
             if template is None:
-                print(prompt, end="", flush=True)  # the continuation goes on on its line
+                print(prompt, end="", flush=True)
             else:
-                print(prompt)  # the instruction, then its answer
+                print(prompt)
             stream_text(model, enc, tokens, args, generator)
 
 
@@ -1042,8 +1080,9 @@ def main(argv=None):
         if message is None:
             raise
         exit_with(args, f"error: {message}", 1)  # (appendix)
-    except KeyboardInterrupt:  # Ctrl-C (training handles the first one itself, and saves)
-        exit_with(args, "interrupted", 130)  # the shell's code for "killed by SIGINT"
+    except KeyboardInterrupt:
+        # A second Ctrl-C (training handles the first one, and saves). 130: "killed by SIGINT".
+        exit_with(args, "interrupted", 130)
     if torch.distributed.is_initialized():
         end_process_group(args)  # (appendix)
 
@@ -1098,125 +1137,62 @@ def device_flag(text):
 
 
 def flags():
-    """Every flag: the modes that take it, its default there, its type (a list: its choices), and
-    a help line true for those modes."""
+    """Every flag: the modes that take it, its default (another mode's: MODE_DEFAULTS), its type
+    (a list: its choices), and a help line true for those modes."""
     count = number(int, 1)
     count0 = number(int, 0)
     seed = number(int, 0, 2**32 - 1)
-    positive = number(float, 0, above=True)
     switch = [0, 1]
     # torch.compile needs Triton: Linux with a GPU (Windows has no Triton by default).
     compile_default = int(torch.cuda.is_available() and sys.platform != "win32")
     models = "gpt2, gpt2-medium, gpt2-large, gpt2-xl | a .pt | a run or Hugging Face GPT-2 folder"
-    run_dir = "the run's folder: ckpt.pt, log.jsonl"
+    run = "pretrain finetune sample chat eval bench"
+    train = "pretrain finetune"
+    new = "pretrain bench"
     return [
-        ("--init_from", "pretrain", "scratch", str, f"scratch | resume (--out_dir's) | {models}"),
-        ("--init_from", "finetune", "gpt2", str, f"resume (--out_dir's) | {models}"),
-        ("--init_from", "sample eval export", "gpt2", str, models),
-        ("--init_from", "chat", "out/finetune", str, "a fine-tuned model: a .pt, run or export"),
-        ("--data_dir", "pretrain", "data/fineweb_edu_10B", str, "made by prepare_data.py"),
-        ("--data_dir", "finetune", "data/alpaca", str, "made by prepare_data.py --sft"),
-        ("--data_dir", "eval", None, str, "for the val loss (default: a run's own data)"),
-        ("--out_dir", "pretrain", "out/pretrain", str, run_dir),
-        ("--out_dir", "finetune", "out/finetune", str, run_dir),
+        (
+            "--init_from",
+            train,
+            "scratch",
+            str,
+            f"{models} | resume (--out_dir's run) | pretrain: scratch",
+        ),
+        ("--init_from", "sample chat eval export", "gpt2", str, models),
+        ("--data_dir", "pretrain finetune eval", "data/fineweb_edu_10B", str, "prepare_data.py's"),
+        (
+            "--out_dir",
+            "pretrain finetune plot",
+            "out/pretrain",
+            str,
+            "the run's: ckpt.pt, log.jsonl",
+        ),
         ("--out_dir", "eval", "out/eval", str, "where eval.json is written"),
         ("--out_dir", "export", None, str, "a new, empty folder for the Hugging Face files"),
-        ("--out_dir", "plot", "out/pretrain", str, "a run's folder: log.jsonl -> plot.png"),
-        (
-            "--device",
-            "pretrain finetune sample chat eval bench",
-            "auto",
-            device_flag,
-            "auto (cuda, else mps, else cpu) | cuda:N",
-        ),
-        (
-            "--dtype",
-            "pretrain finetune sample chat eval bench",
-            "auto",
-            ["auto", "bfloat16", "float16", "float32"],
-            "of the matmuls",
-        ),
-        (
-            "--seed",
-            "pretrain finetune bench",
-            1337,
-            seed,
-            "of the initial weights and the data order",
-        ),
-        ("--seed", "sample chat", None, seed, "of the sampling (default: new samples)"),
-        (
-            "--model",
-            "pretrain bench",
-            "gpt2",
-            ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"],
-            "size",
-        ),
-        ("--n_layer", "pretrain bench", None, count, "blocks, instead of --model's"),
-        ("--n_head", "pretrain bench", None, count, "heads, instead of --model's"),
-        ("--n_embd", "pretrain bench", None, count, "width, instead of --model's"),
-        ("--batch_size", "pretrain bench", 64, count, "sequences a micro-step, per GPU"),
-        ("--batch_size", "finetune", 8, count, "examples a micro-step, per GPU"),
-        ("--batch_size", "eval", 16, count, "sequences a batch (default: a run's own)"),
-        (
-            "--block_size",
-            "pretrain finetune",
-            None,
-            count,
-            "sequence length (default: 1024, or the model's)",
-        ),
+        ("--device", run, "auto", device_flag, "auto (cuda, else mps, else cpu) | cuda:N"),
+        ("--dtype", run, "auto", ["auto", "bfloat16", "float16", "float32"], "of the matmuls"),
+        ("--seed", "pretrain finetune bench", 1337, seed, "of the initial weights and data order"),
+        ("--seed", "sample chat", None, seed, "of the sampling (default: new samples each time)"),
+        ("--model", new, "gpt2", ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"], "its size"),
+        ("--n_layer", new, None, count, "blocks, instead of --model's"),
+        ("--n_head", new, None, count, "attention heads, instead of --model's"),
+        ("--n_embd", new, None, count, "width, instead of --model's"),
+        ("--block_size", train, None, count, "sequence length (default: 1024, or the model's)"),
         ("--block_size", "bench", 1024, count, "sequence length"),
-        (
-            "--compile",
-            "pretrain finetune bench",
-            compile_default,
-            switch,
-            "1: torch.compile the model",
-        ),
-        ("--val_steps", "pretrain", 160, count, "val batches an evaluation, all GPUs"),
-        ("--val_steps", "finetune", 50, count, "val batches an evaluation, all GPUs"),
-        ("--val_steps", "eval", 160, count, "val batches (default: a run's own)"),
-        ("--total_batch_size", "pretrain", 524288, count, "tokens a step, all GPUs"),
-        ("--total_batch_size", "finetune", 32, count, "examples a step, all GPUs"),
-        ("--max_lr", "pretrain", 6e-4, positive, "the peak learning rate"),
-        ("--max_lr", "finetune", 2e-5, positive, "the peak learning rate"),
-        (
-            "--min_lr_ratio",
-            "pretrain finetune",
-            0.1,
-            number(float, 0, 1),
-            "the LR decays to max_lr x this",
-        ),
-        ("--warmup_steps", "pretrain", 715, count0, "steps of linear warmup to max_lr"),
-        ("--warmup_steps", "finetune", 100, count0, "steps of linear warmup to max_lr"),
-        (
-            "--max_steps",
-            "pretrain finetune",
-            None,
-            count,
-            "optimizer steps (default: --epochs of the data)",
-        ),
-        ("--epochs", "pretrain", 1, count, "passes over the data, without --max_steps"),
-        ("--epochs", "finetune", 2, count, "passes over the data, without --max_steps"),
-        ("--weight_decay", "pretrain finetune", 0.1, number(float, 0), "AdamW's, on matrices only"),
-        (
-            "--grad_clip",
-            "pretrain finetune",
-            1.0,
-            number(float, 0),
-            "the gradients' largest norm; 0: any",
-        ),
-        ("--eval_interval", "pretrain", 250, count, "steps between evaluations"),
-        ("--eval_interval", "finetune", 200, count, "steps between evaluations"),
-        ("--eval_samples", "pretrain finetune", 4, count0, "samples at each evaluation"),
-        (
-            "--prompt",
-            "pretrain finetune",
-            None,
-            str,
-            "what they continue (default: the val split's start)",
-        ),
-        ("--ckpt_interval", "pretrain", 5000, count, "steps between checkpoints, and the end"),
-        ("--ckpt_interval", "finetune", 1000, count, "steps between checkpoints, and the end"),
+        ("--batch_size", run, 64, count, "a micro-batch's sequences (finetune: examples), per GPU"),
+        ("--compile", train + " bench", compile_default, switch, "1: torch.compile the model"),
+        ("--val_steps", "pretrain finetune eval", 160, count, "val batches, all GPUs"),
+        ("--total_batch_size", train, 524288, count, "a step's tokens (finetune: examples)"),
+        ("--max_lr", train, 6e-4, number(float, 0, above=True), "the peak learning rate"),
+        ("--min_lr_ratio", train, 0.1, number(float, 0, 1), "the LR decays to max_lr x this"),
+        ("--warmup_steps", train, 715, count0, "steps of linear warmup to max_lr"),
+        ("--max_steps", train, None, count, "optimizer steps (default: --epochs of the data)"),
+        ("--epochs", train, 1, count, "passes over the data, without --max_steps"),
+        ("--weight_decay", train, 0.1, number(float, 0), "AdamW's, on matrices only"),
+        ("--grad_clip", train, 1.0, number(float, 0), "the gradients' largest norm; 0: any"),
+        ("--eval_interval", train, 250, count, "steps between evaluations"),
+        ("--eval_samples", train, 4, count0, "samples at each evaluation"),
+        ("--prompt", train, None, str, "what they continue (default: the val split's start)"),
+        ("--ckpt_interval", train, 5000, count, "steps between checkpoints (and at the end)"),
         (
             "--prompt",
             "sample",
@@ -1225,40 +1201,42 @@ def flags():
             "again for more (default: Hello, I'm a language model,)",
         ),
         ("--num_samples", "sample", 1, count, "samples of each prompt"),
-        ("--max_new_tokens", "sample", 64, count0, "tokens generated at most"),
-        ("--max_new_tokens", "chat", 256, count0, "tokens generated at most"),
+        ("--max_new_tokens", "sample chat", 64, count0, "tokens generated at most"),
         # nanoGPT's defaults: a small model at temperature 1 drifts into noise.
         ("--temperature", "sample chat", 0.8, number(float, 0), "0: greedy; < 1: sharper"),
         ("--top_k", "sample chat", 200, count0, "sample among the k likeliest; 0: all"),
         ("--top_p", "sample chat", 1.0, number(float, 0, 1, above=True), "nucleus sampling"),
-        ("--fsdp", "pretrain finetune bench", 0, switch, "1: shard over the GPUs (FSDP2)"),
-        (
-            "--activation_checkpointing",
-            "pretrain finetune bench",
-            0,
-            switch,
-            "1: less memory, slower",
-        ),
-        (
-            "--wandb_project",
-            "pretrain finetune",
-            None,
-            str,
-            "also log to Weights & Biases (pip install wandb)",
-        ),
-        ("--hellaswag", "pretrain", 0, switch, "1: score HellaSwag at each evaluation"),
-        ("--hellaswag", "eval", 1, switch, "1: score HellaSwag"),
+        ("--fsdp", train + " bench", 0, switch, "1: shard over the GPUs (FSDP2)"),
+        ("--activation_checkpointing", train + " bench", 0, switch, "1: less memory, slower"),
+        ("--wandb_project", train, None, str, "also log to Weights & Biases (pip install wandb)"),
+        ("--hellaswag", "pretrain eval", 0, switch, "1: score HellaSwag (at each evaluation)"),
         ("--hellaswag_path", "pretrain eval", "data/hellaswag/hellaswag_val.jsonl", str, ""),
-        (
-            "--hellaswag_limit",
-            "pretrain eval",
-            None,
-            count,
-            "its first N items (default: all)",
-        ),
+        ("--hellaswag_limit", "pretrain eval", None, count, "its first N items (default: all)"),
         ("--bench_steps", "bench", 20, count, "training steps"),
         ("--bench_warmup", "bench", 5, count0, "of them, the first ones not timed (compiling)"),
     ]
+
+
+# Where a mode's defaults differ from those above
+MODE_DEFAULTS = {
+    "finetune": dict(
+        init_from="gpt2",
+        data_dir="data/alpaca",
+        out_dir="out/finetune",
+        batch_size=8,
+        val_steps=50,
+        total_batch_size=32,
+        max_lr=2e-5,
+        warmup_steps=100,
+        epochs=2,
+        eval_interval=200,
+        ckpt_interval=1000,
+    ),
+    "chat": dict(init_from="out/finetune", max_new_tokens=256),
+    # eval: a run's own data and batches (parse_args reads them), else none.
+    "eval": dict(data_dir=None, batch_size=16, hellaswag=1),
+    "export": dict(init_from=None),
+}
 
 
 def parse_args(argv):
@@ -1284,6 +1262,7 @@ def parse_args(argv):
             p.add_argument(name, default=default, type=type(kind[0]), choices=kind, help=text)
         else:
             p.add_argument(name, default=default, type=kind, help=text)
+    p.set_defaults(**MODE_DEFAULTS.get(mode, {}))
     args = p.parse_args(argv)
     if mode in TRAIN and args.init_from == "resume":
         p.set_defaults(**saved_args(args.out_dir))
@@ -1333,13 +1312,15 @@ def check_args(p, args):
     if args.mode == "bench" and args.bench_warmup >= args.bench_steps:
         p.error("--bench_warmup leaves none of the --bench_steps to time: give fewer warm-up steps")
     if init_from in PRESETS:
-        message = not_downloadable(init_from)  # in seconds, not after a minute of retries
+        # Said in seconds, rather than after a minute of retries.
+        message = not_downloadable(init_from)
         if message is not None:
             p.error(message)
     try:
         if getattr(args, "data_dir", None) is not None:
             check_data(args.data_dir, args.mode)
-    except UserError as e:  # one line, as the others, its advice to run as written
+    # One line, as other mistakes are, but its advice must run as written: no "(see --help)".
+    except UserError as e:
         p.exit(2, f"error: {e}\n")
 
 
@@ -1364,7 +1345,8 @@ def check_data(data_dir, mode):
             f"data folder {os.path.abspath(data_dir)} not found, or not prepared (no meta.json): "
             f"run prepare_data.py{sft} (the same command resumes an interrupted one)"
         ) from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:  # not JSON, or not prepare_data.py's
+    # Not JSON, or not prepare_data.py's.
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(
             f"{data_dir}/meta.json is not prepare_data.py's ({type(e).__name__}: {e}): {REPREPARE}"
         ) from None
@@ -1391,7 +1373,8 @@ def load_array(path, dtype, length=None):
         array = np.load(path, mmap_mode="r")
     except OSError as e:  # missing, or unreadable
         raise UserError(f"{path} is {e.strerror}: {REPREPARE}") from None
-    except ValueError:  # a header numpy cannot read, or fewer bytes than it says
+    # A header numpy cannot read, or fewer bytes than it says.
+    except ValueError:
         raise UserError(f"{path} is cut short or not .npy: {REPREPARE}") from None
     if array.dtype != dtype or array.ndim != 1 or length not in (None, len(array)):
         expected = np.dtype(dtype).name if length is None else f"{length:,} {np.dtype(dtype)}"
@@ -1415,7 +1398,8 @@ class Parser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # "(default: ...)", unless there is none to show
+    # "(default: ...)", unless there is none to show.
+    def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
@@ -1444,7 +1428,8 @@ def saved_args(path, names=None):
         path = os.path.join(path, "ckpt.pt")
     try:  # mmap: only the flags are read, not the weights
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["args"]
-    except Exception:  # missing, unreadable or not ours: what reads it next says what is wrong
+    # Missing, unreadable or not ours: what reads it next says what is wrong.
+    except Exception:
         return {}
     names = set(names or saved) - {"init_from", "mode", "out_dir"}
     return {name: saved[name] for name in names if name in saved}
@@ -1503,7 +1488,8 @@ def load_model(init_from, padded_vocab_size=0):
     """A model to sample, evaluate, export or fine-tune, and its prompt template (or None): from
     our .pt or run folder, a Hugging Face GPT-2 folder, or OpenAI's."""
     if os.path.isfile(os.path.join(init_from, "ckpt.pt")):
-        init_from = os.path.join(init_from, "ckpt.pt")  # a run folder: its checkpoint
+        # A run folder: its checkpoint.
+        init_from = os.path.join(init_from, "ckpt.pt")
     if os.path.isfile(init_from):
         model, checkpoint = load_checkpoint(init_from)
         return model, checkpoint.get("prompt_template")
@@ -1516,7 +1502,8 @@ def load_model(init_from, padded_vocab_size=0):
     from transformers import AutoConfig
     from transformers.utils import logging
 
-    logging.set_verbosity_error()  # missing or mismatched weights are errors here, not warnings
+    # Missing or mismatched weights are errors here, not warnings.
+    logging.set_verbosity_error()
     try:
         hf = AutoConfig.from_pretrained(init_from)
         # Another value would silently make another model.
@@ -1526,11 +1513,13 @@ def load_model(init_from, padded_vocab_size=0):
         if hf.n_inner not in (None, 4 * hf.n_embd):
             raise ValueError(f"it sets n_inner={hf.n_inner}: not a GPT-2 as this one")
         model = GPT.from_pretrained(init_from, padded_vocab_size)
-    except (OSError, ValueError, SafetensorError) as e:  # a missing, broken or foreign folder
+    # A missing, broken or foreign folder.
+    except (OSError, ValueError, SafetensorError) as e:
         raise UserError(
             f"could not load {init_from!r} as a GPT-2 checkpoint: {first_line(e)}"
         ) from None
-    if model.config.vocab_size != 50257:  # tiktoken's GPT-2 ids would not fit, or not be its own
+    # tiktoken's GPT-2 ids would not fit, or not be this vocabulary's.
+    if model.config.vocab_size != 50257:
         raise UserError(
             f"{init_from} reads {model.config.vocab_size:,} token ids, not GPT-2's 50,257: "
             "another tokenizer's"
@@ -1545,7 +1534,8 @@ def load_checkpoint(path, keys=("model", "config")):
         # weights_only: a checkpoint is data, and loading it must never run code. mmap: the
         # weights are read from the file as they are copied, not held twice.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # truncated, random bytes, another program's file, Python objects
+    # Truncated, random bytes, another program's file, Python objects.
+    except Exception as e:
         refused = re.search(r"GLOBAL (\S+)", str(e))
         if refused:  # weights_only refused it: loading it would run code
             raise UserError(
@@ -1568,7 +1558,8 @@ def load_checkpoint(path, keys=("model", "config")):
     try:
         model = GPT(GPTConfig(**checkpoint["config"]))
         model.load_state_dict(checkpoint["model"])
-    except (TypeError, ValueError, RuntimeError) as e:  # another model's (nanoGPT's, say)
+    # Another model's (nanoGPT's, say).
+    except (TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"{path} does not hold this file's GPT-2: {first_line(e)}") from None
     return model, checkpoint
 
@@ -1598,7 +1589,8 @@ class RunGuard:
 
     def __init__(self, out_dir):
         self.out_dir = out_dir
-        self.made = not os.path.exists(out_dir)  # removed again if the run leaves nothing in it
+        # Removed again if the run leaves nothing in it.
+        self.made = not os.path.exists(out_dir)
         self.folder = None
         self.stop_requested = False
         if is_master():
@@ -1641,7 +1633,8 @@ class RunGuard:
             os.close(self.folder)  # releases the lock
             self.folder = None
             if self.made:
-                with contextlib.suppress(OSError):  # rmdir refuses a folder that is not empty
+                # rmdir refuses a folder that is not empty.
+                with contextlib.suppress(OSError):
                     os.rmdir(self.out_dir)
 
 
@@ -1768,7 +1761,8 @@ def end_process_group(args):
     if fsdp_on_gloo(args):
         sys.stdout.flush()
         os._exit(0)
-    torch.distributed.destroy_process_group()  # a clean exit: NCCL warns about a group left open
+    # A clean exit: NCCL warns about a group left open.
+    torch.distributed.destroy_process_group()
 
 
 def truncate_log(path, step):
@@ -1802,7 +1796,8 @@ def start_wandb(args, checkpoint):
         raise UserError(
             "--wandb_project needs a Weights & Biases login: run wandb login, or set WANDB_MODE=offline"
         )
-    run_id = checkpoint.get("wandb_id") if checkpoint else None  # saved in every checkpoint
+    # Saved in every checkpoint.
+    run_id = checkpoint.get("wandb_id") if checkpoint else None
     name = os.path.basename(os.path.normpath(args.out_dir))
     return wandb.init(
         project=args.wandb_project,
@@ -1829,9 +1824,12 @@ class InstructionLoader:
         self.world_size = world_size
         self.seed = seed
         path = os.path.join(data_dir, split)
-        tokens = load_array(f"{path}_tokens.npy", np.uint16)  # every example's, end to end
-        mask = load_array(f"{path}_mask.npy", np.uint8)  # 1 where a token is the answer's
-        offsets = load_array(f"{path}_offsets.npy", np.int64)  # example i: offsets[i] to [i + 1]
+        # Every example's tokens, end to end.
+        tokens = load_array(f"{path}_tokens.npy", np.uint16)
+        # 1 where a token is the answer's.
+        mask = load_array(f"{path}_mask.npy", np.uint8)
+        # Example i is tokens[offsets[i] : offsets[i + 1]].
+        offsets = load_array(f"{path}_offsets.npy", np.int64)
         # Instruction data is small (Alpaca: ~10M tokens): checked whole, up front.
         if len(offsets) < 2 or offsets[-1] != len(tokens) or tokens.max() >= 50257:
             raise UserError(
@@ -1845,7 +1843,8 @@ class InstructionLoader:
             self.examples.append((x[:-1], x.masked_fill(~is_answer, -100)[1:]))
         self.lengths = np.diff(offsets) - 1
         meta = json.load(open(os.path.join(data_dir, "meta.json")))
-        self.template = meta["prompt_template"]  # chat and sample wrap a prompt in it
+        # Chat and sample wrap a prompt in it.
+        self.template = meta["prompt_template"]
         if self.lengths.max() > block_size:
             command = meta.get("command")
             raise UserError(
@@ -1866,10 +1865,12 @@ class InstructionLoader:
         return x, y
 
     def steps_per_epoch(self, grad_accum):
-        return len(self.examples) // (grad_accum * self.world_size * self.B)  # the rest sits out
+        # The few examples left over sit the epoch out.
+        return len(self.examples) // (grad_accum * self.world_size * self.B)
 
     def next_step(self, grad_accum):
-        per_step = grad_accum * self.world_size * self.B  # examples a step, all ranks
+        # Examples in a step, over all ranks.
+        per_step = grad_accum * self.world_size * self.B
         if self.step_in_epoch >= self.steps_per_epoch(grad_accum):
             self.epoch += 1
             self.step_in_epoch = 0
@@ -1877,7 +1878,8 @@ class InstructionLoader:
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
         first = self.step_in_epoch * per_step
         step = order[first : first + per_step]  # the same on every rank
-        step = step[np.argsort(self.lengths[step], kind="stable")]  # by length, ties in order
+        # By length (ties keep their order): micro-batches of alike lengths pad little.
+        step = step[np.argsort(self.lengths[step], kind="stable")]
         self.step_in_epoch += 1
         batches = []
         for micro_step in range(grad_accum):
@@ -1887,7 +1889,8 @@ class InstructionLoader:
         return batches
 
     def eval_steps(self, max_batches):
-        return min(max_batches, math.ceil(len(self.examples) / self.B))  # the last may be short
+        # The last batch may be short.
+        return min(max_batches, math.ceil(len(self.examples) / self.B))
 
     def eval_batch(self, i):
         return self.batch(range(i * self.B, min((i + 1) * self.B, len(self.examples))))
@@ -1926,7 +1929,8 @@ def wrap_blocks(model, dtype, args):
             block = checkpoint_wrapper(block)
             model.transformer.h[i] = block
         if args.fsdp and args.compile:
-            block.compile()  # each block alone (without FSDP, the whole model is compiled)
+            # Each block alone (without FSDP, the whole model is compiled).
+            block.compile()
         if args.fsdp:
             # one all-gather in the forward pass and one reduce-scatter in the backward, a block
             fully_shard(block, mp_policy=mp_policy)
@@ -1944,17 +1948,17 @@ def wrap_blocks(model, dtype, args):
 # the numbers are one process's, whatever the number of GPUs.
 
 
-def load_hellaswag(path, limit=None, convention="completion"):
+def load_hellaswag(path, limit=None):
     """prepare_data.py --hellaswag's items, each checked (a broken one would be scored as wrong)."""
-    texts = ["ctx"]
-    if convention != "completion":  # lm-evaluation-harness builds its query from these
-        texts += ["activity_label", "ctx_a", "ctx_b"]
     if not os.path.exists(path):
         raise UserError(
             f"{path} not found: run prepare_data.py --hellaswag (or give --hellaswag_path)"
         )
+    # lm-evaluation-harness asks its query with the last three.
+    texts = ("ctx", "activity_label", "ctx_a", "ctx_b")
     items = []
-    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported as any bad line
+    # Bytes: a line that is not UTF-8 is reported as any bad line.
+    with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
             if len(items) == limit:
                 break
@@ -1962,15 +1966,9 @@ def load_hellaswag(path, limit=None, convention="completion"):
                 continue
             try:
                 item = json.loads(line)
-                ok = all(isinstance(item.get(key), str) for key in texts) and item[
-                    "label"
-                ] in range(4)
-                ok = (
-                    ok
-                    and len(item["endings"]) == 4
-                    and all(isinstance(e, str) for e in item["endings"])
-                )
-            except (ValueError, KeyError, TypeError, AttributeError):
+                ok = all(isinstance(item[key], str) for key in texts) and item["label"] in range(4)
+                ok = ok and [type(ending) for ending in item["endings"]] == [str] * 4
+            except (ValueError, KeyError, TypeError):
                 ok = False
             if not ok:
                 raise UserError(
@@ -2003,13 +2001,16 @@ def score_item(model, enc, item, dtype):
     the endings' lengths in tokens (4,)."""
     device = next(model.parameters()).device
     context = enc.encode(item["ctx"])
-    endings = [enc.encode(" " + ending) for ending in item["endings"]]  # the space is the ending's
+    # The space between them belongs to the ending's first token.
+    endings = [enc.encode(" " + ending) for ending in item["endings"]]
     rows = [
         (context + ending)[-model.config.block_size - 1 :] for ending in endings
     ]  # long: its end
-    width = max(len(row) for row in rows) - 1  # a row's last token is a target only
+    # A row's last token is a target only.
+    width = max(len(row) for row in rows) - 1
     ids = torch.full((4, width), EOT_TOKEN, dtype=torch.long)
-    targets = torch.full((4, width), -100, dtype=torch.long)  # -100: not the ending, not counted
+    # -100: not the ending, not counted.
+    targets = torch.full((4, width), -100, dtype=torch.long)
     lengths = []
     for i, (row, ending) in enumerate(zip(rows, endings)):
         n = len(row) - 1
@@ -2026,46 +2027,27 @@ def score_item(model, enc, item, dtype):
     return sums.cpu(), torch.tensor(lengths)
 
 
-def hellaswag_eval(model, items, dtype, convention="completion", progress=None):
+def hellaswag_eval(model, items, dtype, harness=False, progress=None):
     """HellaSwag accuracy, the items dealt to the ranks. acc: the ending of least summed loss.
-    acc_norm, completion (GPT-2's and GPT-3's way): the least loss per token; harness
-    (lm-evaluation-harness's): its cleaned query and endings, the least loss per character.
-    convention "both": both."""
-    rank = 0
-    world_size = 1
-    if torch.distributed.is_initialized():
-        rank = torch.distributed.get_rank()
-        world_size = torch.distributed.get_world_size()
+    acc_norm: of least loss per token (GPT-2's and GPT-3's way); with harness=True (lm-evaluation-
+    harness's way), of the harness's cleaned query and endings, per character."""
+    rank, world_size = rank_and_world_size()
     enc = get_tokenizer()
-    names = [convention]
-    if convention == "both":
-        names = ["completion", "harness"]
-    right = torch.zeros(2 * len(names) + 1, dtype=torch.float64)  # acc, acc_norm of each; items
+    right = torch.zeros(3, dtype=torch.float64)  # acc, acc_norm, items
     for item in items[rank::world_size]:
-        for i, name in enumerate(names):
-            asked = item
-            if name == "harness":
-                asked = harness_item(item)
-            sums, lengths = score_item(model, enc, asked, dtype)
-            normed = sums / lengths
-            if name == "harness":
-                normed = sums / torch.tensor([len(ending) for ending in asked["endings"]])
-            right[2 * i] += int(sums.argmin()) == item["label"]
-            right[2 * i + 1] += int(normed.argmin()) == item["label"]
-        right[-1] += 1
+        asked = harness_item(item) if harness else item
+        sums, lengths = score_item(model, enc, asked, dtype)
+        if harness:
+            lengths = torch.tensor([len(ending) for ending in asked["endings"]])
+        label = item["label"]
+        right += torch.tensor([sums.argmin() == label, (sums / lengths).argmin() == label, 1])
         if progress is not None:
             progress.update(1)
     device = next(model.parameters()).device
-    right = all_reduce_sum(right.to(device)).tolist()  # the counts of every rank
-    results = {}
-    for i, name in enumerate(names):
-        prefix = "hellaswag"
-        if name == "harness":
-            prefix = "hellaswag_harness"
-        results[f"{prefix}_acc"] = right[2 * i] / right[-1]
-        results[f"{prefix}_acc_norm"] = right[2 * i + 1] / right[-1]
-    results["hellaswag_items"] = int(right[-1])
-    return results
+    # Every rank's counts.
+    acc, acc_norm, n = all_reduce_sum(right.to(device)).tolist()
+    prefix = "hellaswag_harness" if harness else "hellaswag"
+    return {f"{prefix}_acc": acc / n, f"{prefix}_acc_norm": acc_norm / n, "hellaswag_items": int(n)}
 
 
 def evaluate(args):
@@ -2078,7 +2060,7 @@ def evaluate(args):
     items = None
     if args.hellaswag:
         # A bad file fails now, not after the model has loaded (a minute for gpt2-xl).
-        items = load_hellaswag(args.hellaswag_path, args.hellaswag_limit, "both")
+        items = load_hellaswag(args.hellaswag_path, args.hellaswag_limit)
     model, _ = load_model(args.init_from)
     model.to(device)
     model.eval()
@@ -2086,16 +2068,19 @@ def evaluate(args):
     results = {"model": args.init_from}
     if args.data_dir is not None:
         # At the model's own block_size; the folder says how to read it.
-        meta = json.load(open(os.path.join(args.data_dir, "meta.json")))  # checked by check_args
+        # Checked by check_args.
+        meta = json.load(open(os.path.join(args.data_dir, "meta.json")))
         Loader = InstructionLoader if meta["kind"] == "sft" else PretrainLoader
         loader = Loader(args.data_dir, "val", args.batch_size, block_size, rank, world_size)
         results["val_loss"] = evaluate_loss(model, loader, args.val_steps, dtype)
         results["val_batches"] = loader.eval_steps(args.val_steps)
     if items is not None:
         t0 = time.time()
-        mine = len(items[rank::world_size])
-        with tqdm(total=mine, unit="item", desc="HellaSwag", disable=rank != 0) as bar:
-            results.update(hellaswag_eval(model, items, dtype, "both", bar))
+        for harness in (False, True):  # both published conventions
+            name = "HellaSwag, lm-evaluation-harness's way" if harness else "HellaSwag, GPT-2's way"
+            mine = len(items[rank::world_size])
+            with tqdm(total=mine, unit="item", desc=name, disable=rank != 0) as bar:
+                results.update(hellaswag_eval(model, items, dtype, harness, bar))
         results["hellaswag_items_per_s"] = results["hellaswag_items"] / (time.time() - t0)
     if rank != 0:  # the results are summed over the ranks already
         return results
@@ -2132,13 +2117,15 @@ def chat(args):
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device).manual_seed(args.seed)
-    with contextlib.suppress(ImportError):  # line editing and history for input(); not on Windows
+    # Line editing and history for input(); not on Windows.
+    with contextlib.suppress(ImportError):
         import readline  # noqa: F401
     print("Type an instruction and press Enter; Ctrl-C stops an answer; /quit or Ctrl-D leaves.")
     while True:
         try:
             instruction = input("> ").strip()
-        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: leave
+        # Ctrl-D or Ctrl-C at the prompt: leave.
+        except (EOFError, KeyboardInterrupt):
             print()
             break
         if instruction in ("/quit", "/exit"):
@@ -2147,7 +2134,8 @@ def chat(args):
             continue
         try:
             stream_text(model, enc, encode_prompt(enc, instruction, template), args, generator)
-        except KeyboardInterrupt:  # Ctrl-C while answering: the answer stops, the chat goes on
+        # Ctrl-C while answering: the answer stops, the chat goes on.
+        except KeyboardInterrupt:
             print(" [stopped]")
 
 
@@ -2160,12 +2148,14 @@ def jinja_chat_template(template):
     """The str.format prompt template as a Jinja chat template: a user message renders as the
     template does, an answer as itself and <|endoftext|>. The template's text goes in as Jinja
     string literals, so that no brace in it is read as Jinja."""
-    from string import Formatter  # the parser str.format itself uses: '{{' comes out as '{'
+    # The parser str.format itself uses: '{{' comes out as '{'.
+    from string import Formatter
 
     pieces = []
     for literal, field, spec, conversion in Formatter().parse(template):
         if literal:
-            pieces.append("{{ " + json.dumps(literal, ensure_ascii=False) + " }}")  # JSON: Jinja
+            # A JSON string is a Jinja string literal.
+            pieces.append("{{ " + json.dumps(literal, ensure_ascii=False) + " }}")
         if field is None:
             continue
         if field != "instruction" or spec or conversion:
@@ -2200,7 +2190,8 @@ def write_hf_folder(model, template, folder):
         embd_pdrop=0.0,
         attn_pdrop=0.0,
     )
-    hf_config.prompt_template = template  # the plain str.format template, as sample and chat use it
+    # The plain str.format template, as sample and chat use it.
+    hf_config.prompt_template = template
     state = {}
     for key, value in model.state_dict().items():
         if key.endswith(CONV1D_WEIGHTS):
@@ -2245,14 +2236,18 @@ def export(args):
     model, template = load_model(args.init_from)
     if template is not None:
         jinja_chat_template(template)  # refused now, if it cannot be written
-    tmp = f"{out_dir}.partial-{os.getpid()}"  # a sibling: the final rename stays on one filesystem
+    # A sibling: the final rename stays on one filesystem.
+    tmp = f"{out_dir}.partial-{os.getpid()}"
     try:
         write_hf_folder(model, template, tmp)
         if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # empty, as checked; refused if another command filled it since
-        os.rename(tmp, out_dir)  # the finished folder appears at once, under its name
+            # Empty, as checked; refused if another command filled it since.
+            os.rmdir(out_dir)
+        # The finished folder appears at once, under its name.
+        os.rename(tmp, out_dir)
     except Exception as e:
-        raise_if_disk_full(out_dir, e)  # safetensors says "I/O error" when the disk is full
+        # safetensors says "I/O error" when the disk is full.
+        raise_if_disk_full(out_dir, e)
         raise
     finally:  # Ctrl-C too: no .partial folder is left behind
         shutil.rmtree(tmp, ignore_errors=True)
@@ -2308,7 +2303,8 @@ def bench(args):
     dtype = pick_dtype(device, args.dtype)
     cuda = device.startswith("cuda")
     torch.manual_seed(args.seed)
-    raw_model = GPT(new_model_config(args)).to(device)  # random weights: the speed is the same
+    # Random weights: the speed is the same.
+    raw_model = GPT(new_model_config(args)).to(device)
     model = parallelize(raw_model, dtype, args)  # as a training run's
     optimizer = configure_optimizer(raw_model, 0.1, 6e-4)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
@@ -2322,19 +2318,23 @@ def bench(args):
     )
     times = []
     for i in range(args.bench_steps):
-        x = torch.randint(0, 50257, (B, T + 1), device=device)  # fresh tokens each step
-        micro_batch = (x[:, :-1].contiguous(), x[:, 1:].contiguous())  # as a loader's
+        # Fresh tokens each step.
+        x = torch.randint(0, 50257, (B, T + 1), device=device)
+        # Contiguous, as a loader's batches are.
+        micro_batch = (x[:, :-1].contiguous(), x[:, 1:].contiguous())
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        forward_backward(model, [micro_batch], dtype, scaler)  # the training step, as train()'s
+        # The training step, as train()'s.
+        forward_backward(model, [micro_batch], dtype, scaler)
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if cuda:
-            torch.cuda.synchronize()  # the GPU runs behind Python: timed once the step is done
+            # The GPU runs behind Python: timed once the step is done.
+            torch.cuda.synchronize()
         if i >= args.bench_warmup:
             times.append(time.perf_counter() - t0)
     median = statistics.median(times)  # a stray slow step does not count
