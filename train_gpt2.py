@@ -1325,10 +1325,11 @@ def check_args(p, args):
 
 
 def check_data(data_dir, mode):
-    """A data folder, before a run reads it: its meta.json, its kind, every shard whole and as
-    long as meta.json says."""
+    """A data folder, before a run reads it: prepared, of the kind the mode reads, and every shard
+    whole and as long as meta.json says."""
     sft = " --sft" if mode == "finetune" else ""
-    if os.path.isfile(data_dir):  # a text file, not yet tokenized
+    # A text file, not yet tokenized: how to prepare it.
+    if os.path.isfile(data_dir):
         folder = os.path.join("data", os.path.basename(data_dir).split(".")[0])
         raise UserError(
             f"--data_dir {data_dir} is a file: run python prepare_data.py{sft} --files {data_dir} "
@@ -1337,29 +1338,28 @@ def check_data(data_dir, mode):
     try:
         meta = json.load(open(os.path.join(data_dir, "meta.json")))
         kind = meta["kind"]
-        splits = [meta["splits"]["train"], meta["splits"]["val"]]
+        shards = []
         if kind == "pretrain":
-            shards = [list(zip(split["shards"], split["shard_tokens"])) for split in splits]
+            for split in ("train", "val"):
+                shards.append(
+                    list(
+                        zip(meta["splits"][split]["shards"], meta["splits"][split]["shard_tokens"])
+                    )
+                )
     except (FileNotFoundError, NotADirectoryError):
         raise UserError(
             f"data folder {os.path.abspath(data_dir)} not found, or not prepared (no meta.json): "
             f"run prepare_data.py{sft} (the same command resumes an interrupted one)"
         ) from None
-    # Not JSON, or not prepare_data.py's.
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError) as e:  # not JSON, or not prepare_data.py's
         raise UserError(
             f"{data_dir}/meta.json is not prepare_data.py's ({type(e).__name__}: {e}): {REPREPARE}"
         ) from None
-    if mode == "finetune" and kind != "sft":
+    wanted = {"pretrain": "pretrain", "finetune": "sft"}.get(mode, kind)
+    if kind != wanted:
         raise UserError(
-            f"{data_dir} holds {kind} data, but --mode finetune reads instruction data (prepare_data.py --sft)"
+            f"{data_dir} holds {kind} data, but --mode {mode} reads {wanted} data: run prepare_data.py{sft}"
         )
-    if mode == "pretrain" and kind != "pretrain":
-        raise UserError(
-            f"{data_dir} holds {kind} data, but --mode pretrain reads pretraining shards (prepare_data.py)"
-        )
-    if kind != "pretrain":
-        return
     for split, named in zip(("train", "val"), shards):
         if not named:
             raise UserError(f"{data_dir} has no {split} shards: {REPREPARE}")
