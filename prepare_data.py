@@ -9,15 +9,17 @@ after an <|endoftext|>), a validation split first, and a meta.json that lists th
     python prepare_data.py --hellaswag         # HellaSwag's validation set, for --mode eval
     python prepare_data.py --verify data/fineweb_edu_10B   # every file against meta.json's checksums
 
-The main path comes first: rows read (a Hub dataset streamed), tokenized by a pool of processes,
-cut into shards. Behind it, what keeps a user's work safe: a run builds in <out_dir>.partial, moves
-it into place whole, and resumes after its last shard when the same command runs again.
+The main path comes first, in the order things happen: rows read (from local files, or streamed
+from the Hub), tokenized by a pool of processes, cut into shards, and meta.json. Behind it:
+instruction data (--sft), HellaSwag, then what keeps a user's work safe (a run builds in
+<out_dir>.partial, moves it into place whole, and resumes after its last shard when the same
+command runs again), --verify, and the command line.
 """
 
 import argparse
-import codecs
 import contextlib
 import errno
+import functools
 import hashlib
 import io
 import itertools
@@ -34,159 +36,189 @@ from collections import deque
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+# Stanford Alpaca's prompts: the answer follows them.
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the "
     "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)  # Stanford Alpaca's: the answer follows
+)
 ALPACA_PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
     "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
     "{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
-BATCH_CHARS = 1 << 18  # characters sent to a tokenizer process at a time: ~60k tokens
-STATE, META = (
-    "state.json",
-    "meta.json",
-)  # in the staging folder: the command and its progress; the dataset's index
+# Characters sent to a tokenizer process at a time: about 60k tokens.
+BATCH_CHARS = 1 << 18
+# In the staging folder, the command and its progress; in a dataset, its index.
+STATE = "state.json"
+META = "meta.json"
 
 
-class UserError(Exception):  # bad input from the user: printed as one line, no traceback
-    pass
+class UserError(Exception):
+    """Bad input from the user: printed as one line that says what to do, without a traceback."""
 
 
 # -----------------------------------------------------------------------------
-# Reading rows. Each reader yields (row, where, after): the row, where it is for messages,
-# and the position just after it, from which a resumed run reads on.
+# Reading rows. Each reader yields (row, where, after): the row (a dict, as datasets gives),
+# where it is (for messages), and the position just after it, from which a resumed run reads on.
 
 
-def decode(
-    raw, errors, path, line=None
-):  # bytes to text, naming the line of a bad byte: Latin-1 files are common
+def jsonl_rows(path, offset, line, errors):
+    """A .jsonl file's rows, from byte offset on (line is that line's number); after: (offset, line)."""
+    # Binary: len(raw) counts bytes, so that offset stays a true seek position.
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for raw in f:
+            offset += len(raw)
+            where = f"{path}, line {line}"
+            text = decode(raw, errors, path, line)
+            line += 1
+            # Blank lines (a trailing one, often) are not rows.
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise UserError(
+                    f"{where}: not valid JSON ({e.msg}); fix or delete that line"
+                ) from None
+            yield row, where, (offset, line)
+
+
+def json_rows(path, first, errors):
+    """A .json file's rows from row number first on; after: (the next row's number, 0)."""
+    # The whole file at once: the standard library cannot stream a JSON list.
     try:
-        return raw.decode("utf-8", errors)
-    except UnicodeDecodeError as e:
-        line = (
-            line or raw.count(b"\n", 0, e.start) + 1
-        )  # a whole file: count the newlines before the bad byte
+        rows = json.loads(decode(Path(path).read_bytes(), errors, path))
+    except json.JSONDecodeError as e:
         raise UserError(
-            f"{path}, line {line}: not UTF-8 (byte {raw[e.start]:#04x}); convert the file to UTF-8, "
-            "or pass --encoding_errors replace to replace bad bytes with U+FFFD"
+            f"{path}, line {e.lineno}: not valid JSON ({e.msg}); fix the file"
+        ) from None
+    # One object, or JSON lines saved as .json.
+    if not isinstance(rows, list):
+        raise UserError(
+            f"{path}: expected a JSON list of objects; for one object per line, name it .jsonl"
+        )
+    for i in range(first, len(rows)):
+        yield rows[i], f"{path}, row {i + 1}", (i + 1, 0)
+
+
+def parquet_rows(path, first):
+    """A .parquet file's rows from row number first on, a batch at a time; after: as json_rows."""
+    import pyarrow  # it comes with datasets
+    import pyarrow.parquet as pq
+
+    before = 0  # rows in the batches before this one
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            rows = batch.to_pylist()
+            for i in range(max(first - before, 0), len(rows)):
+                number = before + i + 1
+                yield rows[i], f"{path}, row {number}", (number, 0)
+            before += len(rows)
+    except pyarrow.ArrowException as e:
+        # Not parquet, or cut short.
+        raise UserError(
+            f"{path}: not a readable parquet file ({str(e).splitlines()[0]}); check the file, or "
+            "name it by what it holds (.txt, .jsonl, .json)"
+        ) from None
+
+
+def decode(raw, errors, path, line=None):
+    """Bytes to text, a byte-order mark dropped; a bad byte's message names its line, as
+    Latin-1 files are common."""
+    try:
+        return raw.decode("utf-8-sig", errors)
+    except UnicodeDecodeError as e:
+        # A whole file: the bad byte's line is one more than the newlines before it.
+        if line is None:
+            line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(
+            f"{path}, line {line}: not UTF-8 (byte {raw[e.start]:#04x}); convert the file to "
+            "UTF-8, or pass --encoding_errors replace to replace bad bytes with U+FFFD"
         ) from None
 
 
 def file_rows(path, start, args):
-    """One file's rows from position start: (byte offset, line) in .jsonl, a row in .json/.parquet, else 0 or 1."""
+    """One file's rows from position start, read as its suffix says; any other file is plain
+    text, one document: its position is (0, 1) before it and (1, 0) after it."""
     offset, line = start
-    suffix, errors = Path(path).suffix.lower(), args.encoding_errors
+    suffix = Path(path).suffix.lower()
     if suffix == ".jsonl":
-        with open(path, "rb") as f:
-            f.seek(offset)
-            for (
-                raw
-            ) in f:  # binary: len(raw) counts bytes, so that offset stays a true seek position
-                offset, line = offset + len(raw), line + 1
-                text = decode(
-                    raw.removeprefix(codecs.BOM_UTF8) if offset == len(raw) else raw,
-                    errors,
-                    path,
-                    line - 1,
-                )
-                if text.strip():  # blank lines (a trailing one, often) are not rows
-                    try:
-                        yield json.loads(text), f"{path}, line {line - 1}", (offset, line)
-                    except json.JSONDecodeError as e:
-                        raise UserError(
-                            f"{path}, line {line - 1}: not valid JSON ({e.msg}); fix or delete that line"
-                        ) from None
-    elif suffix == ".json":  # the whole file: the standard library cannot stream a JSON list
-        try:
-            rows = json.loads(
-                decode(Path(path).read_bytes().removeprefix(codecs.BOM_UTF8), errors, path)
-            )
-        except json.JSONDecodeError as e:
-            raise UserError(
-                f"{path}, line {e.lineno}: not valid JSON ({e.msg}); fix the file"
-            ) from None
-        if not isinstance(rows, list):  # one object, or JSON lines saved as .json
-            raise UserError(
-                f"{path}: expected a JSON list of objects; for one object per line, name it .jsonl"
-            )
-        yield from ((rows[i], f"{path}, row {i + 1}", (i + 1, 0)) for i in range(offset, len(rows)))
+        yield from jsonl_rows(path, offset, line, args.encoding_errors)
+    elif suffix == ".json":
+        yield from json_rows(path, offset, args.encoding_errors)
     elif suffix == ".parquet":
-        import pyarrow
-        import pyarrow.parquet as pq  # comes with datasets
+        yield from parquet_rows(path, offset)
+    elif offset == 0:
+        text = decode(Path(path).read_bytes(), args.encoding_errors, path)
+        yield {args.text_column: text}, path, (1, 0)
 
-        try:
-            n = 0  # rows in the batches before this one
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-                rows = batch.to_pylist()  # dicts, as the JSON readers give
-                yield from (
-                    (rows[i], f"{path}, row {n + i + 1}", (n + i + 1, 0))
-                    for i in range(max(offset - n, 0), len(rows))
-                )
-                n += len(rows)
-        except pyarrow.ArrowException as e:  # not parquet, or cut short
-            raise UserError(
-                f"{path}: not a readable parquet file ({str(e).splitlines()[0]}); check the file, or name "
-                "it by what it holds (.txt, .jsonl, .json)"
-            ) from None
-    elif offset == 0:  # any other name: plain text, one document (position 1: done)
-        yield (
-            {
-                args.text_column: decode(
-                    Path(path).read_bytes().removeprefix(codecs.BOM_UTF8), errors, path
-                )
-            },
-            path,
-            (1, 0),
-        )
+
+def stream_position(stream, rows_read):
+    """Where a streamed dataset is: datasets' own state, and the rows read (for messages)."""
+    return {"stream": stream.state_dict(), "row": rows_read}
 
 
 def read_rows(args, start=None):
-    """Every row of --files (or of the streamed --dataset) from position start on."""
-    if args.files:  # the position: {file, offset, line}
-        start = start or {"file": 0, "offset": 0, "line": 1}
+    """Every row of --files, or of the streamed --dataset, from position start on."""
+    if args.files:
+        # A position in --files: {file, offset, line}. Files after the first are read from the top.
+        if start is None:
+            start = {"file": 0, "offset": 0, "line": 1}
         for i in range(start["file"], len(args.files)):
-            first = (
-                (start["offset"], start["line"]) if i == start["file"] else (0, 1)
-            )  # later files: from the top
+            first = (0, 1)
+            if i == start["file"]:
+                first = (start["offset"], start["line"])
             for row, where, (offset, line) in file_rows(args.files[i], first, args):
                 yield row, where, {"file": i, "offset": offset, "line": line}
         return
-    import datasets  # here, not at the top: --files never needs it, and it is slow to import
+    # Imported here: --files never needs it, and it is slow to import.
+    import datasets
 
-    try:  # streamed: rows arrive over the network as they are tokenized; nothing is cached on disk
-        ds = datasets.load_dataset(args.dataset, args.subset, split=args.split, streaming=True)
-    except (
-        FileNotFoundError,
-        ConnectionError,
-        ValueError,
-    ) as e:  # a wrong name, subset or split, or no network
+    # Streamed: rows arrive over the network as they are tokenized; nothing is cached on disk.
+    try:
+        stream = datasets.load_dataset(args.dataset, args.subset, split=args.split, streaming=True)
+    except (FileNotFoundError, ConnectionError, ValueError) as e:
+        # A wrong name, subset or split, or no network.
         raise UserError(f"cannot open dataset {args.dataset}: {str(e).splitlines()[0]}") from None
-    n = 0  # rows read, for messages
-    if start:  # the stream's own state: datasets reopens the right file at the right row
-        ds.load_state_dict(start["stream"])
-        n = start["row"]
-    for row in ds:
-        n += 1
-        # the position as a function: ds.state_dict() costs ~7 us, half again a row's reading, on the
-        # one process that feeds every tokenizer; it is asked for only where a batch is cut
-        yield row, f"{args.dataset} row {n}", lambda n=n: {"stream": ds.state_dict(), "row": n}
+    rows_read = 0
+    if start is not None:
+        # datasets reopens the right file at the right row.
+        stream.load_state_dict(start["stream"])
+        rows_read = start["row"]
+    for row in stream:
+        rows_read += 1
+        # The position is a function, called only where a batch is cut: stream.state_dict()
+        # costs ~7 us, half again a row's reading, on the one process that feeds every tokenizer.
+        after = functools.partial(stream_position, stream, rows_read)
+        yield row, f"{args.dataset} row {rows_read}", after
+
+
+def describe_source(args):
+    if args.files:
+        return " ".join(args.files)
+    if args.subset:
+        return f"{args.dataset} ({args.subset})"
+    return args.dataset
 
 
 def describe(value):
-    return (
-        "null" if value is None else repr(value)[:40]
-    )  # 40 characters: a whole document would drown the message
+    """A value in a message, cut at 40 characters: a whole document would drown the message."""
+    if value is None:
+        return "null"
+    return repr(value)[:40]
 
 
-def text_of(row, name, where):  # the text of a pretraining row
+def text_of(row, name, where):
+    """The text of a pretraining row: its column `name`."""
     if not isinstance(row, dict):
         raise UserError(f"{where} is {describe(row)}, not an object with a {name!r} column")
     if name not in row:
         raise UserError(
-            f"{where} has no column {name!r}; its columns are: {', '.join(map(str, row))} (see --text_column)"
+            f"{where} has no column {name!r}; its columns are: {', '.join(map(str, row))} "
+            "(see --text_column)"
         )
     if not isinstance(row[name], str):
         raise UserError(
@@ -196,233 +228,251 @@ def text_of(row, name, where):  # the text of a pretraining row
 
 
 # -----------------------------------------------------------------------------
-# Tokenizing in parallel, in order, with bounded memory
+# Tokenizing in parallel, in document order, with bounded memory
 
 
-def tokenize_documents(texts):  # one uint16 array: each document's tokens, each after <|endoftext|>
+def tokenize_documents(texts):
+    """Texts -> one uint16 array: each document's tokens, each after <|endoftext|>."""
     import tiktoken
 
-    encoder = tiktoken.get_encoding("gpt2")  # loaded once per process: tiktoken keeps it
-    tokens = []  # a Python list, then one conversion: cheaper than growing an array
+    # Loaded once per process: tiktoken keeps it.
+    encoder = tiktoken.get_encoding("gpt2")
+    # A Python list, then one conversion: cheaper than growing an array.
+    tokens = []
     for text in texts:
         tokens.append(encoder.eot_token)
         tokens.extend(encoder.encode_ordinary(text))
-    return np.array(
-        tokens, dtype=np.uint16
-    )  # GPT-2's 50,257 ids fit (numpy refuses, not wraps, one that does not)
+    # GPT-2's 50,257 ids fit; numpy refuses one that does not, rather than wrap it.
+    return np.array(tokens, dtype=np.uint16)
 
 
 def batches_of_documents(documents, start=None):
-    """(position, texts) batches of ~BATCH_CHARS, a process's work; position: the reader's before it, to resume."""
-    batch, size, position = [], 0, start
+    """(text, after) documents -> (position, texts) batches of ~BATCH_CHARS characters, one
+    process's work; position is where the batch's first document is read from, to resume from."""
+    batch = []
+    size = 0
+    position = start
     for text, after in documents:
         batch.append(text)
-        size += len(text)  # characters, not bytes or tokens: free to count, and close enough
+        # Characters, not bytes or tokens: free to count, and close enough.
+        size += len(text)
         if size >= BATCH_CHARS:
             yield position, batch
-            batch, size, position = (
-                [],
-                0,
-                after() if callable(after) else after,
-            )  # a stream's, computed now
+            # A stream's position is a function: computed now, where it is needed.
+            if callable(after):
+                after = after()
+            position = after
+            batch = []
+            size = 0
     if batch:
         yield position, batch
 
 
 def start_worker(lock):
-    """A tokenizer process: Ctrl-C is the parent's, and a lock inherited by fork let go (it dies with the parent)."""
+    """A tokenizer process leaves Ctrl-C to its parent, and lets go of a lock it inherited by fork
+    (else the lock would outlive a parent killed with -9)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if lock is not None:
         os.close(lock)
 
 
 def tokenize_in_parallel(batches, num_proc, lock=None):
-    """(position, tokens) in document order, 2 batches a process in flight (Pool.imap would queue the corpus)."""
-    if num_proc <= 1:  # one process: no pool to start, and a traceback that points at the bug
-        yield from ((position, tokenize_documents(batch)) for position, batch in batches)
+    """(position, texts) batches -> (position, tokens), in document order. Two batches per process
+    are in flight at a time (Pool.imap would queue the whole corpus)."""
+    # One process: no pool to start, and a traceback that points at the bug.
+    if num_proc <= 1:
+        for position, batch in batches:
+            yield position, tokenize_documents(batch)
         return
-    with mp.Pool(
-        num_proc, start_worker, (lock if mp.get_start_method() == "fork" else None,)
-    ) as pool:
+    # A spawned process does not inherit the lock's file descriptor: it has none to close.
+    if mp.get_start_method() != "fork":
+        lock = None
+    with mp.Pool(num_proc, start_worker, (lock,)) as pool:
         in_flight = deque()  # (position, AsyncResult), oldest first
         for position, batch in batches:
             in_flight.append((position, pool.apply_async(tokenize_documents, (batch,))))
-            if (
-                len(in_flight) >= 2 * num_proc
-            ):  # one running and one queued per process: no worker waits
+            # One batch running and one queued per process: no worker waits.
+            if len(in_flight) >= 2 * num_proc:
+                # The oldest first, whichever finishes first: document order.
                 position, result = in_flight.popleft()
-                yield position, result.get()  # the oldest: document order, whichever finishes first
-        while in_flight:
-            position, result = in_flight.popleft()
+                yield position, result.get()
+        for position, result in in_flight:
             yield position, result.get()
 
 
 # -----------------------------------------------------------------------------
-# Writing: shards and JSON, atomically, with checksums
+# Cutting into shards, each written atomically with its checksum, and meta.json
 
 
 def write_whole(path, *chunks):
-    """Written under a temporary name, then renamed: whole under its name, old or new after a crash. Its sha256."""
-    digest = hashlib.sha256()  # from the bytes as they are written: no re-read
-    with open(
-        f"{path}.tmp", "wb"
-    ) as f:  # same folder: os.replace is atomic only within one file system
+    """Write under a temporary name, then rename: the file under its name is whole, the old or the
+    new one after a crash. Returns its sha256, from the bytes as they are written (no re-read)."""
+    digest = hashlib.sha256()
+    # The same folder: os.replace is atomic only within one file system.
+    with open(f"{path}.tmp", "wb") as f:
         for chunk in chunks:
-            f.write(chunk)  # a shard's buffer itself: 200 MB are not copied
+            f.write(chunk)  # a shard's buffer itself: its 200 MB are not copied
             digest.update(chunk)
         f.flush()
-        os.fsync(f.fileno())  # on disk before the name says it is whole
+        # On disk before the name says it is whole.
+        os.fsync(f.fileno())
     os.replace(f"{path}.tmp", path)
     return digest.hexdigest()
 
 
-def save_npy(
-    path, array
-):  # the bytes np.save writes; returns their sha256, as sha256sum sees the file
-    header, array = io.BytesIO(), np.ascontiguousarray(array)
+def save_npy(path, array):
+    """The bytes np.save writes; returns their sha256, as sha256sum sees the file."""
+    array = np.ascontiguousarray(array)
+    header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
     return write_whole(path, header.getvalue(), array.data)
 
 
 def save_json(path, obj):
-    write_whole(
-        path, (json.dumps(obj, indent=2) + "\n").encode()
-    )  # indented: people read meta.json too
+    # Indented: people read meta.json too.
+    write_whole(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 class ShardWriter:
-    """Tokens into shards, val_000000.npy ... until val_tokens, then train_000000.npy ...; after each, state.json."""
+    """Tokens into shards: val_000000.npy, ... until val_tokens are written, then train_000000.npy,
+    ...; after each shard, state.json says how far the run got."""
 
     def __init__(self, out_dir, shard_size, val_tokens, state):
-        self.out_dir, self.shard_size, self.val_tokens, self.state = (
-            out_dir,
-            shard_size,
-            val_tokens,
-            state,
-        )
-        self.buffer = np.empty(
-            shard_size, dtype=np.uint16
-        )  # the one big allocation: memory follows shard_size
+        self.out_dir = out_dir
+        self.shard_size = shard_size
+        self.val_tokens = val_tokens
+        self.state = state
+        # The one big allocation: memory follows --shard_size.
+        self.buffer = np.empty(shard_size, dtype=np.uint16)
         self.filled = 0  # tokens in the buffer, not yet in a shard
-        self.splits = state.setdefault(
-            "splits",
-            {
-                s: {"tokens": 0, "shards": [], "shard_tokens": [], "sha256": []}
-                for s in ("val", "train")
-            },
-        )  # state's own: commit() saves it
+        # The state's own (commit() saves them), and meta.json's in the end.
+        empty = {
+            split: {"tokens": 0, "shards": [], "shard_tokens": [], "sha256": []}
+            for split in ("val", "train")
+        }
+        self.splits = state.setdefault("splits", empty)
 
-    def split(self):  # val until val_tokens are written, then train for good
-        return "val" if self.splits["val"]["tokens"] < self.val_tokens else "train"
+    def split(self):
+        """val until val_tokens are written, then train for good."""
+        if self.splits["val"]["tokens"] < self.val_tokens:
+            return "val"
+        return "train"
 
-    def capacity(
-        self,
-    ):  # room left in the shard being filled: a val shard also ends with the val split
-        end = (
-            self.val_tokens - self.splits["val"]["tokens"]
-            if self.split() == "val"
-            else self.shard_size
-        )
-        return min(self.shard_size, end) - self.filled
+    def room(self):
+        """Room left in the shard being filled: a val shard also ends where the val split does."""
+        end = self.shard_size
+        if self.split() == "val":
+            end = min(end, self.val_tokens - self.splits["val"]["tokens"])
+        return end - self.filled
 
-    def add(
-        self, tokens, position, done
-    ):  # tokens of the batch read from position, `done` of them before these
+    def add(self, tokens, position, done):
+        """Tokens of the batch read from position, of which `done` were added before these."""
         while len(tokens):
-            n = min(len(tokens), self.capacity())  # up to the end of the shard, or of the val split
+            n = min(len(tokens), self.room())
             self.buffer[self.filled : self.filled + n] = tokens[:n]
-            self.filled, tokens, done = self.filled + n, tokens[n:], done + n
-            if self.capacity() == 0:
+            self.filled += n
+            tokens = tokens[n:]
+            done += n
+            if self.room() == 0:
                 self.write(self.split(), self.buffer[: self.filled])
-                self.commit({"position": position, "skip": done})  # the moment the shard counts
+                # The moment the shard counts: a resumed run rereads this batch, skipping `done`.
+                self.commit({"position": position, "skip": done})
 
     def write(self, split, tokens):
-        s, name = (
-            self.splits[split],
-            f"{split}_{len(self.splits[split]['shards']):06d}.npy",
-        )  # 6 digits: in order
-        s["sha256"].append(save_npy(os.path.join(self.out_dir, name), tokens))  # for --verify
-        s["shards"].append(name)
-        s["shard_tokens"].append(len(tokens))  # train_gpt2.py checks each shard's length against it
-        s["tokens"] += len(tokens)
+        record = self.splits[split]
+        # Six digits: the names sort in order.
+        name = f"{split}_{len(record['shards']):06d}.npy"
+        # The checksum is for --verify; each shard's length, for train_gpt2.py to check.
+        record["sha256"].append(save_npy(os.path.join(self.out_dir, name), tokens))
+        record["shards"].append(name)
+        record["shard_tokens"].append(len(tokens))
+        record["tokens"] += len(tokens)
         self.filled = 0
+
+    def finish(self, cut_small_corpus):
+        """The tokens left into a last, shorter shard; then state.json says every row is read."""
+        tokens = self.buffer[: self.filled]
+        # Nothing in val yet: the whole corpus is in the buffer, and it is smaller than a shard
+        # (the default --val_tokens), so its first 10% becomes the val split.
+        if cut_small_corpus and len(tokens) and not self.splits["val"]["tokens"]:
+            cut = max(1, len(tokens) // 10)
+            print(
+                f"note: the corpus is smaller than one shard; its first 10% ({cut:,} tokens) is the val split"
+            )
+            self.write("val", tokens[:cut])
+            self.write("train", tokens[cut:])
+        elif len(tokens):
+            self.write(self.split(), tokens)
+        # A run resumed from here only writes meta.json.
+        self.commit({"finished": True})
 
     def commit(self, resume):
         self.state["resume"] = resume
         save_json(os.path.join(self.out_dir, STATE), self.state)
 
 
-def prepare_pretraining(args, staging, state, lock):
-    """Rows -> documents -> tokens in parallel -> shards, then meta.json (complete); a resume reads on from state.json."""
-    val_tokens = (
-        args.val_tokens or args.shard_size
-    )  # one shard of val by default, as build-nanogpt's fineweb.py
-    writer = ShardWriter(staging, args.shard_size, val_tokens, state)
-    resume = state.get(
-        "resume", {"position": None, "skip": 0}
-    )  # a fresh run: from the start, nothing to skip
+def tokenize_into_shards(args, writer, resume, lock):
+    """Every row from the resume position on, tokenized in parallel, into shards; returns how many
+    tokens this run tokenized."""
+    rows = read_rows(args, resume["position"])
+    # rows -> (text, after) documents -> (position, texts) batches -> (position, tokens)
+    documents = ((text_of(row, args.text_column, where), after) for row, where, after in rows)
+    batches = batches_of_documents(documents, resume["position"])
+    # A resumed run reads its first batch again: the tokens of it already in shards are dropped.
     written = writer.splits["val"]["tokens"] + writer.splits["train"]["tokens"]
     if written:
-        print(f"resuming {staging}: {written:,} tokens already in shards")
-    rows = iter(()) if resume.get("finished") else read_rows(args, resume.get("position"))
-    documents = (
-        (check_row(args, row, where), after) for row, where, after in rows
-    )  # each checked as it is read
-    skip, tokenized = (
-        resume.get("skip", 0),
-        0,
-    )  # tokens of the first batch an earlier run already wrote
-    from tqdm import tqdm
-
-    with tqdm(
+        print(f"resuming {writer.out_dir}: {written:,} tokens already in shards")
+    skip = resume["skip"]
+    tokenized = 0
+    bar = tqdm(
         unit="tok",
         unit_scale=True,
         desc=f"tokenizing into {args.out_dir}",
         smoothing=0.1,
         initial=written,
-    ) as bar:
-        batches = batches_of_documents(documents, resume.get("position"))
+    )
+    with bar:
         for position, tokens in tokenize_in_parallel(batches, args.num_proc, lock):
-            done = min(
-                skip, len(tokens)
-            )  # a resumed run reads one batch again: what is written is dropped
-            skip, tokenized = skip - done, tokenized + len(tokens)
+            done = min(skip, len(tokens))
+            skip -= done
+            tokenized += len(tokens)
             writer.add(tokens[done:], position, done)
             bar.update(len(tokens) - done)
-    if (
-        not writer.splits["val"]["tokens"] and writer.filled and not args.val_tokens
-    ):  # a corpus under one shard:
-        everything, cut = (
-            writer.buffer[: writer.filled],
-            max(1, writer.filled // 10),
-        )  # "val: a shard" would take it all
-        print(
-            f"note: the corpus is smaller than one shard; its first 10% ({cut:,} tokens) is the val split"
-        )
-        writer.write("val", everything[:cut])
-        writer.write("train", everything[cut:])
-    if writer.filled:
-        writer.write(writer.split(), writer.buffer[: writer.filled])  # the last, shorter shard
-    writer.commit({"finished": True})  # all read: a run resumed from here only writes meta.json
-    if not writer.splits["train"]["tokens"]:
+    return tokenized
+
+
+def prepare_pretraining(args, staging, state, lock):
+    """Rows -> tokens -> shards, then meta.json; a resumed run reads on from state.json."""
+    # One shard of val by default, as build-nanogpt's fineweb.py.
+    val_tokens = args.shard_size
+    if args.val_tokens:
+        val_tokens = args.val_tokens
+    writer = ShardWriter(staging, args.shard_size, val_tokens, state)
+    # A fresh run: from the start, with nothing to skip.
+    resume = state.get("resume", {"position": None, "skip": 0})
+    tokenized = 0
+    if not resume.get("finished"):
+        tokenized = tokenize_into_shards(args, writer, resume, lock)
+        writer.finish(cut_small_corpus=args.val_tokens is None)
+    train = writer.splits["train"]
+    val = writer.splits["val"]
+    if not train["tokens"]:
         raise UserError(
-            f"all {writer.splits['val']['tokens']:,} tokens are in the val split: give a smaller --val_tokens"
+            f"all {val['tokens']:,} tokens are in the val split: give a smaller --val_tokens"
         )
-    save_json(
-        os.path.join(staging, META),
-        {
-            "kind": "pretrain",
-            "source": describe_source(args),
-            "tokenizer": "gpt2",
-            "dtype": "uint16",
-            "shard_size": args.shard_size,
-            "splits": writer.splits,
-        },
-    )
-    shards = len(writer.splits["train"]["shards"]) + len(writer.splits["val"]["shards"])
+    meta = {
+        "kind": "pretrain",
+        "source": describe_source(args),
+        "tokenizer": "gpt2",
+        "dtype": "uint16",
+        "shard_size": args.shard_size,
+        "splits": writer.splits,
+    }
+    save_json(os.path.join(staging, META), meta)
+    shards = len(train["shards"]) + len(val["shards"])
     print(
-        f"wrote {writer.splits['train']['tokens']:,} train and {writer.splits['val']['tokens']:,} val tokens in "
-        f"{shards} shards to {args.out_dir} (this run tokenized {tokenized:,} tokens)"
+        f"wrote {train['tokens']:,} train and {val['tokens']:,} val tokens in {shards} shards to "
+        f"{args.out_dir} (this run tokenized {tokenized:,} tokens)"
     )
 
 
@@ -638,14 +688,6 @@ def check_inputs(args, rows_per_file=100):
         raise UserError(
             f"the corpus {describe_source(args)} is empty: no rows, or blank documents only"
         )
-
-
-def describe_source(args):
-    return (
-        " ".join(args.files)
-        if args.files
-        else args.dataset + (f" ({args.subset})" if args.subset else "")
-    )
 
 
 def dataset_files(meta):  # the files a meta.json describes, besides itself
