@@ -477,40 +477,125 @@ def prepare_pretraining(args, staging, state, lock):
 
 
 # -----------------------------------------------------------------------------
-# Instruction data (Alpaca) and HellaSwag: small, so made in one go
+# Instruction data (--sft, Alpaca) and HellaSwag (--hellaswag): small, so made in one go
 
 
-def alpaca_example(
-    row, where
-):  # (instruction, input, output) of an Alpaca record; input is optional
+def alpaca_example(row, where):
+    """An Alpaca record as (prompt, answer) text: the prompt is the instruction (and its optional
+    input) in Alpaca's template."""
     if not isinstance(row, dict):
         raise UserError(f"{where} is {describe(row)}, not an Alpaca record")
-    if missing := [key for key in ("instruction", "output") if key not in row]:
-        raise UserError(
-            f"{where} has no column {missing[0]!r}; Alpaca data needs instruction, input (optional) and "
-            f"output; its columns are: {', '.join(map(str, row))}"
-        )
-    fields = (
-        row["instruction"],
-        row.get("input") or "",
-        row["output"],
-    )  # input: absent, null or "" alike
-    if not all(isinstance(field, str) for field in fields):
+    for key in ("instruction", "output"):
+        if key not in row:
+            raise UserError(
+                f"{where} has no column {key!r}; Alpaca data needs instruction, input (optional) "
+                f"and output; its columns are: {', '.join(map(str, row))}"
+            )
+    # An input absent, null or "" is all the same: none.
+    context = row.get("input")
+    if context is None:
+        context = ""
+    if not all(isinstance(field, str) for field in (row["instruction"], context, row["output"])):
         raise UserError(
             f"{where}: instruction, input and output must be text; fix or remove that row"
         )
-    return fields
+    template = ALPACA_PROMPT_WITH_INPUT if context else ALPACA_PROMPT
+    return template.format(instruction=row["instruction"], input=context), row["output"]
 
 
-def hellaswag_item(
-    row, where
-):  # ctx, 4 endings, the label 0..3, and what lm-evaluation-harness asks with
-    if not isinstance(row, dict) or not {"ctx", "endings", "label"} <= set(row):
-        columns = ", ".join(map(str, row)) if isinstance(row, dict) else describe(row)
+def tokenize_examples(args):
+    """Every Alpaca record as (prompt tokens, answer tokens), and how many were dropped as longer
+    than --block_size. One process: Alpaca's ~10M tokens need no pool."""
+    import tiktoken
+
+    encoder = tiktoken.get_encoding("gpt2")
+    examples = []
+    dropped = 0
+    for row, where, _ in read_rows(args):
+        prompt, answer = alpaca_example(row, where)
+        # Prompt and answer are tokenized apart, as at inference: the boundary falls where it will then.
+        prompt_tokens = encoder.encode_ordinary(prompt)
+        # <|endoftext|> ends the answer: the model learns to stop.
+        answer_tokens = encoder.encode_ordinary(answer) + [encoder.eot_token]
+        # A cut example would teach answers that end mid-sentence.
+        if len(prompt_tokens) + len(answer_tokens) > args.block_size:
+            dropped += 1
+        else:
+            examples.append((prompt_tokens, answer_tokens))
+    return examples, dropped
+
+
+def save_examples(staging, split, examples, checksums):
+    """A split's examples, concatenated, into {split}_tokens.npy, _mask.npy (1: an answer's token)
+    and _offsets.npy (example i is tokens[offsets[i]:offsets[i + 1]]); returns its counts."""
+    tokens = []
+    mask = []
+    offsets = [0]
+    for prompt, answer in examples:
+        tokens += prompt + answer
+        # The loss counts the answer only.
+        mask += [0] * len(prompt) + [1] * len(answer)
+        offsets.append(len(tokens))
+    arrays = {
+        "tokens": np.array(tokens, dtype=np.uint16),
+        "mask": np.array(mask, dtype=np.uint8),
+        "offsets": np.array(offsets, dtype=np.int64),
+    }
+    for name, array in arrays.items():
+        filename = f"{split}_{name}.npy"
+        checksums[filename] = save_npy(os.path.join(staging, filename), array)
+    return {"examples": len(examples), "tokens": len(tokens), "answer_tokens": sum(mask)}
+
+
+def prepare_sft(args, staging):
+    """Alpaca's records -> tokenized examples -> a val and a train split, then meta.json."""
+    examples, dropped = tokenize_examples(args)
+    # A val and a train example at least.
+    if len(examples) < 2:
         raise UserError(
-            f"{where} is not HellaSwag: rows need ctx, endings (4) and label; got {columns}"
+            f"{describe_source(args)} has {len(examples)} example(s) of <= {args.block_size} "
+            "tokens: 2 at least"
         )
-    endings, label = row["endings"], str(row["label"])
+    # Seeded: the same command makes the same split. The split is random, the order within it stable.
+    order = np.random.default_rng(args.seed).permutation(len(examples))
+    n_val = min(len(examples) - 1, max(1, round(len(examples) * args.val_fraction)))
+    splits = {"val": sorted(order[:n_val]), "train": sorted(order[n_val:])}
+    meta = {
+        "kind": "sft",
+        "source": describe_source(args),
+        "command": args.command,
+        "block_size": args.block_size,
+        "tokenizer": "gpt2",
+        # The template, for chat to wrap prompts in.
+        "prompt_template": ALPACA_PROMPT,
+        "prompt_template_with_input": ALPACA_PROMPT_WITH_INPUT,
+        "dropped_too_long": dropped,
+        "splits": {},
+        "sha256": {},
+    }
+    for split, indices in splits.items():
+        chosen = [examples[i] for i in indices]
+        meta["splits"][split] = save_examples(staging, split, chosen, meta["sha256"])
+    save_json(os.path.join(staging, META), meta)
+    train = meta["splits"]["train"]
+    val = meta["splits"]["val"]
+    print(
+        f"wrote {train['examples']:,} train and {val['examples']:,} val examples to "
+        f"{args.out_dir}; dropped {dropped:,} longer than {args.block_size} tokens"
+    )
+
+
+def hellaswag_item(row, where):
+    """A HellaSwag row checked: its ctx, 4 endings and label (0..3), and the fields
+    lm-evaluation-harness builds its query from."""
+    if not isinstance(row, dict):
+        raise UserError(f"{where} is {describe(row)}, not a HellaSwag row (ctx, endings, label)")
+    if not {"ctx", "endings", "label"} <= set(row):
+        raise UserError(
+            f"{where} is not HellaSwag: rows need ctx, endings (4) and label; got "
+            f"{', '.join(map(str, row))}"
+        )
+    endings = row["endings"]
     if (
         not isinstance(endings, list)
         or len(endings) != 4
@@ -519,112 +604,31 @@ def hellaswag_item(
         raise UserError(
             f"{where}: HellaSwag needs exactly 4 endings (text); fix or remove that item"
         )
+    # The test split has none; a number or a string ("2") alike.
+    label = str(row["label"])
     if label not in ("0", "1", "2", "3"):
         raise UserError(
             f"{where}: label {row['label']!r} is not 0..3 (the test split has none: use validation)"
         )
     item = {"ctx": row["ctx"], "endings": endings, "label": int(label)}
-    return item | {
-        key: row[key]
-        for key in ("activity_label", "ctx_a", "ctx_b")
-        if isinstance(row.get(key), str)
-    }
+    for key in ("activity_label", "ctx_a", "ctx_b"):
+        if isinstance(row.get(key), str):
+            item[key] = row[key]
+    return item
 
 
-def check_row(args, row, where):
-    if args.sft:
-        return alpaca_example(row, where)
-    return hellaswag_item(row, where) if args.hellaswag else text_of(row, args.text_column, where)
-
-
-def prepare_sft(args, staging):
-    """Each example: the prompt's tokens (mask 0), then the answer's and <|endoftext|> (mask 1), in {split}_
-    tokens.npy, _mask.npy and _offsets.npy (example i: tokens[offsets[i]:offsets[i + 1]])."""
-    import tiktoken
-
-    enc = tiktoken.get_encoding("gpt2")  # one process: Alpaca's ~10M tokens need no pool
-    examples, dropped = [], 0
-    for row, where, _ in read_rows(args):
-        instruction, input, output = alpaca_example(row, where)
-        # prompt and answer are tokenized apart, as at inference: the boundary falls where it will then
-        prompt = enc.encode_ordinary(
-            (ALPACA_PROMPT_WITH_INPUT if input else ALPACA_PROMPT).format(
-                instruction=instruction, input=input
-            )
-        )
-        answer = enc.encode_ordinary(output) + [
-            enc.eot_token
-        ]  # <|endoftext|> in the answer: the model learns to stop
-        if (
-            len(prompt) + len(answer) > args.block_size
-        ):  # a cut one would teach answers ending mid-sentence
-            dropped += 1
-        else:
-            examples.append((prompt, answer))
-    if len(examples) < 2:  # a val and a train example at least
-        raise UserError(
-            f"{describe_source(args)} has {len(examples)} example(s) of <= {args.block_size} tokens: 2 at least"
-        )
-    order = np.random.default_rng(args.seed).permutation(
-        len(examples)
-    )  # seeded: the same command, the same split
-    n_val = min(len(examples) - 1, max(1, round(len(examples) * args.val_fraction)))
-    meta = {
-        "kind": "sft",
-        "source": describe_source(args),
-        "command": args.command,
-        "block_size": args.block_size,
-        "tokenizer": "gpt2",
-        "prompt_template": ALPACA_PROMPT,
-        "prompt_template_with_input": ALPACA_PROMPT_WITH_INPUT,
-        "dropped_too_long": dropped,
-        "splits": {},
-        "sha256": {},
-    }  # the template: chat wraps prompts in it
-    for split, indices in (("val", order[:n_val]), ("train", order[n_val:])):
-        tokens, mask, offsets = [], [], [0]
-        for i in sorted(indices):  # the split is random, the order within it stable
-            prompt, answer = examples[i]
-            tokens += prompt + answer
-            mask += [0] * len(prompt) + [1] * len(answer)  # the loss counts the answer only
-            offsets.append(len(tokens))
-        for name, values, dtype in (
-            ("tokens", tokens, np.uint16),
-            ("mask", mask, np.uint8),
-            ("offsets", offsets, np.int64),
-        ):
-            meta["sha256"][f"{split}_{name}.npy"] = save_npy(
-                os.path.join(staging, f"{split}_{name}.npy"), np.array(values, dtype=dtype)
-            )
-        meta["splits"][split] = {
-            "examples": len(indices),
-            "tokens": len(tokens),
-            "answer_tokens": int(sum(mask)),
-        }
-    save_json(os.path.join(staging, META), meta)
-    print(
-        f"wrote {meta['splits']['train']['examples']:,} train and {meta['splits']['val']['examples']:,} val "
-        f"examples to {args.out_dir}; dropped {dropped:,} longer than {args.block_size} tokens"
-    )
-
-
-def prepare_hellaswag(
-    args, staging
-):  # HellaSwag's items as JSON lines: train_gpt2.py's --hellaswag_path
+def prepare_hellaswag(args, staging):
+    """HellaSwag's items as JSON lines: the file train_gpt2.py's --hellaswag_path reads."""
     items = [hellaswag_item(row, where) for row, where, _ in read_rows(args)]
-    digest = write_whole(
-        os.path.join(staging, "hellaswag_val.jsonl"),
-        "".join(json.dumps(i) + "\n" for i in items).encode(),
-    )
-    save_json(
-        os.path.join(staging, META),
-        {
-            "kind": "hellaswag",
-            "source": describe_source(args),
-            "items": len(items),
-            "sha256": {"hellaswag_val.jsonl": digest},
-        },
-    )
+    lines = "".join(json.dumps(item) + "\n" for item in items)
+    digest = write_whole(os.path.join(staging, "hellaswag_val.jsonl"), lines.encode())
+    meta = {
+        "kind": "hellaswag",
+        "source": describe_source(args),
+        "items": len(items),
+        "sha256": {"hellaswag_val.jsonl": digest},
+    }
+    save_json(os.path.join(staging, META), meta)
     print(
         f"wrote {len(items):,} HellaSwag items to {os.path.join(args.out_dir, 'hellaswag_val.jsonl')}"
     )
@@ -634,6 +638,12 @@ def prepare_hellaswag(
 # What keeps the user's work safe: inputs checked before anything is written; one run per
 # folder; everything built in <out_dir>.partial, resumable, and moved into place only whole;
 # only files of ours ever deleted.
+
+
+def check_row(args, row, where):
+    if args.sft:
+        return alpaca_example(row, where)
+    return hellaswag_item(row, where) if args.hellaswag else text_of(row, args.text_column, where)
 
 
 def check_inputs(args, rows_per_file=100):
