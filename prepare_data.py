@@ -11,9 +11,9 @@ after an <|endoftext|>), a validation split first, and a meta.json that lists th
 
 The main path comes first, in the order things happen: rows read (from local files, or streamed
 from the Hub), tokenized by a pool of processes, cut into shards, and meta.json. Behind it:
-instruction data (--sft), HellaSwag, then what keeps a user's work safe (a run builds in
+instruction data (--sft) and HellaSwag; then what keeps a user's work safe (a run builds in
 <out_dir>.partial, moves it into place whole, and resumes after its last shard when the same
-command runs again), --verify, and the command line.
+command runs again); --verify; and the command line.
 """
 
 import argparse
@@ -31,6 +31,7 @@ import shutil
 import signal
 import socket
 import sys
+import urllib.parse
 import urllib.request
 from collections import deque
 from pathlib import Path
@@ -38,34 +39,19 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-# Stanford Alpaca's prompts: the answer follows them.
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the "
-    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
-ALPACA_PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
-    "{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-# Characters sent to a tokenizer process at a time: about 60k tokens.
-BATCH_CHARS = 1 << 18
-# In the staging folder, the command and its progress; in a dataset, its index.
-STATE = "state.json"
-META = "meta.json"
-
 
 class UserError(Exception):
     """Bad input from the user: printed as one line that says what to do, without a traceback."""
 
 
 # -----------------------------------------------------------------------------
-# Reading rows. Each reader yields (row, where, after): the row (a dict, as datasets gives),
+# Reading rows. Each reader yields (row, where, after): the row (a dict, as datasets gives it),
 # where it is (for messages), and the position just after it, from which a resumed run reads on.
 
 
 def jsonl_rows(path, offset, line, errors):
-    """A .jsonl file's rows, from byte offset on (line is that line's number); after: (offset, line)."""
+    """A .jsonl file's rows from byte offset on, line being that line's number; after each row,
+    the position is (offset, line) of the next."""
     # Binary: len(raw) counts bytes, so that offset stays a true seek position.
     with open(path, "rb") as f:
         f.seek(offset)
@@ -80,54 +66,42 @@ def jsonl_rows(path, offset, line, errors):
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as e:
-                raise UserError(
-                    f"{where}: not valid JSON ({e.msg}); fix or delete that line"
-                ) from None
+                raise UserError(f"{where}: not valid JSON ({e.msg}); fix or delete that line")
             yield row, where, (offset, line)
 
 
-def json_rows(path, first, errors):
-    """A .json file's rows from row number first on; after: (the next row's number, 0)."""
-    # The whole file at once: the standard library cannot stream a JSON list.
-    try:
-        rows = json.loads(decode(Path(path).read_bytes(), errors, path))
-    except json.JSONDecodeError as e:
-        raise UserError(
-            f"{path}, line {e.lineno}: not valid JSON ({e.msg}); fix the file"
-        ) from None
-    # One object, or JSON lines saved as .json.
-    if not isinstance(rows, list):
-        raise UserError(
-            f"{path}: expected a JSON list of objects; for one object per line, name it .jsonl"
-        )
-    for i in range(first, len(rows)):
-        yield rows[i], f"{path}, row {i + 1}", (i + 1, 0)
-
-
-def parquet_rows(path, first):
-    """A .parquet file's rows from row number first on, a batch at a time; after: as json_rows."""
+def parquet_batches(path):
+    """A .parquet file's rows, a batch of them at a time: a file need not fit in memory."""
     import pyarrow  # it comes with datasets
     import pyarrow.parquet as pq
 
-    before = 0  # rows in the batches before this one
     try:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            rows = batch.to_pylist()
-            for i in range(max(first - before, 0), len(rows)):
-                number = before + i + 1
-                yield rows[i], f"{path}, row {number}", (number, 0)
-            before += len(rows)
+            yield batch.to_pylist()
     except pyarrow.ArrowException as e:
         # Not parquet, or cut short.
         raise UserError(
             f"{path}: not a readable parquet file ({str(e).splitlines()[0]}); check the file, or "
             "name it by what it holds (.txt, .jsonl, .json)"
-        ) from None
+        )
+
+
+def json_list(text, path):
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}); fix the file")
+    # One object, or JSON lines saved as .json.
+    if not isinstance(rows, list):
+        raise UserError(
+            f"{path}: expected a JSON list of objects; for one object per line, name it .jsonl"
+        )
+    return rows
 
 
 def decode(raw, errors, path, line=None):
-    """Bytes to text, a byte-order mark dropped; a bad byte's message names its line, as
-    Latin-1 files are common."""
+    """Bytes to text, a byte-order mark dropped. Latin-1 files are common: a bad byte's message
+    names its line."""
     try:
         return raw.decode("utf-8-sig", errors)
     except UnicodeDecodeError as e:
@@ -137,42 +111,50 @@ def decode(raw, errors, path, line=None):
         raise UserError(
             f"{path}, line {line}: not UTF-8 (byte {raw[e.start]:#04x}); convert the file to "
             "UTF-8, or pass --encoding_errors replace to replace bad bytes with U+FFFD"
-        ) from None
+        )
 
 
 def file_rows(path, start, args):
-    """One file's rows from position start, read as its suffix says; any other file is plain
-    text, one document: its position is (0, 1) before it and (1, 0) after it."""
+    """One file's rows from position start on, read as its name's suffix says."""
     offset, line = start
     suffix = Path(path).suffix.lower()
     if suffix == ".jsonl":
         yield from jsonl_rows(path, offset, line, args.encoding_errors)
-    elif suffix == ".json":
-        yield from json_rows(path, offset, args.encoding_errors)
-    elif suffix == ".parquet":
-        yield from parquet_rows(path, offset)
-    elif offset == 0:
+        return
+    if suffix == ".parquet":
+        batches = parquet_batches(path)
+    else:
+        # The whole file at once: the standard library cannot stream a JSON list, and any other
+        # file is plain text, one document.
         text = decode(Path(path).read_bytes(), args.encoding_errors, path)
-        yield {args.text_column: text}, path, (1, 0)
+        batches = [[{args.text_column: text}]]
+        if suffix == ".json":
+            batches = [json_list(text, path)]
+    # Rows are counted from 1; a position is (the next row's number, 0).
+    number = 0
+    for rows in batches:
+        for row in rows:
+            number += 1
+            if number > offset:
+                yield row, f"{path}, row {number}", (number, 0)
 
 
 def stream_position(stream, rows_read):
-    """Where a streamed dataset is: datasets' own state, and the rows read (for messages)."""
     return {"stream": stream.state_dict(), "row": rows_read}
 
 
 def read_rows(args, start=None):
     """Every row of --files, or of the streamed --dataset, from position start on."""
     if args.files:
-        # A position in --files: {file, offset, line}. Files after the first are read from the top.
+        # A position in --files: {file, offset, line}.
         if start is None:
             start = {"file": 0, "offset": 0, "line": 1}
+        first = (start["offset"], start["line"])
         for i in range(start["file"], len(args.files)):
-            first = (0, 1)
-            if i == start["file"]:
-                first = (start["offset"], start["line"])
             for row, where, (offset, line) in file_rows(args.files[i], first, args):
                 yield row, where, {"file": i, "offset": offset, "line": line}
+            # The files after the first are read from the top.
+            first = (0, 1)
         return
     # Imported here: --files never needs it, and it is slow to import.
     import datasets
@@ -182,10 +164,11 @@ def read_rows(args, start=None):
         stream = datasets.load_dataset(args.dataset, args.subset, split=args.split, streaming=True)
     except (FileNotFoundError, ConnectionError, ValueError) as e:
         # A wrong name, subset or split, or no network.
-        raise UserError(f"cannot open dataset {args.dataset}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot open dataset {args.dataset}: {str(e).splitlines()[0]}")
+    # A position in a stream: datasets' own state, which reopens the right file at the right row,
+    # and the rows read, for messages.
     rows_read = 0
     if start is not None:
-        # datasets reopens the right file at the right row.
         stream.load_state_dict(start["stream"])
         rows_read = start["row"]
     for row in stream:
@@ -205,7 +188,7 @@ def describe_source(args):
 
 
 def describe(value):
-    """A value in a message, cut at 40 characters: a whole document would drown the message."""
+    """A value in a message: 40 characters at most, as a whole document would drown the message."""
     if value is None:
         return "null"
     return repr(value)[:40]
@@ -230,6 +213,9 @@ def text_of(row, name, where):
 # -----------------------------------------------------------------------------
 # Tokenizing in parallel, in document order, with bounded memory
 
+# Characters sent to a tokenizer process at a time: about 60k tokens.
+BATCH_CHARS = 1 << 18
+
 
 def tokenize_documents(texts):
     """Texts -> one uint16 array: each document's tokens, each after <|endoftext|>."""
@@ -247,8 +233,9 @@ def tokenize_documents(texts):
 
 
 def batches_of_documents(documents, start=None):
-    """(text, after) documents -> (position, texts) batches of ~BATCH_CHARS characters, one
-    process's work; position is where the batch's first document is read from, to resume from."""
+    """(text, after) documents -> (position, texts) batches of ~BATCH_CHARS characters, a process's
+    work. A batch's position is where its first document is read from: a resumed run reads on
+    from there."""
     batch = []
     size = 0
     position = start
@@ -258,7 +245,7 @@ def batches_of_documents(documents, start=None):
         size += len(text)
         if size >= BATCH_CHARS:
             yield position, batch
-            # A stream's position is a function: computed now, where it is needed.
+            # A stream's position is a function: computed here, where it is needed.
             if callable(after):
                 after = after()
             position = after
@@ -268,32 +255,25 @@ def batches_of_documents(documents, start=None):
         yield position, batch
 
 
-def start_worker(lock):
-    """A tokenizer process leaves Ctrl-C to its parent, and lets go of a lock it inherited by fork
-    (else the lock would outlive a parent killed with -9)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if lock is not None:
-        os.close(lock)
-
-
-def tokenize_in_parallel(batches, num_proc, lock=None):
-    """(position, texts) batches -> (position, tokens), in document order. Two batches per process
+def tokenize_in_parallel(batches, num_proc):
+    """(position, texts) batches -> (position, tokens), in document order. Two batches a process
     are in flight at a time (Pool.imap would queue the whole corpus)."""
     # One process: no pool to start, and a traceback that points at the bug.
-    if num_proc <= 1:
+    if num_proc == 1:
         for position, batch in batches:
             yield position, tokenize_documents(batch)
         return
-    # A spawned process does not inherit the lock's file descriptor: it has none to close.
-    if mp.get_start_method() != "fork":
-        lock = None
-    with mp.Pool(num_proc, start_worker, (lock,)) as pool:
+    # Spawned, not forked: a worker inherits neither the lock on the staging folder (which would
+    # outlive a parent killed with -9) nor the threads of a streamed dataset. Each worker leaves
+    # Ctrl-C to the parent.
+    ignore_ctrl_c = (signal.SIGINT, signal.SIG_IGN)
+    with mp.get_context("spawn").Pool(num_proc, signal.signal, ignore_ctrl_c) as pool:
         in_flight = deque()  # (position, AsyncResult), oldest first
         for position, batch in batches:
             in_flight.append((position, pool.apply_async(tokenize_documents, (batch,))))
             # One batch running and one queued per process: no worker waits.
             if len(in_flight) >= 2 * num_proc:
-                # The oldest first, whichever finishes first: document order.
+                # The oldest, whichever finishes first: document order.
                 position, result = in_flight.popleft()
                 yield position, result.get()
         for position, result in in_flight:
@@ -301,12 +281,12 @@ def tokenize_in_parallel(batches, num_proc, lock=None):
 
 
 # -----------------------------------------------------------------------------
-# Cutting into shards, each written atomically with its checksum, and meta.json
+# Cutting into shards, each written atomically with its checksum, then meta.json
 
 
 def write_whole(path, *chunks):
-    """Write under a temporary name, then rename: the file under its name is whole, the old or the
-    new one after a crash. Returns its sha256, from the bytes as they are written (no re-read)."""
+    """Write under a temporary name, then rename: the file under its name is whole, the old or
+    the new one after a crash. Returns its sha256, from the bytes as they are written."""
     digest = hashlib.sha256()
     # The same folder: os.replace is atomic only within one file system.
     with open(f"{path}.tmp", "wb") as f:
@@ -347,8 +327,8 @@ class ShardWriter:
         self.filled = 0  # tokens in the buffer, not yet in a shard
         # The state's own (commit() saves them), and meta.json's in the end.
         empty = {
-            split: {"tokens": 0, "shards": [], "shard_tokens": [], "sha256": []}
-            for split in ("val", "train")
+            s: {"tokens": 0, "shards": [], "shard_tokens": [], "sha256": []}
+            for s in ("val", "train")
         }
         self.splits = state.setdefault("splits", empty)
 
@@ -358,24 +338,21 @@ class ShardWriter:
             return "val"
         return "train"
 
-    def room(self):
-        """Room left in the shard being filled: a val shard also ends where the val split does."""
-        end = self.shard_size
-        if self.split() == "val":
-            end = min(end, self.val_tokens - self.splits["val"]["tokens"])
-        return end - self.filled
-
     def add(self, tokens, position, done):
         """Tokens of the batch read from position, of which `done` were added before these."""
         while len(tokens):
-            n = min(len(tokens), self.room())
+            # A shard ends at shard_size, and a val shard also where the val split does.
+            end = self.shard_size
+            if self.split() == "val":
+                end = min(end, self.val_tokens - self.splits["val"]["tokens"])
+            n = min(len(tokens), end - self.filled)
             self.buffer[self.filled : self.filled + n] = tokens[:n]
             self.filled += n
             tokens = tokens[n:]
             done += n
-            if self.room() == 0:
+            if self.filled == end:
                 self.write(self.split(), self.buffer[: self.filled])
-                # The moment the shard counts: a resumed run rereads this batch, skipping `done`.
+                # The moment the shard counts: a resumed run reads this batch again, skipping `done`.
                 self.commit({"position": position, "skip": done})
 
     def write(self, split, tokens):
@@ -383,17 +360,17 @@ class ShardWriter:
         # Six digits: the names sort in order.
         name = f"{split}_{len(record['shards']):06d}.npy"
         # The checksum is for --verify; each shard's length, for train_gpt2.py to check.
-        record["sha256"].append(save_npy(os.path.join(self.out_dir, name), tokens))
+        record["sha256"].append(save_npy(f"{self.out_dir}/{name}", tokens))
         record["shards"].append(name)
         record["shard_tokens"].append(len(tokens))
         record["tokens"] += len(tokens)
         self.filled = 0
 
     def finish(self, cut_small_corpus):
-        """The tokens left into a last, shorter shard; then state.json says every row is read."""
+        """The tokens left go into a last, shorter shard; then state.json says all is read."""
         tokens = self.buffer[: self.filled]
-        # Nothing in val yet: the whole corpus is in the buffer, and it is smaller than a shard
-        # (the default --val_tokens), so its first 10% becomes the val split.
+        # Nothing in val yet: the whole corpus is in the buffer, smaller than the default
+        # --val_tokens (a shard), which would take it all. Its first 10% is the val split instead.
         if cut_small_corpus and len(tokens) and not self.splits["val"]["tokens"]:
             cut = max(1, len(tokens) // 10)
             print(
@@ -408,31 +385,25 @@ class ShardWriter:
 
     def commit(self, resume):
         self.state["resume"] = resume
-        save_json(os.path.join(self.out_dir, STATE), self.state)
+        save_json(f"{self.out_dir}/state.json", self.state)
 
 
-def tokenize_into_shards(args, writer, resume, lock):
-    """Every row from the resume position on, tokenized in parallel, into shards; returns how many
+def tokenize_into_shards(args, writer, resume):
+    """Every row from the resume position on, tokenized in parallel, into shards. Returns how many
     tokens this run tokenized."""
-    rows = read_rows(args, resume["position"])
-    # rows -> (text, after) documents -> (position, texts) batches -> (position, tokens)
-    documents = ((text_of(row, args.text_column, where), after) for row, where, after in rows)
-    batches = batches_of_documents(documents, resume["position"])
-    # A resumed run reads its first batch again: the tokens of it already in shards are dropped.
     written = writer.splits["val"]["tokens"] + writer.splits["train"]["tokens"]
     if written:
         print(f"resuming {writer.out_dir}: {written:,} tokens already in shards")
+    # rows -> (text, after) documents -> (position, texts) batches -> (position, tokens)
+    rows = read_rows(args, resume["position"])
+    documents = ((text_of(row, args.text_column, where), after) for row, where, after in rows)
+    batches = batches_of_documents(documents, resume["position"])
+    # A resumed run reads its first batch again: the tokens of it already in shards are dropped.
     skip = resume["skip"]
     tokenized = 0
-    bar = tqdm(
-        unit="tok",
-        unit_scale=True,
-        desc=f"tokenizing into {args.out_dir}",
-        smoothing=0.1,
-        initial=written,
-    )
-    with bar:
-        for position, tokens in tokenize_in_parallel(batches, args.num_proc, lock):
+    desc = f"tokenizing into {args.out_dir}"
+    with tqdm(unit="tok", unit_scale=True, desc=desc, smoothing=0.1, initial=written) as bar:
+        for position, tokens in tokenize_in_parallel(batches, args.num_proc):
             done = min(skip, len(tokens))
             skip -= done
             tokenized += len(tokens)
@@ -441,18 +412,18 @@ def tokenize_into_shards(args, writer, resume, lock):
     return tokenized
 
 
-def prepare_pretraining(args, staging, state, lock):
+def prepare_pretraining(args, staging, state):
     """Rows -> tokens -> shards, then meta.json; a resumed run reads on from state.json."""
     # One shard of val by default, as build-nanogpt's fineweb.py.
-    val_tokens = args.shard_size
-    if args.val_tokens:
-        val_tokens = args.val_tokens
+    val_tokens = args.val_tokens
+    if val_tokens is None:
+        val_tokens = args.shard_size
     writer = ShardWriter(staging, args.shard_size, val_tokens, state)
     # A fresh run: from the start, with nothing to skip.
     resume = state.get("resume", {"position": None, "skip": 0})
     tokenized = 0
-    if not resume.get("finished"):
-        tokenized = tokenize_into_shards(args, writer, resume, lock)
+    if "finished" not in resume:
+        tokenized = tokenize_into_shards(args, writer, resume)
         writer.finish(cut_small_corpus=args.val_tokens is None)
     train = writer.splits["train"]
     val = writer.splits["val"]
@@ -468,7 +439,7 @@ def prepare_pretraining(args, staging, state, lock):
         "shard_size": args.shard_size,
         "splits": writer.splits,
     }
-    save_json(os.path.join(staging, META), meta)
+    save_json(f"{staging}/meta.json", meta)
     shards = len(train["shards"]) + len(val["shards"])
     print(
         f"wrote {train['tokens']:,} train and {val['tokens']:,} val tokens in {shards} shards to "
@@ -479,10 +450,21 @@ def prepare_pretraining(args, staging, state, lock):
 # -----------------------------------------------------------------------------
 # Instruction data (--sft, Alpaca) and HellaSwag (--hellaswag): small, so made in one go
 
+# Stanford Alpaca's prompts: the answer follows them.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+    "{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
 
 def alpaca_example(row, where):
-    """An Alpaca record as (prompt, answer) text: the prompt is the instruction (and its optional
-    input) in Alpaca's template."""
+    """An Alpaca record as (prompt, answer) text: the prompt is its instruction, and its optional
+    input, in Alpaca's template."""
     if not isinstance(row, dict):
         raise UserError(f"{where} is {describe(row)}, not an Alpaca record")
     for key in ("instruction", "output"):
@@ -491,7 +473,7 @@ def alpaca_example(row, where):
                 f"{where} has no column {key!r}; Alpaca data needs instruction, input (optional) "
                 f"and output; its columns are: {', '.join(map(str, row))}"
             )
-    # An input absent, null or "" is all the same: none.
+    # An input that is absent, null or "" is none.
     context = row.get("input")
     if context is None:
         context = ""
@@ -512,22 +494,22 @@ def tokenize_examples(args):
     examples = []
     dropped = 0
     for row, where, _ in read_rows(args):
-        prompt, answer = alpaca_example(row, where)
+        prompt_text, answer_text = alpaca_example(row, where)
         # Prompt and answer are tokenized apart, as at inference: the boundary falls where it will then.
-        prompt_tokens = encoder.encode_ordinary(prompt)
+        prompt = encoder.encode_ordinary(prompt_text)
         # <|endoftext|> ends the answer: the model learns to stop.
-        answer_tokens = encoder.encode_ordinary(answer) + [encoder.eot_token]
+        answer = encoder.encode_ordinary(answer_text) + [encoder.eot_token]
         # A cut example would teach answers that end mid-sentence.
-        if len(prompt_tokens) + len(answer_tokens) > args.block_size:
+        if len(prompt) + len(answer) > args.block_size:
             dropped += 1
         else:
-            examples.append((prompt_tokens, answer_tokens))
+            examples.append((prompt, answer))
     return examples, dropped
 
 
 def save_examples(staging, split, examples, checksums):
-    """A split's examples, concatenated, into {split}_tokens.npy, _mask.npy (1: an answer's token)
-    and _offsets.npy (example i is tokens[offsets[i]:offsets[i + 1]]); returns its counts."""
+    """A split's examples into {split}_tokens.npy, _mask.npy (1: an answer's token) and
+    _offsets.npy (example i is tokens[offsets[i]:offsets[i + 1]]); returns what meta.json says of it."""
     tokens = []
     mask = []
     offsets = [0]
@@ -543,7 +525,7 @@ def save_examples(staging, split, examples, checksums):
     }
     for name, array in arrays.items():
         filename = f"{split}_{name}.npy"
-        checksums[filename] = save_npy(os.path.join(staging, filename), array)
+        checksums[filename] = save_npy(f"{staging}/{filename}", array)
     return {"examples": len(examples), "tokens": len(tokens), "answer_tokens": sum(mask)}
 
 
@@ -556,10 +538,9 @@ def prepare_sft(args, staging):
             f"{describe_source(args)} has {len(examples)} example(s) of <= {args.block_size} "
             "tokens: 2 at least"
         )
-    # Seeded: the same command makes the same split. The split is random, the order within it stable.
+    # Seeded: the same command makes the same split.
     order = np.random.default_rng(args.seed).permutation(len(examples))
     n_val = min(len(examples) - 1, max(1, round(len(examples) * args.val_fraction)))
-    splits = {"val": sorted(order[:n_val]), "train": sorted(order[n_val:])}
     meta = {
         "kind": "sft",
         "source": describe_source(args),
@@ -573,10 +554,11 @@ def prepare_sft(args, staging):
         "splits": {},
         "sha256": {},
     }
-    for split, indices in splits.items():
-        chosen = [examples[i] for i in indices]
+    for split, indices in (("val", order[:n_val]), ("train", order[n_val:])):
+        # The split is random, the order within it stable.
+        chosen = [examples[i] for i in sorted(indices)]
         meta["splits"][split] = save_examples(staging, split, chosen, meta["sha256"])
-    save_json(os.path.join(staging, META), meta)
+    save_json(f"{staging}/meta.json", meta)
     train = meta["splits"]["train"]
     val = meta["splits"]["val"]
     print(
@@ -588,12 +570,9 @@ def prepare_sft(args, staging):
 def hellaswag_item(row, where):
     """A HellaSwag row checked: its ctx, 4 endings and label (0..3), and the fields
     lm-evaluation-harness builds its query from."""
-    if not isinstance(row, dict):
-        raise UserError(f"{where} is {describe(row)}, not a HellaSwag row (ctx, endings, label)")
-    if not {"ctx", "endings", "label"} <= set(row):
+    if not isinstance(row, dict) or not {"ctx", "endings", "label"} <= row.keys():
         raise UserError(
-            f"{where} is not HellaSwag: rows need ctx, endings (4) and label; got "
-            f"{', '.join(map(str, row))}"
+            f"{where} is not HellaSwag: rows need ctx, endings (4) and label; got {describe(row)}"
         )
     endings = row["endings"]
     if (
@@ -604,7 +583,7 @@ def hellaswag_item(row, where):
         raise UserError(
             f"{where}: HellaSwag needs exactly 4 endings (text); fix or remove that item"
         )
-    # The test split has none; a number or a string ("2") alike.
+    # A number or a string ("2") alike.
     label = str(row["label"])
     if label not in ("0", "1", "2", "3"):
         raise UserError(
@@ -621,91 +600,21 @@ def prepare_hellaswag(args, staging):
     """HellaSwag's items as JSON lines: the file train_gpt2.py's --hellaswag_path reads."""
     items = [hellaswag_item(row, where) for row, where, _ in read_rows(args)]
     lines = "".join(json.dumps(item) + "\n" for item in items)
-    digest = write_whole(os.path.join(staging, "hellaswag_val.jsonl"), lines.encode())
+    digest = write_whole(f"{staging}/hellaswag_val.jsonl", lines.encode())
     meta = {
         "kind": "hellaswag",
         "source": describe_source(args),
         "items": len(items),
         "sha256": {"hellaswag_val.jsonl": digest},
     }
-    save_json(os.path.join(staging, META), meta)
-    print(
-        f"wrote {len(items):,} HellaSwag items to {os.path.join(args.out_dir, 'hellaswag_val.jsonl')}"
-    )
+    save_json(f"{staging}/meta.json", meta)
+    print(f"wrote {len(items):,} HellaSwag items to {args.out_dir}/hellaswag_val.jsonl")
 
 
 # -----------------------------------------------------------------------------
-# What keeps the user's work safe: inputs checked before anything is written; one run per
-# folder; everything built in <out_dir>.partial, resumable, and moved into place only whole;
-# only files of ours ever deleted.
-
-
-def check_row(args, row, where):
-    if args.sft:
-        return alpaca_example(row, where)
-    return hellaswag_item(row, where) if args.hellaswag else text_of(row, args.text_column, where)
-
-
-def check_inputs(args, rows_per_file=100):
-    """Before anything is written: tiktoken's files, the Hub, every input's first rows (opens, decodes, has the column)."""
-    try:
-        tokenize_documents(
-            [""]
-        )  # once in this process: a missing file fails here, not in 8 workers
-    except (
-        Exception
-    ) as e:  # tiktoken downloads GPT-2's files once; offline that fails deep in requests
-        raise UserError(
-            f"tiktoken has no GPT-2 files ({type(e).__name__}): it downloads them once; offline, set "
-            "TIKTOKEN_CACHE_DIR to a folder holding them"
-        ) from None
-    if not (
-        args.files
-        or os.path.isdir(args.dataset)
-        or {"https", "all"} & urllib.request.getproxies().keys()
-    ):
-        from huggingface_hub import (
-            constants,
-        )  # the Hub streams the rows: it must answer now, not after a minute of retries
-
-        host = constants.ENDPOINT.split("://")[-1].split("/")[
-            0
-        ]  # huggingface.co, or the HF_ENDPOINT mirror
-        try:
-            socket.create_connection((host, 443), timeout=5).close()
-        except OSError as e:
-            raise UserError(
-                f"--dataset {args.dataset} is streamed from {host}, which cannot be reached ({e.strerror or e}): "
-                "connect, or give local files (--files) or a folder of them (--dataset DIR)"
-            ) from None
-    empty = True
-    for path in args.files or [None]:  # one file at a time, so that an error names it
-        if path and not os.path.isfile(path):
-            raise UserError(
-                f"file not found: {path}"
-                if not os.path.exists(path)
-                else f"cannot read {path}: it is a folder"
-            )
-        rows = read_rows(argparse.Namespace(**{**vars(args), "files": [path] if path else None}))
-        for row, where, _ in itertools.islice(
-            rows, rows_per_file
-        ):  # enough to catch a wrong format or column
-            empty = (
-                empty and not str(check_row(args, row, where)).strip()
-            )  # (the rest is checked as it is read)
-        rows.close()
-    if empty:  # after all sources: one empty file among others is fine
-        raise UserError(
-            f"the corpus {describe_source(args)} is empty: no rows, or blank documents only"
-        )
-
-
-def dataset_files(meta):  # the files a meta.json describes, besides itself
-    return (
-        set(meta.get("sha256", {}))
-        if meta.get("kind") in ("sft", "hellaswag")
-        else {name for split in meta.get("splits", {}).values() for name in split.get("shards", [])}
-    )
+# What keeps a user's work safe: inputs checked before anything is written; one run per folder;
+# everything built in <out_dir>.partial, resumable, and moved into place only whole; only files
+# of ours ever deleted.
 
 
 def read_json(path):
@@ -714,54 +623,128 @@ def read_json(path):
     except FileNotFoundError:
         raise UserError(
             f"{path} not found: not a prepared folder, or its preparation is unfinished (run it again)"
-        ) from None
+        )
     except json.JSONDecodeError:
         raise UserError(
             f"{path} is not readable JSON: not prepare_data.py's, or edited; move it away"
-        ) from None
+        )
+
+
+def dataset_files(meta):
+    """The files a meta.json lists, besides itself."""
+    if meta.get("kind") in ("sft", "hellaswag"):
+        return set(meta.get("sha256", {}))
+    return {name for split in meta.get("splits", {}).values() for name in split.get("shards", [])}
 
 
 def remove_dataset(folder):
-    """Delete a dataset of ours, then its folder if nothing else is in it: a file we did not write stays."""
-    names = {META, STATE} | (
-        dataset_files(read_json(os.path.join(folder, META)))
-        if os.path.exists(os.path.join(folder, META))
-        else set()
-    )
-    for name in os.listdir(folder):
-        if (
-            name in names
-            or name.endswith(".tmp")
-            or (folder.endswith(".partial") and name.endswith(".npy"))
-        ):
-            Path(folder, name).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # not empty: someone else's files are in it
+    """Delete a dataset of ours, then its folder if nothing else is in it: a file we did not
+    write stays."""
+    ours = {"meta.json", "state.json"}
+    if os.path.exists(f"{folder}/meta.json"):
+        ours |= dataset_files(read_json(f"{folder}/meta.json"))
+    for name in ours:
+        Path(folder, name).unlink(missing_ok=True)
+    # Not empty: someone else's files are in it.
+    with contextlib.suppress(OSError):
         os.rmdir(folder)
 
 
-def check_out_dir(
-    out_dir, overwrite
-):  # an output that is a file, or holds files not ours, is refused
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+def remove_staged(staging):
+    """Delete what a run wrote in the staging folder: its shards, temporary files and JSON."""
+    for name in os.listdir(staging):
+        if name.endswith((".npy", ".tmp")) or name in ("meta.json", "state.json"):
+            os.remove(f"{staging}/{name}")
+
+
+def check_hub(dataset):
+    """A Hub dataset is streamed: the Hub must answer now, not after a minute of retries."""
+    # A local folder needs no network; behind a proxy, only a download can tell.
+    if os.path.isdir(dataset) or {"https", "all"} & urllib.request.getproxies().keys():
+        return
+    from huggingface_hub import constants
+
+    # huggingface.co, or the HF_ENDPOINT mirror.
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as e:
+        raise UserError(
+            f"--dataset {dataset} is streamed from {host}, which cannot be reached ({e}): connect, "
+            "or give local files (--files) or a folder of them (--dataset DIR)"
+        )
+
+
+def check_row(args, row, where):
+    """A row checked as the data being prepared needs it; blank only for a blank document."""
+    if args.kind == "sft":
+        return alpaca_example(row, where)
+    if args.kind == "hellaswag":
+        return hellaswag_item(row, where)
+    return text_of(row, args.text_column, where)
+
+
+def check_inputs(args):
+    """Before anything is written: tiktoken's files, the Hub, and each input's first 100 rows,
+    enough to catch a wrong format or column (the rest is checked as it is read)."""
+    # tiktoken downloads GPT-2's files once; offline, that fails deep in requests: here, rather
+    # than in every tokenizer process.
+    try:
+        tokenize_documents([""])
+    except Exception as e:
+        raise UserError(
+            f"tiktoken has no GPT-2 files ({type(e).__name__}): it downloads them once; offline, "
+            "set TIKTOKEN_CACHE_DIR to a folder holding them"
+        )
+    if args.files:
+        for path in args.files:
+            if not os.path.exists(path):
+                raise UserError(f"file not found: {path}")
+            if not os.path.isfile(path):
+                raise UserError(f"cannot read {path}: it is a folder")
+        # One file at a time, so that an error names it.
+        sources = [file_rows(path, (0, 1), args) for path in args.files]
+    else:
+        check_hub(args.dataset)
+        sources = [read_rows(args)]
+    empty = True
+    for rows in sources:
+        for row, where, _ in itertools.islice(rows, 100):
+            if str(check_row(args, row, where)).strip():
+                empty = False
+    # After all sources: one empty file among others is fine.
+    if empty:
+        raise UserError(
+            f"the corpus {describe_source(args)} is empty: no rows, or blank documents only"
+        )
+
+
+def check_out_dir(out_dir, overwrite):
+    """An --out_dir that is a file, or a folder with files not of its dataset, is refused."""
+    if not os.path.exists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
         raise UserError(f"--out_dir {out_dir} is a file; choose a folder")
-    names = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
-    if names and META not in names:
+    names = set(os.listdir(out_dir))
+    if names and "meta.json" not in names:
         raise UserError(
-            f"{out_dir} is a folder that is not a prepared dataset (no meta.json): choose another --out_dir"
+            f"{out_dir} is a folder that is not a prepared dataset (no meta.json): choose another "
+            "--out_dir"
         )
-    foreign = (
-        sorted(names - dataset_files(read_json(os.path.join(out_dir, META))) - {META, STATE})
-        if overwrite and names
-        else []
-    )
-    if foreign:
-        raise UserError(
-            f"{out_dir} holds files not part of its dataset ({', '.join(foreign[:3])}): move them away first"
-        )
+    # --overwrite deletes the old dataset: only where every file in the folder is the dataset's.
+    if overwrite and names:
+        ours = dataset_files(read_json(f"{out_dir}/meta.json")) | {"meta.json", "state.json"}
+        foreign = sorted(names - ours)
+        if foreign:
+            raise UserError(
+                f"{out_dir} holds files not part of its dataset ({', '.join(foreign[:3])}): move "
+                "them away first"
+            )
 
 
 def take_lock(staging):
-    """An flock on the staging folder itself: the kernel drops it if the process dies (no false "busy")."""
+    """An flock on the staging folder itself: the kernel lets go of it when the process dies, so
+    that a killed run leaves no false "busy"."""
     if os.path.exists(staging) and not os.path.isdir(staging):
         raise UserError(
             f"{staging} is in the way: prepare_data.py builds there, and it is a file; move it away"
@@ -769,163 +752,162 @@ def take_lock(staging):
     os.makedirs(staging, exist_ok=True)
     try:
         import fcntl
-    except ImportError:  # Windows: runs into one folder are not locked
+    except ImportError:
+        # Windows: runs into one folder are not locked.
         return None
-    fd = os.open(staging, os.O_RDONLY)
+    lock = os.open(staging, os.O_RDONLY)
+    # LOCK_NB: fail at once, rather than wait for the other run.
     try:
-        fcntl.flock(
-            fd, fcntl.LOCK_EX | fcntl.LOCK_NB
-        )  # LOCK_NB: fail at once, rather than wait for the other run
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        os.close(fd)
+        os.close(lock)
         raise UserError(
             f"another prepare_data.py is writing {staging}; wait for it to finish, or stop it"
-        ) from None
-    return fd
+        )
+    return lock
 
 
-def fingerprint(
-    args,
-):  # what decides the output: a half-made folder is resumed by the same command only
-    paths = args.files or (
-        sorted(map(str, Path(args.dataset).rglob("*"))) if os.path.isdir(args.dataset) else []
-    )
+def fingerprint(args):
+    """What decides the output: a half-made folder is resumed by the same command only. An edited
+    file shows in its size and mtime (no hashing of gigabytes); a Hub dataset, in its name."""
+    paths = args.files
+    if not args.files:
+        # A folder streamed as a dataset: its files (a Hub dataset's name is no folder: none).
+        paths = sorted(map(str, Path(args.dataset).rglob("*")))
     inputs = [
         [os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns]
         for p in paths
         if os.path.isfile(p)
     ]
-    kind = "sft" if args.sft else "hellaswag" if args.hellaswag else "pretrain"
+    if not args.files:
+        inputs += [args.dataset, args.subset, args.split]
     options = {
-        "pretrain": ("text_column", "shard_size", "val_tokens"),
-        "sft": ("block_size", "val_fraction", "seed"),
+        "pretrain": ["text_column", "shard_size", "val_tokens"],
+        "sft": ["block_size", "val_fraction", "seed"],
     }
-    # a file edited is caught by its size and mtime (no hashing of gigabytes); a Hub dataset, by its name
-    return {
-        "kind": kind,
-        "inputs": inputs + ([] if args.files else [args.dataset, args.subset, args.split]),
-        "encoding_errors": args.encoding_errors,
-        **{name: getattr(args, name) for name in options.get(kind, ())},
-    }
+    fp = {"kind": args.kind, "inputs": inputs, "encoding_errors": args.encoding_errors}
+    for name in options.get(args.kind, []):
+        fp[name] = getattr(args, name)
+    return fp
 
 
-def resume_state(
-    staging, fp
-):  # the state of a half-made run of this same command, or None to start afresh
-    path = os.path.join(staging, STATE)
+def shard_whole(path, n):
+    """A uint16 .npy of n tokens, neither cut short nor padded: its header is read, not its data."""
+    try:
+        shard = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        # Missing, not .npy, or fewer bytes than its header says.
+        return False
+    size = os.path.getsize(path)
+    return shard.dtype == np.uint16 and shard.shape == (n,) and size == shard.offset + 2 * n
+
+
+def load_state(staging, fp):
+    """The state of a half-made run of this same command, or a fresh one."""
+    fresh = {"fingerprint": fp}
+    path = f"{staging}/state.json"
     if not os.path.exists(path):
+        # (A .tmp left by a killed run is written over when its file is made again.)
         if any(not name.endswith(".tmp") for name in os.listdir(staging)):
             raise UserError(
                 f"{staging} is in the way: prepare_data.py builds there, and it holds files not ours"
             )
-        return None
+        return fresh
     state = read_json(path)
-    if state.get("fingerprint") != fp:
-        differs = next(
-            (key for key in fp if (state.get("fingerprint") or {}).get(key) != fp[key]),
-            "the command",
-        )
+    if state["fingerprint"] != fp:
+        changed = [key for key in fp if state["fingerprint"].get(key) != fp[key]]
+        what = changed[0] if changed else "command"
         raise UserError(
-            f"{staging} holds a half-made preparation by another command (its {differs} differs); re-run "
-            f"that command to finish it, or delete {staging} to start over"
+            f"{staging} holds a half-made preparation by another command (its {what} differs); "
+            f"re-run that command to finish it, or delete {staging} to start over"
         )
-    shards = [
-        f
-        for split in state.get("splits", {}).values()
-        for f in zip(split["shards"], split["shard_tokens"])
-    ]
-    if bad := next(
-        (name for name, n in shards if not shard_whole(os.path.join(staging, name), n)), None
-    ):
-        print(
-            f"note: {os.path.join(staging, bad)} is missing or damaged since the interruption: starting over"
-        )
-        for name in [
-            n for n in os.listdir(staging) if n.endswith((".npy", ".tmp")) or n in (META, STATE)
-        ]:  # ours
-            os.remove(os.path.join(staging, name))
-        return None
-    return state  # (a .tmp left by a killed run is written over when its file is made again)
+    for split in state.get("splits", {}).values():
+        for name, n in zip(split["shards"], split["shard_tokens"]):
+            path = f"{staging}/{name}"
+            if not shard_whole(path, n):
+                print(f"note: {path} is missing or damaged since the interruption: starting over")
+                remove_staged(staging)
+                return fresh
+    return state
 
 
-def shard_whole(
-    path, n
-):  # a uint16 .npy of n tokens, neither cut short nor padded: its header read, not its data
+def build(args, staging, state):
+    """The dataset, made in the staging folder; meta.json, written last, says it is finished."""
+    # The fingerprint first: a resumed run knows its command.
+    save_json(f"{staging}/state.json", state)
+    # Only pretraining is resumable: the others are small.
     try:
-        shard = np.load(path, mmap_mode="r")
-    except (OSError, ValueError):  # missing, not .npy, or fewer bytes than its header says
-        return False
-    return (
-        shard.dtype == np.uint16
-        and shard.shape == (n,)
-        and os.path.getsize(path) == shard.offset + 2 * n
-    )
+        if args.kind == "sft":
+            prepare_sft(args, staging)
+        elif args.kind == "hellaswag":
+            prepare_hellaswag(args, staging)
+        else:
+            prepare_pretraining(args, staging, state)
+    except UserError:
+        # The same command would fail the same way: nothing here is worth resuming.
+        remove_staged(staging)
+        raise
 
 
 def recover(out_dir):
-    """Finish a publish(): the new dataset loses its state.json and the old one goes; or the old one comes back."""
+    """Finish a publish(): the new dataset loses its state.json and the old one goes; or, if the
+    new one is not in place, the old one comes back."""
     if os.path.isdir(out_dir):
-        Path(out_dir, STATE).unlink(missing_ok=True)  # state.json marked the new dataset until here
+        # state.json marked the new dataset until here.
+        Path(out_dir, "state.json").unlink(missing_ok=True)
         if os.path.isdir(f"{out_dir}.old"):
             remove_dataset(f"{out_dir}.old")
     elif os.path.isdir(f"{out_dir}.old"):
         os.rename(f"{out_dir}.old", out_dir)
 
 
-def publish(staging, out_dir):  # the finished dataset into place: an old one is replaced only now
+def publish(staging, out_dir):
+    """The finished dataset into place: an old one is replaced only now."""
     if os.path.isdir(out_dir):
         os.rename(out_dir, f"{out_dir}.old")
     os.rename(staging, out_dir)
     recover(out_dir)
 
 
+def is_prepared(args):
+    """--out_dir holds a finished dataset, and --overwrite does not ask to redo it."""
+    return os.path.exists(f"{args.out_dir}/meta.json") and not args.overwrite
+
+
 def prepare(args):
-    args.out_dir = os.path.realpath(
-        args.out_dir
-    )  # a link (to a bigger disk): the data goes where it points
-    staging = (
-        f"{args.out_dir}.partial"  # a sibling: the same file system, so the final move is a rename
-    )
-    done = lambda: os.path.exists(os.path.join(args.out_dir, META)) and not args.overwrite  # noqa: E731
-    if done() and not os.path.exists(staging) and not os.path.exists(f"{args.out_dir}.old"):
-        return print(
-            f"{args.out_dir} is already prepared (see its meta.json); --overwrite redoes it"
-        )
-    check_inputs(args)  # everything about the inputs, before anything is written
+    # A link (to a bigger disk): the data goes where it points, and the link stays a link.
+    args.out_dir = os.path.realpath(args.out_dir)
+    # A sibling: on the same file system, so that the final move is a rename.
+    staging = f"{args.out_dir}.partial"
+    # Prepared, and nothing of ours half-done beside it: nothing to do, nor to check.
+    old = f"{args.out_dir}.old"
+    if is_prepared(args) and not os.path.exists(staging) and not os.path.exists(old):
+        print(f"{args.out_dir} is already prepared (see its meta.json); --overwrite redoes it")
+        return
+    check_inputs(args)
     check_out_dir(args.out_dir, args.overwrite)
     fp = fingerprint(args)
-    lock = take_lock(staging)  # held until the end: one run per out_dir at a time
+    # Held until the end: one run per --out_dir at a time.
+    lock = take_lock(staging)
     try:
-        recover(args.out_dir)  # what a run killed in publish() left
-        if done():  # (a crashed run's dataset, now in place)
-            return print(
-                f"{args.out_dir} is already prepared (see its meta.json); --overwrite redoes it"
-            )
-        state = resume_state(staging, fp)  # None: from the start; else the half-made run's
-        if state is None or not os.path.exists(
-            os.path.join(staging, META)
-        ):  # else: finished, not yet moved
-            state = state or {
-                "fingerprint": fp
-            }  # the fingerprint first: a resume knows its command
-            save_json(os.path.join(staging, STATE), state)
-            try:  # each writes into staging, meta.json last; only pretraining is resumable
-                if args.sft or args.hellaswag:
-                    (prepare_sft if args.sft else prepare_hellaswag)(args, staging)
-                else:
-                    prepare_pretraining(args, staging, state, lock)
-            except UserError:  # the same command would fail the same way: nothing here to resume
-                remove_dataset(staging)
-                raise
-        check_out_dir(
-            args.out_dir, args.overwrite
-        )  # again: the user may have put files there meanwhile
+        # What a run killed in publish() left; its dataset may now be in place.
+        recover(args.out_dir)
+        if is_prepared(args):
+            print(f"{args.out_dir} is already prepared (see its meta.json); --overwrite redoes it")
+            return
+        state = load_state(staging, fp)
+        # With meta.json, the staged dataset is finished, and only waits to be moved.
+        if not os.path.exists(f"{staging}/meta.json"):
+            build(args, staging, state)
+        # Again: the user may have put files there meanwhile.
+        check_out_dir(args.out_dir, args.overwrite)
         publish(staging, args.out_dir)
     finally:
+        # A staging folder with no shard in it holds nothing worth resuming.
         if os.path.isdir(staging) and all(
-            name.endswith(".tmp") or name == STATE for name in os.listdir(staging)
+            n.endswith(".tmp") or n == "state.json" for n in os.listdir(staging)
         ):
-            shutil.rmtree(staging)  # no work worth resuming in it
+            shutil.rmtree(staging)
         if lock is not None:
             os.close(lock)
 
@@ -935,28 +917,26 @@ def prepare(args):
 
 
 def verify(folder):
-    meta = read_json(os.path.join(folder, META))
-    try:  # (name, tokens or None, sha256): shards by length and checksum, the other files by checksum
-        files = (
-            [
-                f
-                for s in meta["splits"].values()
-                for f in zip(s["shards"], s["shard_tokens"], s["sha256"])
-            ]
-            if meta["kind"] == "pretrain"
-            else [(name, None, digest) for name, digest in meta["sha256"].items()]
-        )
+    meta = read_json(f"{folder}/meta.json")
+    # (name, tokens or None, sha256): shards by length and checksum, other files by checksum.
+    try:
+        if meta["kind"] == "pretrain":
+            splits = meta["splits"].values()
+            files = [f for s in splits for f in zip(s["shards"], s["shard_tokens"], s["sha256"])]
+        else:
+            files = [(name, None, digest) for name, digest in meta["sha256"].items()]
     except (KeyError, TypeError, AttributeError):
         raise UserError(
             f"{folder}/meta.json lacks what --verify checks: re-run prepare_data.py --overwrite"
-        ) from None
+        )
     again = "re-run prepare_data.py --overwrite for this folder"
-    for name, n, digest in files:  # in order: the first bad file is the one named
-        path = os.path.join(folder, name)
-        if not os.path.exists(path) or (n is not None and not shard_whole(path, n)):
-            raise UserError(
-                f"{path} is {f'truncated or padded (not {n:,} tokens)' if os.path.exists(path) else 'missing'}; {again}"
-            )
+    # In order: the first bad file is the one named.
+    for name, n, digest in files:
+        path = f"{folder}/{name}"
+        if not os.path.exists(path):
+            raise UserError(f"{path} is missing; {again}")
+        if n is not None and not shard_whole(path, n):
+            raise UserError(f"{path} is truncated or padded (not {n:,} tokens); {again}")
         with open(path, "rb") as f:
             if hashlib.file_digest(f, "sha256").hexdigest() != digest:
                 raise UserError(
@@ -966,44 +946,54 @@ def verify(folder):
 
 
 # -----------------------------------------------------------------------------
-# Command line
+# The command line
 
 
-def at_least(low, high=None):  # an argparse type: a number in its domain, or a one-line error
-    def parse(text):
-        value = type(low)(text)  # argparse reports a ValueError as "invalid value"
-        if (
-            value < low
-            or (high is not None and value >= high)
-            or (isinstance(low, float) and value <= low)
-        ):
-            raise argparse.ArgumentTypeError(
-                f"must be {'between 0 and 1 (exclusive)' if high else f'at least {low}'}"
-            )
-        return value
-
-    return parse
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+def fraction(text):
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError("must be between 0 and 1 (exclusive)")
+    return value
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.error = lambda message: p.exit(
-        2, f"error: {message} (see --help)\n"
-    )  # one line, as every other mistake
-    add = p.add_argument
-    kind = p.add_mutually_exclusive_group()
-    kind.add_argument(
-        "--sft", action="store_true", help="prepare Alpaca-style instruction data instead"
+
+    def one_line_error(message):
+        # One line, as every other mistake.
+        parser.exit(2, f"error: {message} (see --help)\n")
+
+    parser.error = one_line_error
+    kinds = parser.add_mutually_exclusive_group()
+    kinds.add_argument(
+        "--sft",
+        dest="kind",
+        action="store_const",
+        const="sft",
+        default="pretrain",
+        help="prepare Alpaca-style instruction data instead",
     )
-    kind.add_argument(
-        "--hellaswag", action="store_true", help="prepare the HellaSwag validation set instead"
+    kinds.add_argument(
+        "--hellaswag",
+        dest="kind",
+        action="store_const",
+        const="hellaswag",
+        help="prepare the HellaSwag validation set instead",
     )
+    add = parser.add_argument
     add(
         "--dataset",
-        help="a Hugging Face dataset or a folder of parquet/jsonl files, streamed (default: FineWeb-Edu, "
-        "Alpaca with --sft, HellaSwag with --hellaswag)",
+        help="a Hugging Face dataset or a folder of parquet/jsonl files, streamed (default: "
+        "FineWeb-Edu, Alpaca with --sft, HellaSwag with --hellaswag)",
     )
     add("--subset", help="the dataset's configuration (default: sample-10BT for FineWeb-Edu)")
     add("--split", help="the dataset's split (default: train; validation with --hellaswag)")
@@ -1023,13 +1013,13 @@ def parse_args(argv=None):
         "--out_dir",
         help="where to write (default: data/<the dataset's or first file's name>, data/alpaca, data/hellaswag)",
     )
-    add("--shard_size", type=at_least(1), default=100_000_000, help="tokens per shard")
+    add("--shard_size", type=positive_int, default=100_000_000, help="tokens per shard")
     add(
         "--val_tokens",
-        type=at_least(1),
+        type=positive_int,
         help="tokens in the val split (default: a shard; 10%% of a smaller corpus)",
     )
-    add("--num_proc", type=at_least(1), default=os.cpu_count(), help="tokenizer processes")
+    add("--num_proc", type=positive_int, default=os.cpu_count(), help="tokenizer processes")
     add(
         "--overwrite",
         action="store_true",
@@ -1037,64 +1027,70 @@ def parse_args(argv=None):
     )
     add(
         "--block_size",
-        type=at_least(1),
+        type=positive_int,
         default=1024,
         help="--sft: the longest example kept, in tokens",
     )
-    add(
-        "--val_fraction",
-        type=at_least(0.0, 1.0),
-        default=0.05,
-        help="--sft: the share of examples held out",
-    )
+    add("--val_fraction", type=fraction, default=0.05, help="--sft: the share of examples held out")
     add("--seed", type=int, default=1337, help="--sft: the seed of the train/val split")
     add(
         "--verify",
         metavar="DIR",
         help="check a prepared folder's files against its meta.json, and stop",
     )
-    args = p.parse_args(argv)
-    args.command = shlex.join(
-        ["python", "prepare_data.py", *(sys.argv[1:] if argv is None else argv)]
-    )  # to redo it
-    kind = "sft" if args.sft else "hellaswag" if args.hellaswag else "pretrain"
-    fineweb = kind == "pretrain" and not (
-        args.dataset or args.files
-    )  # no source named: FineWeb-Edu's 10B sample
-    if not (args.dataset or args.files):  # the kind's own dataset
-        args.dataset = {"sft": "tatsu-lab/alpaca", "hellaswag": "Rowan/hellaswag"}.get(
-            kind, "HuggingFaceFW/fineweb-edu"
+    return parser
+
+
+def parse_args(argv=None):
+    if argv is None:
+        argv = sys.argv[1:]
+    args = make_parser().parse_args(argv)
+    # The command, to redo it: meta.json keeps it, and train_gpt2.py's advice quotes it.
+    args.command = shlex.join(["python", "prepare_data.py", *argv])
+    if args.files:
+        name = Path(args.files[0]).stem
+    elif args.dataset:
+        name = Path(args.dataset).name
+    else:
+        # No source named: the kind's own Hub dataset; to pretrain, FineWeb-Edu's 10B sample.
+        hub = {
+            "pretrain": "HuggingFaceFW/fineweb-edu",
+            "sft": "tatsu-lab/alpaca",
+            "hellaswag": "Rowan/hellaswag",
+        }
+        args.dataset = hub[args.kind]
+        name = "fineweb_edu_10B"
+        if args.kind == "pretrain" and not args.subset:
+            args.subset = "sample-10BT"
+    # By default, the folders train_gpt2.py reads: data/alpaca to fine-tune, data/hellaswag to evaluate.
+    if not args.out_dir:
+        args.out_dir = {"sft": "data/alpaca", "hellaswag": "data/hellaswag"}.get(
+            args.kind, f"data/{name}"
         )
-        args.subset = args.subset or ("sample-10BT" if fineweb else None)
-    # by default, the folders train_gpt2.py reads: data/alpaca to fine-tune, data/hellaswag to evaluate
-    source = (
-        "fineweb_edu_10B"
-        if fineweb
-        else Path(args.files[0]).stem
-        if args.files
-        else Path(args.dataset).name
-    )
-    args.out_dir = os.path.normpath(
-        args.out_dir
-        or {"sft": "data/alpaca", "hellaswag": "data/hellaswag"}.get(kind, f"data/{source}")
-    )  # no trailing slash: <out_dir>.partial is a sibling
-    args.split = args.split or (
-        "validation" if args.hellaswag else "train"
-    )  # HellaSwag's test split has no labels
+    # No trailing slash: <out_dir>.partial must be a sibling.
+    args.out_dir = os.path.normpath(args.out_dir)
+    # HellaSwag's test split has no labels.
+    if not args.split:
+        args.split = "validation" if args.kind == "hellaswag" else "train"
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        verify(args.verify) if args.verify else prepare(args)
+        if args.verify:
+            verify(args.verify)
+        else:
+            prepare(args)
     except UserError as e:
         sys.exit(f"error: {e}")
-    except (ConnectionError, TimeoutError) as e:  # the Hub went away: nothing is lost
+    except (ConnectionError, TimeoutError) as e:
+        # The Hub went away: nothing is lost.
         sys.exit(
             f"error: lost the connection to {args.dataset} ({e}); run the same command again to resume"
         )
-    except MemoryError:  # np.empty(shard_size) is the one big allocation
+    except MemoryError:
+        # np.empty(shard_size) is the one big allocation.
         sys.exit(
             f"error: out of memory: a shard of --shard_size {args.shard_size:,} tokens does not fit; give a smaller one"
         )
@@ -1102,9 +1098,8 @@ def main(argv=None):
         sys.exit(
             f"error: interrupted; {args.out_dir} is unchanged, and the same command resumes the work"
         )
-    except (
-        OSError
-    ) as e:  # a full or read-only disk is the user's to fix; any other OSError is a bug
+    except OSError as e:
+        # A full or read-only disk is the user's to fix; any other OSError is a bug.
         if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
             raise
         sys.exit(
