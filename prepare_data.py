@@ -10,10 +10,10 @@ after an <|endoftext|>), a validation split first, and a meta.json that lists th
     python prepare_data.py --verify data/fineweb_edu_10B   # every file against meta.json's checksums
 
 The main path comes first, in the order things happen: rows read (from local files, or streamed
-from the Hub), tokenized by a pool of processes, cut into shards, and meta.json. Behind it:
-instruction data (--sft) and HellaSwag; then what keeps a user's work safe (a run builds in
-<out_dir>.partial, moves it into place whole, and resumes after its last shard when the same
-command runs again); --verify; and the command line.
+from the Hub), tokenized by a pool of processes, cut into shards, then meta.json. Behind it:
+instruction data (--sft) and HellaSwag; what keeps a user's work safe (a run builds in
+<out_dir>.partial, moves it into place only whole, and resumes after its last shard when the
+same command runs again); --verify; and the command line.
 """
 
 import argparse
@@ -50,8 +50,8 @@ class UserError(Exception):
 
 
 def jsonl_rows(path, offset, line, errors):
-    """A .jsonl file's rows from byte offset on, line being that line's number; after each row,
-    the position is (offset, line) of the next."""
+    """A .jsonl file's rows, from byte offset on (line is that line's number). After a row, the
+    position is (offset, line) of the next one."""
     # Binary: len(raw) counts bytes, so that offset stays a true seek position.
     with open(path, "rb") as f:
         f.seek(offset)
@@ -71,7 +71,7 @@ def jsonl_rows(path, offset, line, errors):
 
 
 def parquet_batches(path):
-    """A .parquet file's rows, a batch of them at a time: a file need not fit in memory."""
+    """A .parquet file's rows, a batch of them at a time: the file need not fit in memory."""
     import pyarrow  # it comes with datasets
     import pyarrow.parquet as pq
 
@@ -100,8 +100,8 @@ def json_list(text, path):
 
 
 def decode(raw, errors, path, line=None):
-    """Bytes to text, a byte-order mark dropped. Latin-1 files are common: a bad byte's message
-    names its line."""
+    """Bytes to text, a byte-order mark dropped. A bad byte's message names its line: Latin-1
+    files are common."""
     try:
         return raw.decode("utf-8-sig", errors)
     except UnicodeDecodeError as e:
@@ -121,6 +121,7 @@ def file_rows(path, start, args):
     if suffix == ".jsonl":
         yield from jsonl_rows(path, offset, line, args.encoding_errors)
         return
+    # The other formats come as lists of rows: a position is (the next row's number, 0).
     if suffix == ".parquet":
         batches = parquet_batches(path)
     else:
@@ -130,11 +131,11 @@ def file_rows(path, start, args):
         batches = [[{args.text_column: text}]]
         if suffix == ".json":
             batches = [json_list(text, path)]
-    # Rows are counted from 1; a position is (the next row's number, 0).
     number = 0
     for rows in batches:
         for row in rows:
             number += 1
+            # The rows before the position were read by an earlier run.
             if number > offset:
                 yield row, f"{path}, row {number}", (number, 0)
 
@@ -165,8 +166,8 @@ def read_rows(args, start=None):
     except (FileNotFoundError, ConnectionError, ValueError) as e:
         # A wrong name, subset or split, or no network.
         raise UserError(f"cannot open dataset {args.dataset}: {str(e).splitlines()[0]}")
-    # A position in a stream: datasets' own state, which reopens the right file at the right row,
-    # and the rows read, for messages.
+    # A position in a stream is datasets' own state, which reopens the right file at the right
+    # row, and the number of rows read, for messages.
     rows_read = 0
     if start is not None:
         stream.load_state_dict(start["stream"])
@@ -233,9 +234,9 @@ def tokenize_documents(texts):
 
 
 def batches_of_documents(documents, start=None):
-    """(text, after) documents -> (position, texts) batches of ~BATCH_CHARS characters, a process's
-    work. A batch's position is where its first document is read from: a resumed run reads on
-    from there."""
+    """(text, after) documents -> (position, texts) batches of ~BATCH_CHARS characters, a
+    process's work. A batch's position is where its first document is read from: a resumed run
+    reads on from there."""
     batch = []
     size = 0
     position = start
@@ -256,19 +257,20 @@ def batches_of_documents(documents, start=None):
 
 
 def tokenize_in_parallel(batches, num_proc):
-    """(position, texts) batches -> (position, tokens), in document order. Two batches a process
-    are in flight at a time (Pool.imap would queue the whole corpus)."""
+    """(position, texts) batches -> (position, tokens), in document order, with two batches a
+    process in flight at a time (Pool.imap would queue the whole corpus)."""
     # One process: no pool to start, and a traceback that points at the bug.
     if num_proc == 1:
         for position, batch in batches:
             yield position, tokenize_documents(batch)
         return
     # Spawned, not forked: a worker inherits neither the lock on the staging folder (which would
-    # outlive a parent killed with -9) nor the threads of a streamed dataset. Each worker leaves
-    # Ctrl-C to the parent.
+    # outlive a parent killed with -9) nor the threads of a streamed dataset. Each worker
+    # ignores Ctrl-C: the parent stops them.
     ignore_ctrl_c = (signal.SIGINT, signal.SIG_IGN)
     with mp.get_context("spawn").Pool(num_proc, signal.signal, ignore_ctrl_c) as pool:
-        in_flight = deque()  # (position, AsyncResult), oldest first
+        # (position, AsyncResult), the oldest first.
+        in_flight = deque()
         for position, batch in batches:
             in_flight.append((position, pool.apply_async(tokenize_documents, (batch,))))
             # One batch running and one queued per process: no worker waits.
@@ -281,17 +283,19 @@ def tokenize_in_parallel(batches, num_proc):
 
 
 # -----------------------------------------------------------------------------
-# Cutting into shards, each written atomically with its checksum, then meta.json
+# Cutting into shards, each written atomically with its checksum, then meta.json. While a run
+# builds, state.json beside the shards says which command it is and how far it got.
 
 
 def write_whole(path, *chunks):
-    """Write under a temporary name, then rename: the file under its name is whole, the old or
+    """Writes under a temporary name, then renames: the file under its name is whole, the old or
     the new one after a crash. Returns its sha256, from the bytes as they are written."""
     digest = hashlib.sha256()
     # The same folder: os.replace is atomic only within one file system.
     with open(f"{path}.tmp", "wb") as f:
         for chunk in chunks:
-            f.write(chunk)  # a shard's buffer itself: its 200 MB are not copied
+            # A shard's buffer itself: its 200 MB are not copied.
+            f.write(chunk)
             digest.update(chunk)
         f.flush()
         # On disk before the name says it is whole.
@@ -303,6 +307,7 @@ def write_whole(path, *chunks):
 def save_npy(path, array):
     """The bytes np.save writes; returns their sha256, as sha256sum sees the file."""
     array = np.ascontiguousarray(array)
+    # The header as np.save writes it; then the array's own memory, not a copy of it.
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
     return write_whole(path, header.getvalue(), array.data)
@@ -314,8 +319,8 @@ def save_json(path, obj):
 
 
 class ShardWriter:
-    """Tokens into shards: val_000000.npy, ... until val_tokens are written, then train_000000.npy,
-    ...; after each shard, state.json says how far the run got."""
+    """Tokens into shards: val_000000.npy, ... until val_tokens are written, then
+    train_000000.npy, ...; after each shard, state.json says how far the run got."""
 
     def __init__(self, out_dir, shard_size, val_tokens, state):
         self.out_dir = out_dir
@@ -324,13 +329,14 @@ class ShardWriter:
         self.state = state
         # The one big allocation: memory follows --shard_size.
         self.buffer = np.empty(shard_size, dtype=np.uint16)
-        self.filled = 0  # tokens in the buffer, not yet in a shard
-        # The state's own (commit() saves them), and meta.json's in the end.
-        empty = {
-            s: {"tokens": 0, "shards": [], "shard_tokens": [], "sha256": []}
-            for s in ("val", "train")
+        # Tokens in the buffer, not yet in a shard.
+        self.filled = 0
+        # The splits are the state's own (commit() saves them), and meta.json's in the end.
+        fresh = {
+            split: {"tokens": 0, "shards": [], "shard_tokens": [], "sha256": []}
+            for split in ("val", "train")
         }
-        self.splits = state.setdefault("splits", empty)
+        self.splits = state.setdefault("splits", fresh)
 
     def split(self):
         """val until val_tokens are written, then train for good."""
@@ -341,7 +347,7 @@ class ShardWriter:
     def add(self, tokens, position, done):
         """Tokens of the batch read from position, of which `done` were added before these."""
         while len(tokens):
-            # A shard ends at shard_size, and a val shard also where the val split does.
+            # A shard ends at shard_size; a val shard also where the val split does.
             end = self.shard_size
             if self.split() == "val":
                 end = min(end, self.val_tokens - self.splits["val"]["tokens"])
@@ -352,7 +358,8 @@ class ShardWriter:
             done += n
             if self.filled == end:
                 self.write(self.split(), self.buffer[: self.filled])
-                # The moment the shard counts: a resumed run reads this batch again, skipping `done`.
+                # The moment the shard counts. A resumed run reads this batch again and skips
+                # the `done` tokens of it that are in shards.
                 self.commit({"position": position, "skip": done})
 
     def write(self, split, tokens):
@@ -374,7 +381,8 @@ class ShardWriter:
         if cut_small_corpus and len(tokens) and not self.splits["val"]["tokens"]:
             cut = max(1, len(tokens) // 10)
             print(
-                f"note: the corpus is smaller than one shard; its first 10% ({cut:,} tokens) is the val split"
+                f"note: the corpus is smaller than one shard; its first 10% ({cut:,} tokens) "
+                "is the val split"
             )
             self.write("val", tokens[:cut])
             self.write("train", tokens[cut:])
@@ -389,8 +397,8 @@ class ShardWriter:
 
 
 def tokenize_into_shards(args, writer, resume):
-    """Every row from the resume position on, tokenized in parallel, into shards. Returns how many
-    tokens this run tokenized."""
+    """Every row from the resume position on, tokenized in parallel, into shards. Returns how
+    many tokens this run tokenized."""
     written = writer.splits["val"]["tokens"] + writer.splits["train"]["tokens"]
     if written:
         print(f"resuming {writer.out_dir}: {written:,} tokens already in shards")
@@ -400,6 +408,7 @@ def tokenize_into_shards(args, writer, resume):
     batches = batches_of_documents(documents, resume["position"])
     # A resumed run reads its first batch again: the tokens of it already in shards are dropped.
     skip = resume["skip"]
+    # Every token this run made, the dropped ones too: the summary says how much work it did.
     tokenized = 0
     desc = f"tokenizing into {args.out_dir}"
     with tqdm(unit="tok", unit_scale=True, desc=desc, smoothing=0.1, initial=written) as bar:
@@ -419,7 +428,7 @@ def prepare_pretraining(args, staging, state):
     if val_tokens is None:
         val_tokens = args.shard_size
     writer = ShardWriter(staging, args.shard_size, val_tokens, state)
-    # A fresh run: from the start, with nothing to skip.
+    # A fresh run starts at the top, with nothing to skip.
     resume = state.get("resume", {"position": None, "skip": 0})
     tokenized = 0
     if "finished" not in resume:
@@ -427,6 +436,7 @@ def prepare_pretraining(args, staging, state):
         writer.finish(cut_small_corpus=args.val_tokens is None)
     train = writer.splits["train"]
     val = writer.splits["val"]
+    # A --val_tokens as big as the corpus would leave train_gpt2.py nothing to learn from.
     if not train["tokens"]:
         raise UserError(
             f"all {val['tokens']:,} tokens are in the val split: give a smaller --val_tokens"
@@ -452,8 +462,8 @@ def prepare_pretraining(args, staging, state):
 
 # Stanford Alpaca's prompts: the answer follows them.
 ALPACA_PROMPT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the "
-    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
 ALPACA_PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -463,8 +473,8 @@ ALPACA_PROMPT_WITH_INPUT = (
 
 
 def alpaca_example(row, where):
-    """An Alpaca record as (prompt, answer) text: the prompt is its instruction, and its optional
-    input, in Alpaca's template."""
+    """An Alpaca record as (prompt, answer) text: the prompt is its instruction, and its
+    optional input, in Alpaca's template."""
     if not isinstance(row, dict):
         raise UserError(f"{where} is {describe(row)}, not an Alpaca record")
     for key in ("instruction", "output"):
@@ -486,8 +496,8 @@ def alpaca_example(row, where):
 
 
 def tokenize_examples(args):
-    """Every Alpaca record as (prompt tokens, answer tokens), and how many were dropped as longer
-    than --block_size. One process: Alpaca's ~10M tokens need no pool."""
+    """Every Alpaca record as (prompt tokens, answer tokens), and how many were dropped as
+    longer than --block_size. One process: Alpaca's ~10M tokens need no pool."""
     import tiktoken
 
     encoder = tiktoken.get_encoding("gpt2")
@@ -495,7 +505,8 @@ def tokenize_examples(args):
     dropped = 0
     for row, where, _ in read_rows(args):
         prompt_text, answer_text = alpaca_example(row, where)
-        # Prompt and answer are tokenized apart, as at inference: the boundary falls where it will then.
+        # Prompt and answer are tokenized apart, as at inference: the boundary falls where it
+        # will fall then.
         prompt = encoder.encode_ordinary(prompt_text)
         # <|endoftext|> ends the answer: the model learns to stop.
         answer = encoder.encode_ordinary(answer_text) + [encoder.eot_token]
@@ -508,24 +519,21 @@ def tokenize_examples(args):
 
 
 def save_examples(staging, split, examples, checksums):
-    """A split's examples into {split}_tokens.npy, _mask.npy (1: an answer's token) and
-    _offsets.npy (example i is tokens[offsets[i]:offsets[i + 1]]); returns what meta.json says of it."""
+    """A split's examples into {split}_tokens.npy, _mask.npy and _offsets.npy (example i is
+    tokens[offsets[i]:offsets[i + 1]]); returns what meta.json says of the split."""
     tokens = []
     mask = []
     offsets = [0]
     for prompt, answer in examples:
         tokens += prompt + answer
-        # The loss counts the answer only.
+        # 1 marks an answer's token: the loss counts those only.
         mask += [0] * len(prompt) + [1] * len(answer)
         offsets.append(len(tokens))
-    arrays = {
-        "tokens": np.array(tokens, dtype=np.uint16),
-        "mask": np.array(mask, dtype=np.uint8),
-        "offsets": np.array(offsets, dtype=np.int64),
-    }
-    for name, array in arrays.items():
+    arrays = [("tokens", tokens, np.uint16), ("mask", mask, np.uint8)]
+    arrays.append(("offsets", offsets, np.int64))
+    for name, values, dtype in arrays:
         filename = f"{split}_{name}.npy"
-        checksums[filename] = save_npy(f"{staging}/{filename}", array)
+        checksums[filename] = save_npy(f"{staging}/{filename}", np.array(values, dtype=dtype))
     return {"examples": len(examples), "tokens": len(tokens), "answer_tokens": sum(mask)}
 
 
@@ -540,10 +548,12 @@ def prepare_sft(args, staging):
         )
     # Seeded: the same command makes the same split.
     order = np.random.default_rng(args.seed).permutation(len(examples))
+    # --val_fraction of the examples, but one at least, and one left for train.
     n_val = min(len(examples) - 1, max(1, round(len(examples) * args.val_fraction)))
     meta = {
         "kind": "sft",
         "source": describe_source(args),
+        # The command, for train_gpt2.py's advice to redo with another --block_size.
         "command": args.command,
         "block_size": args.block_size,
         "tokenizer": "gpt2",
@@ -568,7 +578,7 @@ def prepare_sft(args, staging):
 
 
 def hellaswag_item(row, where):
-    """A HellaSwag row checked: its ctx, 4 endings and label (0..3), and the fields
+    """A HellaSwag row checked: its ctx, 4 endings and label (0..3), and the fields that
     lm-evaluation-harness builds its query from."""
     if not isinstance(row, dict) or not {"ctx", "endings", "label"} <= row.keys():
         raise UserError(
@@ -578,18 +588,20 @@ def hellaswag_item(row, where):
     if (
         not isinstance(endings, list)
         or len(endings) != 4
-        or not all(isinstance(e, str) for e in endings)
+        or not all(isinstance(ending, str) for ending in endings)
     ):
         raise UserError(
             f"{where}: HellaSwag needs exactly 4 endings (text); fix or remove that item"
         )
-    # A number or a string ("2") alike.
+    # The label may be a number or a string ("2").
     label = str(row["label"])
     if label not in ("0", "1", "2", "3"):
         raise UserError(
             f"{where}: label {row['label']!r} is not 0..3 (the test split has none: use validation)"
         )
     item = {"ctx": row["ctx"], "endings": endings, "label": int(label)}
+    # Kept where a row has them: lm-evaluation-harness builds its query from them, the plain
+    # completion convention from ctx alone.
     for key in ("activity_label", "ctx_a", "ctx_b"):
         if isinstance(row.get(key), str):
             item[key] = row[key]
@@ -622,7 +634,8 @@ def read_json(path):
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise UserError(
-            f"{path} not found: not a prepared folder, or its preparation is unfinished (run it again)"
+            f"{path} not found: not a prepared folder, or its preparation is unfinished "
+            "(run it again)"
         )
     except json.JSONDecodeError:
         raise UserError(
@@ -632,13 +645,14 @@ def read_json(path):
 
 def dataset_files(meta):
     """The files a meta.json lists, besides itself."""
+    # Instruction data and HellaSwag list every file with its checksum; pretraining, its shards.
     if meta.get("kind") in ("sft", "hellaswag"):
         return set(meta.get("sha256", {}))
     return {name for split in meta.get("splits", {}).values() for name in split.get("shards", [])}
 
 
 def remove_dataset(folder):
-    """Delete a dataset of ours, then its folder if nothing else is in it: a file we did not
+    """Deletes a dataset of ours, then its folder if nothing else is in it: a file we did not
     write stays."""
     ours = {"meta.json", "state.json"}
     if os.path.exists(f"{folder}/meta.json"):
@@ -651,7 +665,7 @@ def remove_dataset(folder):
 
 
 def remove_staged(staging):
-    """Delete what a run wrote in the staging folder: its shards, temporary files and JSON."""
+    """Deletes what a run wrote in the staging folder: its shards, temporary files and JSON."""
     for name in os.listdir(staging):
         if name.endswith((".npy", ".tmp")) or name in ("meta.json", "state.json"):
             os.remove(f"{staging}/{name}")
@@ -670,24 +684,15 @@ def check_hub(dataset):
         socket.create_connection((host, 443), timeout=5).close()
     except OSError as e:
         raise UserError(
-            f"--dataset {dataset} is streamed from {host}, which cannot be reached ({e}): connect, "
-            "or give local files (--files) or a folder of them (--dataset DIR)"
+            f"--dataset {dataset} is streamed from {host}, which cannot be reached ({e}): "
+            "connect, or give local files (--files) or a folder of them (--dataset DIR)"
         )
-
-
-def check_row(args, row, where):
-    """A row checked as the data being prepared needs it; blank only for a blank document."""
-    if args.kind == "sft":
-        return alpaca_example(row, where)
-    if args.kind == "hellaswag":
-        return hellaswag_item(row, where)
-    return text_of(row, args.text_column, where)
 
 
 def check_inputs(args):
     """Before anything is written: tiktoken's files, the Hub, and each input's first 100 rows,
     enough to catch a wrong format or column (the rest is checked as it is read)."""
-    # tiktoken downloads GPT-2's files once; offline, that fails deep in requests: here, rather
+    # tiktoken downloads GPT-2's files once. Offline, that fails deep in requests: here, rather
     # than in every tokenizer process.
     try:
         tokenize_documents([""])
@@ -710,7 +715,9 @@ def check_inputs(args):
     empty = True
     for rows in sources:
         for row, where, _ in itertools.islice(rows, 100):
-            if str(check_row(args, row, where)).strip():
+            # Instruction data and HellaSwag are small: they are read whole, and checked, before
+            # a file of theirs is written.
+            if args.kind != "pretrain" or text_of(row, args.text_column, where).strip():
                 empty = False
     # After all sources: one empty file among others is fine.
     if empty:
@@ -721,11 +728,12 @@ def check_inputs(args):
 
 def check_out_dir(out_dir, overwrite):
     """An --out_dir that is a file, or a folder with files not of its dataset, is refused."""
-    if not os.path.exists(out_dir):
-        return
-    if not os.path.isdir(out_dir):
+    if os.path.isfile(out_dir):
         raise UserError(f"--out_dir {out_dir} is a file; choose a folder")
+    if not os.path.isdir(out_dir):
+        return
     names = set(os.listdir(out_dir))
+    # An empty folder is fine: a user may have made it, or linked it to a bigger disk, for the data.
     if names and "meta.json" not in names:
         raise UserError(
             f"{out_dir} is a folder that is not a prepared dataset (no meta.json): choose another "
@@ -737,15 +745,15 @@ def check_out_dir(out_dir, overwrite):
         foreign = sorted(names - ours)
         if foreign:
             raise UserError(
-                f"{out_dir} holds files not part of its dataset ({', '.join(foreign[:3])}): move "
-                "them away first"
+                f"{out_dir} holds files not part of its dataset ({', '.join(foreign[:3])}): "
+                "move them away first"
             )
 
 
 def take_lock(staging):
     """An flock on the staging folder itself: the kernel lets go of it when the process dies, so
     that a killed run leaves no false "busy"."""
-    if os.path.exists(staging) and not os.path.isdir(staging):
+    if os.path.isfile(staging):
         raise UserError(
             f"{staging} is in the way: prepare_data.py builds there, and it is a file; move it away"
         )
@@ -755,6 +763,7 @@ def take_lock(staging):
     except ImportError:
         # Windows: runs into one folder are not locked.
         return None
+    # A folder opened read-only: the lock needs a file descriptor, not a file to write.
     lock = os.open(staging, os.O_RDONLY)
     # LOCK_NB: fail at once, rather than wait for the other run.
     try:
@@ -768,12 +777,13 @@ def take_lock(staging):
 
 
 def fingerprint(args):
-    """What decides the output: a half-made folder is resumed by the same command only. An edited
-    file shows in its size and mtime (no hashing of gigabytes); a Hub dataset, in its name."""
+    """What decides the output: a half-made folder is resumed by the same command only."""
+    # A folder streamed as a dataset is fingerprinted by its files, and a Hub dataset by its
+    # name: Path(name).rglob finds no files there.
     paths = args.files
     if not args.files:
-        # A folder streamed as a dataset: its files (a Hub dataset's name is no folder: none).
         paths = sorted(map(str, Path(args.dataset).rglob("*")))
+    # An edited file shows in its size and mtime: no hashing of gigabytes.
     inputs = [
         [os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns]
         for p in paths
@@ -781,6 +791,7 @@ def fingerprint(args):
     ]
     if not args.files:
         inputs += [args.dataset, args.subset, args.split]
+    # The options that change the bytes written (--num_proc and --out_dir do not).
     options = {
         "pretrain": ["text_column", "shard_size", "val_tokens"],
         "sft": ["block_size", "val_fraction", "seed"],
@@ -807,10 +818,11 @@ def load_state(staging, fp):
     fresh = {"fingerprint": fp}
     path = f"{staging}/state.json"
     if not os.path.exists(path):
-        # (A .tmp left by a killed run is written over when its file is made again.)
+        # A .tmp is a killed run's: it is written over when its file is made again.
         if any(not name.endswith(".tmp") for name in os.listdir(staging)):
             raise UserError(
-                f"{staging} is in the way: prepare_data.py builds there, and it holds files not ours"
+                f"{staging} is in the way: prepare_data.py builds there, and it holds files not "
+                "ours"
             )
         return fresh
     state = read_json(path)
@@ -821,6 +833,7 @@ def load_state(staging, fp):
             f"{staging} holds a half-made preparation by another command (its {what} differs); "
             f"re-run that command to finish it, or delete {staging} to start over"
         )
+    # A shard listed in state.json was whole when it was listed; the disk may have lost it since.
     for split in state.get("splits", {}).values():
         for name, n in zip(split["shards"], split["shard_tokens"]):
             path = f"{staging}/{name}"
@@ -850,13 +863,14 @@ def build(args, staging, state):
 
 
 def recover(out_dir):
-    """Finish a publish(): the new dataset loses its state.json and the old one goes; or, if the
-    new one is not in place, the old one comes back."""
+    """Finishes a publish(): the new dataset loses its state.json and the old one goes; or, if
+    the new one is not in place, the old one comes back."""
     if os.path.isdir(out_dir):
         # state.json marked the new dataset until here.
         Path(out_dir, "state.json").unlink(missing_ok=True)
         if os.path.isdir(f"{out_dir}.old"):
             remove_dataset(f"{out_dir}.old")
+    # Killed between publish()'s two renames: the old dataset waits, whole, beside.
     elif os.path.isdir(f"{out_dir}.old"):
         os.rename(f"{out_dir}.old", out_dir)
 
@@ -886,7 +900,6 @@ def prepare(args):
         return
     check_inputs(args)
     check_out_dir(args.out_dir, args.overwrite)
-    fp = fingerprint(args)
     # Held until the end: one run per --out_dir at a time.
     lock = take_lock(staging)
     try:
@@ -895,7 +908,7 @@ def prepare(args):
         if is_prepared(args):
             print(f"{args.out_dir} is already prepared (see its meta.json); --overwrite redoes it")
             return
-        state = load_state(staging, fp)
+        state = load_state(staging, fingerprint(args))
         # With meta.json, the staged dataset is finished, and only waits to be moved.
         if not os.path.exists(f"{staging}/meta.json"):
             build(args, staging, state)
@@ -905,7 +918,7 @@ def prepare(args):
     finally:
         # A staging folder with no shard in it holds nothing worth resuming.
         if os.path.isdir(staging) and all(
-            n.endswith(".tmp") or n == "state.json" for n in os.listdir(staging)
+            name.endswith(".tmp") or name == "state.json" for name in os.listdir(staging)
         ):
             shutil.rmtree(staging)
         if lock is not None:
@@ -964,6 +977,7 @@ def fraction(text):
 
 
 def make_parser():
+    """The command line: what to prepare and from what; add_output_args adds where and how."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -973,21 +987,12 @@ def make_parser():
         parser.exit(2, f"error: {message} (see --help)\n")
 
     parser.error = one_line_error
-    kinds = parser.add_mutually_exclusive_group()
-    kinds.add_argument(
-        "--sft",
-        dest="kind",
-        action="store_const",
-        const="sft",
-        default="pretrain",
-        help="prepare Alpaca-style instruction data instead",
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--sft", action="store_true", help="prepare Alpaca-style instruction data instead"
     )
-    kinds.add_argument(
-        "--hellaswag",
-        dest="kind",
-        action="store_const",
-        const="hellaswag",
-        help="prepare the HellaSwag validation set instead",
+    kind.add_argument(
+        "--hellaswag", action="store_true", help="prepare the HellaSwag validation set instead"
     )
     add = parser.add_argument
     add(
@@ -1009,9 +1014,16 @@ def make_parser():
         default="strict",
         help="bytes not UTF-8: stop, or U+FFFD",
     )
+    add_output_args(parser)
+    return parser
+
+
+def add_output_args(parser):
+    add = parser.add_argument
     add(
         "--out_dir",
-        help="where to write (default: data/<the dataset's or first file's name>, data/alpaca, data/hellaswag)",
+        help="where to write (default: data/<the dataset's or first file's name>, data/alpaca, "
+        "data/hellaswag)",
     )
     add("--shard_size", type=positive_int, default=100_000_000, help="tokens per shard")
     add(
@@ -1038,7 +1050,6 @@ def make_parser():
         metavar="DIR",
         help="check a prepared folder's files against its meta.json, and stop",
     )
-    return parser
 
 
 def parse_args(argv=None):
@@ -1047,31 +1058,33 @@ def parse_args(argv=None):
     args = make_parser().parse_args(argv)
     # The command, to redo it: meta.json keeps it, and train_gpt2.py's advice quotes it.
     args.command = shlex.join(["python", "prepare_data.py", *argv])
+    # One name for the kind of data, read wherever it matters.
+    args.kind = "pretrain"
+    if args.sft:
+        args.kind = "sft"
+    if args.hellaswag:
+        args.kind = "hellaswag"
     if args.files:
         name = Path(args.files[0]).stem
     elif args.dataset:
         name = Path(args.dataset).name
     else:
         # No source named: the kind's own Hub dataset; to pretrain, FineWeb-Edu's 10B sample.
-        hub = {
-            "pretrain": "HuggingFaceFW/fineweb-edu",
-            "sft": "tatsu-lab/alpaca",
-            "hellaswag": "Rowan/hellaswag",
-        }
-        args.dataset = hub[args.kind]
+        hub = {"pretrain": "HuggingFaceFW/fineweb-edu", "sft": "tatsu-lab/alpaca"}
+        args.dataset = hub.get(args.kind, "Rowan/hellaswag")
         name = "fineweb_edu_10B"
         if args.kind == "pretrain" and not args.subset:
             args.subset = "sample-10BT"
-    # By default, the folders train_gpt2.py reads: data/alpaca to fine-tune, data/hellaswag to evaluate.
+    # By default, the folders train_gpt2.py reads: data/alpaca to fine-tune, data/hellaswag to
+    # evaluate.
     if not args.out_dir:
-        args.out_dir = {"sft": "data/alpaca", "hellaswag": "data/hellaswag"}.get(
-            args.kind, f"data/{name}"
-        )
+        folders = {"sft": "data/alpaca", "hellaswag": "data/hellaswag"}
+        args.out_dir = folders.get(args.kind, f"data/{name}")
     # No trailing slash: <out_dir>.partial must be a sibling.
     args.out_dir = os.path.normpath(args.out_dir)
     # HellaSwag's test split has no labels.
     if not args.split:
-        args.split = "validation" if args.kind == "hellaswag" else "train"
+        args.split = "validation" if args.hellaswag else "train"
     return args
 
 
@@ -1083,27 +1096,35 @@ def main(argv=None):
         else:
             prepare(args)
     except UserError as e:
+        # The user's to fix: one line, no traceback.
         sys.exit(f"error: {e}")
     except (ConnectionError, TimeoutError) as e:
         # The Hub went away: nothing is lost.
         sys.exit(
-            f"error: lost the connection to {args.dataset} ({e}); run the same command again to resume"
+            f"error: lost the connection to {args.dataset} ({e}); run the same command again "
+            "to resume"
         )
     except MemoryError:
         # np.empty(shard_size) is the one big allocation.
         sys.exit(
-            f"error: out of memory: a shard of --shard_size {args.shard_size:,} tokens does not fit; give a smaller one"
+            f"error: out of memory: a shard of --shard_size {args.shard_size:,} tokens does not "
+            "fit; give a smaller one"
         )
     except KeyboardInterrupt:
         sys.exit(
-            f"error: interrupted; {args.out_dir} is unchanged, and the same command resumes the work"
+            f"error: interrupted; {args.out_dir} is unchanged, and the same command resumes "
+            "the work"
         )
     except OSError as e:
         # A full or read-only disk is the user's to fix; any other OSError is a bug.
         if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
             raise
+        # A write's own error names no file.
+        where = e.filename
+        if where is None:
+            where = args.out_dir
         sys.exit(
-            f"error: cannot write {e.filename or args.out_dir}: {e.strerror}; free space or choose another --out_dir"
+            f"error: cannot write {where}: {e.strerror}; free space or choose another --out_dir"
         )
 
 
