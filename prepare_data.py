@@ -256,7 +256,15 @@ def batches_of_documents(documents, start=None):
         yield position, batch
 
 
-def tokenize_in_parallel(batches, num_proc):
+def start_worker(lock):
+    """A tokenizer process leaves Ctrl-C to its parent, and lets go of a lock it inherited by
+    fork: else a parent killed with -9 would leave the folder locked while its workers live on."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if lock is not None:
+        os.close(lock)
+
+
+def tokenize_in_parallel(batches, num_proc, lock=None):
     """(position, texts) batches -> (position, tokens), in document order, with two batches a
     process in flight at a time (Pool.imap would queue the whole corpus)."""
     # One process: no pool to start, and a traceback that points at the bug.
@@ -264,11 +272,10 @@ def tokenize_in_parallel(batches, num_proc):
         for position, batch in batches:
             yield position, tokenize_documents(batch)
         return
-    # Spawned, not forked: a worker inherits neither the lock on the staging folder (which would
-    # outlive a parent killed with -9) nor the threads of a streamed dataset. Each worker
-    # ignores Ctrl-C: the parent stops them.
-    ignore_ctrl_c = (signal.SIGINT, signal.SIG_IGN)
-    with mp.get_context("spawn").Pool(num_proc, signal.signal, ignore_ctrl_c) as pool:
+    # A spawned process starts afresh: it holds no lock to let go of.
+    if mp.get_start_method() != "fork":
+        lock = None
+    with mp.Pool(num_proc, start_worker, (lock,)) as pool:
         # (position, AsyncResult), the oldest first.
         in_flight = deque()
         for position, batch in batches:
@@ -396,7 +403,7 @@ class ShardWriter:
         save_json(f"{self.out_dir}/state.json", self.state)
 
 
-def tokenize_into_shards(args, writer, resume):
+def tokenize_into_shards(args, writer, resume, lock):
     """Every row from the resume position on, tokenized in parallel, into shards. Returns how
     many tokens this run tokenized."""
     written = writer.splits["val"]["tokens"] + writer.splits["train"]["tokens"]
@@ -412,7 +419,7 @@ def tokenize_into_shards(args, writer, resume):
     tokenized = 0
     desc = f"tokenizing into {args.out_dir}"
     with tqdm(unit="tok", unit_scale=True, desc=desc, smoothing=0.1, initial=written) as bar:
-        for position, tokens in tokenize_in_parallel(batches, args.num_proc):
+        for position, tokens in tokenize_in_parallel(batches, args.num_proc, lock):
             done = min(skip, len(tokens))
             skip -= done
             tokenized += len(tokens)
@@ -421,7 +428,7 @@ def tokenize_into_shards(args, writer, resume):
     return tokenized
 
 
-def prepare_pretraining(args, staging, state):
+def prepare_pretraining(args, staging, state, lock):
     """Rows -> tokens -> shards, then meta.json; a resumed run reads on from state.json."""
     # One shard of val by default, as build-nanogpt's fineweb.py.
     val_tokens = args.val_tokens
@@ -432,7 +439,7 @@ def prepare_pretraining(args, staging, state):
     resume = state.get("resume", {"position": None, "skip": 0})
     tokenized = 0
     if "finished" not in resume:
-        tokenized = tokenize_into_shards(args, writer, resume)
+        tokenized = tokenize_into_shards(args, writer, resume, lock)
         writer.finish(cut_small_corpus=args.val_tokens is None)
     train = writer.splits["train"]
     val = writer.splits["val"]
@@ -844,7 +851,7 @@ def load_state(staging, fp):
     return state
 
 
-def build(args, staging, state):
+def build(args, staging, state, lock):
     """The dataset, made in the staging folder; meta.json, written last, says it is finished."""
     # The fingerprint first: a resumed run knows its command.
     save_json(f"{staging}/state.json", state)
@@ -855,7 +862,7 @@ def build(args, staging, state):
         elif args.kind == "hellaswag":
             prepare_hellaswag(args, staging)
         else:
-            prepare_pretraining(args, staging, state)
+            prepare_pretraining(args, staging, state, lock)
     except UserError:
         # The same command would fail the same way: nothing here is worth resuming.
         remove_staged(staging)
@@ -911,7 +918,7 @@ def prepare(args):
         state = load_state(staging, fingerprint(args))
         # With meta.json, the staged dataset is finished, and only waits to be moved.
         if not os.path.exists(f"{staging}/meta.json"):
-            build(args, staging, state)
+            build(args, staging, state, lock)
         # Again: the user may have put files there meanwhile.
         check_out_dir(args.out_dir, args.overwrite)
         publish(staging, args.out_dir)
