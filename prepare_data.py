@@ -267,11 +267,6 @@ def start_worker(lock):
 def tokenize_in_parallel(batches, num_proc, lock=None):
     """(position, texts) batches -> (position, tokens), in document order, with two batches a
     process in flight at a time (Pool.imap would queue the whole corpus)."""
-    # One process: no pool to start, and a traceback that points at the bug.
-    if num_proc == 1:
-        for position, batch in batches:
-            yield position, tokenize_documents(batch)
-        return
     # A spawned process starts afresh: it holds no lock to let go of.
     if mp.get_start_method() != "fork":
         lock = None
