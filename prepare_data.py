@@ -9,15 +9,17 @@ after an <|endoftext|>), a validation split first, and a meta.json that lists th
     python prepare_data.py --hellaswag         # HellaSwag's validation set, for --mode eval
     python prepare_data.py --verify data/fineweb_edu_10B   # every file against meta.json's checksums
 
-The main path comes first: rows read (a Hub dataset streamed), tokenized by a pool of processes,
-cut into shards. Behind it, what keeps a user's work safe: a run builds in <out_dir>.partial, moves
-it into place whole, and resumes after its last shard when the same command runs again.
+The main path comes first, in the order things happen: rows read (from local files, or streamed
+from the Hub), tokenized by a pool of processes, cut into shards, then meta.json. Behind it:
+instruction data (--sft) and HellaSwag; what keeps a user's work safe (a run builds in
+<out_dir>.partial, moves it into place only whole, and resumes after its last shard when the
+same command runs again); --verify; and the command line.
 """
 
 import argparse
-import codecs
 import contextlib
 import errno
+import functools
 import hashlib
 import io
 import itertools
@@ -29,164 +31,178 @@ import shutil
 import signal
 import socket
 import sys
+import urllib.parse
 import urllib.request
 from collections import deque
 from pathlib import Path
 
 import numpy as np
-
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the "
-    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)  # Stanford Alpaca's: the answer follows
-ALPACA_PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
-    "{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-BATCH_CHARS = 1 << 18  # characters sent to a tokenizer process at a time: ~60k tokens
-STATE, META = (
-    "state.json",
-    "meta.json",
-)  # in the staging folder: the command and its progress; the dataset's index
+from tqdm import tqdm
 
 
-class UserError(Exception):  # bad input from the user: printed as one line, no traceback
-    pass
+class UserError(Exception):
+    """Bad input from the user: printed as one line that says what to do, without a traceback."""
 
 
 # -----------------------------------------------------------------------------
-# Reading rows. Each reader yields (row, where, after): the row, where it is for messages,
-# and the position just after it, from which a resumed run reads on.
+# Reading rows. Each reader yields (row, where, after): the row (a dict, as datasets gives it),
+# where it is (for messages), and the position just after it, from which a resumed run reads on.
 
 
-def decode(
-    raw, errors, path, line=None
-):  # bytes to text, naming the line of a bad byte: Latin-1 files are common
+def jsonl_rows(path, offset, line, errors):
+    """A .jsonl file's rows, from byte offset on (line is that line's number). After a row, the
+    position is (offset, line) of the next one."""
+    # Binary: len(raw) counts bytes, so that offset stays a true seek position.
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for raw in f:
+            offset += len(raw)
+            where = f"{path}, line {line}"
+            text = decode(raw, errors, path, line)
+            line += 1
+            # Blank lines (a trailing one, often) are not rows.
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: not valid JSON ({e.msg}); fix or delete that line")
+            yield row, where, (offset, line)
+
+
+def parquet_batches(path):
+    """A .parquet file's rows, a batch of them at a time: the file need not fit in memory."""
+    import pyarrow  # it comes with datasets
+    import pyarrow.parquet as pq
+
     try:
-        return raw.decode("utf-8", errors)
-    except UnicodeDecodeError as e:
-        line = (
-            line or raw.count(b"\n", 0, e.start) + 1
-        )  # a whole file: count the newlines before the bad byte
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield batch.to_pylist()
+    except pyarrow.ArrowException as e:
+        # Not parquet, or cut short.
         raise UserError(
-            f"{path}, line {line}: not UTF-8 (byte {raw[e.start]:#04x}); convert the file to UTF-8, "
-            "or pass --encoding_errors replace to replace bad bytes with U+FFFD"
-        ) from None
-
-
-def file_rows(path, start, args):
-    """One file's rows from position start: (byte offset, line) in .jsonl, a row in .json/.parquet, else 0 or 1."""
-    offset, line = start
-    suffix, errors = Path(path).suffix.lower(), args.encoding_errors
-    if suffix == ".jsonl":
-        with open(path, "rb") as f:
-            f.seek(offset)
-            for (
-                raw
-            ) in f:  # binary: len(raw) counts bytes, so that offset stays a true seek position
-                offset, line = offset + len(raw), line + 1
-                text = decode(
-                    raw.removeprefix(codecs.BOM_UTF8) if offset == len(raw) else raw,
-                    errors,
-                    path,
-                    line - 1,
-                )
-                if text.strip():  # blank lines (a trailing one, often) are not rows
-                    try:
-                        yield json.loads(text), f"{path}, line {line - 1}", (offset, line)
-                    except json.JSONDecodeError as e:
-                        raise UserError(
-                            f"{path}, line {line - 1}: not valid JSON ({e.msg}); fix or delete that line"
-                        ) from None
-    elif suffix == ".json":  # the whole file: the standard library cannot stream a JSON list
-        try:
-            rows = json.loads(
-                decode(Path(path).read_bytes().removeprefix(codecs.BOM_UTF8), errors, path)
-            )
-        except json.JSONDecodeError as e:
-            raise UserError(
-                f"{path}, line {e.lineno}: not valid JSON ({e.msg}); fix the file"
-            ) from None
-        if not isinstance(rows, list):  # one object, or JSON lines saved as .json
-            raise UserError(
-                f"{path}: expected a JSON list of objects; for one object per line, name it .jsonl"
-            )
-        yield from ((rows[i], f"{path}, row {i + 1}", (i + 1, 0)) for i in range(offset, len(rows)))
-    elif suffix == ".parquet":
-        import pyarrow
-        import pyarrow.parquet as pq  # comes with datasets
-
-        try:
-            n = 0  # rows in the batches before this one
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-                rows = batch.to_pylist()  # dicts, as the JSON readers give
-                yield from (
-                    (rows[i], f"{path}, row {n + i + 1}", (n + i + 1, 0))
-                    for i in range(max(offset - n, 0), len(rows))
-                )
-                n += len(rows)
-        except pyarrow.ArrowException as e:  # not parquet, or cut short
-            raise UserError(
-                f"{path}: not a readable parquet file ({str(e).splitlines()[0]}); check the file, or name "
-                "it by what it holds (.txt, .jsonl, .json)"
-            ) from None
-    elif offset == 0:  # any other name: plain text, one document (position 1: done)
-        yield (
-            {
-                args.text_column: decode(
-                    Path(path).read_bytes().removeprefix(codecs.BOM_UTF8), errors, path
-                )
-            },
-            path,
-            (1, 0),
+            f"{path}: not a readable parquet file ({str(e).splitlines()[0]}); check the file, or "
+            "name it by what it holds (.txt, .jsonl, .json)"
         )
 
 
+def json_list(text, path):
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}); fix the file")
+    # One object, or JSON lines saved as .json.
+    if not isinstance(rows, list):
+        raise UserError(
+            f"{path}: expected a JSON list of objects; for one object per line, name it .jsonl"
+        )
+    return rows
+
+
+def decode(raw, errors, path, line=None):
+    """Bytes to text, a byte-order mark dropped. A bad byte's message names its line: Latin-1
+    files are common."""
+    try:
+        return raw.decode("utf-8-sig", errors)
+    except UnicodeDecodeError as e:
+        # A whole file: the bad byte's line is one more than the newlines before it.
+        if line is None:
+            line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(
+            f"{path}, line {line}: not UTF-8 (byte {raw[e.start]:#04x}); convert the file to "
+            "UTF-8, or pass --encoding_errors replace to replace bad bytes with U+FFFD"
+        )
+
+
+def file_rows(path, start, args):
+    """One file's rows from position start on, read as its name's suffix says."""
+    offset, line = start
+    suffix = Path(path).suffix.lower()
+    if suffix == ".jsonl":
+        yield from jsonl_rows(path, offset, line, args.encoding_errors)
+        return
+    # The other formats come as lists of rows: a position is (the next row's number, 0).
+    if suffix == ".parquet":
+        batches = parquet_batches(path)
+    else:
+        # The whole file at once: the standard library cannot stream a JSON list, and any other
+        # file is plain text, one document.
+        text = decode(Path(path).read_bytes(), args.encoding_errors, path)
+        batches = [[{args.text_column: text}]]
+        if suffix == ".json":
+            batches = [json_list(text, path)]
+    number = 0
+    for rows in batches:
+        for row in rows:
+            number += 1
+            # The rows before the position were read by an earlier run.
+            if number > offset:
+                yield row, f"{path}, row {number}", (number, 0)
+
+
+def stream_position(stream, rows_read):
+    return {"stream": stream.state_dict(), "row": rows_read}
+
+
 def read_rows(args, start=None):
-    """Every row of --files (or of the streamed --dataset) from position start on."""
-    if args.files:  # the position: {file, offset, line}
-        start = start or {"file": 0, "offset": 0, "line": 1}
+    """Every row of --files, or of the streamed --dataset, from position start on."""
+    if args.files:
+        # A position in --files: {file, offset, line}.
+        if start is None:
+            start = {"file": 0, "offset": 0, "line": 1}
+        first = (start["offset"], start["line"])
         for i in range(start["file"], len(args.files)):
-            first = (
-                (start["offset"], start["line"]) if i == start["file"] else (0, 1)
-            )  # later files: from the top
             for row, where, (offset, line) in file_rows(args.files[i], first, args):
                 yield row, where, {"file": i, "offset": offset, "line": line}
+            # The files after the first are read from the top.
+            first = (0, 1)
         return
-    import datasets  # here, not at the top: --files never needs it, and it is slow to import
+    # Imported here: --files never needs it, and it is slow to import.
+    import datasets
 
-    try:  # streamed: rows arrive over the network as they are tokenized; nothing is cached on disk
-        ds = datasets.load_dataset(args.dataset, args.subset, split=args.split, streaming=True)
-    except (
-        FileNotFoundError,
-        ConnectionError,
-        ValueError,
-    ) as e:  # a wrong name, subset or split, or no network
-        raise UserError(f"cannot open dataset {args.dataset}: {str(e).splitlines()[0]}") from None
-    n = 0  # rows read, for messages
-    if start:  # the stream's own state: datasets reopens the right file at the right row
-        ds.load_state_dict(start["stream"])
-        n = start["row"]
-    for row in ds:
-        n += 1
-        # the position as a function: ds.state_dict() costs ~7 us, half again a row's reading, on the
-        # one process that feeds every tokenizer; it is asked for only where a batch is cut
-        yield row, f"{args.dataset} row {n}", lambda n=n: {"stream": ds.state_dict(), "row": n}
+    # Streamed: rows arrive over the network as they are tokenized; nothing is cached on disk.
+    try:
+        stream = datasets.load_dataset(args.dataset, args.subset, split=args.split, streaming=True)
+    except (FileNotFoundError, ConnectionError, ValueError) as e:
+        # A wrong name, subset or split, or no network.
+        raise UserError(f"cannot open dataset {args.dataset}: {str(e).splitlines()[0]}")
+    # A position in a stream is datasets' own state, which reopens the right file at the right
+    # row, and the number of rows read, for messages.
+    rows_read = 0
+    if start is not None:
+        stream.load_state_dict(start["stream"])
+        rows_read = start["row"]
+    for row in stream:
+        rows_read += 1
+        # The position is a function, called only where a batch is cut: stream.state_dict()
+        # costs ~7 us, half again a row's reading, on the one process that feeds every tokenizer.
+        after = functools.partial(stream_position, stream, rows_read)
+        yield row, f"{args.dataset} row {rows_read}", after
+
+
+def describe_source(args):
+    if args.files:
+        return " ".join(args.files)
+    if args.subset:
+        return f"{args.dataset} ({args.subset})"
+    return args.dataset
 
 
 def describe(value):
-    return (
-        "null" if value is None else repr(value)[:40]
-    )  # 40 characters: a whole document would drown the message
+    """A value in a message: 40 characters at most, as a whole document would drown the message."""
+    if value is None:
+        return "null"
+    return repr(value)[:40]
 
 
-def text_of(row, name, where):  # the text of a pretraining row
+def text_of(row, name, where):
+    """The text of a pretraining row: its column `name`."""
     if not isinstance(row, dict):
         raise UserError(f"{where} is {describe(row)}, not an object with a {name!r} column")
     if name not in row:
         raise UserError(
-            f"{where} has no column {name!r}; its columns are: {', '.join(map(str, row))} (see --text_column)"
+            f"{where} has no column {name!r}; its columns are: {', '.join(map(str, row))} "
+            "(see --text_column)"
         )
     if not isinstance(row[name], str):
         raise UserError(
@@ -196,464 +212,423 @@ def text_of(row, name, where):  # the text of a pretraining row
 
 
 # -----------------------------------------------------------------------------
-# Tokenizing in parallel, in order, with bounded memory
+# Tokenizing in parallel, in document order, with bounded memory
+
+# Characters sent to a tokenizer process at a time: about 60k tokens.
+BATCH_CHARS = 1 << 18
 
 
-def tokenize_documents(texts):  # one uint16 array: each document's tokens, each after <|endoftext|>
+def tokenize_documents(texts):
+    """Texts -> one uint16 array: each document's tokens, each after <|endoftext|>."""
     import tiktoken
 
-    encoder = tiktoken.get_encoding("gpt2")  # loaded once per process: tiktoken keeps it
-    tokens = []  # a Python list, then one conversion: cheaper than growing an array
+    # Loaded once per process: tiktoken keeps it.
+    encoder = tiktoken.get_encoding("gpt2")
+    # A Python list, then one conversion: cheaper than growing an array.
+    tokens = []
     for text in texts:
         tokens.append(encoder.eot_token)
         tokens.extend(encoder.encode_ordinary(text))
-    return np.array(
-        tokens, dtype=np.uint16
-    )  # GPT-2's 50,257 ids fit (numpy refuses, not wraps, one that does not)
+    # GPT-2's 50,257 ids fit; numpy refuses one that does not, rather than wrap it.
+    return np.array(tokens, dtype=np.uint16)
 
 
 def batches_of_documents(documents, start=None):
-    """(position, texts) batches of ~BATCH_CHARS, a process's work; position: the reader's before it, to resume."""
-    batch, size, position = [], 0, start
+    """(text, after) documents -> (position, texts) batches of ~BATCH_CHARS characters, a
+    process's work. A batch's position is where its first document is read from: a resumed run
+    reads on from there."""
+    batch = []
+    size = 0
+    position = start
     for text, after in documents:
         batch.append(text)
-        size += len(text)  # characters, not bytes or tokens: free to count, and close enough
+        # Characters, not bytes or tokens: free to count, and close enough.
+        size += len(text)
         if size >= BATCH_CHARS:
             yield position, batch
-            batch, size, position = (
-                [],
-                0,
-                after() if callable(after) else after,
-            )  # a stream's, computed now
+            # A stream's position is a function: computed here, where it is needed.
+            if callable(after):
+                after = after()
+            position = after
+            batch = []
+            size = 0
     if batch:
         yield position, batch
 
 
 def start_worker(lock):
-    """A tokenizer process: Ctrl-C is the parent's, and a lock inherited by fork let go (it dies with the parent)."""
+    """A tokenizer process leaves Ctrl-C to its parent, and lets go of a lock it inherited by
+    fork: else a parent killed with -9 would leave the folder locked while its workers live on."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if lock is not None:
         os.close(lock)
 
 
 def tokenize_in_parallel(batches, num_proc, lock=None):
-    """(position, tokens) in document order, 2 batches a process in flight (Pool.imap would queue the corpus)."""
-    if num_proc <= 1:  # one process: no pool to start, and a traceback that points at the bug
-        yield from ((position, tokenize_documents(batch)) for position, batch in batches)
-        return
-    with mp.Pool(
-        num_proc, start_worker, (lock if mp.get_start_method() == "fork" else None,)
-    ) as pool:
-        in_flight = deque()  # (position, AsyncResult), oldest first
+    """(position, texts) batches -> (position, tokens), in document order, with two batches a
+    process in flight at a time (Pool.imap would queue the whole corpus)."""
+    # A spawned process starts afresh: it holds no lock to let go of.
+    if mp.get_start_method() != "fork":
+        lock = None
+    with mp.Pool(num_proc, start_worker, (lock,)) as pool:
+        # (position, AsyncResult), the oldest first.
+        in_flight = deque()
         for position, batch in batches:
             in_flight.append((position, pool.apply_async(tokenize_documents, (batch,))))
-            if (
-                len(in_flight) >= 2 * num_proc
-            ):  # one running and one queued per process: no worker waits
+            # One batch running and one queued per process: no worker waits.
+            if len(in_flight) >= 2 * num_proc:
+                # The oldest, whichever finishes first: document order.
                 position, result = in_flight.popleft()
-                yield position, result.get()  # the oldest: document order, whichever finishes first
-        while in_flight:
-            position, result = in_flight.popleft()
+                yield position, result.get()
+        for position, result in in_flight:
             yield position, result.get()
 
 
 # -----------------------------------------------------------------------------
-# Writing: shards and JSON, atomically, with checksums
+# Cutting into shards, each written atomically with its checksum, then meta.json. While a run
+# builds, state.json beside the shards says which command it is and how far it got.
 
 
 def write_whole(path, *chunks):
-    """Written under a temporary name, then renamed: whole under its name, old or new after a crash. Its sha256."""
-    digest = hashlib.sha256()  # from the bytes as they are written: no re-read
-    with open(
-        f"{path}.tmp", "wb"
-    ) as f:  # same folder: os.replace is atomic only within one file system
+    """Writes under a temporary name, then renames: the file under its name is whole, the old or
+    the new one after a crash. Returns its sha256, from the bytes as they are written."""
+    digest = hashlib.sha256()
+    # The same folder: os.replace is atomic only within one file system.
+    with open(f"{path}.tmp", "wb") as f:
         for chunk in chunks:
-            f.write(chunk)  # a shard's buffer itself: 200 MB are not copied
+            # A shard's buffer itself: its 200 MB are not copied.
+            f.write(chunk)
             digest.update(chunk)
         f.flush()
-        os.fsync(f.fileno())  # on disk before the name says it is whole
+        # On disk before the name says it is whole.
+        os.fsync(f.fileno())
     os.replace(f"{path}.tmp", path)
     return digest.hexdigest()
 
 
-def save_npy(
-    path, array
-):  # the bytes np.save writes; returns their sha256, as sha256sum sees the file
-    header, array = io.BytesIO(), np.ascontiguousarray(array)
+def save_npy(path, array):
+    """The bytes np.save writes; returns their sha256, as sha256sum sees the file."""
+    array = np.ascontiguousarray(array)
+    # The header as np.save writes it; then the array's own memory, not a copy of it.
+    header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
     return write_whole(path, header.getvalue(), array.data)
 
 
 def save_json(path, obj):
-    write_whole(
-        path, (json.dumps(obj, indent=2) + "\n").encode()
-    )  # indented: people read meta.json too
+    # Indented: people read meta.json too.
+    write_whole(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 class ShardWriter:
-    """Tokens into shards, val_000000.npy ... until val_tokens, then train_000000.npy ...; after each, state.json."""
+    """Tokens into shards: val_000000.npy, ... until val_tokens are written, then
+    train_000000.npy, ...; after each shard, state.json says how far the run got."""
 
     def __init__(self, out_dir, shard_size, val_tokens, state):
-        self.out_dir, self.shard_size, self.val_tokens, self.state = (
-            out_dir,
-            shard_size,
-            val_tokens,
-            state,
-        )
-        self.buffer = np.empty(
-            shard_size, dtype=np.uint16
-        )  # the one big allocation: memory follows shard_size
-        self.filled = 0  # tokens in the buffer, not yet in a shard
-        self.splits = state.setdefault(
-            "splits",
-            {
-                s: {"tokens": 0, "shards": [], "shard_tokens": [], "sha256": []}
-                for s in ("val", "train")
-            },
-        )  # state's own: commit() saves it
+        self.out_dir = out_dir
+        self.shard_size = shard_size
+        self.val_tokens = val_tokens
+        self.state = state
+        # The one big allocation: memory follows --shard_size.
+        self.buffer = np.empty(shard_size, dtype=np.uint16)
+        # Tokens in the buffer, not yet in a shard.
+        self.filled = 0
+        # The splits are the state's own (commit() saves them), and meta.json's in the end.
+        fresh = {
+            split: {"tokens": 0, "shards": [], "shard_tokens": [], "sha256": []}
+            for split in ("val", "train")
+        }
+        self.splits = state.setdefault("splits", fresh)
 
-    def split(self):  # val until val_tokens are written, then train for good
-        return "val" if self.splits["val"]["tokens"] < self.val_tokens else "train"
+    def split(self):
+        """val until val_tokens are written, then train for good."""
+        if self.splits["val"]["tokens"] < self.val_tokens:
+            return "val"
+        return "train"
 
-    def capacity(
-        self,
-    ):  # room left in the shard being filled: a val shard also ends with the val split
-        end = (
-            self.val_tokens - self.splits["val"]["tokens"]
-            if self.split() == "val"
-            else self.shard_size
-        )
-        return min(self.shard_size, end) - self.filled
-
-    def add(
-        self, tokens, position, done
-    ):  # tokens of the batch read from position, `done` of them before these
+    def add(self, tokens, position, done):
+        """Tokens of the batch read from position, of which `done` were added before these."""
         while len(tokens):
-            n = min(len(tokens), self.capacity())  # up to the end of the shard, or of the val split
+            # A shard ends at shard_size; a val shard also where the val split does.
+            end = self.shard_size
+            if self.split() == "val":
+                end = min(end, self.val_tokens - self.splits["val"]["tokens"])
+            n = min(len(tokens), end - self.filled)
             self.buffer[self.filled : self.filled + n] = tokens[:n]
-            self.filled, tokens, done = self.filled + n, tokens[n:], done + n
-            if self.capacity() == 0:
+            self.filled += n
+            tokens = tokens[n:]
+            done += n
+            if self.filled == end:
                 self.write(self.split(), self.buffer[: self.filled])
-                self.commit({"position": position, "skip": done})  # the moment the shard counts
+                # The moment the shard counts. A resumed run reads this batch again and skips
+                # the `done` tokens of it that are in shards.
+                self.commit({"position": position, "skip": done})
 
     def write(self, split, tokens):
-        s, name = (
-            self.splits[split],
-            f"{split}_{len(self.splits[split]['shards']):06d}.npy",
-        )  # 6 digits: in order
-        s["sha256"].append(save_npy(os.path.join(self.out_dir, name), tokens))  # for --verify
-        s["shards"].append(name)
-        s["shard_tokens"].append(len(tokens))  # train_gpt2.py checks each shard's length against it
-        s["tokens"] += len(tokens)
+        record = self.splits[split]
+        # Six digits: the names sort in order.
+        name = f"{split}_{len(record['shards']):06d}.npy"
+        # The checksum is for --verify; each shard's length, for train_gpt2.py to check.
+        record["sha256"].append(save_npy(f"{self.out_dir}/{name}", tokens))
+        record["shards"].append(name)
+        record["shard_tokens"].append(len(tokens))
+        record["tokens"] += len(tokens)
         self.filled = 0
+
+    def finish(self, cut_small_corpus):
+        """The tokens left go into a last, shorter shard; then state.json says all is read."""
+        tokens = self.buffer[: self.filled]
+        # Nothing in val yet: the whole corpus is in the buffer, smaller than the default
+        # --val_tokens (a shard), which would take it all. Its first 10% is the val split instead.
+        if cut_small_corpus and len(tokens) and not self.splits["val"]["tokens"]:
+            cut = max(1, len(tokens) // 10)
+            print(
+                f"note: the corpus is smaller than one shard; its first 10% ({cut:,} tokens) "
+                "is the val split"
+            )
+            self.write("val", tokens[:cut])
+            self.write("train", tokens[cut:])
+        elif len(tokens):
+            self.write(self.split(), tokens)
+        # A run resumed from here only writes meta.json.
+        self.commit({"finished": True})
 
     def commit(self, resume):
         self.state["resume"] = resume
-        save_json(os.path.join(self.out_dir, STATE), self.state)
+        save_json(f"{self.out_dir}/state.json", self.state)
+
+
+def tokenize_into_shards(args, writer, resume, lock):
+    """Every row from the resume position on, tokenized in parallel, into shards. Returns how
+    many tokens this run tokenized."""
+    written = writer.splits["val"]["tokens"] + writer.splits["train"]["tokens"]
+    if written:
+        print(f"resuming {writer.out_dir}: {written:,} tokens already in shards")
+    # rows -> (text, after) documents -> (position, texts) batches -> (position, tokens)
+    rows = read_rows(args, resume["position"])
+    documents = ((text_of(row, args.text_column, where), after) for row, where, after in rows)
+    batches = batches_of_documents(documents, resume["position"])
+    # A resumed run reads its first batch again: the tokens of it already in shards are dropped.
+    skip = resume["skip"]
+    # Every token this run made, the dropped ones too: the summary says how much work it did.
+    tokenized = 0
+    desc = f"tokenizing into {args.out_dir}"
+    with tqdm(unit="tok", unit_scale=True, desc=desc, smoothing=0.1, initial=written) as bar:
+        for position, tokens in tokenize_in_parallel(batches, args.num_proc, lock):
+            done = min(skip, len(tokens))
+            skip -= done
+            tokenized += len(tokens)
+            writer.add(tokens[done:], position, done)
+            bar.update(len(tokens) - done)
+    return tokenized
 
 
 def prepare_pretraining(args, staging, state, lock):
-    """Rows -> documents -> tokens in parallel -> shards, then meta.json (complete); a resume reads on from state.json."""
-    val_tokens = (
-        args.val_tokens or args.shard_size
-    )  # one shard of val by default, as build-nanogpt's fineweb.py
+    """Rows -> tokens -> shards, then meta.json; a resumed run reads on from state.json."""
+    # One shard of val by default, as build-nanogpt's fineweb.py.
+    val_tokens = args.val_tokens
+    if val_tokens is None:
+        val_tokens = args.shard_size
     writer = ShardWriter(staging, args.shard_size, val_tokens, state)
-    resume = state.get(
-        "resume", {"position": None, "skip": 0}
-    )  # a fresh run: from the start, nothing to skip
-    written = writer.splits["val"]["tokens"] + writer.splits["train"]["tokens"]
-    if written:
-        print(f"resuming {staging}: {written:,} tokens already in shards")
-    rows = iter(()) if resume.get("finished") else read_rows(args, resume.get("position"))
-    documents = (
-        (check_row(args, row, where), after) for row, where, after in rows
-    )  # each checked as it is read
-    skip, tokenized = (
-        resume.get("skip", 0),
-        0,
-    )  # tokens of the first batch an earlier run already wrote
-    from tqdm import tqdm
-
-    with tqdm(
-        unit="tok",
-        unit_scale=True,
-        desc=f"tokenizing into {args.out_dir}",
-        smoothing=0.1,
-        initial=written,
-    ) as bar:
-        batches = batches_of_documents(documents, resume.get("position"))
-        for position, tokens in tokenize_in_parallel(batches, args.num_proc, lock):
-            done = min(
-                skip, len(tokens)
-            )  # a resumed run reads one batch again: what is written is dropped
-            skip, tokenized = skip - done, tokenized + len(tokens)
-            writer.add(tokens[done:], position, done)
-            bar.update(len(tokens) - done)
-    if (
-        not writer.splits["val"]["tokens"] and writer.filled and not args.val_tokens
-    ):  # a corpus under one shard:
-        everything, cut = (
-            writer.buffer[: writer.filled],
-            max(1, writer.filled // 10),
-        )  # "val: a shard" would take it all
-        print(
-            f"note: the corpus is smaller than one shard; its first 10% ({cut:,} tokens) is the val split"
-        )
-        writer.write("val", everything[:cut])
-        writer.write("train", everything[cut:])
-    if writer.filled:
-        writer.write(writer.split(), writer.buffer[: writer.filled])  # the last, shorter shard
-    writer.commit({"finished": True})  # all read: a run resumed from here only writes meta.json
-    if not writer.splits["train"]["tokens"]:
+    # A fresh run starts at the top, with nothing to skip.
+    resume = state.get("resume", {"position": None, "skip": 0})
+    tokenized = 0
+    if "finished" not in resume:
+        tokenized = tokenize_into_shards(args, writer, resume, lock)
+        writer.finish(cut_small_corpus=args.val_tokens is None)
+    train = writer.splits["train"]
+    val = writer.splits["val"]
+    # A --val_tokens as big as the corpus would leave train_gpt2.py nothing to learn from.
+    if not train["tokens"]:
         raise UserError(
-            f"all {writer.splits['val']['tokens']:,} tokens are in the val split: give a smaller --val_tokens"
+            f"all {val['tokens']:,} tokens are in the val split: give a smaller --val_tokens"
         )
-    save_json(
-        os.path.join(staging, META),
-        {
-            "kind": "pretrain",
-            "source": describe_source(args),
-            "tokenizer": "gpt2",
-            "dtype": "uint16",
-            "shard_size": args.shard_size,
-            "splits": writer.splits,
-        },
-    )
-    shards = len(writer.splits["train"]["shards"]) + len(writer.splits["val"]["shards"])
+    meta = {
+        "kind": "pretrain",
+        "source": describe_source(args),
+        "tokenizer": "gpt2",
+        "dtype": "uint16",
+        "shard_size": args.shard_size,
+        "splits": writer.splits,
+    }
+    save_json(f"{staging}/meta.json", meta)
+    shards = len(train["shards"]) + len(val["shards"])
     print(
-        f"wrote {writer.splits['train']['tokens']:,} train and {writer.splits['val']['tokens']:,} val tokens in "
-        f"{shards} shards to {args.out_dir} (this run tokenized {tokenized:,} tokens)"
+        f"wrote {train['tokens']:,} train and {val['tokens']:,} val tokens in {shards} shards to "
+        f"{args.out_dir} (this run tokenized {tokenized:,} tokens)"
     )
 
 
 # -----------------------------------------------------------------------------
-# Instruction data (Alpaca) and HellaSwag: small, so made in one go
+# Instruction data (--sft, Alpaca) and HellaSwag (--hellaswag): small, so made in one go
+
+# Stanford Alpaca's prompts: the answer follows them.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+    "{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
 
 
-def alpaca_example(
-    row, where
-):  # (instruction, input, output) of an Alpaca record; input is optional
+def alpaca_example(row, where):
+    """An Alpaca record as (prompt, answer) text: the prompt is its instruction, and its
+    optional input, in Alpaca's template."""
     if not isinstance(row, dict):
         raise UserError(f"{where} is {describe(row)}, not an Alpaca record")
-    if missing := [key for key in ("instruction", "output") if key not in row]:
-        raise UserError(
-            f"{where} has no column {missing[0]!r}; Alpaca data needs instruction, input (optional) and "
-            f"output; its columns are: {', '.join(map(str, row))}"
-        )
-    fields = (
-        row["instruction"],
-        row.get("input") or "",
-        row["output"],
-    )  # input: absent, null or "" alike
-    if not all(isinstance(field, str) for field in fields):
+    for key in ("instruction", "output"):
+        if key not in row:
+            raise UserError(
+                f"{where} has no column {key!r}; Alpaca data needs instruction, input (optional) "
+                f"and output; its columns are: {', '.join(map(str, row))}"
+            )
+    # An input that is absent, null or "" is none.
+    context = row.get("input")
+    if context is None:
+        context = ""
+    if not all(isinstance(field, str) for field in (row["instruction"], context, row["output"])):
         raise UserError(
             f"{where}: instruction, input and output must be text; fix or remove that row"
         )
-    return fields
+    template = ALPACA_PROMPT_WITH_INPUT if context else ALPACA_PROMPT
+    return template.format(instruction=row["instruction"], input=context), row["output"]
 
 
-def hellaswag_item(
-    row, where
-):  # ctx, 4 endings, the label 0..3, and what lm-evaluation-harness asks with
-    if not isinstance(row, dict) or not {"ctx", "endings", "label"} <= set(row):
-        columns = ", ".join(map(str, row)) if isinstance(row, dict) else describe(row)
-        raise UserError(
-            f"{where} is not HellaSwag: rows need ctx, endings (4) and label; got {columns}"
-        )
-    endings, label = row["endings"], str(row["label"])
-    if (
-        not isinstance(endings, list)
-        or len(endings) != 4
-        or not all(isinstance(e, str) for e in endings)
-    ):
-        raise UserError(
-            f"{where}: HellaSwag needs exactly 4 endings (text); fix or remove that item"
-        )
-    if label not in ("0", "1", "2", "3"):
-        raise UserError(
-            f"{where}: label {row['label']!r} is not 0..3 (the test split has none: use validation)"
-        )
-    item = {"ctx": row["ctx"], "endings": endings, "label": int(label)}
-    return item | {
-        key: row[key]
-        for key in ("activity_label", "ctx_a", "ctx_b")
-        if isinstance(row.get(key), str)
-    }
-
-
-def check_row(args, row, where):
-    if args.sft:
-        return alpaca_example(row, where)
-    return hellaswag_item(row, where) if args.hellaswag else text_of(row, args.text_column, where)
-
-
-def prepare_sft(args, staging):
-    """Each example: the prompt's tokens (mask 0), then the answer's and <|endoftext|> (mask 1), in {split}_
-    tokens.npy, _mask.npy and _offsets.npy (example i: tokens[offsets[i]:offsets[i + 1]])."""
+def tokenize_examples(args):
+    """Every Alpaca record as (prompt tokens, answer tokens), and how many were dropped as
+    longer than --block_size. One process: Alpaca's ~10M tokens need no pool."""
     import tiktoken
 
-    enc = tiktoken.get_encoding("gpt2")  # one process: Alpaca's ~10M tokens need no pool
-    examples, dropped = [], 0
+    encoder = tiktoken.get_encoding("gpt2")
+    examples = []
+    dropped = 0
     for row, where, _ in read_rows(args):
-        instruction, input, output = alpaca_example(row, where)
-        # prompt and answer are tokenized apart, as at inference: the boundary falls where it will then
-        prompt = enc.encode_ordinary(
-            (ALPACA_PROMPT_WITH_INPUT if input else ALPACA_PROMPT).format(
-                instruction=instruction, input=input
-            )
-        )
-        answer = enc.encode_ordinary(output) + [
-            enc.eot_token
-        ]  # <|endoftext|> in the answer: the model learns to stop
-        if (
-            len(prompt) + len(answer) > args.block_size
-        ):  # a cut one would teach answers ending mid-sentence
+        prompt_text, answer_text = alpaca_example(row, where)
+        # Prompt and answer are tokenized apart, as at inference: the boundary falls where it
+        # will fall then.
+        prompt = encoder.encode_ordinary(prompt_text)
+        # <|endoftext|> ends the answer: the model learns to stop.
+        answer = encoder.encode_ordinary(answer_text) + [encoder.eot_token]
+        # A cut example would teach answers that end mid-sentence.
+        if len(prompt) + len(answer) > args.block_size:
             dropped += 1
         else:
             examples.append((prompt, answer))
-    if len(examples) < 2:  # a val and a train example at least
+    return examples, dropped
+
+
+def save_examples(staging, split, examples, checksums):
+    """A split's examples into {split}_tokens.npy, _mask.npy and _offsets.npy (example i is
+    tokens[offsets[i]:offsets[i + 1]]); returns what meta.json says of the split."""
+    tokens = []
+    mask = []
+    offsets = [0]
+    for prompt, answer in examples:
+        tokens += prompt + answer
+        # 1 marks an answer's token: the loss counts those only.
+        mask += [0] * len(prompt) + [1] * len(answer)
+        offsets.append(len(tokens))
+    arrays = [("tokens", tokens, np.uint16), ("mask", mask, np.uint8)]
+    arrays.append(("offsets", offsets, np.int64))
+    for name, values, dtype in arrays:
+        filename = f"{split}_{name}.npy"
+        checksums[filename] = save_npy(f"{staging}/{filename}", np.array(values, dtype=dtype))
+    return {"examples": len(examples), "tokens": len(tokens), "answer_tokens": sum(mask)}
+
+
+def prepare_sft(args, staging):
+    """Alpaca's records -> tokenized examples -> a val and a train split, then meta.json."""
+    examples, dropped = tokenize_examples(args)
+    # A val and a train example at least.
+    if len(examples) < 2:
         raise UserError(
-            f"{describe_source(args)} has {len(examples)} example(s) of <= {args.block_size} tokens: 2 at least"
+            f"{describe_source(args)} has {len(examples)} example(s) of <= {args.block_size} "
+            "tokens: 2 at least"
         )
-    order = np.random.default_rng(args.seed).permutation(
-        len(examples)
-    )  # seeded: the same command, the same split
+    # Seeded: the same command makes the same split.
+    order = np.random.default_rng(args.seed).permutation(len(examples))
+    # --val_fraction of the examples, but one at least, and one left for train.
     n_val = min(len(examples) - 1, max(1, round(len(examples) * args.val_fraction)))
     meta = {
         "kind": "sft",
         "source": describe_source(args),
+        # The command, for train_gpt2.py's advice to redo with another --block_size.
         "command": args.command,
         "block_size": args.block_size,
         "tokenizer": "gpt2",
+        # The template, for chat to wrap prompts in.
         "prompt_template": ALPACA_PROMPT,
         "prompt_template_with_input": ALPACA_PROMPT_WITH_INPUT,
         "dropped_too_long": dropped,
         "splits": {},
         "sha256": {},
-    }  # the template: chat wraps prompts in it
+    }
     for split, indices in (("val", order[:n_val]), ("train", order[n_val:])):
-        tokens, mask, offsets = [], [], [0]
-        for i in sorted(indices):  # the split is random, the order within it stable
-            prompt, answer = examples[i]
-            tokens += prompt + answer
-            mask += [0] * len(prompt) + [1] * len(answer)  # the loss counts the answer only
-            offsets.append(len(tokens))
-        for name, values, dtype in (
-            ("tokens", tokens, np.uint16),
-            ("mask", mask, np.uint8),
-            ("offsets", offsets, np.int64),
-        ):
-            meta["sha256"][f"{split}_{name}.npy"] = save_npy(
-                os.path.join(staging, f"{split}_{name}.npy"), np.array(values, dtype=dtype)
-            )
-        meta["splits"][split] = {
-            "examples": len(indices),
-            "tokens": len(tokens),
-            "answer_tokens": int(sum(mask)),
-        }
-    save_json(os.path.join(staging, META), meta)
+        # The split is random, the order within it stable.
+        chosen = [examples[i] for i in sorted(indices)]
+        meta["splits"][split] = save_examples(staging, split, chosen, meta["sha256"])
+    save_json(f"{staging}/meta.json", meta)
+    train = meta["splits"]["train"]
+    val = meta["splits"]["val"]
     print(
-        f"wrote {meta['splits']['train']['examples']:,} train and {meta['splits']['val']['examples']:,} val "
-        f"examples to {args.out_dir}; dropped {dropped:,} longer than {args.block_size} tokens"
+        f"wrote {train['examples']:,} train and {val['examples']:,} val examples to "
+        f"{args.out_dir}; dropped {dropped:,} longer than {args.block_size} tokens"
     )
 
 
-def prepare_hellaswag(
-    args, staging
-):  # HellaSwag's items as JSON lines: train_gpt2.py's --hellaswag_path
+def hellaswag_item(row, where):
+    """A HellaSwag row checked: its ctx, 4 endings and label (0..3), and the fields that
+    lm-evaluation-harness builds its query from."""
+    if not isinstance(row, dict) or not {"ctx", "endings", "label"} <= row.keys():
+        raise UserError(
+            f"{where} is not HellaSwag: rows need ctx, endings (4) and label; got {describe(row)}"
+        )
+    endings = row["endings"]
+    if (
+        not isinstance(endings, list)
+        or len(endings) != 4
+        or not all(isinstance(ending, str) for ending in endings)
+    ):
+        raise UserError(
+            f"{where}: HellaSwag needs exactly 4 endings (text); fix or remove that item"
+        )
+    # The label may be a number or a string ("2").
+    label = str(row["label"])
+    if label not in ("0", "1", "2", "3"):
+        raise UserError(
+            f"{where}: label {row['label']!r} is not 0..3 (the test split has none: use validation)"
+        )
+    item = {"ctx": row["ctx"], "endings": endings, "label": int(label)}
+    # Kept where a row has them: lm-evaluation-harness builds its query from them, the plain
+    # completion convention from ctx alone.
+    for key in ("activity_label", "ctx_a", "ctx_b"):
+        if isinstance(row.get(key), str):
+            item[key] = row[key]
+    return item
+
+
+def prepare_hellaswag(args, staging):
+    """HellaSwag's items as JSON lines: the file train_gpt2.py's --hellaswag_path reads."""
     items = [hellaswag_item(row, where) for row, where, _ in read_rows(args)]
-    digest = write_whole(
-        os.path.join(staging, "hellaswag_val.jsonl"),
-        "".join(json.dumps(i) + "\n" for i in items).encode(),
-    )
-    save_json(
-        os.path.join(staging, META),
-        {
-            "kind": "hellaswag",
-            "source": describe_source(args),
-            "items": len(items),
-            "sha256": {"hellaswag_val.jsonl": digest},
-        },
-    )
-    print(
-        f"wrote {len(items):,} HellaSwag items to {os.path.join(args.out_dir, 'hellaswag_val.jsonl')}"
-    )
+    lines = "".join(json.dumps(item) + "\n" for item in items)
+    digest = write_whole(f"{staging}/hellaswag_val.jsonl", lines.encode())
+    meta = {
+        "kind": "hellaswag",
+        "source": describe_source(args),
+        "items": len(items),
+        "sha256": {"hellaswag_val.jsonl": digest},
+    }
+    save_json(f"{staging}/meta.json", meta)
+    print(f"wrote {len(items):,} HellaSwag items to {args.out_dir}/hellaswag_val.jsonl")
 
 
 # -----------------------------------------------------------------------------
-# What keeps the user's work safe: inputs checked before anything is written; one run per
-# folder; everything built in <out_dir>.partial, resumable, and moved into place only whole;
-# only files of ours ever deleted.
-
-
-def check_inputs(args, rows_per_file=100):
-    """Before anything is written: tiktoken's files, the Hub, every input's first rows (opens, decodes, has the column)."""
-    try:
-        tokenize_documents(
-            [""]
-        )  # once in this process: a missing file fails here, not in 8 workers
-    except (
-        Exception
-    ) as e:  # tiktoken downloads GPT-2's files once; offline that fails deep in requests
-        raise UserError(
-            f"tiktoken has no GPT-2 files ({type(e).__name__}): it downloads them once; offline, set "
-            "TIKTOKEN_CACHE_DIR to a folder holding them"
-        ) from None
-    if not (
-        args.files
-        or os.path.isdir(args.dataset)
-        or {"https", "all"} & urllib.request.getproxies().keys()
-    ):
-        from huggingface_hub import (
-            constants,
-        )  # the Hub streams the rows: it must answer now, not after a minute of retries
-
-        host = constants.ENDPOINT.split("://")[-1].split("/")[
-            0
-        ]  # huggingface.co, or the HF_ENDPOINT mirror
-        try:
-            socket.create_connection((host, 443), timeout=5).close()
-        except OSError as e:
-            raise UserError(
-                f"--dataset {args.dataset} is streamed from {host}, which cannot be reached ({e.strerror or e}): "
-                "connect, or give local files (--files) or a folder of them (--dataset DIR)"
-            ) from None
-    empty = True
-    for path in args.files or [None]:  # one file at a time, so that an error names it
-        if path and not os.path.isfile(path):
-            raise UserError(
-                f"file not found: {path}"
-                if not os.path.exists(path)
-                else f"cannot read {path}: it is a folder"
-            )
-        rows = read_rows(argparse.Namespace(**{**vars(args), "files": [path] if path else None}))
-        for row, where, _ in itertools.islice(
-            rows, rows_per_file
-        ):  # enough to catch a wrong format or column
-            empty = (
-                empty and not str(check_row(args, row, where)).strip()
-            )  # (the rest is checked as it is read)
-        rows.close()
-    if empty:  # after all sources: one empty file among others is fine
-        raise UserError(
-            f"the corpus {describe_source(args)} is empty: no rows, or blank documents only"
-        )
-
-
-def describe_source(args):
-    return (
-        " ".join(args.files)
-        if args.files
-        else args.dataset + (f" ({args.subset})" if args.subset else "")
-    )
-
-
-def dataset_files(meta):  # the files a meta.json describes, besides itself
-    return (
-        set(meta.get("sha256", {}))
-        if meta.get("kind") in ("sft", "hellaswag")
-        else {name for split in meta.get("splits", {}).values() for name in split.get("shards", [])}
-    )
+# What keeps a user's work safe: inputs checked before anything is written; one run per folder;
+# everything built in <out_dir>.partial, resumable, and moved into place only whole; only files
+# of ours ever deleted.
 
 
 def read_json(path):
@@ -661,219 +636,293 @@ def read_json(path):
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise UserError(
-            f"{path} not found: not a prepared folder, or its preparation is unfinished (run it again)"
-        ) from None
+            f"{path} not found: not a prepared folder, or its preparation is unfinished "
+            "(run it again)"
+        )
     except json.JSONDecodeError:
         raise UserError(
             f"{path} is not readable JSON: not prepare_data.py's, or edited; move it away"
-        ) from None
+        )
+
+
+def dataset_files(meta):
+    """The files a meta.json lists, besides itself."""
+    # Instruction data and HellaSwag list every file with its checksum; pretraining, its shards.
+    if meta.get("kind") in ("sft", "hellaswag"):
+        return set(meta.get("sha256", {}))
+    return {name for split in meta.get("splits", {}).values() for name in split.get("shards", [])}
 
 
 def remove_dataset(folder):
-    """Delete a dataset of ours, then its folder if nothing else is in it: a file we did not write stays."""
-    names = {META, STATE} | (
-        dataset_files(read_json(os.path.join(folder, META)))
-        if os.path.exists(os.path.join(folder, META))
-        else set()
-    )
-    for name in os.listdir(folder):
-        if (
-            name in names
-            or name.endswith(".tmp")
-            or (folder.endswith(".partial") and name.endswith(".npy"))
-        ):
-            Path(folder, name).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # not empty: someone else's files are in it
+    """Deletes a dataset of ours, then its folder if nothing else is in it: a file we did not
+    write stays."""
+    ours = {"meta.json", "state.json"}
+    if os.path.exists(f"{folder}/meta.json"):
+        ours |= dataset_files(read_json(f"{folder}/meta.json"))
+    for name in ours:
+        Path(folder, name).unlink(missing_ok=True)
+    # Not empty: someone else's files are in it.
+    with contextlib.suppress(OSError):
         os.rmdir(folder)
 
 
-def check_out_dir(
-    out_dir, overwrite
-):  # an output that is a file, or holds files not ours, is refused
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+def remove_staged(staging):
+    """Deletes what a run wrote in the staging folder: its shards, temporary files and JSON."""
+    for name in os.listdir(staging):
+        if name.endswith((".npy", ".tmp")) or name in ("meta.json", "state.json"):
+            os.remove(f"{staging}/{name}")
+
+
+def check_hub(dataset):
+    """A Hub dataset is streamed: the Hub must answer now, not after a minute of retries."""
+    # A local folder needs no network; behind a proxy, only a download can tell.
+    if os.path.isdir(dataset) or {"https", "all"} & urllib.request.getproxies().keys():
+        return
+    from huggingface_hub import constants
+
+    # huggingface.co, or the HF_ENDPOINT mirror.
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as e:
+        raise UserError(
+            f"--dataset {dataset} is streamed from {host}, which cannot be reached ({e}): "
+            "connect, or give local files (--files) or a folder of them (--dataset DIR)"
+        )
+
+
+def check_inputs(args):
+    """Before anything is written: tiktoken's files, the Hub, and each input's first 100 rows,
+    enough to catch a wrong format or column (the rest is checked as it is read)."""
+    # tiktoken downloads GPT-2's files once. Offline, that fails deep in requests: here, rather
+    # than in every tokenizer process.
+    try:
+        tokenize_documents([""])
+    except Exception as e:
+        raise UserError(
+            f"tiktoken has no GPT-2 files ({type(e).__name__}): it downloads them once; offline, "
+            "set TIKTOKEN_CACHE_DIR to a folder holding them"
+        )
+    if args.files:
+        for path in args.files:
+            if not os.path.exists(path):
+                raise UserError(f"file not found: {path}")
+            if not os.path.isfile(path):
+                raise UserError(f"cannot read {path}: it is a folder")
+        # One file at a time, so that an error names it.
+        sources = [file_rows(path, (0, 1), args) for path in args.files]
+    else:
+        check_hub(args.dataset)
+        sources = [read_rows(args)]
+    empty = True
+    for rows in sources:
+        for row, where, _ in itertools.islice(rows, 100):
+            # Instruction data and HellaSwag are small: they are read whole, and checked, before
+            # a file of theirs is written.
+            if args.kind != "pretrain" or text_of(row, args.text_column, where).strip():
+                empty = False
+    # After all sources: one empty file among others is fine.
+    if empty:
+        raise UserError(
+            f"the corpus {describe_source(args)} is empty: no rows, or blank documents only"
+        )
+
+
+def check_out_dir(out_dir, overwrite):
+    """An --out_dir that is a file, or a folder with files not of its dataset, is refused."""
+    if os.path.isfile(out_dir):
         raise UserError(f"--out_dir {out_dir} is a file; choose a folder")
-    names = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
-    if names and META not in names:
+    if not os.path.isdir(out_dir):
+        return
+    names = set(os.listdir(out_dir))
+    # An empty folder is fine: a user may have made it, or linked it to a bigger disk, for the data.
+    if names and "meta.json" not in names:
         raise UserError(
-            f"{out_dir} is a folder that is not a prepared dataset (no meta.json): choose another --out_dir"
+            f"{out_dir} is a folder that is not a prepared dataset (no meta.json): choose another "
+            "--out_dir"
         )
-    foreign = (
-        sorted(names - dataset_files(read_json(os.path.join(out_dir, META))) - {META, STATE})
-        if overwrite and names
-        else []
-    )
-    if foreign:
-        raise UserError(
-            f"{out_dir} holds files not part of its dataset ({', '.join(foreign[:3])}): move them away first"
-        )
+    # --overwrite deletes the old dataset: only where every file in the folder is the dataset's.
+    if overwrite and names:
+        ours = dataset_files(read_json(f"{out_dir}/meta.json")) | {"meta.json", "state.json"}
+        foreign = sorted(names - ours)
+        if foreign:
+            raise UserError(
+                f"{out_dir} holds files not part of its dataset ({', '.join(foreign[:3])}): "
+                "move them away first"
+            )
 
 
 def take_lock(staging):
-    """An flock on the staging folder itself: the kernel drops it if the process dies (no false "busy")."""
-    if os.path.exists(staging) and not os.path.isdir(staging):
+    """An flock on the staging folder itself: the kernel lets go of it when the process dies, so
+    that a killed run leaves no false "busy"."""
+    if os.path.isfile(staging):
         raise UserError(
             f"{staging} is in the way: prepare_data.py builds there, and it is a file; move it away"
         )
     os.makedirs(staging, exist_ok=True)
     try:
         import fcntl
-    except ImportError:  # Windows: runs into one folder are not locked
+    except ImportError:
+        # Windows: runs into one folder are not locked.
         return None
-    fd = os.open(staging, os.O_RDONLY)
+    # A folder opened read-only: the lock needs a file descriptor, not a file to write.
+    lock = os.open(staging, os.O_RDONLY)
+    # LOCK_NB: fail at once, rather than wait for the other run.
     try:
-        fcntl.flock(
-            fd, fcntl.LOCK_EX | fcntl.LOCK_NB
-        )  # LOCK_NB: fail at once, rather than wait for the other run
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        os.close(fd)
+        os.close(lock)
         raise UserError(
             f"another prepare_data.py is writing {staging}; wait for it to finish, or stop it"
-        ) from None
-    return fd
+        )
+    return lock
 
 
-def fingerprint(
-    args,
-):  # what decides the output: a half-made folder is resumed by the same command only
-    paths = args.files or (
-        sorted(map(str, Path(args.dataset).rglob("*"))) if os.path.isdir(args.dataset) else []
-    )
+def fingerprint(args):
+    """What decides the output: a half-made folder is resumed by the same command only."""
+    # A folder streamed as a dataset is fingerprinted by its files, and a Hub dataset by its
+    # name: Path(name).rglob finds no files there.
+    paths = args.files
+    if not args.files:
+        paths = sorted(map(str, Path(args.dataset).rglob("*")))
+    # An edited file shows in its size and mtime: no hashing of gigabytes.
     inputs = [
         [os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns]
         for p in paths
         if os.path.isfile(p)
     ]
-    kind = "sft" if args.sft else "hellaswag" if args.hellaswag else "pretrain"
+    if not args.files:
+        inputs += [args.dataset, args.subset, args.split]
+    # The options that change the bytes written (--num_proc and --out_dir do not).
     options = {
-        "pretrain": ("text_column", "shard_size", "val_tokens"),
-        "sft": ("block_size", "val_fraction", "seed"),
+        "pretrain": ["text_column", "shard_size", "val_tokens"],
+        "sft": ["block_size", "val_fraction", "seed"],
     }
-    # a file edited is caught by its size and mtime (no hashing of gigabytes); a Hub dataset, by its name
-    return {
-        "kind": kind,
-        "inputs": inputs + ([] if args.files else [args.dataset, args.subset, args.split]),
-        "encoding_errors": args.encoding_errors,
-        **{name: getattr(args, name) for name in options.get(kind, ())},
-    }
+    fp = {"kind": args.kind, "inputs": inputs, "encoding_errors": args.encoding_errors}
+    for name in options.get(args.kind, []):
+        fp[name] = getattr(args, name)
+    return fp
 
 
-def resume_state(
-    staging, fp
-):  # the state of a half-made run of this same command, or None to start afresh
-    path = os.path.join(staging, STATE)
-    if not os.path.exists(path):
-        if any(not name.endswith(".tmp") for name in os.listdir(staging)):
-            raise UserError(
-                f"{staging} is in the way: prepare_data.py builds there, and it holds files not ours"
-            )
-        return None
-    state = read_json(path)
-    if state.get("fingerprint") != fp:
-        differs = next(
-            (key for key in fp if (state.get("fingerprint") or {}).get(key) != fp[key]),
-            "the command",
-        )
-        raise UserError(
-            f"{staging} holds a half-made preparation by another command (its {differs} differs); re-run "
-            f"that command to finish it, or delete {staging} to start over"
-        )
-    shards = [
-        f
-        for split in state.get("splits", {}).values()
-        for f in zip(split["shards"], split["shard_tokens"])
-    ]
-    if bad := next(
-        (name for name, n in shards if not shard_whole(os.path.join(staging, name), n)), None
-    ):
-        print(
-            f"note: {os.path.join(staging, bad)} is missing or damaged since the interruption: starting over"
-        )
-        for name in [
-            n for n in os.listdir(staging) if n.endswith((".npy", ".tmp")) or n in (META, STATE)
-        ]:  # ours
-            os.remove(os.path.join(staging, name))
-        return None
-    return state  # (a .tmp left by a killed run is written over when its file is made again)
-
-
-def shard_whole(
-    path, n
-):  # a uint16 .npy of n tokens, neither cut short nor padded: its header read, not its data
+def shard_whole(path, n):
+    """A uint16 .npy of n tokens, neither cut short nor padded: its header is read, not its data."""
     try:
         shard = np.load(path, mmap_mode="r")
-    except (OSError, ValueError):  # missing, not .npy, or fewer bytes than its header says
+    except (OSError, ValueError):
+        # Missing, not .npy, or fewer bytes than its header says.
         return False
-    return (
-        shard.dtype == np.uint16
-        and shard.shape == (n,)
-        and os.path.getsize(path) == shard.offset + 2 * n
-    )
+    size = os.path.getsize(path)
+    return shard.dtype == np.uint16 and shard.shape == (n,) and size == shard.offset + 2 * n
+
+
+def load_state(staging, fp):
+    """The state of a half-made run of this same command, or a fresh one."""
+    fresh = {"fingerprint": fp}
+    path = f"{staging}/state.json"
+    if not os.path.exists(path):
+        # A .tmp is a killed run's: it is written over when its file is made again.
+        if any(not name.endswith(".tmp") for name in os.listdir(staging)):
+            raise UserError(
+                f"{staging} is in the way: prepare_data.py builds there, and it holds files not "
+                "ours"
+            )
+        return fresh
+    state = read_json(path)
+    if state["fingerprint"] != fp:
+        changed = [key for key in fp if state["fingerprint"].get(key) != fp[key]]
+        what = changed[0] if changed else "command"
+        raise UserError(
+            f"{staging} holds a half-made preparation by another command (its {what} differs); "
+            f"re-run that command to finish it, or delete {staging} to start over"
+        )
+    # A shard listed in state.json was whole when it was listed; the disk may have lost it since.
+    for split in state.get("splits", {}).values():
+        for name, n in zip(split["shards"], split["shard_tokens"]):
+            path = f"{staging}/{name}"
+            if not shard_whole(path, n):
+                print(f"note: {path} is missing or damaged since the interruption: starting over")
+                remove_staged(staging)
+                return fresh
+    return state
+
+
+def build(args, staging, state, lock):
+    """The dataset, made in the staging folder; meta.json, written last, says it is finished."""
+    # The fingerprint first: a resumed run knows its command.
+    save_json(f"{staging}/state.json", state)
+    # Only pretraining is resumable: the others are small.
+    try:
+        if args.kind == "sft":
+            prepare_sft(args, staging)
+        elif args.kind == "hellaswag":
+            prepare_hellaswag(args, staging)
+        else:
+            prepare_pretraining(args, staging, state, lock)
+    except UserError:
+        # The same command would fail the same way: nothing here is worth resuming.
+        remove_staged(staging)
+        raise
 
 
 def recover(out_dir):
-    """Finish a publish(): the new dataset loses its state.json and the old one goes; or the old one comes back."""
+    """Finishes a publish(): the new dataset loses its state.json and the old one goes; or, if
+    the new one is not in place, the old one comes back."""
     if os.path.isdir(out_dir):
-        Path(out_dir, STATE).unlink(missing_ok=True)  # state.json marked the new dataset until here
+        # state.json marked the new dataset until here.
+        Path(out_dir, "state.json").unlink(missing_ok=True)
         if os.path.isdir(f"{out_dir}.old"):
             remove_dataset(f"{out_dir}.old")
+    # Killed between publish()'s two renames: the old dataset waits, whole, beside.
     elif os.path.isdir(f"{out_dir}.old"):
         os.rename(f"{out_dir}.old", out_dir)
 
 
-def publish(staging, out_dir):  # the finished dataset into place: an old one is replaced only now
+def publish(staging, out_dir):
+    """The finished dataset into place: an old one is replaced only now."""
     if os.path.isdir(out_dir):
         os.rename(out_dir, f"{out_dir}.old")
     os.rename(staging, out_dir)
     recover(out_dir)
 
 
+def is_prepared(args):
+    """--out_dir holds a finished dataset, and --overwrite does not ask to redo it."""
+    return os.path.exists(f"{args.out_dir}/meta.json") and not args.overwrite
+
+
 def prepare(args):
-    args.out_dir = os.path.realpath(
-        args.out_dir
-    )  # a link (to a bigger disk): the data goes where it points
-    staging = (
-        f"{args.out_dir}.partial"  # a sibling: the same file system, so the final move is a rename
-    )
-    done = lambda: os.path.exists(os.path.join(args.out_dir, META)) and not args.overwrite  # noqa: E731
-    if done() and not os.path.exists(staging) and not os.path.exists(f"{args.out_dir}.old"):
-        return print(
-            f"{args.out_dir} is already prepared (see its meta.json); --overwrite redoes it"
-        )
-    check_inputs(args)  # everything about the inputs, before anything is written
+    # A link (to a bigger disk): the data goes where it points, and the link stays a link.
+    args.out_dir = os.path.realpath(args.out_dir)
+    # A sibling: on the same file system, so that the final move is a rename.
+    staging = f"{args.out_dir}.partial"
+    # Prepared, and nothing of ours half-done beside it: nothing to do, nor to check.
+    old = f"{args.out_dir}.old"
+    if is_prepared(args) and not os.path.exists(staging) and not os.path.exists(old):
+        print(f"{args.out_dir} is already prepared (see its meta.json); --overwrite redoes it")
+        return
+    check_inputs(args)
     check_out_dir(args.out_dir, args.overwrite)
-    fp = fingerprint(args)
-    lock = take_lock(staging)  # held until the end: one run per out_dir at a time
+    # Held until the end: one run per --out_dir at a time.
+    lock = take_lock(staging)
     try:
-        recover(args.out_dir)  # what a run killed in publish() left
-        if done():  # (a crashed run's dataset, now in place)
-            return print(
-                f"{args.out_dir} is already prepared (see its meta.json); --overwrite redoes it"
-            )
-        state = resume_state(staging, fp)  # None: from the start; else the half-made run's
-        if state is None or not os.path.exists(
-            os.path.join(staging, META)
-        ):  # else: finished, not yet moved
-            state = state or {
-                "fingerprint": fp
-            }  # the fingerprint first: a resume knows its command
-            save_json(os.path.join(staging, STATE), state)
-            try:  # each writes into staging, meta.json last; only pretraining is resumable
-                if args.sft or args.hellaswag:
-                    (prepare_sft if args.sft else prepare_hellaswag)(args, staging)
-                else:
-                    prepare_pretraining(args, staging, state, lock)
-            except UserError:  # the same command would fail the same way: nothing here to resume
-                remove_dataset(staging)
-                raise
-        check_out_dir(
-            args.out_dir, args.overwrite
-        )  # again: the user may have put files there meanwhile
+        # What a run killed in publish() left; its dataset may now be in place.
+        recover(args.out_dir)
+        if is_prepared(args):
+            print(f"{args.out_dir} is already prepared (see its meta.json); --overwrite redoes it")
+            return
+        state = load_state(staging, fingerprint(args))
+        # With meta.json, the staged dataset is finished, and only waits to be moved.
+        if not os.path.exists(f"{staging}/meta.json"):
+            build(args, staging, state, lock)
+        # Again: the user may have put files there meanwhile.
+        check_out_dir(args.out_dir, args.overwrite)
         publish(staging, args.out_dir)
     finally:
+        # A staging folder with no shard in it holds nothing worth resuming.
         if os.path.isdir(staging) and all(
-            name.endswith(".tmp") or name == STATE for name in os.listdir(staging)
+            name.endswith(".tmp") or name == "state.json" for name in os.listdir(staging)
         ):
-            shutil.rmtree(staging)  # no work worth resuming in it
+            shutil.rmtree(staging)
         if lock is not None:
             os.close(lock)
 
@@ -883,28 +932,26 @@ def prepare(args):
 
 
 def verify(folder):
-    meta = read_json(os.path.join(folder, META))
-    try:  # (name, tokens or None, sha256): shards by length and checksum, the other files by checksum
-        files = (
-            [
-                f
-                for s in meta["splits"].values()
-                for f in zip(s["shards"], s["shard_tokens"], s["sha256"])
-            ]
-            if meta["kind"] == "pretrain"
-            else [(name, None, digest) for name, digest in meta["sha256"].items()]
-        )
+    meta = read_json(f"{folder}/meta.json")
+    # (name, tokens or None, sha256): shards by length and checksum, other files by checksum.
+    try:
+        if meta["kind"] == "pretrain":
+            splits = meta["splits"].values()
+            files = [f for s in splits for f in zip(s["shards"], s["shard_tokens"], s["sha256"])]
+        else:
+            files = [(name, None, digest) for name, digest in meta["sha256"].items()]
     except (KeyError, TypeError, AttributeError):
         raise UserError(
             f"{folder}/meta.json lacks what --verify checks: re-run prepare_data.py --overwrite"
-        ) from None
+        )
     again = "re-run prepare_data.py --overwrite for this folder"
-    for name, n, digest in files:  # in order: the first bad file is the one named
-        path = os.path.join(folder, name)
-        if not os.path.exists(path) or (n is not None and not shard_whole(path, n)):
-            raise UserError(
-                f"{path} is {f'truncated or padded (not {n:,} tokens)' if os.path.exists(path) else 'missing'}; {again}"
-            )
+    # In order: the first bad file is the one named.
+    for name, n, digest in files:
+        path = f"{folder}/{name}"
+        if not os.path.exists(path):
+            raise UserError(f"{path} is missing; {again}")
+        if n is not None and not shard_whole(path, n):
+            raise UserError(f"{path} is truncated or padded (not {n:,} tokens); {again}")
         with open(path, "rb") as f:
             if hashlib.file_digest(f, "sha256").hexdigest() != digest:
                 raise UserError(
@@ -914,44 +961,46 @@ def verify(folder):
 
 
 # -----------------------------------------------------------------------------
-# Command line
+# The command line
 
 
-def at_least(low, high=None):  # an argparse type: a number in its domain, or a one-line error
-    def parse(text):
-        value = type(low)(text)  # argparse reports a ValueError as "invalid value"
-        if (
-            value < low
-            or (high is not None and value >= high)
-            or (isinstance(low, float) and value <= low)
-        ):
-            raise argparse.ArgumentTypeError(
-                f"must be {'between 0 and 1 (exclusive)' if high else f'at least {low}'}"
-            )
-        return value
-
-    return parse
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+def fraction(text):
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError("must be between 0 and 1 (exclusive)")
+    return value
+
+
+def make_parser():
+    """The command line: what to prepare and from what; add_output_args adds where and how."""
+    parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.error = lambda message: p.exit(
-        2, f"error: {message} (see --help)\n"
-    )  # one line, as every other mistake
-    add = p.add_argument
-    kind = p.add_mutually_exclusive_group()
+
+    def one_line_error(message):
+        # One line, as every other mistake.
+        parser.exit(2, f"error: {message} (see --help)\n")
+
+    parser.error = one_line_error
+    kind = parser.add_mutually_exclusive_group()
     kind.add_argument(
         "--sft", action="store_true", help="prepare Alpaca-style instruction data instead"
     )
     kind.add_argument(
         "--hellaswag", action="store_true", help="prepare the HellaSwag validation set instead"
     )
+    add = parser.add_argument
     add(
         "--dataset",
-        help="a Hugging Face dataset or a folder of parquet/jsonl files, streamed (default: FineWeb-Edu, "
-        "Alpaca with --sft, HellaSwag with --hellaswag)",
+        help="a Hugging Face dataset or a folder of parquet/jsonl files, streamed (default: "
+        "FineWeb-Edu, Alpaca with --sft, HellaSwag with --hellaswag)",
     )
     add("--subset", help="the dataset's configuration (default: sample-10BT for FineWeb-Edu)")
     add("--split", help="the dataset's split (default: train; validation with --hellaswag)")
@@ -967,17 +1016,24 @@ def parse_args(argv=None):
         default="strict",
         help="bytes not UTF-8: stop, or U+FFFD",
     )
+    add_output_args(parser)
+    return parser
+
+
+def add_output_args(parser):
+    add = parser.add_argument
     add(
         "--out_dir",
-        help="where to write (default: data/<the dataset's or first file's name>, data/alpaca, data/hellaswag)",
+        help="where to write (default: data/<the dataset's or first file's name>, data/alpaca, "
+        "data/hellaswag)",
     )
-    add("--shard_size", type=at_least(1), default=100_000_000, help="tokens per shard")
+    add("--shard_size", type=positive_int, default=100_000_000, help="tokens per shard")
     add(
         "--val_tokens",
-        type=at_least(1),
+        type=positive_int,
         help="tokens in the val split (default: a shard; 10%% of a smaller corpus)",
     )
-    add("--num_proc", type=at_least(1), default=os.cpu_count(), help="tokenizer processes")
+    add("--num_proc", type=positive_int, default=os.cpu_count(), help="tokenizer processes")
     add(
         "--overwrite",
         action="store_true",
@@ -985,78 +1041,92 @@ def parse_args(argv=None):
     )
     add(
         "--block_size",
-        type=at_least(1),
+        type=positive_int,
         default=1024,
         help="--sft: the longest example kept, in tokens",
     )
-    add(
-        "--val_fraction",
-        type=at_least(0.0, 1.0),
-        default=0.05,
-        help="--sft: the share of examples held out",
-    )
+    add("--val_fraction", type=fraction, default=0.05, help="--sft: the share of examples held out")
     add("--seed", type=int, default=1337, help="--sft: the seed of the train/val split")
     add(
         "--verify",
         metavar="DIR",
         help="check a prepared folder's files against its meta.json, and stop",
     )
-    args = p.parse_args(argv)
-    args.command = shlex.join(
-        ["python", "prepare_data.py", *(sys.argv[1:] if argv is None else argv)]
-    )  # to redo it
-    kind = "sft" if args.sft else "hellaswag" if args.hellaswag else "pretrain"
-    fineweb = kind == "pretrain" and not (
-        args.dataset or args.files
-    )  # no source named: FineWeb-Edu's 10B sample
-    if not (args.dataset or args.files):  # the kind's own dataset
-        args.dataset = {"sft": "tatsu-lab/alpaca", "hellaswag": "Rowan/hellaswag"}.get(
-            kind, "HuggingFaceFW/fineweb-edu"
-        )
-        args.subset = args.subset or ("sample-10BT" if fineweb else None)
-    # by default, the folders train_gpt2.py reads: data/alpaca to fine-tune, data/hellaswag to evaluate
-    source = (
-        "fineweb_edu_10B"
-        if fineweb
-        else Path(args.files[0]).stem
-        if args.files
-        else Path(args.dataset).name
-    )
-    args.out_dir = os.path.normpath(
-        args.out_dir
-        or {"sft": "data/alpaca", "hellaswag": "data/hellaswag"}.get(kind, f"data/{source}")
-    )  # no trailing slash: <out_dir>.partial is a sibling
-    args.split = args.split or (
-        "validation" if args.hellaswag else "train"
-    )  # HellaSwag's test split has no labels
+
+
+def parse_args(argv=None):
+    if argv is None:
+        argv = sys.argv[1:]
+    args = make_parser().parse_args(argv)
+    # The command, to redo it: meta.json keeps it, and train_gpt2.py's advice quotes it.
+    args.command = shlex.join(["python", "prepare_data.py", *argv])
+    # One name for the kind of data, read wherever it matters.
+    args.kind = "pretrain"
+    if args.sft:
+        args.kind = "sft"
+    if args.hellaswag:
+        args.kind = "hellaswag"
+    if args.files:
+        name = Path(args.files[0]).stem
+    elif args.dataset:
+        name = Path(args.dataset).name
+    else:
+        # No source named: the kind's own Hub dataset; to pretrain, FineWeb-Edu's 10B sample.
+        hub = {"pretrain": "HuggingFaceFW/fineweb-edu", "sft": "tatsu-lab/alpaca"}
+        args.dataset = hub.get(args.kind, "Rowan/hellaswag")
+        name = "fineweb_edu_10B"
+        if args.kind == "pretrain" and not args.subset:
+            args.subset = "sample-10BT"
+    # By default, the folders train_gpt2.py reads: data/alpaca to fine-tune, data/hellaswag to
+    # evaluate.
+    if not args.out_dir:
+        folders = {"sft": "data/alpaca", "hellaswag": "data/hellaswag"}
+        args.out_dir = folders.get(args.kind, f"data/{name}")
+    # No trailing slash: <out_dir>.partial must be a sibling.
+    args.out_dir = os.path.normpath(args.out_dir)
+    # HellaSwag's test split has no labels.
+    if not args.split:
+        args.split = "validation" if args.hellaswag else "train"
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        verify(args.verify) if args.verify else prepare(args)
+        if args.verify:
+            verify(args.verify)
+        else:
+            prepare(args)
     except UserError as e:
+        # The user's to fix: one line, no traceback.
         sys.exit(f"error: {e}")
-    except (ConnectionError, TimeoutError) as e:  # the Hub went away: nothing is lost
+    except (ConnectionError, TimeoutError) as e:
+        # The Hub went away: nothing is lost.
         sys.exit(
-            f"error: lost the connection to {args.dataset} ({e}); run the same command again to resume"
+            f"error: lost the connection to {args.dataset} ({e}); run the same command again "
+            "to resume"
         )
-    except MemoryError:  # np.empty(shard_size) is the one big allocation
+    except MemoryError:
+        # np.empty(shard_size) is the one big allocation.
         sys.exit(
-            f"error: out of memory: a shard of --shard_size {args.shard_size:,} tokens does not fit; give a smaller one"
+            f"error: out of memory: a shard of --shard_size {args.shard_size:,} tokens does not "
+            "fit; give a smaller one"
         )
     except KeyboardInterrupt:
         sys.exit(
-            f"error: interrupted; {args.out_dir} is unchanged, and the same command resumes the work"
+            f"error: interrupted; {args.out_dir} is unchanged, and the same command resumes "
+            "the work"
         )
-    except (
-        OSError
-    ) as e:  # a full or read-only disk is the user's to fix; any other OSError is a bug
+    except OSError as e:
+        # A full or read-only disk is the user's to fix; any other OSError is a bug.
         if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
             raise
+        # A write's own error names no file.
+        where = e.filename
+        if where is None:
+            where = args.out_dir
         sys.exit(
-            f"error: cannot write {e.filename or args.out_dir}: {e.strerror}; free space or choose another --out_dir"
+            f"error: cannot write {where}: {e.strerror}; free space or choose another --out_dir"
         )
 
 
