@@ -12,7 +12,11 @@
 #     OUT       where the results go (on the device machine the tool sets it); default $WORK/out
 #     DRY=1     CPU dry run of the same steps with a tiny model (checks this script, flags, data flow)
 #     DRY_COMPILE=1   with DRY=1, also exercise torch.compile on the CPU (slow on 2 cores)
-#     BUDGET_S  wall-clock budget for all steps (default 540 s); a step that cannot fit is skipped
+#     BUDGET_S  wall-clock budget for all steps (default 420 s); a step that cannot fit is skipped.
+#               The first ~300 s hold what matters most (environment, compiled bench, a short
+#               pretrain with evaluation, FSDP on one rank); the rest runs while the budget lasts,
+#               so that a 15-minute device lease keeps room for a machine start and a rerun.
+# One GPU: DDP across 8 NCCL ranks cannot be exercised here (FSDP runs as a group of one).
 #     PY        the python that holds torch (default python3)
 # Results: $OUT/summary.txt (one block per step: exit code, seconds, the lines that matter),
 # $OUT/all.log (every step's output, time-stamped, concatenated), $OUT/logs.tgz (one log per
@@ -29,7 +33,7 @@ fi
 ASSETS=$(cd "${1:-${GPU_ASSETS:-.gpu_assets}}" 2>/dev/null && pwd) || { echo "gpu_check.sh: assets folder ${1:-.gpu_assets} not found" >&2; exit 2; }
 PY=${PY:-python3}
 DRY=${DRY:-0}
-BUDGET_S=${BUDGET_S:-540}
+BUDGET_S=${BUDGET_S:-420}
 WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
 OUT=${OUT:-$WORK/out}
 mkdir -p "$OUT" "$WORK/logs" "$WORK/runs" "$WORK/data"
@@ -243,14 +247,14 @@ def train_call():
     F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
 
 print("sdpa training (B 8, T 1024, causal, bf16, fwd+bwd): kernels", kernels(train_call))
-# generation, one new token: q (B, nh, 1, hs) against a slice of the preallocated fp32 cache, under
-# autocast as --mode sample runs it (the cache is float32: autocast casts k and v every call)
-cache = torch.zeros(12, 1, nh, 1024, hs, device=dev)
-q1 = torch.randn(1, nh, 1, hs, device=dev)
+# generation, one new token: q (B, nh, 1, hs) against a slice of the preallocated cache, under
+# autocast as --mode sample runs it (the cache is made in the keys' dtype: bf16 under autocast)
+cache = torch.zeros(12, 1, nh, 1024, hs, device=dev, dtype=bf16)
+q1 = torch.randn(1, nh, 1, hs, device=dev, dtype=bf16)
 def decode_call():
     with torch.no_grad(), torch.autocast("cuda", dtype=bf16):
         F.scaled_dot_product_attention(q1, cache[0, :, :, :300], cache[0, :, :, :300], is_causal=False)
-print("sdpa decode (1 query vs 300 cached fp32 keys, autocast bf16): kernels", kernels(decode_call))
+print("sdpa decode (1 query vs 300 cached bf16 keys, autocast bf16): kernels", kernels(decode_call))
 # left-padded prompts: a boolean (B, 1, T, T) mask
 (qm, km, vm), _ = qkv_like_model(8, 16, False)
 mask = torch.ones(8, 1, 16, 16, dtype=torch.bool, device=dev).tril()
@@ -300,29 +304,24 @@ EOF
 echo "gpu_check.sh: project $ROOT, assets $ASSETS, work $WORK, out $OUT, DRY=$DRY, budget ${BUDGET_S}s"
 echo "tiktoken cache: $TIKTOKEN_CACHE_DIR ($(ls "$TIKTOKEN_CACHE_DIR" 2>/dev/null | wc -l) files); shakespeare: ${SHAKESPEARE:-MISSING}; hellaswag: ${HELLASWAG:-MISSING}"
 
-run 00_env 90 20 bash -c "nvidia-smi 2>&1 || echo 'nvidia-smi: not available'; \
+run 00_env 60 20 bash -c "nvidia-smi 2>&1 || echo 'nvidia-smi: not available'; \
     nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv 2>/dev/null; \
     uname -a; nproc; free -g 2>/dev/null | head -2; $PY $WORK/env_probe.py"
-run 01_sdpa 90 20 "$PY" "$WORK/sdpa_probe.py"
 
+# The first ~300 s: what matters most.
 # 1. The training step as users measure it: GPT-2 124M, 64 x 1024, bf16 autocast, torch.compile.
-TORCH_LOGS=recompiles,graph_breaks run 02_bench_compile 300 60 "$PY" train_gpt2.py --mode bench $DEV --compile $C $BENCH
-# 2. Generation: KV cache vs recompute vs transformers, batch 1 and 8, in the device's dtype (bf16).
-run 03_bench_generate 150 40 "$PY" dev/compare.py generate ${DEV:---device cuda} $GEN
-# 3. The same step eager (peak memory of the uncompiled logits path, what --compile 0 users get).
-run 04_bench_eager 150 40 "$PY" train_gpt2.py --mode bench $DEV --compile 0 $BENCH_SHORT
-
-# 4. Real pretraining on tiny Shakespeare: 30 steps, compiled, evaluations with val loss, samples,
-#    HellaSwag (eager, score_endings on CUDA), checkpoints every 10 steps (saved from CUDA).
+TORCH_LOGS=recompiles,graph_breaks run 02_bench_compile 150 60 "$PY" train_gpt2.py --mode bench $DEV --compile $C $BENCH_SHORT
+# 2. Real pretraining on tiny Shakespeare: compiled, evaluations with val loss, samples, HellaSwag
+#    (eager), checkpoints (saved from CUDA).
 if [ -n "$SHAKESPEARE" ]; then
-    run 05_prepare_data 90 15 "$PY" prepare_data.py --files "$SHAKESPEARE" --out_dir "$WORK/data/shakespeare" --val_tokens $VAL_TOKENS
+    run 05_prepare_data 60 15 "$PY" prepare_data.py --files "$SHAKESPEARE" --out_dir "$WORK/data/shakespeare" --val_tokens $VAL_TOKENS
     HS=""
     [ -n "$HELLASWAG" ] && HS="--hellaswag 1 --hellaswag_path $HELLASWAG"
-    TORCH_LOGS=recompiles,graph_breaks run 06_pretrain 300 90 "$PY" train_gpt2.py --mode pretrain $DEV --compile $C \
+    TORCH_LOGS=recompiles,graph_breaks run 06_pretrain 150 60 "$PY" train_gpt2.py --mode pretrain $DEV --compile $C \
         --data_dir "$WORK/data/shakespeare" --out_dir "$WORK/runs/pretrain" $SIZE $PRE $HS
-    # 5. FSDP2 on one rank (NCCL group of one), activation checkpointing, the blocks and the LM head with the
+    # 3. FSDP2 on one rank (NCCL group of one), activation checkpointing, the blocks and the LM head with the
     #    loss compiled apart (2 graphs expected); its evaluation samples eagerly (recompiles are logged).
-    TORCH_LOGS=recompiles,graph_breaks run 07_fsdp_pretrain 300 90 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \
+    TORCH_LOGS=recompiles,graph_breaks run 07_fsdp_pretrain 150 60 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \
         train_gpt2.py --mode pretrain --fsdp 1 $DEV --compile $C --activation_checkpointing 1 \
         --data_dir "$WORK/data/shakespeare" --out_dir "$WORK/runs/fsdp" $SIZE $FSDP_PRE
     run 08_loss_compare 30 5 "$PY" "$WORK/compare_losses.py" "$WORK/runs/pretrain/log.jsonl" "$WORK/runs/fsdp/log.jsonl"
@@ -330,11 +329,14 @@ else
     echo "no tinyshakespeare.txt in $ASSETS: pretraining steps skipped" | tee -a "$SUMMARY"
 fi
 
-# 6. Optional, while the budget lasts: build-nanogpt's step interleaved with ours (a second
-#    compile), a resume of the pretraining run on CUDA, and the FSDP bench (uncompiled root).
-run 09_bench_anchor 240 110 "$PY" dev/compare.py train ${DEV:---device cuda} $ANCHOR
-[ -n "$SHAKESPEARE" ] && run 10_resume 150 60 "$PY" train_gpt2.py --mode pretrain $DEV --init_from resume \
+# Then, while the budget lasts: the attention kernels, generation, the eager step's memory, a
+# resume on CUDA, build-nanogpt's step beside ours, the FSDP bench.
+run 01_sdpa 60 20 "$PY" "$WORK/sdpa_probe.py"
+run 03_bench_generate 90 40 "$PY" dev/compare.py generate ${DEV:---device cuda} $GEN
+run 04_bench_eager 90 40 "$PY" train_gpt2.py --mode bench $DEV --compile 0 $BENCH_SHORT
+[ -n "$SHAKESPEARE" ] && run 10_resume 120 60 "$PY" train_gpt2.py --mode pretrain $DEV --init_from resume \
     --out_dir "$WORK/runs/pretrain" --max_steps $RESUME_STEPS
-run 11_fsdp_bench 180 70 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train_gpt2.py \
+run 09_bench_anchor 150 90 "$PY" dev/compare.py train ${DEV:---device cuda} $ANCHOR
+run 11_fsdp_bench 120 60 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train_gpt2.py \
     --mode bench --fsdp 1 $DEV --compile $C $BENCH_SHORT
 run 99_gpu_state 20 3 bash -c "nvidia-smi --query-gpu=name,memory.used,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv 2>/dev/null || echo 'nvidia-smi: not available'"
