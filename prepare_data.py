@@ -169,12 +169,11 @@ def read_rows(args, start=None):
     if start is not None:
         stream.load_state_dict(start["stream"])
         rows_read = start["row"]
-    for row in stream:
-        rows_read += 1
+    for number, row in enumerate(stream, rows_read + 1):
         # The position is a function, called only where a batch is cut: stream.state_dict()
         # costs ~7 us, half again a row's reading, on the one process that feeds every tokenizer.
-        after = functools.partial(stream_position, stream, rows_read)
-        yield row, f"{args.dataset} row {rows_read}", after
+        after = functools.partial(stream_position, stream, number)
+        yield row, f"{args.dataset} row {number}", after
 
 
 def describe_source(args):
@@ -186,10 +185,9 @@ def describe_source(args):
 
 
 def describe(value):
-    """A value in a message: 40 characters at most, as a whole document would drown the message."""
-    if value is None:
-        return "null"
-    return repr(value)[:40]
+    """A value in a message, as JSON spells it (null, not None): 40 characters at most, as a whole
+    document would drown the message."""
+    return json.dumps(value, default=str)[:40]
 
 
 def text_of(row, name, where):
@@ -899,9 +897,8 @@ def prepare(args):
     # Prepared, --overwrite not asked, and nothing of ours half-done beside it: nothing to do,
     # nor to check. (A half-done publish() is finished below, a dataset of the same command
     # staged in full put in place.)
-    old = f"{args.out_dir}.old"
     if os.path.exists(f"{args.out_dir}/meta.json") and not args.overwrite:
-        if not os.path.exists(staging) and not os.path.exists(old):
+        if not os.path.exists(staging) and not os.path.exists(f"{args.out_dir}.old"):
             print(f"{args.out_dir} is already prepared (see its meta.json); --overwrite redoes it")
             return
     check_inputs(args)
@@ -970,7 +967,7 @@ def fraction(text):
 
 
 def make_parser():
-    """The command line: what to prepare and from what; add_output_args adds where and how."""
+    """The command line: what to prepare, from what, where and how."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -1007,12 +1004,6 @@ def make_parser():
         default="strict",
         help="bytes not UTF-8: stop, or U+FFFD",
     )
-    add_output_args(parser)
-    return parser
-
-
-def add_output_args(parser):
-    add = parser.add_argument
     add(
         "--out_dir",
         help="where to write (default: data/<the dataset's or first file's name>, data/alpaca, "
@@ -1043,6 +1034,7 @@ def add_output_args(parser):
         metavar="DIR",
         help="check a prepared folder's files against its meta.json, and stop",
     )
+    return parser
 
 
 def parse_args(argv=None):
