@@ -702,10 +702,12 @@ def check_inputs(args):
     # than in every tokenizer process.
     try:
         tokenize_documents([""])
-    except Exception as e:
+    except Exception:
+        # Word for word train_gpt2.py's line.
         raise UserError(
-            f"tiktoken has no GPT-2 files ({type(e).__name__}): it downloads them once; offline, "
-            "set TIKTOKEN_CACHE_DIR to a folder holding them"
+            "tiktoken has no GPT-2 files: it downloads them once (vocab.bpe and encoder.json, from "
+            "openaipublic.blob.core.windows.net/gpt-2/encodings/main); offline, copy tiktoken's "
+            "cache folder from a machine that has them and set TIKTOKEN_CACHE_DIR to it"
         )
     if args.files:
         for path in args.files:

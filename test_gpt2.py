@@ -1440,6 +1440,24 @@ def test_tokens_that_do_not_fit_uint16(monkeypatch):
         pdata.tokenize_documents(["anything"])
 
 
+def test_tiktoken_without_its_files_is_train_gpt2s_line(tmp_path, monkeypatch):
+    """Offline with nothing cached, both scripts say the same: which files, and where from."""
+    import tiktoken
+
+    def offline(name):  # as tiktoken fails deep inside requests
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(tg.UserError) as trained:
+        tg.get_tokenizer()
+    files = write_corpus(tmp_path / "corpus")
+    prepare = run_script(
+        "prepare_data.py", "--files", *files, "--out_dir", tmp_path / "out", check=False
+    )
+    assert assert_one_line_error(prepare, "vocab.bpe") == f"error: {trained.value}"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
 def test_save_npy_writes_what_np_save_writes(tmp_path):
     import hashlib
     import io
