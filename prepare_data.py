@@ -323,8 +323,12 @@ class ShardWriter:
         self.out_dir = out_dir
         self.val_tokens = val_tokens
         self.state = state
-        # The one big allocation: memory follows --shard_size.
-        self.buffer = np.empty(shard_size, dtype=np.uint16)
+        # The one big allocation: memory follows --shard_size. A size beyond what numpy can even
+        # address is its ValueError, not a MemoryError: to the user, the same.
+        try:
+            self.buffer = np.empty(shard_size, dtype=np.uint16)
+        except ValueError:
+            raise MemoryError
         # Tokens in the buffer, not yet in a shard.
         self.filled = 0
         # The splits are the state's own (commit() saves them), and meta.json's in the end.

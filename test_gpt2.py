@@ -1349,6 +1349,13 @@ BAD_INPUTS = [  # (name, files in in/, arguments after --files, setup, words the
         ["--shard_size", "smaller"],
     ),
     (
+        "shard_size beyond any memory",
+        {},
+        ["in/ok.jsonl", "--shard_size", str(10**23)],
+        None,
+        ["--shard_size", "smaller"],
+    ),
+    (
         "documents all blank",
         {"a.jsonl": '{"text": ""}\n{"text": " \\n "}\n'},
         ["in/a.jsonl"],
