@@ -44,6 +44,16 @@ class UserError(Exception):
     """Bad input from the user: printed as one line that says what to do, without a traceback."""
 
 
+def say(line):
+    """A line for the user. A closed stdout (`| head -n 1`) costs no file: the work goes on, and
+    the lines after go to os.devnull (progress goes to stderr)."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: into os.devnull, without a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 # -----------------------------------------------------------------------------
 # Reading rows. Each reader yields (row, where, after): the row (a dict, as datasets gives it),
 # where it is (for messages), and the position just after it, from which a resumed run reads on.
@@ -381,7 +391,7 @@ class ShardWriter:
         # (check_inputs refused a corpus with no text: it has two tokens at least).
         if cut_small_corpus and not self.splits["val"]["tokens"]:
             cut = max(1, len(tokens) // 10)
-            print(
+            say(
                 f"note: the corpus is smaller than one shard; its first 10% ({cut:,} tokens) "
                 "is the val split"
             )
@@ -402,7 +412,7 @@ def tokenize_into_shards(args, writer, resume, lock):
     many tokens this run tokenized."""
     written = writer.splits["val"]["tokens"] + writer.splits["train"]["tokens"]
     if written:
-        print(f"resuming {writer.out_dir}: {written:,} tokens already in shards")
+        say(f"resuming {writer.out_dir}: {written:,} tokens already in shards")
     # rows -> (text, after) documents -> (position, texts) batches -> (position, tokens)
     rows = read_rows(args, resume["position"])
     documents = ((text_of(row, args.text_column, where), after) for row, where, after in rows)
@@ -448,7 +458,7 @@ def prepare_pretraining(args, staging, state, lock):
         raise UserError(
             f"all {val['tokens']:,} tokens are in the val split: give a smaller --val_tokens"
         )
-    print(
+    say(
         f"wrote {train['tokens']:,} train and {val['tokens']:,} val tokens in "
         f"{len(train['shards']) + len(val['shards'])} shards to {args.out_dir} (this run "
         f"tokenized {tokenized:,} tokens)"
@@ -574,7 +584,7 @@ def prepare_sft(args, staging):
         # The split is random, the order within it stable.
         chosen = [examples[i] for i in sorted(indices)]
         meta["splits"][split] = save_examples(staging, split, chosen, meta["sha256"])
-    print(
+    say(
         f"wrote {len(examples) - n_val:,} train and {n_val:,} val examples to {args.out_dir}; "
         f"dropped {dropped:,} longer than {args.block_size} tokens"
     )
@@ -618,7 +628,7 @@ def prepare_hellaswag(args, staging):
     items = [hellaswag_item(row, where) for row, where, _ in read_rows(args)]
     lines = "".join(json.dumps(item) + "\n" for item in items)
     digest = write_whole(f"{staging}/hellaswag_val.jsonl", lines.encode())
-    print(f"wrote {len(items):,} HellaSwag items to {args.out_dir}/hellaswag_val.jsonl")
+    say(f"wrote {len(items):,} HellaSwag items to {args.out_dir}/hellaswag_val.jsonl")
     return {"items": len(items), "sha256": {"hellaswag_val.jsonl": digest}}
 
 
@@ -848,7 +858,7 @@ def load_state(staging, fp):
         for name, n in zip(split["shards"], split["shard_tokens"]):
             path = f"{staging}/{name}"
             if not shard_whole(path, n):
-                print(f"note: {path} is missing or damaged since the interruption: starting over")
+                say(f"note: {path} is missing or damaged since the interruption: starting over")
                 remove_staged(staging)
                 return fresh
     return state
@@ -905,7 +915,7 @@ def prepare(args):
     # staged in full put in place.)
     if os.path.exists(f"{args.out_dir}/meta.json") and not args.overwrite:
         if not os.path.exists(staging) and not os.path.exists(f"{args.out_dir}.old"):
-            print(f"{args.out_dir} is already prepared (see its meta.json); --overwrite redoes it")
+            say(f"{args.out_dir} is already prepared (see its meta.json); --overwrite redoes it")
             return
     check_inputs(args)
     check_out_dir(args.out_dir, args.overwrite)
@@ -951,7 +961,7 @@ def verify(folder):
                 raise UserError(
                     f"{path} differs from the file prepare_data.py wrote (sha256); {again}"
                 )
-    print(f"ok: {folder}: {len(files)} files, checksums match")
+    say(f"ok: {folder}: {len(files)} files, checksums match")
 
 
 # -----------------------------------------------------------------------------

@@ -1044,6 +1044,27 @@ def test_ctrl_c_with_two_processes_is_one_line_and_resumable(tmp_path):
     assert (tmp_path / "out" / "meta.json").exists()
 
 
+def test_a_closed_stdout_costs_no_file(tmp_path):
+    """`prepare_data.py ... | head -n 1`: the reader gone, the data is still written whole, and the
+    run ends without a BrokenPipeError. Unbuffered, so that a line written mid-run meets the
+    closed pipe (the small corpus's note comes before meta.json)."""
+    files = write_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    args = ["--files", *files, "--out_dir", out, "--num_proc", 1]
+    proc = subprocess.Popen(
+        [sys.executable, HERE / "prepare_data.py", *map(str, args)],
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    proc.stdout.close()  # the reader is gone before the first line
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0 and "Error" not in stderr, stderr
+    assert "ok:" in run_script("prepare_data.py", "--verify", out).stdout
+
+
 def test_verify_names_the_bad_shard(tmp_path, capsys):
     files = write_corpus(tmp_path / "corpus")
     for name, extra in (("a", []), ("b", ["--encoding_errors", "replace"])):
