@@ -692,20 +692,30 @@ def remove_staged(staging):
 
 
 def check_hub(dataset):
-    """A Hub dataset is streamed: the Hub must answer now, not after a minute of retries."""
-    # A local folder needs no network; behind a proxy, only a download can tell.
-    if os.path.isdir(dataset) or {"https", "all"} & urllib.request.getproxies().keys():
+    """A Hub dataset is streamed: the Hub must answer now, not after a minute of retries. The
+    check goes where the library goes, and never refuses what it would load."""
+    # A local folder needs no network.
+    if os.path.isdir(dataset):
         return
     from huggingface_hub import constants
 
-    # huggingface.co, or the HF_ENDPOINT mirror.
-    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    # huggingface.co, or the HF_ENDPOINT mirror, at the port it names or its scheme's.
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = endpoint.port
+    if port is None:
+        port = {"http": 80}.get(endpoint.scheme, 443)
+    # Behind a proxy for the endpoint's scheme (or all), only a download can tell; unless
+    # NO_PROXY names the host, which is then reached directly.
+    proxies = urllib.request.getproxies()
+    if endpoint.scheme in proxies or "all" in proxies:
+        if not urllib.request.proxy_bypass(endpoint.hostname):
+            return
     try:
-        socket.create_connection((host, 443), timeout=5).close()
+        socket.create_connection((endpoint.hostname, port), timeout=5).close()
     except OSError as e:
         raise UserError(
-            f"--dataset {dataset} is streamed from {host}, which cannot be reached ({e}): "
-            "connect, or give local files (--files) or a folder of them (--dataset DIR)"
+            f"--dataset {dataset} is streamed from {endpoint.hostname}, which cannot be reached "
+            f"({e}): connect, or give local files (--files) or a folder of them (--dataset DIR)"
         )
 
 

@@ -1486,6 +1486,45 @@ def test_tiktoken_without_its_files_is_train_gpt2s_line(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
+def test_hub_check_goes_where_the_library_goes(monkeypatch):
+    """The Hub check connects to HF_ENDPOINT's host at the port it names, else its scheme's; behind
+    a proxy it connects nowhere (only a download can tell), unless NO_PROXY names the host."""
+    import socket
+
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr("urllib.request.getproxies", dict)  # no proxy
+    with socket.socket() as mirror:  # a local mirror on a port of its own answers
+        mirror.bind(("127.0.0.1", 0))
+        mirror.listen()
+        monkeypatch.setattr(hub, "ENDPOINT", f"http://127.0.0.1:{mirror.getsockname()[1]}")
+        pdata.check_hub("some/dataset")
+    with pytest.raises(pdata.UserError, match="127.0.0.1, which cannot be reached"):
+        pdata.check_hub("some/dataset")  # the same port, closed
+    tried = []
+
+    class Answered:  # a connection that answered
+        def close(self):
+            pass
+
+    def connect(address, timeout):
+        tried.append(address)
+        return Answered()
+
+    monkeypatch.setattr(socket, "create_connection", connect)
+    for endpoint in ("http://127.0.0.1:8080", "http://hf-mirror.test", "https://hf-mirror.test"):
+        monkeypatch.setattr(hub, "ENDPOINT", endpoint)
+        pdata.check_hub("some/dataset")
+    assert tried == [("127.0.0.1", 8080), ("hf-mirror.test", 80), ("hf-mirror.test", 443)]
+    monkeypatch.setattr("urllib.request.getproxies", lambda: {"http": "http://proxy.test:3128"})
+    monkeypatch.setattr(hub, "ENDPOINT", "http://hf-mirror.test")
+    monkeypatch.setenv("no_proxy", "elsewhere.test")
+    pdata.check_hub("some/dataset")  # through the proxy: not tried
+    monkeypatch.setenv("no_proxy", "hf-mirror.test")
+    pdata.check_hub("some/dataset")  # reached directly: tried
+    assert tried[3:] == [("hf-mirror.test", 80)]
+
+
 def test_save_npy_writes_what_np_save_writes(tmp_path):
     import hashlib
     import io
