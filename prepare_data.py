@@ -759,9 +759,22 @@ def check_inputs(args):
 
 
 def check_out_dir(out_dir, overwrite):
-    """An --out_dir that is a file, or a folder with files not of its dataset, is refused."""
-    if os.path.isfile(out_dir):
-        raise UserError(f"--out_dir {out_dir} is a file; choose a folder")
+    """--out_dir and the <out_dir>.partial a run builds in: folders, or nothing yet under names
+    the file system can make. A folder with files not of its dataset is refused."""
+    for path in (out_dir, f"{out_dir}.partial"):
+        # A link that loops, a name too long, a file in the way: refused here, before any work,
+        # rather than when the finished dataset is moved into place.
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise UserError(f"{path}: {e.strerror}; choose another --out_dir")
+        if not os.path.isdir(path):
+            raise UserError(
+                f"{path} is a file, in the way of the folder prepare_data.py makes there; move it "
+                "away, or choose another --out_dir"
+            )
     if not os.path.isdir(out_dir):
         return
     names = set(os.listdir(out_dir))
@@ -784,10 +797,6 @@ def check_out_dir(out_dir, overwrite):
 def take_lock(staging):
     """An flock on the staging folder itself: the kernel lets go of it when the process dies, so
     that a killed run leaves no false "busy"."""
-    if os.path.isfile(staging):
-        raise UserError(
-            f"{staging} is in the way: prepare_data.py builds there, and it is a file; move it away"
-        )
     os.makedirs(staging, exist_ok=True)
     try:
         import fcntl

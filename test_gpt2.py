@@ -1320,6 +1320,21 @@ BAD_INPUTS = [  # (name, files in in/, arguments after --files, setup, words the
     ),
     ("out_dir is a file", {"out": "my notes"}, ["in/ok.jsonl"], None, ["out is a file"]),
     (
+        "out_dir a link that loops",
+        {},
+        ["in/ok.jsonl"],
+        lambda tmp: (tmp / "out").symlink_to("out"),
+        ["out: Too many levels of symbolic links", "--out_dir"],
+    ),
+    ("out_dir name too long", {}, ["in/ok.jsonl", "--out_dir", "x" * 300], None, ["too long"]),
+    (
+        "out_dir name too long for its .partial",
+        {},
+        ["in/ok.jsonl", "--out_dir", "x" * 250],
+        None,
+        [".partial: File name too long"],
+    ),
+    (
         "out_dir is someone's folder",
         {"out/notes.txt": "mine"},
         ["in/ok.jsonl"],
