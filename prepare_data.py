@@ -739,6 +739,8 @@ def check_inputs(args):
                 raise UserError(f"file not found: {path}")
             if not os.path.isfile(path):
                 raise UserError(f"cannot read {path}: it is a folder")
+            if not os.access(path, os.R_OK):
+                raise UserError(f"cannot read {path}: Permission denied; check its permissions")
         # One file at a time, so that an error names it.
         sources = [file_rows(path, (0, 1), args) for path in args.files]
     else:
@@ -1108,6 +1110,20 @@ def parse_args(argv=None):
     return args
 
 
+# What to do when the disk refuses a write, by its errno. (Inputs are checked for reading before.)
+FREE_SPACE = "; free some space, or choose another --out_dir"
+PERMISSIONS = "; check its permissions, or choose another --out_dir"
+WRITE_ADVICE = {
+    errno.ENOSPC: FREE_SPACE,
+    errno.EDQUOT: FREE_SPACE,
+    errno.EFBIG: " (the file system or `ulimit -f` limits a file's size); choose another --out_dir "
+    "or a smaller --shard_size",
+    errno.EROFS: "; choose another --out_dir",
+    errno.EACCES: PERMISSIONS,
+    errno.EPERM: PERMISSIONS,
+}
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -1136,16 +1152,14 @@ def main(argv=None):
             "the work"
         )
     except OSError as e:
-        # A full or read-only disk is the user's to fix; any other OSError is a bug.
-        if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
+        # A write the disk refused is the user's to fix; any other OSError is a bug.
+        if e.errno not in WRITE_ADVICE:
             raise
         # A write's own error names no file.
         where = e.filename
         if where is None:
             where = args.out_dir
-        sys.exit(
-            f"error: cannot write {where}: {e.strerror}; free space or choose another --out_dir"
-        )
+        sys.exit(f"error: cannot write {where}: {e.strerror}{WRITE_ADVICE[e.errno]}")
 
 
 if __name__ == "__main__":

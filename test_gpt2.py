@@ -7,6 +7,7 @@ single-process run for DDP, an uninterrupted run for resume.
     pytest -q test_gpt2.py
 """
 
+import errno
 import json
 import math
 import os
@@ -1213,6 +1214,18 @@ def disk_full(tmp):
     pdata.save_npy = no_space
 
 
+def failing_writes(code):
+    """Every shard's write refused with errno code, as the disk would refuse it."""
+
+    def setup(tmp):
+        def refused(path, array):
+            raise OSError(code, os.strerror(code), f"{path}.tmp")
+
+        pdata.save_npy = refused
+
+    return setup
+
+
 GOOD = {"ok.jsonl": "".join(json.dumps({"text": d}) + "\n" for d in DOCS[:5])}
 HS_ITEM = {"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 1}
 BAD_INPUTS = [  # (name, files in in/, arguments after --files, setup, words the one line must hold)
@@ -1371,6 +1384,34 @@ BAD_INPUTS = [  # (name, files in in/, arguments after --files, setup, words the
     ),
     ("disk full", {}, ["in/ok.jsonl"], disk_full, ["cannot write", "No space left", ".tmp"]),
     (
+        "quota exceeded",
+        {},
+        ["in/ok.jsonl"],
+        failing_writes(errno.EDQUOT),
+        ["cannot write", "quota", "free some space, or choose another --out_dir"],
+    ),
+    (
+        "file too large",
+        {},
+        ["in/ok.jsonl"],
+        failing_writes(errno.EFBIG),
+        ["cannot write", "File too large (", "ulimit -f", "a smaller --shard_size"],
+    ),
+    (
+        "read-only file system",
+        {},
+        ["in/ok.jsonl"],
+        failing_writes(errno.EROFS),
+        ["cannot write", "Read-only file system; choose another --out_dir"],
+    ),
+    (
+        "output not ours to write",
+        {},
+        ["in/ok.jsonl"],
+        failing_writes(errno.EACCES),
+        ["cannot write", "Permission denied; check its permissions, or choose another --out_dir"],
+    ),
+    (
         "shard_size 0",
         {},
         ["in/ok.jsonl", "--shard_size", "0"],
@@ -1465,6 +1506,19 @@ def test_prepare_data_bad_input(tmp_path, monkeypatch, name, files, args, setup,
     assert snapshot(tmp_path) == before
     if isinstance(lock, int):
         os.close(lock)
+
+
+def test_an_unreadable_input_is_a_read_error(tmp_path, monkeypatch):
+    """A file the user may not read is named as such, with its fix; nothing is written."""
+    path = tmp_path / "a.jsonl"
+    path.write_text(GOOD["ok.jsonl"])
+    path.chmod(0)
+    if os.geteuid() == 0:  # root reads it anyway: os.access answers as it would a user
+        monkeypatch.setattr(os, "access", lambda name, mode: os.fspath(name) != str(path))
+    proc = run_script("prepare_data.py", "--files", path, "--out_dir", tmp_path / "o", check=False)
+    line = assert_one_line_error(proc)
+    assert line == f"error: cannot read {path}: Permission denied; check its permissions"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.jsonl"]
 
 
 def test_tokens_that_do_not_fit_uint16(monkeypatch):
