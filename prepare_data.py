@@ -238,7 +238,7 @@ def tokenize_documents(texts):
     return np.array(tokens, dtype=np.uint16)
 
 
-def batches_of_documents(documents, start=None):
+def batches_of_documents(documents, start):
     """(text, after) documents -> (position, texts) batches of ~BATCH_CHARS characters, a
     process's work. A batch's position is where its first document is read from: a resumed run
     reads on from there."""
@@ -269,7 +269,7 @@ def start_worker(lock):
         os.close(lock)
 
 
-def tokenize_in_parallel(batches, num_proc, lock=None):
+def tokenize_in_parallel(batches, num_proc, lock):
     """(position, texts) batches -> (position, tokens), in document order, with two batches a
     process in flight at a time (Pool.imap would queue the whole corpus)."""
     # A spawned process starts afresh: it holds no lock to let go of.
