@@ -44,6 +44,16 @@ class UserError(Exception):
     """Bad input from the user: printed as one line that says what to do, without a traceback."""
 
 
+def say(line):
+    """A line for the user. A closed stdout (`| head -n 1`) costs no file: the work goes on, and
+    the lines after go to os.devnull (progress goes to stderr)."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: into os.devnull, without a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 # -----------------------------------------------------------------------------
 # Reading rows. Each reader yields (row, where, after): the row (a dict, as datasets gives it),
 # where it is (for messages), and the position just after it, from which a resumed run reads on.
@@ -70,14 +80,14 @@ def jsonl_rows(path, offset, line, errors):
             yield row, where, (offset, line)
 
 
-def parquet_batches(path):
-    """A .parquet file's rows, a batch of them at a time: the file need not fit in memory."""
+def parquet_rows(path):
+    """A .parquet file's rows, read a batch at a time: the file need not fit in memory."""
     import pyarrow  # it comes with datasets
     import pyarrow.parquet as pq
 
     try:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            yield batch.to_pylist()
+            yield from batch.to_pylist()
     except pyarrow.ArrowException as e:
         # Not parquet, or cut short.
         raise UserError(
@@ -121,23 +131,20 @@ def file_rows(path, start, args):
     if suffix == ".jsonl":
         yield from jsonl_rows(path, offset, line, args.encoding_errors)
         return
-    # The other formats come as lists of rows: a position is (the next row's number, 0).
+    # The other formats are read row by row: a position is (the next row's number, 0).
     if suffix == ".parquet":
-        batches = parquet_batches(path)
+        rows = parquet_rows(path)
     else:
         # The whole file at once: the standard library cannot stream a JSON list, and any other
         # file is plain text, one document.
         text = decode(Path(path).read_bytes(), args.encoding_errors, path)
-        batches = [[{args.text_column: text}]]
+        rows = [{args.text_column: text}]
         if suffix == ".json":
-            batches = [json_list(text, path)]
-    number = 0
-    for rows in batches:
-        for row in rows:
-            number += 1
-            # The rows before the position were read by an earlier run.
-            if number > offset:
-                yield row, f"{path}, row {number}", (number, 0)
+            rows = json_list(text, path)
+    for number, row in enumerate(rows, 1):
+        # The rows before the position were read by an earlier run.
+        if number > offset:
+            yield row, f"{path}, row {number}", (number, 0)
 
 
 def stream_position(stream, rows_read):
@@ -172,12 +179,11 @@ def read_rows(args, start=None):
     if start is not None:
         stream.load_state_dict(start["stream"])
         rows_read = start["row"]
-    for row in stream:
-        rows_read += 1
+    for number, row in enumerate(stream, rows_read + 1):
         # The position is a function, called only where a batch is cut: stream.state_dict()
         # costs ~7 us, half again a row's reading, on the one process that feeds every tokenizer.
-        after = functools.partial(stream_position, stream, rows_read)
-        yield row, f"{args.dataset} row {rows_read}", after
+        after = functools.partial(stream_position, stream, number)
+        yield row, f"{args.dataset} row {number}", after
 
 
 def describe_source(args):
@@ -189,10 +195,9 @@ def describe_source(args):
 
 
 def describe(value):
-    """A value in a message: 40 characters at most, as a whole document would drown the message."""
-    if value is None:
-        return "null"
-    return repr(value)[:40]
+    """A value in a message, as JSON spells it (null, not None): 40 characters at most, as a whole
+    document would drown the message."""
+    return json.dumps(value, default=str)[:40]
 
 
 def text_of(row, name, where):
@@ -233,7 +238,7 @@ def tokenize_documents(texts):
     return np.array(tokens, dtype=np.uint16)
 
 
-def batches_of_documents(documents, start=None):
+def batches_of_documents(documents, start):
     """(text, after) documents -> (position, texts) batches of ~BATCH_CHARS characters, a
     process's work. A batch's position is where its first document is read from: a resumed run
     reads on from there."""
@@ -264,7 +269,7 @@ def start_worker(lock):
         os.close(lock)
 
 
-def tokenize_in_parallel(batches, num_proc, lock=None):
+def tokenize_in_parallel(batches, num_proc, lock):
     """(position, texts) batches -> (position, tokens), in document order, with two batches a
     process in flight at a time (Pool.imap would queue the whole corpus)."""
     # A spawned process starts afresh: it holds no lock to let go of.
@@ -326,11 +331,14 @@ class ShardWriter:
 
     def __init__(self, out_dir, shard_size, val_tokens, state):
         self.out_dir = out_dir
-        self.shard_size = shard_size
         self.val_tokens = val_tokens
         self.state = state
-        # The one big allocation: memory follows --shard_size.
-        self.buffer = np.empty(shard_size, dtype=np.uint16)
+        # The one big allocation: memory follows --shard_size. A size beyond what numpy can even
+        # address is its ValueError, not a MemoryError: to the user, the same.
+        try:
+            self.buffer = np.empty(shard_size, dtype=np.uint16)
+        except ValueError:
+            raise MemoryError
         # Tokens in the buffer, not yet in a shard.
         self.filled = 0
         # The splits are the state's own (commit() saves them), and meta.json's in the end.
@@ -350,7 +358,7 @@ class ShardWriter:
         """Tokens of the batch read from position, of which `done` were added before these."""
         while len(tokens):
             # A shard ends at shard_size; a val shard also where the val split does.
-            end = self.shard_size
+            end = len(self.buffer)
             if self.split() == "val":
                 end = min(end, self.val_tokens - self.splits["val"]["tokens"])
             n = min(len(tokens), end - self.filled)
@@ -359,7 +367,7 @@ class ShardWriter:
             tokens = tokens[n:]
             done += n
             if self.filled == end:
-                self.write(self.split(), self.buffer[: self.filled])
+                self.write(self.split(), self.buffer[:end])
                 # The moment the shard counts. A resumed run reads this batch again and skips
                 # the `done` tokens of it that are in shards.
                 self.commit({"position": position, "skip": done})
@@ -379,10 +387,11 @@ class ShardWriter:
         """The tokens left go into a last, shorter shard; then state.json says all is read."""
         tokens = self.buffer[: self.filled]
         # Nothing in val yet: the whole corpus is in the buffer, smaller than the default
-        # --val_tokens (a shard), which would take it all. Its first 10% is the val split instead.
-        if cut_small_corpus and len(tokens) and not self.splits["val"]["tokens"]:
+        # --val_tokens (a shard), which would take it all. Its first 10% is the val split instead
+        # (check_inputs refused a corpus with no text: it has two tokens at least).
+        if cut_small_corpus and not self.splits["val"]["tokens"]:
             cut = max(1, len(tokens) // 10)
-            print(
+            say(
                 f"note: the corpus is smaller than one shard; its first 10% ({cut:,} tokens) "
                 "is the val split"
             )
@@ -403,7 +412,7 @@ def tokenize_into_shards(args, writer, resume, lock):
     many tokens this run tokenized."""
     written = writer.splits["val"]["tokens"] + writer.splits["train"]["tokens"]
     if written:
-        print(f"resuming {writer.out_dir}: {written:,} tokens already in shards")
+        say(f"resuming {writer.out_dir}: {written:,} tokens already in shards")
     # rows -> (text, after) documents -> (position, texts) batches -> (position, tokens)
     rows = read_rows(args, resume["position"])
     documents = ((text_of(row, args.text_column, where), after) for row, where, after in rows)
@@ -412,8 +421,13 @@ def tokenize_into_shards(args, writer, resume, lock):
     skip = resume["skip"]
     # Every token this run made, the dropped ones too: the summary says how much work it did.
     tokenized = 0
-    desc = f"tokenizing into {args.out_dir}"
-    with tqdm(unit="tok", unit_scale=True, desc=desc, smoothing=0.1, initial=written) as bar:
+    with tqdm(
+        unit="tok",
+        unit_scale=True,
+        desc=f"tokenizing into {args.out_dir}",
+        smoothing=0.1,
+        initial=written,
+    ) as bar:
         for position, tokens in tokenize_in_parallel(batches, args.num_proc, lock):
             done = min(skip, len(tokens))
             skip -= done
@@ -424,7 +438,8 @@ def tokenize_into_shards(args, writer, resume, lock):
 
 
 def prepare_pretraining(args, staging, state, lock):
-    """Rows -> tokens -> shards, then meta.json; a resumed run reads on from state.json."""
+    """Rows -> tokens -> shards; returns what meta.json says of them. A resumed run reads on from
+    state.json."""
     # One shard of val by default, as build-nanogpt's fineweb.py.
     val_tokens = args.val_tokens
     if val_tokens is None:
@@ -443,20 +458,17 @@ def prepare_pretraining(args, staging, state, lock):
         raise UserError(
             f"all {val['tokens']:,} tokens are in the val split: give a smaller --val_tokens"
         )
-    meta = {
-        "kind": "pretrain",
-        "source": describe_source(args),
+    say(
+        f"wrote {train['tokens']:,} train and {val['tokens']:,} val tokens in "
+        f"{len(train['shards']) + len(val['shards'])} shards to {args.out_dir} (this run "
+        f"tokenized {tokenized:,} tokens)"
+    )
+    return {
         "tokenizer": "gpt2",
         "dtype": "uint16",
         "shard_size": args.shard_size,
         "splits": writer.splits,
     }
-    save_json(f"{staging}/meta.json", meta)
-    shards = len(train["shards"]) + len(val["shards"])
-    print(
-        f"wrote {train['tokens']:,} train and {val['tokens']:,} val tokens in {shards} shards to "
-        f"{args.out_dir} (this run tokenized {tokenized:,} tokens)"
-    )
 
 
 # -----------------------------------------------------------------------------
@@ -531,16 +543,20 @@ def save_examples(staging, split, examples, checksums):
         # 1 marks an answer's token: the loss counts those only.
         mask += [0] * len(prompt) + [1] * len(answer)
         offsets.append(len(tokens))
-    arrays = [("tokens", tokens, np.uint16), ("mask", mask, np.uint8)]
-    arrays.append(("offsets", offsets, np.int64))
-    for name, values, dtype in arrays:
+    arrays = {
+        "tokens": (tokens, np.uint16),
+        "mask": (mask, np.uint8),
+        "offsets": (offsets, np.int64),
+    }
+    for name, (values, dtype) in arrays.items():
         filename = f"{split}_{name}.npy"
-        checksums[filename] = save_npy(f"{staging}/{filename}", np.array(values, dtype=dtype))
+        checksums[filename] = save_npy(f"{staging}/{filename}", np.array(values, dtype))
     return {"examples": len(examples), "tokens": len(tokens), "answer_tokens": sum(mask)}
 
 
 def prepare_sft(args, staging):
-    """Alpaca's records -> tokenized examples -> a val and a train split, then meta.json."""
+    """Alpaca's records -> tokenized examples -> a val and a train split; returns what meta.json
+    says of them."""
     examples, dropped = tokenize_examples(args)
     # A val and a train example at least.
     if len(examples) < 2:
@@ -553,8 +569,6 @@ def prepare_sft(args, staging):
     # --val_fraction of the examples, but one at least, and one left for train.
     n_val = min(len(examples) - 1, max(1, round(len(examples) * args.val_fraction)))
     meta = {
-        "kind": "sft",
-        "source": describe_source(args),
         # The command, for train_gpt2.py's advice to redo with another --block_size.
         "command": args.command,
         "block_size": args.block_size,
@@ -570,13 +584,11 @@ def prepare_sft(args, staging):
         # The split is random, the order within it stable.
         chosen = [examples[i] for i in sorted(indices)]
         meta["splits"][split] = save_examples(staging, split, chosen, meta["sha256"])
-    save_json(f"{staging}/meta.json", meta)
-    train = meta["splits"]["train"]
-    val = meta["splits"]["val"]
-    print(
-        f"wrote {train['examples']:,} train and {val['examples']:,} val examples to "
-        f"{args.out_dir}; dropped {dropped:,} longer than {args.block_size} tokens"
+    say(
+        f"wrote {len(examples) - n_val:,} train and {n_val:,} val examples to {args.out_dir}; "
+        f"dropped {dropped:,} longer than {args.block_size} tokens"
     )
+    return meta
 
 
 def hellaswag_item(row, where):
@@ -611,18 +623,13 @@ def hellaswag_item(row, where):
 
 
 def prepare_hellaswag(args, staging):
-    """HellaSwag's items as JSON lines: the file train_gpt2.py's --hellaswag_path reads."""
+    """HellaSwag's items as JSON lines, the file train_gpt2.py's --hellaswag_path reads; returns
+    what meta.json says of it."""
     items = [hellaswag_item(row, where) for row, where, _ in read_rows(args)]
     lines = "".join(json.dumps(item) + "\n" for item in items)
     digest = write_whole(f"{staging}/hellaswag_val.jsonl", lines.encode())
-    meta = {
-        "kind": "hellaswag",
-        "source": describe_source(args),
-        "items": len(items),
-        "sha256": {"hellaswag_val.jsonl": digest},
-    }
-    save_json(f"{staging}/meta.json", meta)
-    print(f"wrote {len(items):,} HellaSwag items to {args.out_dir}/hellaswag_val.jsonl")
+    say(f"wrote {len(items):,} HellaSwag items to {args.out_dir}/hellaswag_val.jsonl")
+    return {"items": len(items), "sha256": {"hellaswag_val.jsonl": digest}}
 
 
 # -----------------------------------------------------------------------------
@@ -645,12 +652,23 @@ def read_json(path):
         )
 
 
-def dataset_files(meta):
-    """The files a meta.json lists, besides itself."""
-    # Instruction data and HellaSwag list every file with its checksum; pretraining, its shards.
-    if meta.get("kind") in ("sft", "hellaswag"):
-        return set(meta.get("sha256", {}))
-    return {name for split in meta.get("splits", {}).values() for name in split.get("shards", [])}
+def dataset_files(folder):
+    """The files a folder's meta.json lists, besides itself: {name: (tokens or None, sha256)}."""
+    meta = read_json(f"{folder}/meta.json")
+    # Pretraining lists its shards with their length; the other kinds, every file.
+    try:
+        if meta["kind"] == "pretrain":
+            return {
+                name: (n, digest)
+                for split in meta["splits"].values()
+                for name, n, digest in zip(split["shards"], split["shard_tokens"], split["sha256"])
+            }
+        return {name: (None, digest) for name, digest in meta["sha256"].items()}
+    except (KeyError, TypeError, AttributeError):
+        raise UserError(
+            f"{folder}/meta.json lacks what --verify checks (not prepare_data.py's, or edited): "
+            "move it away, and prepare the folder again"
+        )
 
 
 def remove_dataset(folder):
@@ -658,7 +676,7 @@ def remove_dataset(folder):
     write stays."""
     ours = {"meta.json", "state.json"}
     if os.path.exists(f"{folder}/meta.json"):
-        ours |= dataset_files(read_json(f"{folder}/meta.json"))
+        ours.update(dataset_files(folder))
     for name in ours:
         Path(folder, name).unlink(missing_ok=True)
     # Not empty: someone else's files are in it.
@@ -674,20 +692,30 @@ def remove_staged(staging):
 
 
 def check_hub(dataset):
-    """A Hub dataset is streamed: the Hub must answer now, not after a minute of retries."""
-    # A local folder needs no network; behind a proxy, only a download can tell.
-    if os.path.isdir(dataset) or {"https", "all"} & urllib.request.getproxies().keys():
+    """A Hub dataset is streamed: the Hub must answer now, not after a minute of retries. The
+    check goes where the library goes, and never refuses what it would load."""
+    # A local folder needs no network.
+    if os.path.isdir(dataset):
         return
     from huggingface_hub import constants
 
-    # huggingface.co, or the HF_ENDPOINT mirror.
-    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    # huggingface.co, or the HF_ENDPOINT mirror, at the port it names or its scheme's.
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = endpoint.port
+    if port is None:
+        port = {"http": 80}.get(endpoint.scheme, 443)
+    # Behind a proxy for the endpoint's scheme (or all), only a download can tell; unless
+    # NO_PROXY names the host, which is then reached directly.
+    proxies = urllib.request.getproxies()
+    if endpoint.scheme in proxies or "all" in proxies:
+        if not urllib.request.proxy_bypass(endpoint.hostname):
+            return
     try:
-        socket.create_connection((host, 443), timeout=5).close()
+        socket.create_connection((endpoint.hostname, port), timeout=5).close()
     except OSError as e:
         raise UserError(
-            f"--dataset {dataset} is streamed from {host}, which cannot be reached ({e}): "
-            "connect, or give local files (--files) or a folder of them (--dataset DIR)"
+            f"--dataset {dataset} is streamed from {endpoint.hostname}, which cannot be reached "
+            f"({e}): connect, or give local files (--files) or a folder of them (--dataset DIR)"
         )
 
 
@@ -698,10 +726,12 @@ def check_inputs(args):
     # than in every tokenizer process.
     try:
         tokenize_documents([""])
-    except Exception as e:
+    except Exception:
+        # Word for word train_gpt2.py's line.
         raise UserError(
-            f"tiktoken has no GPT-2 files ({type(e).__name__}): it downloads them once; offline, "
-            "set TIKTOKEN_CACHE_DIR to a folder holding them"
+            "tiktoken has no GPT-2 files: it downloads them once (vocab.bpe and encoder.json, from "
+            "openaipublic.blob.core.windows.net/gpt-2/encodings/main); offline, copy tiktoken's "
+            "cache folder from a machine that has them and set TIKTOKEN_CACHE_DIR to it"
         )
     if args.files:
         for path in args.files:
@@ -709,6 +739,8 @@ def check_inputs(args):
                 raise UserError(f"file not found: {path}")
             if not os.path.isfile(path):
                 raise UserError(f"cannot read {path}: it is a folder")
+            if not os.access(path, os.R_OK):
+                raise UserError(f"cannot read {path}: Permission denied; check its permissions")
         # One file at a time, so that an error names it.
         sources = [file_rows(path, (0, 1), args) for path in args.files]
     else:
@@ -729,9 +761,22 @@ def check_inputs(args):
 
 
 def check_out_dir(out_dir, overwrite):
-    """An --out_dir that is a file, or a folder with files not of its dataset, is refused."""
-    if os.path.isfile(out_dir):
-        raise UserError(f"--out_dir {out_dir} is a file; choose a folder")
+    """--out_dir and the <out_dir>.partial a run builds in: folders, or nothing yet under names
+    the file system can make. A folder with files not of its dataset is refused."""
+    for path in (out_dir, f"{out_dir}.partial"):
+        # A link that loops, a name too long, a file in the way: refused here, before any work,
+        # rather than when the finished dataset is moved into place.
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise UserError(f"{path}: {e.strerror}; choose another --out_dir")
+        if not os.path.isdir(path):
+            raise UserError(
+                f"{path} is a file, in the way of the folder prepare_data.py makes there; move it "
+                "away, or choose another --out_dir"
+            )
     if not os.path.isdir(out_dir):
         return
     names = set(os.listdir(out_dir))
@@ -743,8 +788,7 @@ def check_out_dir(out_dir, overwrite):
         )
     # --overwrite deletes the old dataset: only where every file in the folder is the dataset's.
     if overwrite and names:
-        ours = dataset_files(read_json(f"{out_dir}/meta.json")) | {"meta.json", "state.json"}
-        foreign = sorted(names - ours)
+        foreign = sorted(names - set(dataset_files(out_dir)) - {"meta.json", "state.json"})
         if foreign:
             raise UserError(
                 f"{out_dir} holds files not part of its dataset ({', '.join(foreign[:3])}): "
@@ -755,10 +799,6 @@ def check_out_dir(out_dir, overwrite):
 def take_lock(staging):
     """An flock on the staging folder itself: the kernel lets go of it when the process dies, so
     that a killed run leaves no false "busy"."""
-    if os.path.isfile(staging):
-        raise UserError(
-            f"{staging} is in the way: prepare_data.py builds there, and it is a file; move it away"
-        )
     os.makedirs(staging, exist_ok=True)
     try:
         import fcntl
@@ -829,8 +869,7 @@ def load_state(staging, fp):
         return fresh
     state = read_json(path)
     if state["fingerprint"] != fp:
-        changed = [key for key in fp if state["fingerprint"].get(key) != fp[key]]
-        what = changed[0] if changed else "command"
+        what = next((key for key in fp if state["fingerprint"].get(key) != fp[key]), "command")
         raise UserError(
             f"{staging} holds a half-made preparation by another command (its {what} differs); "
             f"re-run that command to finish it, or delete {staging} to start over"
@@ -840,7 +879,7 @@ def load_state(staging, fp):
         for name, n in zip(split["shards"], split["shard_tokens"]):
             path = f"{staging}/{name}"
             if not shard_whole(path, n):
-                print(f"note: {path} is missing or damaged since the interruption: starting over")
+                say(f"note: {path} is missing or damaged since the interruption: starting over")
                 remove_staged(staging)
                 return fresh
     return state
@@ -850,18 +889,20 @@ def build(args, staging, state, lock):
     """The dataset, made in the staging folder; meta.json, written last, says it is finished."""
     # The fingerprint first: a resumed run knows its command.
     save_json(f"{staging}/state.json", state)
+    meta = {"kind": args.kind, "source": describe_source(args)}
     # Only pretraining is resumable: the others are small.
     try:
         if args.kind == "sft":
-            prepare_sft(args, staging)
+            meta.update(prepare_sft(args, staging))
         elif args.kind == "hellaswag":
-            prepare_hellaswag(args, staging)
+            meta.update(prepare_hellaswag(args, staging))
         else:
-            prepare_pretraining(args, staging, state, lock)
+            meta.update(prepare_pretraining(args, staging, state, lock))
     except UserError:
         # The same command would fail the same way: nothing here is worth resuming.
         remove_staged(staging)
         raise
+    save_json(f"{staging}/meta.json", meta)
 
 
 def recover(out_dir):
@@ -885,31 +926,25 @@ def publish(staging, out_dir):
     recover(out_dir)
 
 
-def is_prepared(args):
-    """--out_dir holds a finished dataset, and --overwrite does not ask to redo it."""
-    return os.path.exists(f"{args.out_dir}/meta.json") and not args.overwrite
-
-
 def prepare(args):
     # A link (to a bigger disk): the data goes where it points, and the link stays a link.
     args.out_dir = os.path.realpath(args.out_dir)
     # A sibling: on the same file system, so that the final move is a rename.
     staging = f"{args.out_dir}.partial"
-    # Prepared, and nothing of ours half-done beside it: nothing to do, nor to check.
-    old = f"{args.out_dir}.old"
-    if is_prepared(args) and not os.path.exists(staging) and not os.path.exists(old):
-        print(f"{args.out_dir} is already prepared (see its meta.json); --overwrite redoes it")
-        return
+    # Prepared, --overwrite not asked, and nothing of ours half-done beside it: nothing to do,
+    # nor to check. (A half-done publish() is finished below, a dataset of the same command
+    # staged in full put in place.)
+    if os.path.exists(f"{args.out_dir}/meta.json") and not args.overwrite:
+        if not os.path.exists(staging) and not os.path.exists(f"{args.out_dir}.old"):
+            say(f"{args.out_dir} is already prepared (see its meta.json); --overwrite redoes it")
+            return
     check_inputs(args)
     check_out_dir(args.out_dir, args.overwrite)
     # Held until the end: one run per --out_dir at a time.
     lock = take_lock(staging)
     try:
-        # What a run killed in publish() left; its dataset may now be in place.
+        # What a run killed in publish() left.
         recover(args.out_dir)
-        if is_prepared(args):
-            print(f"{args.out_dir} is already prepared (see its meta.json); --overwrite redoes it")
-            return
         state = load_state(staging, fingerprint(args))
         # With meta.json, the staged dataset is finished, and only waits to be moved.
         if not os.path.exists(f"{staging}/meta.json"):
@@ -932,21 +967,11 @@ def prepare(args):
 
 
 def verify(folder):
-    meta = read_json(f"{folder}/meta.json")
-    # (name, tokens or None, sha256): shards by length and checksum, other files by checksum.
-    try:
-        if meta["kind"] == "pretrain":
-            splits = meta["splits"].values()
-            files = [f for s in splits for f in zip(s["shards"], s["shard_tokens"], s["sha256"])]
-        else:
-            files = [(name, None, digest) for name, digest in meta["sha256"].items()]
-    except (KeyError, TypeError, AttributeError):
-        raise UserError(
-            f"{folder}/meta.json lacks what --verify checks: re-run prepare_data.py --overwrite"
-        )
+    # Shards by length and checksum, other files by checksum.
+    files = dataset_files(folder)
     again = "re-run prepare_data.py --overwrite for this folder"
     # In order: the first bad file is the one named.
-    for name, n, digest in files:
+    for name, (n, digest) in files.items():
         path = f"{folder}/{name}"
         if not os.path.exists(path):
             raise UserError(f"{path} is missing; {again}")
@@ -957,7 +982,7 @@ def verify(folder):
                 raise UserError(
                     f"{path} differs from the file prepare_data.py wrote (sha256); {again}"
                 )
-    print(f"ok: {folder}: {len(files)} files, checksums match")
+    say(f"ok: {folder}: {len(files)} files, checksums match")
 
 
 # -----------------------------------------------------------------------------
@@ -979,7 +1004,7 @@ def fraction(text):
 
 
 def make_parser():
-    """The command line: what to prepare and from what; add_output_args adds where and how."""
+    """The command line: what to prepare, from what, where and how."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -1016,12 +1041,6 @@ def make_parser():
         default="strict",
         help="bytes not UTF-8: stop, or U+FFFD",
     )
-    add_output_args(parser)
-    return parser
-
-
-def add_output_args(parser):
-    add = parser.add_argument
     add(
         "--out_dir",
         help="where to write (default: data/<the dataset's or first file's name>, data/alpaca, "
@@ -1052,6 +1071,7 @@ def add_output_args(parser):
         metavar="DIR",
         help="check a prepared folder's files against its meta.json, and stop",
     )
+    return parser
 
 
 def parse_args(argv=None):
@@ -1090,6 +1110,20 @@ def parse_args(argv=None):
     return args
 
 
+# What to do when the disk refuses a write, by its errno. (Inputs are checked for reading before.)
+FREE_SPACE = "; free some space, or choose another --out_dir"
+PERMISSIONS = "; check its permissions, or choose another --out_dir"
+WRITE_ADVICE = {
+    errno.ENOSPC: FREE_SPACE,
+    errno.EDQUOT: FREE_SPACE,
+    errno.EFBIG: " (the file system or `ulimit -f` limits a file's size); choose another --out_dir "
+    "or a smaller --shard_size",
+    errno.EROFS: "; choose another --out_dir",
+    errno.EACCES: PERMISSIONS,
+    errno.EPERM: PERMISSIONS,
+}
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -1118,16 +1152,14 @@ def main(argv=None):
             "the work"
         )
     except OSError as e:
-        # A full or read-only disk is the user's to fix; any other OSError is a bug.
-        if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
+        # A write the disk refused is the user's to fix; any other OSError is a bug.
+        if e.errno not in WRITE_ADVICE:
             raise
         # A write's own error names no file.
         where = e.filename
         if where is None:
             where = args.out_dir
-        sys.exit(
-            f"error: cannot write {where}: {e.strerror}; free space or choose another --out_dir"
-        )
+        sys.exit(f"error: cannot write {where}: {e.strerror}{WRITE_ADVICE[e.errno]}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ single-process run for DDP, an uninterrupted run for resume.
     pytest -q test_gpt2.py
 """
 
+import errno
 import json
 import math
 import os
@@ -1044,6 +1045,27 @@ def test_ctrl_c_with_two_processes_is_one_line_and_resumable(tmp_path):
     assert (tmp_path / "out" / "meta.json").exists()
 
 
+def test_a_closed_stdout_costs_no_file(tmp_path):
+    """`prepare_data.py ... | head -n 1`: the reader gone, the data is still written whole, and the
+    run ends without a BrokenPipeError. Unbuffered, so that a line written mid-run meets the
+    closed pipe (the small corpus's note comes before meta.json)."""
+    files = write_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    args = ["--files", *files, "--out_dir", out, "--num_proc", 1]
+    proc = subprocess.Popen(
+        [sys.executable, HERE / "prepare_data.py", *map(str, args)],
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    proc.stdout.close()  # the reader is gone before the first line
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0 and "Error" not in stderr, stderr
+    assert "ok:" in run_script("prepare_data.py", "--verify", out).stdout
+
+
 def test_verify_names_the_bad_shard(tmp_path, capsys):
     files = write_corpus(tmp_path / "corpus")
     for name, extra in (("a", []), ("b", ["--encoding_errors", "replace"])):
@@ -1192,6 +1214,18 @@ def disk_full(tmp):
     pdata.save_npy = no_space
 
 
+def failing_writes(code):
+    """Every shard's write refused with errno code, as the disk would refuse it."""
+
+    def setup(tmp):
+        def refused(path, array):
+            raise OSError(code, os.strerror(code), f"{path}.tmp")
+
+        pdata.save_npy = refused
+
+    return setup
+
+
 GOOD = {"ok.jsonl": "".join(json.dumps({"text": d}) + "\n" for d in DOCS[:5])}
 HS_ITEM = {"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 1}
 BAD_INPUTS = [  # (name, files in in/, arguments after --files, setup, words the one line must hold)
@@ -1299,6 +1333,21 @@ BAD_INPUTS = [  # (name, files in in/, arguments after --files, setup, words the
     ),
     ("out_dir is a file", {"out": "my notes"}, ["in/ok.jsonl"], None, ["out is a file"]),
     (
+        "out_dir a link that loops",
+        {},
+        ["in/ok.jsonl"],
+        lambda tmp: (tmp / "out").symlink_to("out"),
+        ["out: Too many levels of symbolic links", "--out_dir"],
+    ),
+    ("out_dir name too long", {}, ["in/ok.jsonl", "--out_dir", "x" * 300], None, ["too long"]),
+    (
+        "out_dir name too long for its .partial",
+        {},
+        ["in/ok.jsonl", "--out_dir", "x" * 250],
+        None,
+        [".partial: File name too long"],
+    ),
+    (
         "out_dir is someone's folder",
         {"out/notes.txt": "mine"},
         ["in/ok.jsonl"],
@@ -1335,6 +1384,34 @@ BAD_INPUTS = [  # (name, files in in/, arguments after --files, setup, words the
     ),
     ("disk full", {}, ["in/ok.jsonl"], disk_full, ["cannot write", "No space left", ".tmp"]),
     (
+        "quota exceeded",
+        {},
+        ["in/ok.jsonl"],
+        failing_writes(errno.EDQUOT),
+        ["cannot write", "quota", "free some space, or choose another --out_dir"],
+    ),
+    (
+        "file too large",
+        {},
+        ["in/ok.jsonl"],
+        failing_writes(errno.EFBIG),
+        ["cannot write", "File too large (", "ulimit -f", "a smaller --shard_size"],
+    ),
+    (
+        "read-only file system",
+        {},
+        ["in/ok.jsonl"],
+        failing_writes(errno.EROFS),
+        ["cannot write", "Read-only file system; choose another --out_dir"],
+    ),
+    (
+        "output not ours to write",
+        {},
+        ["in/ok.jsonl"],
+        failing_writes(errno.EACCES),
+        ["cannot write", "Permission denied; check its permissions, or choose another --out_dir"],
+    ),
+    (
         "shard_size 0",
         {},
         ["in/ok.jsonl", "--shard_size", "0"],
@@ -1345,6 +1422,13 @@ BAD_INPUTS = [  # (name, files in in/, arguments after --files, setup, words the
         "shard_size beyond memory",
         {},
         ["in/ok.jsonl", "--shard_size", str(10**16)],
+        None,
+        ["--shard_size", "smaller"],
+    ),
+    (
+        "shard_size beyond any memory",
+        {},
+        ["in/ok.jsonl", "--shard_size", str(10**23)],
         None,
         ["--shard_size", "smaller"],
     ),
@@ -1424,6 +1508,19 @@ def test_prepare_data_bad_input(tmp_path, monkeypatch, name, files, args, setup,
         os.close(lock)
 
 
+def test_an_unreadable_input_is_a_read_error(tmp_path, monkeypatch):
+    """A file the user may not read is named as such, with its fix; nothing is written."""
+    path = tmp_path / "a.jsonl"
+    path.write_text(GOOD["ok.jsonl"])
+    path.chmod(0)
+    if os.geteuid() == 0:  # root reads it anyway: os.access answers as it would a user
+        monkeypatch.setattr(os, "access", lambda name, mode: os.fspath(name) != str(path))
+    proc = run_script("prepare_data.py", "--files", path, "--out_dir", tmp_path / "o", check=False)
+    line = assert_one_line_error(proc)
+    assert line == f"error: cannot read {path}: Permission denied; check its permissions"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.jsonl"]
+
+
 def test_tokens_that_do_not_fit_uint16(monkeypatch):
     class HugeTokenizer:  # a tokenizer whose ids do not fit in uint16
         eot_token = 50256
@@ -1438,6 +1535,63 @@ def test_tokens_that_do_not_fit_uint16(monkeypatch):
         OverflowError
     ):  # never wrapped silently into another token (GPT-2's ids all fit)
         pdata.tokenize_documents(["anything"])
+
+
+def test_tiktoken_without_its_files_is_train_gpt2s_line(tmp_path, monkeypatch):
+    """Offline with nothing cached, both scripts say the same: which files, and where from."""
+    import tiktoken
+
+    def offline(name):  # as tiktoken fails deep inside requests
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(tg.UserError) as trained:
+        tg.get_tokenizer()
+    files = write_corpus(tmp_path / "corpus")
+    prepare = run_script(
+        "prepare_data.py", "--files", *files, "--out_dir", tmp_path / "out", check=False
+    )
+    assert assert_one_line_error(prepare, "vocab.bpe") == f"error: {trained.value}"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_hub_check_goes_where_the_library_goes(monkeypatch):
+    """The Hub check connects to HF_ENDPOINT's host at the port it names, else its scheme's; behind
+    a proxy it connects nowhere (only a download can tell), unless NO_PROXY names the host."""
+    import socket
+
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr("urllib.request.getproxies", dict)  # no proxy
+    with socket.socket() as mirror:  # a local mirror on a port of its own answers
+        mirror.bind(("127.0.0.1", 0))
+        mirror.listen()
+        monkeypatch.setattr(hub, "ENDPOINT", f"http://127.0.0.1:{mirror.getsockname()[1]}")
+        pdata.check_hub("some/dataset")
+    with pytest.raises(pdata.UserError, match="127.0.0.1, which cannot be reached"):
+        pdata.check_hub("some/dataset")  # the same port, closed
+    tried = []
+
+    class Answered:  # a connection that answered
+        def close(self):
+            pass
+
+    def connect(address, timeout):
+        tried.append(address)
+        return Answered()
+
+    monkeypatch.setattr(socket, "create_connection", connect)
+    for endpoint in ("http://127.0.0.1:8080", "http://hf-mirror.test", "https://hf-mirror.test"):
+        monkeypatch.setattr(hub, "ENDPOINT", endpoint)
+        pdata.check_hub("some/dataset")
+    assert tried == [("127.0.0.1", 8080), ("hf-mirror.test", 80), ("hf-mirror.test", 443)]
+    monkeypatch.setattr("urllib.request.getproxies", lambda: {"http": "http://proxy.test:3128"})
+    monkeypatch.setattr(hub, "ENDPOINT", "http://hf-mirror.test")
+    monkeypatch.setenv("no_proxy", "elsewhere.test")
+    pdata.check_hub("some/dataset")  # through the proxy: not tried
+    monkeypatch.setenv("no_proxy", "hf-mirror.test")
+    pdata.check_hub("some/dataset")  # reached directly: tried
+    assert tried[3:] == [("hf-mirror.test", 80)]
 
 
 def test_save_npy_writes_what_np_save_writes(tmp_path):
