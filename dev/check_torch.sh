@@ -22,8 +22,9 @@ VENV=${VENV:-$WORK/venv}
 [ -d "$VENV" ] || python3 -m venv "$VENV"
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
-# A machine may cap torch's version (PIP_CONSTRAINT): the version asked for is the one wanted.
-PIP_CONSTRAINT= python -m pip install -q "torch==$VERSION" || exit 1
+# A pip configuration that caps torch's version refuses a newer one: PIP_CONFIG_FILE=/dev/null
+# in the environment lifts it.
+python -m pip install -q "torch==$VERSION" || exit 1
 python -m pip install -q -r requirements.txt || exit 1
 echo "torch $(python -c 'import torch; print(torch.__version__)'), transformers $(python -c 'import transformers; print(transformers.__version__)')"
 
