@@ -271,7 +271,7 @@ class GPT(nn.Module):
                 token = torch.where(finished, eos_token_id, token)
                 finished |= token == eos_token_id
             yield token
-            if eos_token_id is not None and bool(finished.all()):
+            if finished.all():
                 return
             ids = torch.cat([ids, token[:, None]], dim=1)  # (B, T + 1)
             real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)
@@ -333,11 +333,11 @@ def left_pad(token_lists, pad_id=EOT_TOKEN):
     """Prompts of different lengths as one batch, right-aligned so that their next tokens share a
     column: ids (B, T) and attention_mask (B, T), 0 at the padding."""
     width = max(len(tokens) for tokens in token_lists)
-    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+    ids = torch.full((len(token_lists), width), pad_id)
+    mask = torch.zeros_like(ids)
     for row, tokens in enumerate(token_lists):
         start = width - len(tokens)
-        ids[row, start:] = torch.tensor(tokens, dtype=torch.long)
+        ids[row, start:] = torch.tensor(tokens)
         mask[row, start:] = 1
     return ids, mask
 
@@ -363,7 +363,7 @@ def get_tokenizer():
             "tiktoken has no GPT-2 files: it downloads them once (vocab.bpe and encoder.json, from "
             "openaipublic.blob.core.windows.net/gpt-2/encodings/main); offline, copy tiktoken's "
             "cache folder from a machine that has them and set TIKTOKEN_CACHE_DIR to it"
-        ) from None
+        )
 
 
 def encode_prompt(enc, prompt, template=None):
@@ -382,6 +382,9 @@ def encode_prompt(enc, prompt, template=None):
 class PretrainLoader:
     """(B, T) windows of a split's shards, read as one stream of tokens (a window may run on into
     the next shard: no token is skipped); the train shards in an order shuffled each epoch."""
+
+    # A fine-tuning loader's prompt template; pretraining data has none.
+    template = None
 
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337):
         self.split = split
@@ -834,9 +837,7 @@ def train(args):
     train_loader = Loader(
         args.data_dir, "train", args.batch_size, block_size, rank, world_size, args.seed
     )
-    val_loader = Loader(
-        args.data_dir, "val", args.batch_size, block_size, rank, world_size, args.seed
-    )
+    val_loader = Loader(args.data_dir, "val", args.batch_size, block_size, rank, world_size)
     # --total_batch_size counts tokens when pretraining (batch x block_size x GPUs x micro-steps),
     # examples when fine-tuning. What one micro-step on every GPU cannot hold is accumulated.
     per_micro_step = args.batch_size * world_size
@@ -858,9 +859,7 @@ def train(args):
         hellaswag = load_hellaswag(args.hellaswag_path, args.hellaswag_limit)  # (appendix)
     enc = get_tokenizer()
     # A fine-tuned model keeps its prompt template: sample and chat wrap a prompt in it.
-    template = None
-    if args.mode == "finetune":
-        template = train_loader.template
+    template = train_loader.template
     prompt, prompt_text = sample_prompt(args.prompt, enc, val_loader, template)
 
     # The run. The optimizer comes after FSDP, which replaces the parameters.
@@ -983,8 +982,7 @@ def train(args):
             # All GPUs' tokens; fine-tuning's with their padding.
             tokens = world_size * sum(x.numel() for x, _ in micro_batches)
             eta = (time.time() - t_start) / (step - start_step) * (max_steps - step)
-            entry = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
-            entry["ms"] = 1000 * dt
+            entry = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "ms": 1000 * dt}
             entry["tok_per_s"] = tokens / dt
             line = (
                 f"step {step:5d}/{max_steps} | loss {loss:.6f} | lr {lr:.2e} | "
@@ -1350,11 +1348,11 @@ def check_data(data_dir, mode):
         raise UserError(
             f"data folder {os.path.abspath(data_dir)} not found, or not prepared (no meta.json): "
             f"run prepare_data.py{sft} (the same command resumes an interrupted one)"
-        ) from None
+        )
     except (json.JSONDecodeError, KeyError, TypeError) as e:  # not JSON, or not prepare_data.py's
         raise UserError(
             f"{data_dir}/meta.json is not prepare_data.py's ({type(e).__name__}: {e}): {REPREPARE}"
-        ) from None
+        )
     wanted = {"pretrain": "pretrain", "finetune": "sft"}.get(mode, kind)
     if kind != wanted:
         raise UserError(
@@ -1372,10 +1370,10 @@ def load_array(path, dtype, length=None):
     try:
         array = np.load(path, mmap_mode="r")
     except OSError as e:  # missing, or unreadable
-        raise UserError(f"{path} is {e.strerror}: {REPREPARE}") from None
+        raise UserError(f"{path} is {e.strerror}: {REPREPARE}")
     # A header numpy cannot read, or fewer bytes than it says.
     except ValueError:
-        raise UserError(f"{path} is cut short or not .npy: {REPREPARE}") from None
+        raise UserError(f"{path} is cut short or not .npy: {REPREPARE}")
     if array.dtype != dtype or array.ndim != 1 or length not in (None, len(array)):
         expected = np.dtype(dtype).name if length is None else f"{length:,} {np.dtype(dtype)}"
         raise UserError(
@@ -1515,9 +1513,7 @@ def load_model(init_from, padded_vocab_size=0):
         model = GPT.from_pretrained(init_from, padded_vocab_size)
     # A missing, broken or foreign folder.
     except (OSError, ValueError, SafetensorError) as e:
-        raise UserError(
-            f"could not load {init_from!r} as a GPT-2 checkpoint: {first_line(e)}"
-        ) from None
+        raise UserError(f"could not load {init_from!r} as a GPT-2 checkpoint: {first_line(e)}")
     # tiktoken's GPT-2 ids would not fit, or not be this vocabulary's.
     if model.config.vocab_size != 50257:
         raise UserError(
@@ -1541,11 +1537,11 @@ def load_checkpoint(path, keys=("model", "config")):
             raise UserError(
                 f"{path} holds a Python object ({refused[1]}), which loading would run: re-save "
                 "its tensors"
-            ) from None
+            )
         raise UserError(
             f"{path} is not a readable checkpoint ({type(e).__name__}: {first_line(e)[:150]}): it "
             "may be truncated or not a PyTorch file; pick another checkpoint"
-        ) from None
+        )
     missing = [key for key in keys if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         found = (
@@ -1560,7 +1556,7 @@ def load_checkpoint(path, keys=("model", "config")):
         model.load_state_dict(checkpoint["model"])
     # Another model's (nanoGPT's, say).
     except (TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path} does not hold this file's GPT-2: {first_line(e)}") from None
+        raise UserError(f"{path} does not hold this file's GPT-2: {first_line(e)}")
     return model, checkpoint
 
 
@@ -1605,7 +1601,7 @@ class RunGuard:
         try:
             os.makedirs(self.out_dir, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot write to --out_dir {self.out_dir}: {e.strerror}") from None
+            raise UserError(f"cannot write to --out_dir {self.out_dir}: {e.strerror}")
         self.folder = os.open(self.out_dir, os.O_RDONLY)
         try:  # LOCK_NB: refuse at once, rather than wait for the other run
             if fcntl is not None:
@@ -1614,7 +1610,7 @@ class RunGuard:
             self.close()
             raise UserError(
                 f"another run is using {self.out_dir}: wait for it to end, or choose another --out_dir"
-            ) from None
+            )
 
     def handler(self, signum, frame):
         if self.stop_requested:  # a second Ctrl-C: stop at once
@@ -1790,7 +1786,7 @@ def start_wandb(args, checkpoint):
     try:
         import wandb
     except ImportError:
-        raise UserError("--wandb_project needs wandb: pip install wandb") from None
+        raise UserError("--wandb_project needs wandb: pip install wandb")
     offline = os.environ.get("WANDB_MODE") in ("offline", "disabled")
     if not offline and not wandb.login(prompt=False, verify=False):
         raise UserError(
