@@ -501,13 +501,12 @@ def configure_optimizer(model, weight_decay, learning_rate):
     """AdamW, fused (one kernel for every parameter); weight decay on the matrices only: the
     biases and LayerNorm gains need none."""
     # parameters() yields the tied wte / lm_head once.
-    params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
     ]
     # GPT-3's betas: with beta2 0.95, not 0.999, AdamW follows the gradients' scale within ~20 steps.
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), fused=True)
 
 
 def pick_dtype(device, requested="auto"):
@@ -515,8 +514,9 @@ def pick_dtype(device, requested="auto"):
     RTX 30xx and later), float16 on older ones (T4, V100: with a gradient scaler), else float32."""
     cuda = device.startswith("cuda")
     if requested == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
-        name = torch.cuda.get_device_name(device)
-        raise UserError(f"{name} has no bfloat16: use --dtype float16 (or auto)")
+        raise UserError(
+            f"{torch.cuda.get_device_name(device)} has no bfloat16: use --dtype float16 (or auto)"
+        )
     if requested != "auto":
         return getattr(torch, requested)
     if not cuda:
@@ -528,8 +528,7 @@ def pick_dtype(device, requested="auto"):
 
 def autocast(device, dtype):
     """Matmuls in dtype; what needs the range (softmax, norms, the loss) stays in float32."""
-    device_type = str(device).split(":")[0]
-    return torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def keep_freed_memory():
@@ -655,8 +654,9 @@ PRESETS = {
 def new_model_config(args):
     """A new model's size: the --model preset, or --n_layer, --n_head, --n_embd where given. Its
     vocabulary is padded to 50304 = 128 * 393: a GPU's matmuls are faster on multiples of 128."""
-    size = dict(PRESETS[args.model])
-    for name in ("n_layer", "n_head", "n_embd"):
+    # GPT-2's 1024 positions, unless --block_size says otherwise.
+    size = dict(PRESETS[args.model], block_size=1024)
+    for name in ("n_layer", "n_head", "n_embd", "block_size"):
         if getattr(args, name) is not None:
             size[name] = getattr(args, name)
     if size["n_embd"] % size["n_head"] != 0:
@@ -664,10 +664,7 @@ def new_model_config(args):
             f"--n_embd {size['n_embd']} is not a multiple of --n_head {size['n_head']}: each "
             "head takes an equal slice of the width"
         )
-    block_size = 1024
-    if args.block_size is not None:
-        block_size = args.block_size
-    return GPTConfig(block_size=block_size, padded_vocab_size=50304, **size)
+    return GPTConfig(padded_vocab_size=50304, **size)
 
 
 def model_to_train(args):
@@ -687,12 +684,12 @@ def model_to_train(args):
         return GPT(new_model_config(args)), None
     model, _ = load_model(args.init_from, padded_vocab_size=50304)  # (appendix)
     learned = model.config.block_size
-    if args.block_size is not None and args.block_size > learned:
-        raise UserError(
-            f"--block_size {args.block_size} is longer than the {learned} positions "
-            f"{args.init_from} has learned: give at most {learned}"
-        )
-    if args.block_size is not None and args.block_size < learned:
+    if args.block_size is not None:
+        if args.block_size > learned:
+            raise UserError(
+                f"--block_size {args.block_size} is longer than the {learned} positions "
+                f"{args.init_from} has learned: give at most {learned}"
+            )
         # Shorter sequences: the model keeps the embeddings of its first positions.
         model.config.block_size = args.block_size
         wpe = model.transformer.wpe.weight[: args.block_size].clone()
@@ -1009,7 +1006,20 @@ def train(args):
 # Sampling
 
 
-def stream_text(model, enc, tokens, args, generator=None):
+def load_to_sample(args):
+    """--init_from's model on --device, ready to generate, and its prompt template (or None)."""
+    # One process: sampling needs no torchrun.
+    device = setup_distributed(args.device)
+    model, template = load_model(args.init_from)  # (appendix) a .pt, a run folder, HF, OpenAI's
+    # Other samples every time, unless --seed is given.
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    model.to(device)
+    model.eval()
+    return model, template
+
+
+def stream_text(model, enc, tokens, args):
     """Print one answer token by token, as it is generated; return its text."""
     import codecs
 
@@ -1020,7 +1030,7 @@ def stream_text(model, enc, tokens, args, generator=None):
     pieces = []
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     with autocast(device, pick_dtype(str(device), args.dtype)):
-        for token in model.stream(ids, None, args.max_new_tokens, generator=generator, **sampling):
+        for token in model.stream(ids, None, args.max_new_tokens, **sampling):
             token_id = token.item()
             # The end of a fine-tuned answer, or of a document.
             if token_id == EOT_TOKEN:
@@ -1036,16 +1046,8 @@ def stream_text(model, enc, tokens, args, generator=None):
 def sample(args):
     """--mode sample: continue each --prompt, --num_samples times, printed as it is generated (a
     fine-tuned model answers the prompt instead)."""
-    # One process: sampling needs no torchrun.
-    device = setup_distributed(args.device)
-    model, template = load_model(args.init_from)  # (appendix) a .pt, a run folder, HF, OpenAI's
-    model.to(device)
-    model.eval()
+    model, template = load_to_sample(args)
     enc = get_tokenizer()
-    # Other samples every time, unless --seed is given.
-    generator = None
-    if args.seed is not None:
-        generator = torch.Generator(device).manual_seed(args.seed)
     several = len(args.prompt) > 1 or args.num_samples > 1
     for i, prompt in enumerate(args.prompt):
         tokens = encode_prompt(enc, prompt, template)
@@ -1057,7 +1059,7 @@ def sample(args):
                 print(prompt, end="", flush=True)
             else:
                 print(prompt)
-            stream_text(model, enc, tokens, args, generator)
+            stream_text(model, enc, tokens, args)
 
 
 # -----------------------------------------------------------------------------
@@ -1127,9 +1129,9 @@ def device_flag(text):
     if torch.backends.mps.is_available():
         devices.append("mps")
     if text not in devices:
-        gpus = torch.cuda.device_count()
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a device this machine has ({gpus} CUDA GPUs): use {', '.join(devices)}"
+            f"{text!r} is not a device this machine has ({torch.cuda.device_count()} CUDA GPUs): "
+            f"use {', '.join(devices)}"
         )
     return text
 
@@ -1240,7 +1242,6 @@ MODE_DEFAULTS = {
 def parse_args(argv):
     """--mode, then that mode's flags. Resuming, the run's own flags are the defaults."""
     first = Parser(add_help=False)
-    first.mode = "sample"
     first.add_argument("--mode", default="sample", choices=MODES)
     mode = first.parse_known_args(argv)[0].mode
     p = Parser(
@@ -1262,13 +1263,14 @@ def parse_args(argv):
             p.add_argument(name, default=default, type=kind, help=text)
     p.set_defaults(**MODE_DEFAULTS.get(mode, {}))
     args = p.parse_args(argv)
+    saved = {}
     if mode in TRAIN and args.init_from == "resume":
-        p.set_defaults(**saved_args(args.out_dir))
-        args = p.parse_args(argv)
+        saved = saved_args(args.out_dir)
     if mode == "eval":
         # A run's val loss is measured on its own data and batches: it equals the one it logged.
-        p.set_defaults(**saved_args(args.init_from, ("data_dir", "batch_size", "val_steps")))
-        args = p.parse_args(argv)
+        saved = saved_args(args.init_from, ("data_dir", "batch_size", "val_steps"))
+    p.set_defaults(**saved)
+    args = p.parse_args(argv)
     if mode == "sample" and args.prompt is None:
         args.prompt = ["Hello, I'm a language model,"]
     check_args(p, args)
@@ -1336,14 +1338,12 @@ def check_data(data_dir, mode):
     try:
         meta = json.load(open(os.path.join(data_dir, "meta.json")))
         kind = meta["kind"]
-        shards = []
+        # Each split's shards, and their lengths.
+        shards = {}
         if kind == "pretrain":
             for split in ("train", "val"):
-                shards.append(
-                    list(
-                        zip(meta["splits"][split]["shards"], meta["splits"][split]["shard_tokens"])
-                    )
-                )
+                listed = meta["splits"][split]
+                shards[split] = list(zip(listed["shards"], listed["shard_tokens"]))
     except (FileNotFoundError, NotADirectoryError):
         raise UserError(
             f"data folder {os.path.abspath(data_dir)} not found, or not prepared (no meta.json): "
@@ -1358,7 +1358,7 @@ def check_data(data_dir, mode):
         raise UserError(
             f"{data_dir} holds {kind} data, but --mode {mode} reads {wanted} data: run prepare_data.py{sft}"
         )
-    for split, named in zip(("train", "val"), shards):
+    for split, named in shards.items():
         if not named:
             raise UserError(f"{data_dir} has no {split} shards: {REPREPARE}")
         for name, length in named:
@@ -1832,21 +1832,21 @@ class InstructionLoader:
                 f"the {split} files of {data_dir} do not agree (examples, offsets or token ids): "
                 "re-run prepare_data.py --sft for this folder"
             )
+        ids = torch.from_numpy(tokens.astype(np.int64))
+        targets = ids.masked_fill(torch.from_numpy(mask == 0), -100)
+        # Example i's inputs, and its targets: each input's next token.
         self.examples = []
         for start, end in zip(offsets[:-1], offsets[1:]):
-            x = torch.from_numpy(tokens[start:end].astype(np.int64))
-            is_answer = torch.from_numpy(mask[start:end].astype(bool))
-            self.examples.append((x[:-1], x.masked_fill(~is_answer, -100)[1:]))
+            self.examples.append((ids[start : end - 1], targets[start + 1 : end]))
         self.lengths = np.diff(offsets) - 1
         meta = json.load(open(os.path.join(data_dir, "meta.json")))
         # Chat and sample wrap a prompt in it.
         self.template = meta["prompt_template"]
         if self.lengths.max() > block_size:
-            command = meta.get("command")
             raise UserError(
                 f"{data_dir} has examples of {self.lengths.max() + 1} tokens, more than the model's "
-                f"block_size {block_size} + 1: prepare it again for this model, with {command} "
-                f"--block_size {block_size} --out_dir {data_dir} --overwrite"
+                f"block_size {block_size} + 1: prepare it again for this model, with "
+                f"{meta.get('command')} --block_size {block_size} --out_dir {data_dir} --overwrite"
             )
         # On resume, the data must be the same: the three files' sha256 (~20 ms).
         self.fingerprint = [hashlib.sha256(array).hexdigest() for array in (tokens, mask, offsets)]
@@ -1909,33 +1909,33 @@ def wrap_blocks(model, dtype, args):
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if args.activation_checkpointing:
+        for i, block in enumerate(model.transformer.h):
+            # The block keeps only its input, and runs again in the backward pass: the saved
+            # activations go from ~34 to 2 of (B, T, C).
+            model.transformer.h[i] = checkpoint_wrapper(block)
+    if not args.fsdp:
+        return model
     # FSDP2 gathers the weights cast to the compute dtype (half the traffic); AdamW's float32
     # shards stay the master copy.
     param_dtype = None if dtype == torch.float32 else dtype
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    if args.fsdp and not torch.distributed.is_initialized():
+    if not torch.distributed.is_initialized():
         # One process, to try FSDP on one GPU: a group of one.
         backend = "nccl" if next(model.parameters()).is_cuda else "gloo"
         store = torch.distributed.HashStore()
         torch.distributed.init_process_group(backend, rank=0, world_size=1, store=store)
-    for i, block in enumerate(model.transformer.h):
-        if args.activation_checkpointing:
-            # The block keeps only its input, and runs again in the backward pass: the saved
-            # activations go from ~34 to 2 of (B, T, C).
-            block = checkpoint_wrapper(block)
-            model.transformer.h[i] = block
-        if args.fsdp and args.compile:
+    for block in model.transformer.h:
+        if args.compile:
             # Each block alone (without FSDP, the whole model is compiled).
             block.compile()
-        if args.fsdp:
-            # one all-gather in the forward pass and one reduce-scatter in the backward, a block
-            fully_shard(block, mp_policy=mp_policy)
-    if args.fsdp and args.compile:
+        # One all-gather in the forward pass and one reduce-scatter in the backward, a block.
+        fully_shard(block, mp_policy=mp_policy)
+    if args.compile:
         # The LM head and the loss too: the step's largest tensors, fused as a whole model's are.
         model.head = torch.compile(model.head)
-    if args.fsdp:
-        # The root's weights are needed again at once (the tied head): not resharded.
-        fully_shard(model, mp_policy=mp_policy, reshard_after_forward=False)
+    # The root's weights are needed again at once (the tied head): not resharded.
+    fully_shard(model, mp_policy=mp_policy, reshard_after_forward=False)
     return model
 
 
@@ -1997,48 +1997,50 @@ def score_item(model, enc, item, dtype):
     the endings' lengths in tokens (4,)."""
     device = next(model.parameters()).device
     context = enc.encode(item["ctx"])
-    # The space between them belongs to the ending's first token.
-    endings = [enc.encode(" " + ending) for ending in item["endings"]]
-    rows = [
-        (context + ending)[-model.config.block_size - 1 :] for ending in endings
-    ]  # long: its end
-    # A row's last token is a target only.
-    width = max(len(row) for row in rows) - 1
-    ids = torch.full((4, width), EOT_TOKEN, dtype=torch.long)
-    # -100: not the ending, not counted.
-    targets = torch.full((4, width), -100, dtype=torch.long)
-    lengths = []
-    for i, (row, ending) in enumerate(zip(rows, endings)):
-        n = len(row) - 1
-        span = min(len(ending), n)
-        ids[i, :n] = torch.tensor(row[:-1])
-        targets[i, n - span : n] = torch.tensor(row[n - span + 1 :])
-        lengths.append(span)
+    inputs = []
+    targets = []
+    for ending in item["endings"]:
+        # The space between them belongs to the ending's first token.
+        ending_ids = enc.encode(" " + ending)
+        # Of a row too long for the model, its end. Its last token is a target only.
+        row = (context + ending_ids)[-model.config.block_size - 1 :]
+        inputs.append(torch.tensor(row[:-1]))
+        target = torch.tensor(row[1:])
+        # -100: not the ending, not counted.
+        target[: -len(ending_ids)] = -100
+        targets.append(target)
+    ids = pad_sequence(inputs, True, EOT_TOKEN)  # (4, width)
+    targets = pad_sequence(targets, True, -100)
     with autocast(device, dtype):
         logits, _ = model(ids.to(device))  # (4, width, vocab)
     losses = F.cross_entropy(
         logits.flatten(0, 1).float(), targets.flatten().to(device), reduction="none"
     )
-    sums = losses.view(4, width).sum(dim=1)  # (4,)
-    return sums.cpu(), torch.tensor(lengths)
+    sums = losses.view(4, -1).sum(dim=1)  # (4,)
+    return sums.cpu(), (targets != -100).sum(dim=1)
 
 
-def hellaswag_eval(model, items, dtype, harness=False, progress=None):
+def hellaswag_eval(model, items, dtype, harness=False, progress=False):
     """HellaSwag accuracy, the items dealt to the ranks. acc: the ending of least summed loss.
     acc_norm: of least loss per token (GPT-2's and GPT-3's way); with harness=True (lm-evaluation-
-    harness's way), of the harness's cleaned query and endings, per character."""
+    harness's way), of the harness's cleaned query and endings, per character. progress: a
+    progress bar on rank 0, in whole items."""
     rank, world_size = rank_and_world_size()
     enc = get_tokenizer()
+    mine = items[rank::world_size]
+    if progress:
+        from tqdm import tqdm
+
+        name = "HellaSwag, lm-evaluation-harness's way" if harness else "HellaSwag, GPT-2's way"
+        mine = tqdm(mine, unit="item", desc=name, disable=rank != 0)
     right = torch.zeros(3, dtype=torch.float64)  # acc, acc_norm, items
-    for item in items[rank::world_size]:
+    for item in mine:
         asked = harness_item(item) if harness else item
         sums, lengths = score_item(model, enc, asked, dtype)
         if harness:
             lengths = torch.tensor([len(ending) for ending in asked["endings"]])
         label = item["label"]
         right += torch.tensor([sums.argmin() == label, (sums / lengths).argmin() == label, 1])
-        if progress is not None:
-            progress.update(1)
     device = next(model.parameters()).device
     # Every rank's counts.
     acc, acc_norm, n = all_reduce_sum(right.to(device)).tolist()
@@ -2048,35 +2050,29 @@ def hellaswag_eval(model, items, dtype, harness=False, progress=None):
 
 def evaluate(args):
     """--mode eval: a model's val loss and HellaSwag accuracy, as a table and as eval.json."""
-    from tqdm import tqdm
-
     device = setup_distributed(args.device)
     rank, world_size = rank_and_world_size()
     dtype = pick_dtype(device, args.dtype)
-    items = None
     if args.hellaswag:
         # A bad file fails now, not after the model has loaded (a minute for gpt2-xl).
         items = load_hellaswag(args.hellaswag_path, args.hellaswag_limit)
     model, _ = load_model(args.init_from)
     model.to(device)
     model.eval()
-    block_size = model.config.block_size
     results = {"model": args.init_from}
     if args.data_dir is not None:
         # At the model's own block_size; the folder says how to read it.
         # Checked by check_args.
         meta = json.load(open(os.path.join(args.data_dir, "meta.json")))
         Loader = InstructionLoader if meta["kind"] == "sft" else PretrainLoader
+        block_size = model.config.block_size
         loader = Loader(args.data_dir, "val", args.batch_size, block_size, rank, world_size)
         results["val_loss"] = evaluate_loss(model, loader, args.val_steps, dtype)
         results["val_batches"] = loader.eval_steps(args.val_steps)
-    if items is not None:
+    if args.hellaswag:
         t0 = time.time()
         for harness in (False, True):  # both published conventions
-            name = "HellaSwag, lm-evaluation-harness's way" if harness else "HellaSwag, GPT-2's way"
-            mine = len(items[rank::world_size])
-            with tqdm(total=mine, unit="item", desc=name, disable=rank != 0) as bar:
-                results.update(hellaswag_eval(model, items, dtype, harness, bar))
+            results.update(hellaswag_eval(model, items, dtype, harness, progress=True))
         results["hellaswag_items_per_s"] = results["hellaswag_items"] / (time.time() - t0)
     if rank != 0:  # the results are summed over the ranks already
         return results
@@ -2100,19 +2096,13 @@ def evaluate(args):
 def chat(args):
     """--mode chat: type an instruction, read the answer as it comes; /quit leaves. Single
     turns, as Alpaca teaches."""
-    device = setup_distributed(args.device)
-    model, template = load_model(args.init_from)
+    model, template = load_to_sample(args)
     if template is None:
         raise UserError(
             f"{args.init_from} is not fine-tuned (it has no prompt template): chat needs a --mode "
             "finetune checkpoint or its export; --mode sample continues a pretrained model's text"
         )
-    model.to(device)
-    model.eval()
     enc = get_tokenizer()
-    generator = None
-    if args.seed is not None:
-        generator = torch.Generator(device).manual_seed(args.seed)
     # Line editing and history for input(); not on Windows.
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401
@@ -2129,7 +2119,7 @@ def chat(args):
         if not instruction:  # an empty line asks nothing
             continue
         try:
-            stream_text(model, enc, encode_prompt(enc, instruction, template), args, generator)
+            stream_text(model, enc, encode_prompt(enc, instruction, template), args)
         # Ctrl-C while answering: the answer stops, the chat goes on.
         except KeyboardInterrupt:
             print(" [stopped]")
