@@ -458,11 +458,9 @@ class PretrainLoader:
         if self.position + tokens_per_step + 1 > self.total_tokens:  # the epoch is used up
             self.set_epoch(self.epoch + 1)
             self.position = 0
-        batches = []
-        for micro_step in range(grad_accum):
-            # Micro-step m of rank r reads the (m * world_size + r)-th block of B sequences.
-            block = micro_step * self.world_size + self.rank
-            batches.append(self.window(self.position + block * self.B * self.T))
+        # Micro-step m of rank r reads the (m * world_size + r)-th block of B sequences.
+        blocks = range(self.rank, grad_accum * self.world_size, self.world_size)
+        batches = [self.window(self.position + block * self.B * self.T) for block in blocks]
         self.position += tokens_per_step
         return batches
 
@@ -1775,8 +1773,7 @@ def truncate_log(path, step):
             except (ValueError, KeyError, TypeError):
                 break
             kept += len(line)
-    with open(path, "r+b") as f:
-        f.truncate(kept)
+    os.truncate(path, kept)
 
 
 def start_wandb(args, checkpoint):
@@ -1877,12 +1874,9 @@ class InstructionLoader:
         # By length (ties keep their order): micro-batches of alike lengths pad little.
         step = step[np.argsort(self.lengths[step], kind="stable")]
         self.step_in_epoch += 1
-        batches = []
-        for micro_step in range(grad_accum):
-            # Micro-step m of rank r takes the (m * world_size + r)-th B examples, as pretraining.
-            block = micro_step * self.world_size + self.rank
-            batches.append(self.batch(step[block * self.B : (block + 1) * self.B]))
-        return batches
+        # Micro-step m of rank r takes the (m * world_size + r)-th B examples, as pretraining.
+        micro_batches = step.reshape(grad_accum, self.world_size, self.B)[:, self.rank]
+        return [self.batch(indices) for indices in micro_batches]
 
     def eval_steps(self, max_batches):
         # The last batch may be short.
@@ -2220,8 +2214,6 @@ def export(args):
         )
     print(f"reading {args.init_from}")
     model, template = load_model(args.init_from)
-    if template is not None:
-        jinja_chat_template(template)  # refused now, if it cannot be written
     # A sibling: the final rename stays on one filesystem.
     tmp = f"{out_dir}.partial-{os.getpid()}"
     try:
@@ -2304,15 +2296,13 @@ def bench(args):
     )
     times = []
     for i in range(args.bench_steps):
-        # Fresh tokens each step.
-        x = torch.randint(0, 50257, (B, T + 1), device=device)
-        # Contiguous, as a loader's batches are.
-        micro_batch = (x[:, :-1].contiguous(), x[:, 1:].contiguous())
+        # Fresh tokens each step, as the inputs and as the targets: the speed is the same.
+        x = torch.randint(0, 50257, (B, T), device=device)
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         # The training step, as train()'s.
-        forward_backward(model, [micro_batch], dtype, scaler)
+        forward_backward(model, [(x, x)], dtype, scaler)
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
         scaler.step(optimizer)
