@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -189,11 +190,11 @@ class GPT(nn.Module):
             # stream's variance stays put (GPT-2 paper, section 2.3).
             if hasattr(module, "RESIDUAL_SCALE_INIT"):
                 std *= (2 * self.config.n_layer) ** -0.5
-            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            nn.init.normal_(module.weight, std=std)
             if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, std=0.02)
 
     def hidden_states(self, idx, pos, attn_mask=None, kv_cache=None):
         """Token ids (B, T) at positions pos, (T,) or (B, T) -> the last LayerNorm's output (B, T, C)."""
@@ -379,6 +380,12 @@ def encode_prompt(enc, prompt, template=None):
 # and two numbers (epoch, position) resume it.
 
 
+def read_meta(data_dir):
+    """A prepared folder's meta.json: the kind of data, and each split's shards."""
+    with open(os.path.join(data_dir, "meta.json")) as f:
+        return json.load(f)
+
+
 class PretrainLoader:
     """(B, T) windows of a split's shards, read as one stream of tokens (a window may run on into
     the next shard: no token is skipped); the train shards in an order shuffled each epoch."""
@@ -393,7 +400,7 @@ class PretrainLoader:
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
-        meta = json.load(open(os.path.join(data_dir, "meta.json")))
+        meta = read_meta(data_dir)
         self.names = [os.path.join(data_dir, name) for name in meta["splits"][split]["shards"]]
         # Memory-mapped: the OS reads in the pages a window touches, nothing more.
         self.shards = [np.load(path, mmap_mode="r") for path in self.names]
@@ -559,20 +566,20 @@ def setup_distributed(device):
     if "LOCAL_RANK" not in os.environ:
         return device
     if not device.startswith("cuda"):
-        torch.distributed.init_process_group("gloo")
+        dist.init_process_group("gloo")
         return device
     # LOCAL_RANK: this process's GPU on its node (RANK counts over all nodes).
     device = f"cuda:{os.environ['LOCAL_RANK']}"
     # Before NCCL starts, or every rank would open its communicator on GPU 0.
     torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl", device_id=torch.device(device))
+    dist.init_process_group("nccl", device_id=torch.device(device))
     return device
 
 
 def rank_and_world_size():
     """This process's rank, and how many there are: 0 and 1 without torchrun."""
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
@@ -588,8 +595,8 @@ def print0(*args, **kwargs):
 
 def all_reduce_sum(values):
     """A tensor summed over all ranks, in place (one process: as it is)."""
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(values)
+    if dist.is_initialized():
+        dist.all_reduce(values)
     return values
 
 
@@ -632,7 +639,7 @@ def parallelize(model, dtype, args):
     if args.compile:
         model = torch.compile(model)
     # DDP finds the model on the GPU that setup_distributed gave this process.
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if dist.is_initialized() and dist.get_world_size() > 1:
         model = DistributedDataParallel(model)
     return model
 
@@ -939,13 +946,12 @@ def train(args):
             # Both groups follow the schedule, with and without weight decay.
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro_batches = []
-            for x, y in train_loader.next_step(grad_accum):
-                micro_batches.append((x.to(device), y.to(device)))
+            batches = train_loader.next_step(grad_accum)
+            micro_batches = [(x.to(device), y.to(device)) for x, y in batches]
             loss, stop = forward_backward(model, micro_batches, dtype, scaler, guard.stop_requested)
             # float16: the true gradients, for their norm and the clipping.
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
             # float16's scaler skips a step whose gradients overflowed, and scales down: no error.
             norm_bad = not math.isfinite(grad_norm) and not scaler.is_enabled()
             if not math.isfinite(loss) or norm_bad:
@@ -1026,9 +1032,16 @@ def stream_text(model, enc, tokens, args):
     # A token may end in the middle of a character: bytes are printed once they make one.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     pieces = []
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     with autocast(device, pick_dtype(str(device), args.dtype)):
-        for token in model.stream(ids, None, args.max_new_tokens, **sampling):
+        stream = model.stream(
+            ids,
+            None,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+        )
+        for token in stream:
             token_id = token.item()
             # The end of a fine-tuned answer, or of a document.
             if token_id == EOT_TOKEN:
@@ -1065,8 +1078,7 @@ def sample(args):
 
 
 def main(argv=None):
-    if argv is None:
-        argv = sys.argv[1:]
+    # argv None: argparse reads sys.argv.
     args = parse_args(argv)  # (appendix) --mode and its flags, checked
     modes = {"pretrain": train, "finetune": train, "sample": sample, "chat": chat}
     modes.update({"eval": evaluate, "export": export, "bench": bench, "plot": plot})
@@ -1081,7 +1093,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         # A second Ctrl-C (training handles the first one, and saves). 130: "killed by SIGINT".
         exit_with(args, "interrupted", 130)
-    if torch.distributed.is_initialized():
+    if dist.is_initialized():
         end_process_group(args)  # (appendix)
 
 
@@ -1740,7 +1752,7 @@ def fsdp_on_gloo(args):
     abort Python's shutdown (PyTorch PR 179291): such a process ends with os._exit."""
     if not getattr(args, "fsdp", 0) or "LOCAL_RANK" not in os.environ:
         return False
-    return torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo"
+    return dist.is_initialized() and dist.get_backend() == "gloo"
 
 
 def exit_with(args, message, code):
@@ -1756,7 +1768,7 @@ def end_process_group(args):
         sys.stdout.flush()
         os._exit(0)
     # A clean exit: NCCL warns about a group left open.
-    torch.distributed.destroy_process_group()
+    dist.destroy_process_group()
 
 
 def truncate_log(path, step):
@@ -1836,7 +1848,7 @@ class InstructionLoader:
         for start, end in zip(offsets[:-1], offsets[1:]):
             self.examples.append((ids[start : end - 1], targets[start + 1 : end]))
         self.lengths = np.diff(offsets) - 1
-        meta = json.load(open(os.path.join(data_dir, "meta.json")))
+        meta = read_meta(data_dir)
         # Chat and sample wrap a prompt in it.
         self.template = meta["prompt_template"]
         if self.lengths.max() > block_size:
@@ -1914,11 +1926,11 @@ def wrap_blocks(model, dtype, args):
     # shards stay the master copy.
     param_dtype = None if dtype == torch.float32 else dtype
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    if not torch.distributed.is_initialized():
+    if not dist.is_initialized():
         # One process, to try FSDP on one GPU: a group of one.
         backend = "nccl" if next(model.parameters()).is_cuda else "gloo"
-        store = torch.distributed.HashStore()
-        torch.distributed.init_process_group(backend, rank=0, world_size=1, store=store)
+        store = dist.HashStore()
+        dist.init_process_group(backend, rank=0, world_size=1, store=store)
     for block in model.transformer.h:
         if args.compile:
             # Each block alone (without FSDP, the whole model is compiled).
@@ -2057,7 +2069,7 @@ def evaluate(args):
     if args.data_dir is not None:
         # At the model's own block_size; the folder says how to read it.
         # Checked by check_args.
-        meta = json.load(open(os.path.join(args.data_dir, "meta.json")))
+        meta = read_meta(args.data_dir)
         Loader = InstructionLoader if meta["kind"] == "sft" else PretrainLoader
         block_size = model.config.block_size
         loader = Loader(args.data_dir, "val", args.batch_size, block_size, rank, world_size)
@@ -2304,7 +2316,7 @@ def bench(args):
         # The training step, as train()'s.
         forward_backward(model, [(x, x)], dtype, scaler)
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
+        nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
