@@ -263,7 +263,7 @@ class GPT(nn.Module):
         cache = KVCache(self.config, ids.size(0), min(window, ids.size(1) + max_new_tokens))
         # What the next forward feeds: the prompt, then one token at a time.
         new = ids
-        finished = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)
+        finished = torch.zeros_like(ids[:, 0], dtype=torch.bool)  # (B,)
         for _ in range(max_new_tokens):
             logits = self.next_logits(new, cache, real)
             token = sample_next_token(logits, **sampling)  # (B,)
@@ -275,7 +275,8 @@ class GPT(nn.Module):
             if finished.all():
                 return
             ids = torch.cat([ids, token[:, None]], dim=1)  # (B, T + 1)
-            real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)
+            # The new token is real: a 1 padded on at the right.
+            real = F.pad(real, (0, 1), value=1)
             new = ids[:, -1:]
             if ids.size(1) > window:
                 # Past block_size the window slides, and every position in it: all is fed anew.
@@ -333,13 +334,9 @@ CONV1D_WEIGHTS = (
 def left_pad(token_lists, pad_id=EOT_TOKEN):
     """Prompts of different lengths as one batch, right-aligned so that their next tokens share a
     column: ids (B, T) and attention_mask (B, T), 0 at the padding."""
-    width = max(len(tokens) for tokens in token_lists)
-    ids = torch.full((len(token_lists), width), pad_id)
-    mask = torch.zeros_like(ids)
-    for row, tokens in enumerate(token_lists):
-        start = width - len(tokens)
-        ids[row, start:] = torch.tensor(tokens)
-        mask[row, start:] = 1
+    rows = [torch.tensor(tokens, dtype=torch.long) for tokens in token_lists]
+    ids = pad_sequence(rows, True, pad_id, padding_side="left")
+    mask = pad_sequence([torch.ones_like(row) for row in rows], True, 0, padding_side="left")
     return ids, mask
 
 
@@ -512,6 +509,11 @@ def configure_optimizer(model, weight_decay, learning_rate):
     ]
     # GPT-3's betas: with beta2 0.95, not 0.999, AdamW follows the gradients' scale within ~20 steps.
     return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), fused=True)
+
+
+def num_params(model):
+    """The number of parameters, the tied wte / lm_head counted once."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def pick_dtype(device, requested="auto"):
@@ -810,7 +812,7 @@ def show_samples(model, enc, prompt, n, dtype):
     with autocast(device, dtype), torch.compiler.set_stance("force_eager"):
         out = model.generate(ids, max_new_tokens=32, top_k=50, generator=generator)
     # Each sample until its document ends.
-    return [enc.decode(row[ids.size(1) :]).split("<|endoftext|>")[0] for row in out.tolist()]
+    return [enc.decode(row[len(prompt) :]).split("<|endoftext|>")[0] for row in out.tolist()]
 
 
 # -----------------------------------------------------------------------------
@@ -874,9 +876,8 @@ def train(args):
         check_resume(checkpoint, [train_loader, val_loader], max_steps, args)  # (appendix)
         step = resume_training(checkpoint, raw_model, optimizer, scaler, train_loader)
     start_step = step
-    n_params = sum(p.numel() for p in raw_model.parameters())
     print0(
-        f"{args.mode}: {n_params:,} parameters, {world_size} process(es) on {device}, "
+        f"{args.mode}: {num_params(raw_model):,} parameters, {world_size} process(es) on {device}, "
         f"{grad_accum} micro-steps of {args.batch_size} a step, {max_steps} steps "
         f"({steps_per_epoch} an epoch)"
     )
@@ -1114,17 +1115,17 @@ MODES = ("pretrain", "finetune", "sample", "chat", "eval", "export", "bench", "p
 TRAIN = ("pretrain", "finetune")
 
 
-def number(kind, low, high=None, above=False):
+def number(kind, low, high=math.inf, above=False):
     """An argparse type: a number of that kind, at least low (above: more than low), at most high,
     so that a value out of its domain (--max_steps -1) is refused as it is given."""
     domain = f"{'>' if above else '>='} {low:g}"
-    if high is not None:
+    if high < math.inf:
         domain += f" and <= {high}"
 
     def parse(text):
         value = kind(text)  # argparse reports a ValueError as "invalid value"
         too_low = value < low or (above and value == low)
-        if too_low or not math.isfinite(value) or (high is not None and value > high):
+        if too_low or value > high or not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {domain}")
         return value
 
@@ -1803,10 +1804,9 @@ def start_wandb(args, checkpoint):
         )
     # Saved in every checkpoint.
     run_id = checkpoint.get("wandb_id") if checkpoint else None
-    name = os.path.basename(os.path.normpath(args.out_dir))
     return wandb.init(
         project=args.wandb_project,
-        name=name,
+        name=os.path.basename(os.path.normpath(args.out_dir)),
         config=vars(args),
         dir=args.out_dir,
         id=run_id,
@@ -1844,9 +1844,8 @@ class InstructionLoader:
         ids = torch.from_numpy(tokens.astype(np.int64))
         targets = ids.masked_fill(torch.from_numpy(mask == 0), -100)
         # Example i's inputs, and its targets: each input's next token.
-        self.examples = []
-        for start, end in zip(offsets[:-1], offsets[1:]):
-            self.examples.append((ids[start : end - 1], targets[start + 1 : end]))
+        bounds = zip(offsets[:-1], offsets[1:])
+        self.examples = [(ids[start : end - 1], targets[start + 1 : end]) for start, end in bounds]
         self.lengths = np.diff(offsets) - 1
         meta = read_meta(data_dir)
         # Chat and sample wrap a prompt in it.
@@ -1895,7 +1894,7 @@ class InstructionLoader:
         return min(max_batches, math.ceil(len(self.examples) / self.B))
 
     def eval_batch(self, i):
-        return self.batch(range(i * self.B, min((i + 1) * self.B, len(self.examples))))
+        return self.batch(range(len(self.examples))[i * self.B : (i + 1) * self.B])
 
     def state_dict(self):
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
@@ -2281,7 +2280,7 @@ def flops_per_token(model):
     """Training FLOPs per token (PaLM, appendix B): 6 a parameter (wpe aside), and attention's
     12 * L * C * T."""
     config = model.config
-    n_params = sum(p.numel() for p in model.parameters()) - config.block_size * config.n_embd
+    n_params = num_params(model) - config.block_size * config.n_embd
     return 6 * n_params + 12 * config.n_layer * config.n_embd * config.block_size
 
 
@@ -2300,9 +2299,8 @@ def bench(args):
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
     B = args.batch_size
     T = raw_model.config.block_size
-    n_params = sum(p.numel() for p in raw_model.parameters())
     print0(
-        f"bench: {n_params:,} parameters, batch {B} x {T}, {device}, {dtype}, compile "
+        f"bench: {num_params(raw_model):,} parameters, batch {B} x {T}, {device}, {dtype}, compile "
         f"{args.compile}, {world_size} process(es), FSDP {args.fsdp}, {args.bench_steps} steps, "
         f"the first {args.bench_warmup} not timed"
     )
@@ -2379,8 +2377,7 @@ def plot(args):
     matplotlib.use("Agg")  # files only, no window: works on a server
     import matplotlib.pyplot as plt
 
-    log_path = os.path.join(args.out_dir, "log.jsonl")
-    entries = read_log(log_path)  # (appendix) checked line by line
+    entries = read_log(os.path.join(args.out_dir, "log.jsonl"))  # checked line by line
     run = saved_args(args.out_dir)  # the run's flags, from its checkpoint
     default_recipe = run.get("model") == "gpt2" and run.get("n_layer") is None
     default_recipe = default_recipe and "fineweb_edu" in str(run.get("data_dir"))
