@@ -1183,7 +1183,7 @@ def flags():
         ("--dtype", run, "auto", ["auto", "bfloat16", "float16", "float32"], "of the matmuls"),
         ("--seed", "pretrain finetune bench", 1337, seed, "of the initial weights and data order"),
         ("--seed", "sample chat", None, seed, "of the sampling (default: new samples each time)"),
-        ("--model", new, "gpt2", ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"], "its size"),
+        ("--model", new, "gpt2", list(PRESETS), "its size"),
         ("--n_layer", new, None, count, "blocks, instead of --model's"),
         ("--n_head", new, None, count, "attention heads, instead of --model's"),
         ("--n_embd", new, None, count, "width, instead of --model's"),
@@ -1638,7 +1638,6 @@ class RunGuard:
             tracker.finish()
         if self.folder is not None:
             os.close(self.folder)  # releases the lock
-            self.folder = None
             if self.made:
                 # rmdir refuses a folder that is not empty.
                 with contextlib.suppress(OSError):
