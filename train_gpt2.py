@@ -65,7 +65,7 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config, layer_idx=0):
+    def __init__(self, config, layer_idx):
         super().__init__()
         self.n_head = config.n_head
         # Which layer of a KVCache holds this attention's keys and values.
@@ -107,7 +107,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config, layer_idx=0):
+    def __init__(self, config, layer_idx):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
         self.attn = CausalSelfAttention(config, layer_idx)
@@ -641,7 +641,8 @@ def parallelize(model, dtype, args):
     if args.compile:
         model = torch.compile(model)
     # DDP finds the model on the GPU that setup_distributed gave this process.
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    _, world_size = rank_and_world_size()
+    if world_size > 1:
         model = DistributedDataParallel(model)
     return model
 
@@ -754,7 +755,7 @@ def resume_training(checkpoint, model, optimizer, scaler, train_loader):
     return checkpoint["step"]
 
 
-def log(path, entry, line, tracker=None):
+def log(path, entry, line, tracker):
     """One entry: a line of log.jsonl (a crash loses at most the line being written), the same to
     wandb, and a line on the screen."""
     if is_master():
