@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -64,7 +65,7 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config, layer_idx=0):
+    def __init__(self, config, layer_idx):
         super().__init__()
         self.n_head = config.n_head
         # Which layer of a KVCache holds this attention's keys and values.
@@ -106,7 +107,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config, layer_idx=0):
+    def __init__(self, config, layer_idx):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
         self.attn = CausalSelfAttention(config, layer_idx)
@@ -189,11 +190,11 @@ class GPT(nn.Module):
             # stream's variance stays put (GPT-2 paper, section 2.3).
             if hasattr(module, "RESIDUAL_SCALE_INIT"):
                 std *= (2 * self.config.n_layer) ** -0.5
-            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            nn.init.normal_(module.weight, std=std)
             if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, std=0.02)
 
     def hidden_states(self, idx, pos, attn_mask=None, kv_cache=None):
         """Token ids (B, T) at positions pos, (T,) or (B, T) -> the last LayerNorm's output (B, T, C)."""
@@ -262,7 +263,7 @@ class GPT(nn.Module):
         cache = KVCache(self.config, ids.size(0), min(window, ids.size(1) + max_new_tokens))
         # What the next forward feeds: the prompt, then one token at a time.
         new = ids
-        finished = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)
+        finished = torch.zeros_like(ids[:, 0], dtype=torch.bool)  # (B,)
         for _ in range(max_new_tokens):
             logits = self.next_logits(new, cache, real)
             token = sample_next_token(logits, **sampling)  # (B,)
@@ -271,10 +272,11 @@ class GPT(nn.Module):
                 token = torch.where(finished, eos_token_id, token)
                 finished |= token == eos_token_id
             yield token
-            if eos_token_id is not None and bool(finished.all()):
+            if finished.all():
                 return
             ids = torch.cat([ids, token[:, None]], dim=1)  # (B, T + 1)
-            real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)
+            # The new token is real: a 1 padded on at the right.
+            real = F.pad(real, (0, 1), value=1)
             new = ids[:, -1:]
             if ids.size(1) > window:
                 # Past block_size the window slides, and every position in it: all is fed anew.
@@ -332,13 +334,9 @@ CONV1D_WEIGHTS = (
 def left_pad(token_lists, pad_id=EOT_TOKEN):
     """Prompts of different lengths as one batch, right-aligned so that their next tokens share a
     column: ids (B, T) and attention_mask (B, T), 0 at the padding."""
-    width = max(len(tokens) for tokens in token_lists)
-    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
-    for row, tokens in enumerate(token_lists):
-        start = width - len(tokens)
-        ids[row, start:] = torch.tensor(tokens, dtype=torch.long)
-        mask[row, start:] = 1
+    rows = [torch.tensor(tokens, dtype=torch.long) for tokens in token_lists]
+    ids = pad_sequence(rows, True, pad_id, padding_side="left")
+    mask = pad_sequence([torch.ones_like(row) for row in rows], True, 0, padding_side="left")
     return ids, mask
 
 
@@ -363,7 +361,7 @@ def get_tokenizer():
             "tiktoken has no GPT-2 files: it downloads them once (vocab.bpe and encoder.json, from "
             "openaipublic.blob.core.windows.net/gpt-2/encodings/main); offline, copy tiktoken's "
             "cache folder from a machine that has them and set TIKTOKEN_CACHE_DIR to it"
-        ) from None
+        )
 
 
 def encode_prompt(enc, prompt, template=None):
@@ -379,9 +377,18 @@ def encode_prompt(enc, prompt, template=None):
 # and two numbers (epoch, position) resume it.
 
 
+def read_meta(data_dir):
+    """A prepared folder's meta.json: the kind of data, and each split's shards."""
+    with open(os.path.join(data_dir, "meta.json")) as f:
+        return json.load(f)
+
+
 class PretrainLoader:
     """(B, T) windows of a split's shards, read as one stream of tokens (a window may run on into
     the next shard: no token is skipped); the train shards in an order shuffled each epoch."""
+
+    # A fine-tuning loader's prompt template; pretraining data has none.
+    template = None
 
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337):
         self.split = split
@@ -390,7 +397,7 @@ class PretrainLoader:
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
-        meta = json.load(open(os.path.join(data_dir, "meta.json")))
+        meta = read_meta(data_dir)
         self.names = [os.path.join(data_dir, name) for name in meta["splits"][split]["shards"]]
         # Memory-mapped: the OS reads in the pages a window touches, nothing more.
         self.shards = [np.load(path, mmap_mode="r") for path in self.names]
@@ -455,11 +462,9 @@ class PretrainLoader:
         if self.position + tokens_per_step + 1 > self.total_tokens:  # the epoch is used up
             self.set_epoch(self.epoch + 1)
             self.position = 0
-        batches = []
-        for micro_step in range(grad_accum):
-            # Micro-step m of rank r reads the (m * world_size + r)-th block of B sequences.
-            block = micro_step * self.world_size + self.rank
-            batches.append(self.window(self.position + block * self.B * self.T))
+        # Micro-step m of rank r reads the (m * world_size + r)-th block of B sequences.
+        blocks = range(self.rank, grad_accum * self.world_size, self.world_size)
+        batches = [self.window(self.position + block * self.B * self.T) for block in blocks]
         self.position += tokens_per_step
         return batches
 
@@ -498,13 +503,17 @@ def configure_optimizer(model, weight_decay, learning_rate):
     """AdamW, fused (one kernel for every parameter); weight decay on the matrices only: the
     biases and LayerNorm gains need none."""
     # parameters() yields the tied wte / lm_head once.
-    params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
     ]
     # GPT-3's betas: with beta2 0.95, not 0.999, AdamW follows the gradients' scale within ~20 steps.
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), fused=True)
+
+
+def num_params(model):
+    """The number of parameters, the tied wte / lm_head counted once."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def pick_dtype(device, requested="auto"):
@@ -512,8 +521,9 @@ def pick_dtype(device, requested="auto"):
     RTX 30xx and later), float16 on older ones (T4, V100: with a gradient scaler), else float32."""
     cuda = device.startswith("cuda")
     if requested == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
-        name = torch.cuda.get_device_name(device)
-        raise UserError(f"{name} has no bfloat16: use --dtype float16 (or auto)")
+        raise UserError(
+            f"{torch.cuda.get_device_name(device)} has no bfloat16: use --dtype float16 (or auto)"
+        )
     if requested != "auto":
         return getattr(torch, requested)
     if not cuda:
@@ -525,8 +535,7 @@ def pick_dtype(device, requested="auto"):
 
 def autocast(device, dtype):
     """Matmuls in dtype; what needs the range (softmax, norms, the loss) stays in float32."""
-    device_type = str(device).split(":")[0]
-    return torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def keep_freed_memory():
@@ -559,20 +568,20 @@ def setup_distributed(device):
     if "LOCAL_RANK" not in os.environ:
         return device
     if not device.startswith("cuda"):
-        torch.distributed.init_process_group("gloo")
+        dist.init_process_group("gloo")
         return device
     # LOCAL_RANK: this process's GPU on its node (RANK counts over all nodes).
     device = f"cuda:{os.environ['LOCAL_RANK']}"
     # Before NCCL starts, or every rank would open its communicator on GPU 0.
     torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl", device_id=torch.device(device))
+    dist.init_process_group("nccl", device_id=torch.device(device))
     return device
 
 
 def rank_and_world_size():
     """This process's rank, and how many there are: 0 and 1 without torchrun."""
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
@@ -588,8 +597,8 @@ def print0(*args, **kwargs):
 
 def all_reduce_sum(values):
     """A tensor summed over all ranks, in place (one process: as it is)."""
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(values)
+    if dist.is_initialized():
+        dist.all_reduce(values)
     return values
 
 
@@ -632,7 +641,8 @@ def parallelize(model, dtype, args):
     if args.compile:
         model = torch.compile(model)
     # DDP finds the model on the GPU that setup_distributed gave this process.
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    _, world_size = rank_and_world_size()
+    if world_size > 1:
         model = DistributedDataParallel(model)
     return model
 
@@ -652,8 +662,9 @@ PRESETS = {
 def new_model_config(args):
     """A new model's size: the --model preset, or --n_layer, --n_head, --n_embd where given. Its
     vocabulary is padded to 50304 = 128 * 393: a GPU's matmuls are faster on multiples of 128."""
-    size = dict(PRESETS[args.model])
-    for name in ("n_layer", "n_head", "n_embd"):
+    # GPT-2's 1024 positions, unless --block_size says otherwise.
+    size = dict(PRESETS[args.model], block_size=1024)
+    for name in ("n_layer", "n_head", "n_embd", "block_size"):
         if getattr(args, name) is not None:
             size[name] = getattr(args, name)
     if size["n_embd"] % size["n_head"] != 0:
@@ -661,10 +672,7 @@ def new_model_config(args):
             f"--n_embd {size['n_embd']} is not a multiple of --n_head {size['n_head']}: each "
             "head takes an equal slice of the width"
         )
-    block_size = 1024
-    if args.block_size is not None:
-        block_size = args.block_size
-    return GPTConfig(block_size=block_size, padded_vocab_size=50304, **size)
+    return GPTConfig(padded_vocab_size=50304, **size)
 
 
 def model_to_train(args):
@@ -684,12 +692,12 @@ def model_to_train(args):
         return GPT(new_model_config(args)), None
     model, _ = load_model(args.init_from, padded_vocab_size=50304)  # (appendix)
     learned = model.config.block_size
-    if args.block_size is not None and args.block_size > learned:
-        raise UserError(
-            f"--block_size {args.block_size} is longer than the {learned} positions "
-            f"{args.init_from} has learned: give at most {learned}"
-        )
-    if args.block_size is not None and args.block_size < learned:
+    if args.block_size is not None:
+        if args.block_size > learned:
+            raise UserError(
+                f"--block_size {args.block_size} is longer than the {learned} positions "
+                f"{args.init_from} has learned: give at most {learned}"
+            )
         # Shorter sequences: the model keeps the embeddings of its first positions.
         model.config.block_size = args.block_size
         wpe = model.transformer.wpe.weight[: args.block_size].clone()
@@ -747,7 +755,7 @@ def resume_training(checkpoint, model, optimizer, scaler, train_loader):
     return checkpoint["step"]
 
 
-def log(path, entry, line, tracker=None):
+def log(path, entry, line, tracker):
     """One entry: a line of log.jsonl (a crash loses at most the line being written), the same to
     wandb, and a line on the screen."""
     if is_master():
@@ -805,7 +813,7 @@ def show_samples(model, enc, prompt, n, dtype):
     with autocast(device, dtype), torch.compiler.set_stance("force_eager"):
         out = model.generate(ids, max_new_tokens=32, top_k=50, generator=generator)
     # Each sample until its document ends.
-    return [enc.decode(row[ids.size(1) :]).split("<|endoftext|>")[0] for row in out.tolist()]
+    return [enc.decode(row[len(prompt) :]).split("<|endoftext|>")[0] for row in out.tolist()]
 
 
 # -----------------------------------------------------------------------------
@@ -834,9 +842,7 @@ def train(args):
     train_loader = Loader(
         args.data_dir, "train", args.batch_size, block_size, rank, world_size, args.seed
     )
-    val_loader = Loader(
-        args.data_dir, "val", args.batch_size, block_size, rank, world_size, args.seed
-    )
+    val_loader = Loader(args.data_dir, "val", args.batch_size, block_size, rank, world_size)
     # --total_batch_size counts tokens when pretraining (batch x block_size x GPUs x micro-steps),
     # examples when fine-tuning. What one micro-step on every GPU cannot hold is accumulated.
     per_micro_step = args.batch_size * world_size
@@ -858,9 +864,7 @@ def train(args):
         hellaswag = load_hellaswag(args.hellaswag_path, args.hellaswag_limit)  # (appendix)
     enc = get_tokenizer()
     # A fine-tuned model keeps its prompt template: sample and chat wrap a prompt in it.
-    template = None
-    if args.mode == "finetune":
-        template = train_loader.template
+    template = train_loader.template
     prompt, prompt_text = sample_prompt(args.prompt, enc, val_loader, template)
 
     # The run. The optimizer comes after FSDP, which replaces the parameters.
@@ -873,9 +877,8 @@ def train(args):
         check_resume(checkpoint, [train_loader, val_loader], max_steps, args)  # (appendix)
         step = resume_training(checkpoint, raw_model, optimizer, scaler, train_loader)
     start_step = step
-    n_params = sum(p.numel() for p in raw_model.parameters())
     print0(
-        f"{args.mode}: {n_params:,} parameters, {world_size} process(es) on {device}, "
+        f"{args.mode}: {num_params(raw_model):,} parameters, {world_size} process(es) on {device}, "
         f"{grad_accum} micro-steps of {args.batch_size} a step, {max_steps} steps "
         f"({steps_per_epoch} an epoch)"
     )
@@ -945,13 +948,12 @@ def train(args):
             # Both groups follow the schedule, with and without weight decay.
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro_batches = []
-            for x, y in train_loader.next_step(grad_accum):
-                micro_batches.append((x.to(device), y.to(device)))
+            batches = train_loader.next_step(grad_accum)
+            micro_batches = [(x.to(device), y.to(device)) for x, y in batches]
             loss, stop = forward_backward(model, micro_batches, dtype, scaler, guard.stop_requested)
             # float16: the true gradients, for their norm and the clipping.
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
             # float16's scaler skips a step whose gradients overflowed, and scales down: no error.
             norm_bad = not math.isfinite(grad_norm) and not scaler.is_enabled()
             if not math.isfinite(loss) or norm_bad:
@@ -983,8 +985,7 @@ def train(args):
             # All GPUs' tokens; fine-tuning's with their padding.
             tokens = world_size * sum(x.numel() for x, _ in micro_batches)
             eta = (time.time() - t_start) / (step - start_step) * (max_steps - step)
-            entry = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
-            entry["ms"] = 1000 * dt
+            entry = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "ms": 1000 * dt}
             entry["tok_per_s"] = tokens / dt
             line = (
                 f"step {step:5d}/{max_steps} | loss {loss:.6f} | lr {lr:.2e} | "
@@ -1011,7 +1012,20 @@ def train(args):
 # Sampling
 
 
-def stream_text(model, enc, tokens, args, generator=None):
+def load_to_sample(args):
+    """--init_from's model on --device, ready to generate, and its prompt template (or None)."""
+    # One process: sampling needs no torchrun.
+    device = setup_distributed(args.device)
+    model, template = load_model(args.init_from)  # (appendix) a .pt, a run folder, HF, OpenAI's
+    # Other samples every time, unless --seed is given.
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    model.to(device)
+    model.eval()
+    return model, template
+
+
+def stream_text(model, enc, tokens, args):
     """Print one answer token by token, as it is generated; return its text."""
     import codecs
 
@@ -1020,9 +1034,16 @@ def stream_text(model, enc, tokens, args, generator=None):
     # A token may end in the middle of a character: bytes are printed once they make one.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     pieces = []
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     with autocast(device, pick_dtype(str(device), args.dtype)):
-        for token in model.stream(ids, None, args.max_new_tokens, generator=generator, **sampling):
+        stream = model.stream(
+            ids,
+            None,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+        )
+        for token in stream:
             token_id = token.item()
             # The end of a fine-tuned answer, or of a document.
             if token_id == EOT_TOKEN:
@@ -1038,16 +1059,8 @@ def stream_text(model, enc, tokens, args, generator=None):
 def sample(args):
     """--mode sample: continue each --prompt, --num_samples times, printed as it is generated (a
     fine-tuned model answers the prompt instead)."""
-    # One process: sampling needs no torchrun.
-    device = setup_distributed(args.device)
-    model, template = load_model(args.init_from)  # (appendix) a .pt, a run folder, HF, OpenAI's
-    model.to(device)
-    model.eval()
+    model, template = load_to_sample(args)
     enc = get_tokenizer()
-    # Other samples every time, unless --seed is given.
-    generator = None
-    if args.seed is not None:
-        generator = torch.Generator(device).manual_seed(args.seed)
     several = len(args.prompt) > 1 or args.num_samples > 1
     for i, prompt in enumerate(args.prompt):
         tokens = encode_prompt(enc, prompt, template)
@@ -1059,7 +1072,7 @@ def sample(args):
                 print(prompt, end="", flush=True)
             else:
                 print(prompt)
-            stream_text(model, enc, tokens, args, generator)
+            stream_text(model, enc, tokens, args)
 
 
 # -----------------------------------------------------------------------------
@@ -1067,8 +1080,7 @@ def sample(args):
 
 
 def main(argv=None):
-    if argv is None:
-        argv = sys.argv[1:]
+    # argv None: argparse reads sys.argv.
     args = parse_args(argv)  # (appendix) --mode and its flags, checked
     modes = {"pretrain": train, "finetune": train, "sample": sample, "chat": chat}
     modes.update({"eval": evaluate, "export": export, "bench": bench, "plot": plot})
@@ -1083,7 +1095,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         # A second Ctrl-C (training handles the first one, and saves). 130: "killed by SIGINT".
         exit_with(args, "interrupted", 130)
-    if torch.distributed.is_initialized():
+    if dist.is_initialized():
         end_process_group(args)  # (appendix)
 
 
@@ -1104,17 +1116,17 @@ MODES = ("pretrain", "finetune", "sample", "chat", "eval", "export", "bench", "p
 TRAIN = ("pretrain", "finetune")
 
 
-def number(kind, low, high=None, above=False):
+def number(kind, low, high=math.inf, above=False):
     """An argparse type: a number of that kind, at least low (above: more than low), at most high,
     so that a value out of its domain (--max_steps -1) is refused as it is given."""
     domain = f"{'>' if above else '>='} {low:g}"
-    if high is not None:
+    if high < math.inf:
         domain += f" and <= {high}"
 
     def parse(text):
         value = kind(text)  # argparse reports a ValueError as "invalid value"
         too_low = value < low or (above and value == low)
-        if too_low or not math.isfinite(value) or (high is not None and value > high):
+        if too_low or value > high or not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {domain}")
         return value
 
@@ -1129,9 +1141,9 @@ def device_flag(text):
     if torch.backends.mps.is_available():
         devices.append("mps")
     if text not in devices:
-        gpus = torch.cuda.device_count()
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a device this machine has ({gpus} CUDA GPUs): use {', '.join(devices)}"
+            f"{text!r} is not a device this machine has ({torch.cuda.device_count()} CUDA GPUs): "
+            f"use {', '.join(devices)}"
         )
     return text
 
@@ -1172,7 +1184,7 @@ def flags():
         ("--dtype", run, "auto", ["auto", "bfloat16", "float16", "float32"], "of the matmuls"),
         ("--seed", "pretrain finetune bench", 1337, seed, "of the initial weights and data order"),
         ("--seed", "sample chat", None, seed, "of the sampling (default: new samples each time)"),
-        ("--model", new, "gpt2", ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"], "its size"),
+        ("--model", new, "gpt2", list(PRESETS), "its size"),
         ("--n_layer", new, None, count, "blocks, instead of --model's"),
         ("--n_head", new, None, count, "attention heads, instead of --model's"),
         ("--n_embd", new, None, count, "width, instead of --model's"),
@@ -1242,7 +1254,6 @@ MODE_DEFAULTS = {
 def parse_args(argv):
     """--mode, then that mode's flags. Resuming, the run's own flags are the defaults."""
     first = Parser(add_help=False)
-    first.mode = "sample"
     first.add_argument("--mode", default="sample", choices=MODES)
     mode = first.parse_known_args(argv)[0].mode
     p = Parser(
@@ -1264,13 +1275,14 @@ def parse_args(argv):
             p.add_argument(name, default=default, type=kind, help=text)
     p.set_defaults(**MODE_DEFAULTS.get(mode, {}))
     args = p.parse_args(argv)
+    saved = {}
     if mode in TRAIN and args.init_from == "resume":
-        p.set_defaults(**saved_args(args.out_dir))
-        args = p.parse_args(argv)
+        saved = saved_args(args.out_dir)
     if mode == "eval":
         # A run's val loss is measured on its own data and batches: it equals the one it logged.
-        p.set_defaults(**saved_args(args.init_from, ("data_dir", "batch_size", "val_steps")))
-        args = p.parse_args(argv)
+        saved = saved_args(args.init_from, ("data_dir", "batch_size", "val_steps"))
+    p.set_defaults(**saved)
+    args = p.parse_args(argv)
     if mode == "sample" and args.prompt is None:
         args.prompt = ["Hello, I'm a language model,"]
     check_args(p, args)
@@ -1338,29 +1350,27 @@ def check_data(data_dir, mode):
     try:
         meta = json.load(open(os.path.join(data_dir, "meta.json")))
         kind = meta["kind"]
-        shards = []
+        # Each split's shards, and their lengths.
+        shards = {}
         if kind == "pretrain":
             for split in ("train", "val"):
-                shards.append(
-                    list(
-                        zip(meta["splits"][split]["shards"], meta["splits"][split]["shard_tokens"])
-                    )
-                )
+                listed = meta["splits"][split]
+                shards[split] = list(zip(listed["shards"], listed["shard_tokens"]))
     except (FileNotFoundError, NotADirectoryError):
         raise UserError(
             f"data folder {os.path.abspath(data_dir)} not found, or not prepared (no meta.json): "
             f"run prepare_data.py{sft} (the same command resumes an interrupted one)"
-        ) from None
+        )
     except (json.JSONDecodeError, KeyError, TypeError) as e:  # not JSON, or not prepare_data.py's
         raise UserError(
             f"{data_dir}/meta.json is not prepare_data.py's ({type(e).__name__}: {e}): {REPREPARE}"
-        ) from None
+        )
     wanted = {"pretrain": "pretrain", "finetune": "sft"}.get(mode, kind)
     if kind != wanted:
         raise UserError(
             f"{data_dir} holds {kind} data, but --mode {mode} reads {wanted} data: run prepare_data.py{sft}"
         )
-    for split, named in zip(("train", "val"), shards):
+    for split, named in shards.items():
         if not named:
             raise UserError(f"{data_dir} has no {split} shards: {REPREPARE}")
         for name, length in named:
@@ -1372,10 +1382,10 @@ def load_array(path, dtype, length=None):
     try:
         array = np.load(path, mmap_mode="r")
     except OSError as e:  # missing, or unreadable
-        raise UserError(f"{path} is {e.strerror}: {REPREPARE}") from None
+        raise UserError(f"{path} is {e.strerror}: {REPREPARE}")
     # A header numpy cannot read, or fewer bytes than it says.
     except ValueError:
-        raise UserError(f"{path} is cut short or not .npy: {REPREPARE}") from None
+        raise UserError(f"{path} is cut short or not .npy: {REPREPARE}")
     if array.dtype != dtype or array.ndim != 1 or length not in (None, len(array)):
         expected = np.dtype(dtype).name if length is None else f"{length:,} {np.dtype(dtype)}"
         raise UserError(
@@ -1515,9 +1525,7 @@ def load_model(init_from, padded_vocab_size=0):
         model = GPT.from_pretrained(init_from, padded_vocab_size)
     # A missing, broken or foreign folder.
     except (OSError, ValueError, SafetensorError) as e:
-        raise UserError(
-            f"could not load {init_from!r} as a GPT-2 checkpoint: {first_line(e)}"
-        ) from None
+        raise UserError(f"could not load {init_from!r} as a GPT-2 checkpoint: {first_line(e)}")
     # tiktoken's GPT-2 ids would not fit, or not be this vocabulary's.
     if model.config.vocab_size != 50257:
         raise UserError(
@@ -1541,11 +1549,11 @@ def load_checkpoint(path, keys=("model", "config")):
             raise UserError(
                 f"{path} holds a Python object ({refused[1]}), which loading would run: re-save "
                 "its tensors"
-            ) from None
+            )
         raise UserError(
             f"{path} is not a readable checkpoint ({type(e).__name__}: {first_line(e)[:150]}): it "
             "may be truncated or not a PyTorch file; pick another checkpoint"
-        ) from None
+        )
     missing = [key for key in keys if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         found = (
@@ -1560,7 +1568,7 @@ def load_checkpoint(path, keys=("model", "config")):
         model.load_state_dict(checkpoint["model"])
     # Another model's (nanoGPT's, say).
     except (TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path} does not hold this file's GPT-2: {first_line(e)}") from None
+        raise UserError(f"{path} does not hold this file's GPT-2: {first_line(e)}")
     return model, checkpoint
 
 
@@ -1605,7 +1613,7 @@ class RunGuard:
         try:
             os.makedirs(self.out_dir, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot write to --out_dir {self.out_dir}: {e.strerror}") from None
+            raise UserError(f"cannot write to --out_dir {self.out_dir}: {e.strerror}")
         self.folder = os.open(self.out_dir, os.O_RDONLY)
         try:  # LOCK_NB: refuse at once, rather than wait for the other run
             if fcntl is not None:
@@ -1614,7 +1622,7 @@ class RunGuard:
             self.close()
             raise UserError(
                 f"another run is using {self.out_dir}: wait for it to end, or choose another --out_dir"
-            ) from None
+            )
 
     def handler(self, signum, frame):
         if self.stop_requested:  # a second Ctrl-C: stop at once
@@ -1631,7 +1639,6 @@ class RunGuard:
             tracker.finish()
         if self.folder is not None:
             os.close(self.folder)  # releases the lock
-            self.folder = None
             if self.made:
                 # rmdir refuses a folder that is not empty.
                 with contextlib.suppress(OSError):
@@ -1746,7 +1753,7 @@ def fsdp_on_gloo(args):
     abort Python's shutdown (PyTorch PR 179291): such a process ends with os._exit."""
     if not getattr(args, "fsdp", 0) or "LOCAL_RANK" not in os.environ:
         return False
-    return torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo"
+    return dist.is_initialized() and dist.get_backend() == "gloo"
 
 
 def exit_with(args, message, code):
@@ -1762,7 +1769,7 @@ def end_process_group(args):
         sys.stdout.flush()
         os._exit(0)
     # A clean exit: NCCL warns about a group left open.
-    torch.distributed.destroy_process_group()
+    dist.destroy_process_group()
 
 
 def truncate_log(path, step):
@@ -1779,8 +1786,7 @@ def truncate_log(path, step):
             except (ValueError, KeyError, TypeError):
                 break
             kept += len(line)
-    with open(path, "r+b") as f:
-        f.truncate(kept)
+    os.truncate(path, kept)
 
 
 def start_wandb(args, checkpoint):
@@ -1790,7 +1796,7 @@ def start_wandb(args, checkpoint):
     try:
         import wandb
     except ImportError:
-        raise UserError("--wandb_project needs wandb: pip install wandb") from None
+        raise UserError("--wandb_project needs wandb: pip install wandb")
     offline = os.environ.get("WANDB_MODE") in ("offline", "disabled")
     if not offline and not wandb.login(prompt=False, verify=False):
         raise UserError(
@@ -1798,10 +1804,9 @@ def start_wandb(args, checkpoint):
         )
     # Saved in every checkpoint.
     run_id = checkpoint.get("wandb_id") if checkpoint else None
-    name = os.path.basename(os.path.normpath(args.out_dir))
     return wandb.init(
         project=args.wandb_project,
-        name=name,
+        name=os.path.basename(os.path.normpath(args.out_dir)),
         config=vars(args),
         dir=args.out_dir,
         id=run_id,
@@ -1836,21 +1841,20 @@ class InstructionLoader:
                 f"the {split} files of {data_dir} do not agree (examples, offsets or token ids): "
                 "re-run prepare_data.py --sft for this folder"
             )
-        self.examples = []
-        for start, end in zip(offsets[:-1], offsets[1:]):
-            x = torch.from_numpy(tokens[start:end].astype(np.int64))
-            is_answer = torch.from_numpy(mask[start:end].astype(bool))
-            self.examples.append((x[:-1], x.masked_fill(~is_answer, -100)[1:]))
+        ids = torch.from_numpy(tokens.astype(np.int64))
+        targets = ids.masked_fill(torch.from_numpy(mask == 0), -100)
+        # Example i's inputs, and its targets: each input's next token.
+        bounds = zip(offsets[:-1], offsets[1:])
+        self.examples = [(ids[start : end - 1], targets[start + 1 : end]) for start, end in bounds]
         self.lengths = np.diff(offsets) - 1
-        meta = json.load(open(os.path.join(data_dir, "meta.json")))
+        meta = read_meta(data_dir)
         # Chat and sample wrap a prompt in it.
         self.template = meta["prompt_template"]
         if self.lengths.max() > block_size:
-            command = meta.get("command")
             raise UserError(
                 f"{data_dir} has examples of {self.lengths.max() + 1} tokens, more than the model's "
-                f"block_size {block_size} + 1: prepare it again for this model, with {command} "
-                f"--block_size {block_size} --out_dir {data_dir} --overwrite"
+                f"block_size {block_size} + 1: prepare it again for this model, with "
+                f"{meta.get('command')} --block_size {block_size} --out_dir {data_dir} --overwrite"
             )
         # On resume, the data must be the same: the three files' sha256 (~20 ms).
         self.fingerprint = [hashlib.sha256(array).hexdigest() for array in (tokens, mask, offsets)]
@@ -1881,19 +1885,16 @@ class InstructionLoader:
         # By length (ties keep their order): micro-batches of alike lengths pad little.
         step = step[np.argsort(self.lengths[step], kind="stable")]
         self.step_in_epoch += 1
-        batches = []
-        for micro_step in range(grad_accum):
-            # Micro-step m of rank r takes the (m * world_size + r)-th B examples, as pretraining.
-            block = micro_step * self.world_size + self.rank
-            batches.append(self.batch(step[block * self.B : (block + 1) * self.B]))
-        return batches
+        # Micro-step m of rank r takes the (m * world_size + r)-th B examples, as pretraining.
+        micro_batches = step.reshape(grad_accum, self.world_size, self.B)[:, self.rank]
+        return [self.batch(indices) for indices in micro_batches]
 
     def eval_steps(self, max_batches):
         # The last batch may be short.
         return min(max_batches, math.ceil(len(self.examples) / self.B))
 
     def eval_batch(self, i):
-        return self.batch(range(i * self.B, min((i + 1) * self.B, len(self.examples))))
+        return self.batch(range(len(self.examples))[i * self.B : (i + 1) * self.B])
 
     def state_dict(self):
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
@@ -1913,33 +1914,33 @@ def wrap_blocks(model, dtype, args):
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if args.activation_checkpointing:
+        for i, block in enumerate(model.transformer.h):
+            # The block keeps only its input, and runs again in the backward pass: the saved
+            # activations go from ~34 to 2 of (B, T, C).
+            model.transformer.h[i] = checkpoint_wrapper(block)
+    if not args.fsdp:
+        return model
     # FSDP2 gathers the weights cast to the compute dtype (half the traffic); AdamW's float32
     # shards stay the master copy.
     param_dtype = None if dtype == torch.float32 else dtype
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    if args.fsdp and not torch.distributed.is_initialized():
+    if not dist.is_initialized():
         # One process, to try FSDP on one GPU: a group of one.
         backend = "nccl" if next(model.parameters()).is_cuda else "gloo"
-        store = torch.distributed.HashStore()
-        torch.distributed.init_process_group(backend, rank=0, world_size=1, store=store)
-    for i, block in enumerate(model.transformer.h):
-        if args.activation_checkpointing:
-            # The block keeps only its input, and runs again in the backward pass: the saved
-            # activations go from ~34 to 2 of (B, T, C).
-            block = checkpoint_wrapper(block)
-            model.transformer.h[i] = block
-        if args.fsdp and args.compile:
+        store = dist.HashStore()
+        dist.init_process_group(backend, rank=0, world_size=1, store=store)
+    for block in model.transformer.h:
+        if args.compile:
             # Each block alone (without FSDP, the whole model is compiled).
             block.compile()
-        if args.fsdp:
-            # one all-gather in the forward pass and one reduce-scatter in the backward, a block
-            fully_shard(block, mp_policy=mp_policy)
-    if args.fsdp and args.compile:
+        # One all-gather in the forward pass and one reduce-scatter in the backward, a block.
+        fully_shard(block, mp_policy=mp_policy)
+    if args.compile:
         # The LM head and the loss too: the step's largest tensors, fused as a whole model's are.
         model.head = torch.compile(model.head)
-    if args.fsdp:
-        # The root's weights are needed again at once (the tied head): not resharded.
-        fully_shard(model, mp_policy=mp_policy, reshard_after_forward=False)
+    # The root's weights are needed again at once (the tied head): not resharded.
+    fully_shard(model, mp_policy=mp_policy, reshard_after_forward=False)
     return model
 
 
@@ -2001,48 +2002,50 @@ def score_item(model, enc, item, dtype):
     the endings' lengths in tokens (4,)."""
     device = next(model.parameters()).device
     context = enc.encode(item["ctx"])
-    # The space between them belongs to the ending's first token.
-    endings = [enc.encode(" " + ending) for ending in item["endings"]]
-    rows = [
-        (context + ending)[-model.config.block_size - 1 :] for ending in endings
-    ]  # long: its end
-    # A row's last token is a target only.
-    width = max(len(row) for row in rows) - 1
-    ids = torch.full((4, width), EOT_TOKEN, dtype=torch.long)
-    # -100: not the ending, not counted.
-    targets = torch.full((4, width), -100, dtype=torch.long)
-    lengths = []
-    for i, (row, ending) in enumerate(zip(rows, endings)):
-        n = len(row) - 1
-        span = min(len(ending), n)
-        ids[i, :n] = torch.tensor(row[:-1])
-        targets[i, n - span : n] = torch.tensor(row[n - span + 1 :])
-        lengths.append(span)
+    inputs = []
+    targets = []
+    for ending in item["endings"]:
+        # The space between them belongs to the ending's first token.
+        ending_ids = enc.encode(" " + ending)
+        # Of a row too long for the model, its end. Its last token is a target only.
+        row = (context + ending_ids)[-model.config.block_size - 1 :]
+        inputs.append(torch.tensor(row[:-1]))
+        target = torch.tensor(row[1:])
+        # -100: not the ending, not counted.
+        target[: -len(ending_ids)] = -100
+        targets.append(target)
+    ids = pad_sequence(inputs, True, EOT_TOKEN)  # (4, width)
+    targets = pad_sequence(targets, True, -100)
     with autocast(device, dtype):
         logits, _ = model(ids.to(device))  # (4, width, vocab)
     losses = F.cross_entropy(
         logits.flatten(0, 1).float(), targets.flatten().to(device), reduction="none"
     )
-    sums = losses.view(4, width).sum(dim=1)  # (4,)
-    return sums.cpu(), torch.tensor(lengths)
+    sums = losses.view(4, -1).sum(dim=1)  # (4,)
+    return sums.cpu(), (targets != -100).sum(dim=1)
 
 
-def hellaswag_eval(model, items, dtype, harness=False, progress=None):
+def hellaswag_eval(model, items, dtype, harness=False, progress=False):
     """HellaSwag accuracy, the items dealt to the ranks. acc: the ending of least summed loss.
     acc_norm: of least loss per token (GPT-2's and GPT-3's way); with harness=True (lm-evaluation-
-    harness's way), of the harness's cleaned query and endings, per character."""
+    harness's way), of the harness's cleaned query and endings, per character. progress: a
+    progress bar on rank 0, in whole items."""
     rank, world_size = rank_and_world_size()
     enc = get_tokenizer()
+    mine = items[rank::world_size]
+    if progress:
+        from tqdm import tqdm
+
+        name = "HellaSwag, lm-evaluation-harness's way" if harness else "HellaSwag, GPT-2's way"
+        mine = tqdm(mine, unit="item", desc=name, disable=rank != 0)
     right = torch.zeros(3, dtype=torch.float64)  # acc, acc_norm, items
-    for item in items[rank::world_size]:
+    for item in mine:
         asked = harness_item(item) if harness else item
         sums, lengths = score_item(model, enc, asked, dtype)
         if harness:
             lengths = torch.tensor([len(ending) for ending in asked["endings"]])
         label = item["label"]
         right += torch.tensor([sums.argmin() == label, (sums / lengths).argmin() == label, 1])
-        if progress is not None:
-            progress.update(1)
     device = next(model.parameters()).device
     # Every rank's counts.
     acc, acc_norm, n = all_reduce_sum(right.to(device)).tolist()
@@ -2052,35 +2055,29 @@ def hellaswag_eval(model, items, dtype, harness=False, progress=None):
 
 def evaluate(args):
     """--mode eval: a model's val loss and HellaSwag accuracy, as a table and as eval.json."""
-    from tqdm import tqdm
-
     device = setup_distributed(args.device)
     rank, world_size = rank_and_world_size()
     dtype = pick_dtype(device, args.dtype)
-    items = None
     if args.hellaswag:
         # A bad file fails now, not after the model has loaded (a minute for gpt2-xl).
         items = load_hellaswag(args.hellaswag_path, args.hellaswag_limit)
     model, _ = load_model(args.init_from)
     model.to(device)
     model.eval()
-    block_size = model.config.block_size
     results = {"model": args.init_from}
     if args.data_dir is not None:
         # At the model's own block_size; the folder says how to read it.
         # Checked by check_args.
-        meta = json.load(open(os.path.join(args.data_dir, "meta.json")))
+        meta = read_meta(args.data_dir)
         Loader = InstructionLoader if meta["kind"] == "sft" else PretrainLoader
+        block_size = model.config.block_size
         loader = Loader(args.data_dir, "val", args.batch_size, block_size, rank, world_size)
         results["val_loss"] = evaluate_loss(model, loader, args.val_steps, dtype)
         results["val_batches"] = loader.eval_steps(args.val_steps)
-    if items is not None:
+    if args.hellaswag:
         t0 = time.time()
         for harness in (False, True):  # both published conventions
-            name = "HellaSwag, lm-evaluation-harness's way" if harness else "HellaSwag, GPT-2's way"
-            mine = len(items[rank::world_size])
-            with tqdm(total=mine, unit="item", desc=name, disable=rank != 0) as bar:
-                results.update(hellaswag_eval(model, items, dtype, harness, bar))
+            results.update(hellaswag_eval(model, items, dtype, harness, progress=True))
         results["hellaswag_items_per_s"] = results["hellaswag_items"] / (time.time() - t0)
     if rank != 0:  # the results are summed over the ranks already
         return results
@@ -2104,19 +2101,13 @@ def evaluate(args):
 def chat(args):
     """--mode chat: type an instruction, read the answer as it comes; /quit leaves. Single
     turns, as Alpaca teaches."""
-    device = setup_distributed(args.device)
-    model, template = load_model(args.init_from)
+    model, template = load_to_sample(args)
     if template is None:
         raise UserError(
             f"{args.init_from} is not fine-tuned (it has no prompt template): chat needs a --mode "
             "finetune checkpoint or its export; --mode sample continues a pretrained model's text"
         )
-    model.to(device)
-    model.eval()
     enc = get_tokenizer()
-    generator = None
-    if args.seed is not None:
-        generator = torch.Generator(device).manual_seed(args.seed)
     # Line editing and history for input(); not on Windows.
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401
@@ -2133,7 +2124,7 @@ def chat(args):
         if not instruction:  # an empty line asks nothing
             continue
         try:
-            stream_text(model, enc, encode_prompt(enc, instruction, template), args, generator)
+            stream_text(model, enc, encode_prompt(enc, instruction, template), args)
         # Ctrl-C while answering: the answer stops, the chat goes on.
         except KeyboardInterrupt:
             print(" [stopped]")
@@ -2234,8 +2225,6 @@ def export(args):
         )
     print(f"reading {args.init_from}")
     model, template = load_model(args.init_from)
-    if template is not None:
-        jinja_chat_template(template)  # refused now, if it cannot be written
     # A sibling: the final rename stays on one filesystem.
     tmp = f"{out_dir}.partial-{os.getpid()}"
     try:
@@ -2291,7 +2280,7 @@ def flops_per_token(model):
     """Training FLOPs per token (PaLM, appendix B): 6 a parameter (wpe aside), and attention's
     12 * L * C * T."""
     config = model.config
-    n_params = sum(p.numel() for p in model.parameters()) - config.block_size * config.n_embd
+    n_params = num_params(model) - config.block_size * config.n_embd
     return 6 * n_params + 12 * config.n_layer * config.n_embd * config.block_size
 
 
@@ -2310,25 +2299,22 @@ def bench(args):
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
     B = args.batch_size
     T = raw_model.config.block_size
-    n_params = sum(p.numel() for p in raw_model.parameters())
     print0(
-        f"bench: {n_params:,} parameters, batch {B} x {T}, {device}, {dtype}, compile "
+        f"bench: {num_params(raw_model):,} parameters, batch {B} x {T}, {device}, {dtype}, compile "
         f"{args.compile}, {world_size} process(es), FSDP {args.fsdp}, {args.bench_steps} steps, "
         f"the first {args.bench_warmup} not timed"
     )
     times = []
     for i in range(args.bench_steps):
-        # Fresh tokens each step.
-        x = torch.randint(0, 50257, (B, T + 1), device=device)
-        # Contiguous, as a loader's batches are.
-        micro_batch = (x[:, :-1].contiguous(), x[:, 1:].contiguous())
+        # Fresh tokens each step, as the inputs and as the targets: the speed is the same.
+        x = torch.randint(0, 50257, (B, T), device=device)
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         # The training step, as train()'s.
-        forward_backward(model, [micro_batch], dtype, scaler)
+        forward_backward(model, [(x, x)], dtype, scaler)
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
+        nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -2391,8 +2377,7 @@ def plot(args):
     matplotlib.use("Agg")  # files only, no window: works on a server
     import matplotlib.pyplot as plt
 
-    log_path = os.path.join(args.out_dir, "log.jsonl")
-    entries = read_log(log_path)  # (appendix) checked line by line
+    entries = read_log(os.path.join(args.out_dir, "log.jsonl"))  # checked line by line
     run = saved_args(args.out_dir)  # the run's flags, from its checkpoint
     default_recipe = run.get("model") == "gpt2" and run.get("n_layer") is None
     default_recipe = default_recipe and "fineweb_edu" in str(run.get("data_dir"))
