@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -335,8 +336,13 @@ def left_pad(token_lists, pad_id=EOT_TOKEN):
     """Prompts of different lengths as one batch, right-aligned so that their next tokens share a
     column: ids (B, T) and attention_mask (B, T), 0 at the padding."""
     rows = [torch.tensor(tokens, dtype=torch.long) for tokens in token_lists]
-    ids = pad_sequence(rows, True, pad_id, padding_side="left")
-    mask = pad_sequence([torch.ones_like(row) for row in rows], True, 0, padding_side="left")
+    ids = pad_sequence(rows, batch_first=True, padding_value=pad_id, padding_side="left")
+    mask = pad_sequence(
+        [torch.ones_like(row) for row in rows],
+        batch_first=True,
+        padding_value=0,
+        padding_side="left",
+    )
     return ids, mask
 
 
@@ -591,8 +597,14 @@ def is_master():
 
 
 def print0(*args, **kwargs):
-    if is_master():
+    """print on rank 0 only. Should the reader of the output go away (| head), the run goes on
+    without a screen: its log.jsonl and checkpoints are the record."""
+    if not is_master():
+        return
+    try:
         print(*args, **kwargs)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def all_reduce_sum(values):
@@ -741,7 +753,7 @@ def save_checkpoint(path, raw_model, optimizer, state):
     checkpoint["config"] = asdict(raw_model.config)
     with atomic_write(path) as f:
         torch.save(checkpoint, f)
-    print(f"saved {path} at step {state['step']}")
+    print0(f"saved {path} at step {state['step']}")
 
 
 def resume_training(checkpoint, model, optimizer, scaler, train_loader):
@@ -832,6 +844,8 @@ def train(args):
     torch.manual_seed(args.seed)
 
     # What can refuse the run is checked now, before --out_dir is touched, not after hours of steps.
+    if args.batch_size is None:
+        args.batch_size = fitting_batch_size(device)  # (appendix)
     # The raw model is the one saved and sampled; the model wrapped for speed (below) trains it.
     raw_model, checkpoint = model_to_train(args)
     raw_model.to(device)
@@ -876,12 +890,11 @@ def train(args):
     if checkpoint is not None:
         check_resume(checkpoint, [train_loader, val_loader], max_steps, args)  # (appendix)
         step = resume_training(checkpoint, raw_model, optimizer, scaler, train_loader)
+        print0(f"resuming {args.out_dir} at step {step}")
     start_step = step
-    print0(
-        f"{args.mode}: {num_params(raw_model):,} parameters, {world_size} process(es) on {device}, "
-        f"{grad_accum} micro-steps of {args.batch_size} a step, {max_steps} steps "
-        f"({steps_per_epoch} an epoch)"
-    )
+    # A run that is all warmup never trains at --max_lr: said now, not found in the plot later.
+    if args.warmup_steps >= max_steps:
+        print0(f"note: all {max_steps} steps are warmup: the learning rate never reaches --max_lr")
     # MFU: the FLOPs of a step's tokens against the GPUs' peak (None for an unknown GPU).
     peak = None
     if device.startswith("cuda"):
@@ -896,6 +909,11 @@ def train(args):
     state = None
     tracker = None
     guard = RunGuard(args.out_dir)  # (appendix) --out_dir locked; Ctrl-C saves, then stops
+    print0(
+        f"{args.mode}: {num_params(raw_model):,} parameters, {world_size} process(es) on {device}, "
+        f"{grad_accum} micro-steps of {args.batch_size} a step, {max_steps} steps "
+        f"({steps_per_epoch} an epoch)"
+    )
 
     try:
         if checkpoint is not None:
@@ -910,6 +928,7 @@ def train(args):
             # What a checkpoint of this step holds besides the weights, before the loader moves on.
             state = {
                 "step": step,
+                "max_steps": max_steps,
                 "loader": train_loader.state_dict(),
                 "data": [train_loader.fingerprint, val_loader.fingerprint],
                 "scaler": scaler.state_dict(),
@@ -997,6 +1016,8 @@ def train(args):
             line += f" | ETA {int(eta) // 60}m{int(eta) % 60:02d}s"
             log(log_path, entry, line, tracker)
     except Exception:
+        # No step is coming: a Ctrl-C from now on stops at once.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         # No trained step is lost to a failure (an evaluation, the disk, the data): the weights
         # are saved first. Not under FSDP, where saving needs every rank, and one has failed.
         if state is not None and step > saved_step and not args.fsdp:
@@ -1064,6 +1085,13 @@ def sample(args):
     several = len(args.prompt) > 1 or args.num_samples > 1
     for i, prompt in enumerate(args.prompt):
         tokens = encode_prompt(enc, prompt, template)
+        # The model reads block_size tokens at most: of a longer prompt, its end.
+        if len(tokens) > model.config.block_size:
+            print(
+                f"note: the prompt is {len(tokens):,} tokens; the model reads its last "
+                f"{model.config.block_size}",
+                file=sys.stderr,
+            )
         for j in range(args.num_samples):
             if several:
                 print(f"--- sample {j + 1} of prompt {i + 1}")
@@ -1086,7 +1114,10 @@ def main(argv=None):
     modes.update({"eval": evaluate, "export": export, "bench": bench, "plot": plot})
     try:
         modes[args.mode](args)
-    except (UserError, OSError, torch.OutOfMemoryError) as e:
+    except BrokenPipeError:
+        # The reader of the output went away (| head): the work is done and saved, nothing to say.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (UserError, OSError, RuntimeError) as e:
         # What the user can fix is one line, wherever it strikes; a bug keeps its traceback.
         message = one_line(e, args)  # (appendix)
         if message is None:
@@ -1154,6 +1185,7 @@ def flags():
     count = number(int, 1)
     count0 = number(int, 0)
     seed = number(int, 0, 2**32 - 1)
+    length = number(int, 1, 2**20)
     switch = [0, 1]
     # torch.compile needs Triton: Linux with a GPU (Windows has no Triton by default).
     compile_default = int(torch.cuda.is_available() and sys.platform != "win32")
@@ -1188,9 +1220,16 @@ def flags():
         ("--n_layer", new, None, count, "blocks, instead of --model's"),
         ("--n_head", new, None, count, "attention heads, instead of --model's"),
         ("--n_embd", new, None, count, "width, instead of --model's"),
-        ("--block_size", train, None, count, "sequence length (default: 1024, or the model's)"),
-        ("--block_size", "bench", 1024, count, "sequence length"),
-        ("--batch_size", run, 64, count, "a micro-batch's sequences (finetune: examples), per GPU"),
+        ("--block_size", train, None, length, "sequence length (default: 1024, or the model's)"),
+        ("--block_size", "bench", 1024, length, "sequence length"),
+        (
+            "--batch_size",
+            "pretrain finetune eval bench",
+            None,
+            count,
+            "a micro-batch's sequences (finetune: examples), per GPU (default: what GPT-2 124M fits "
+            "in the GPU, 64 in 80 GB; 8 on a CPU)",
+        ),
         ("--compile", train + " bench", compile_default, switch, "1: torch.compile the model"),
         ("--val_steps", "pretrain finetune eval", 160, count, "val batches, all GPUs"),
         ("--total_batch_size", train, 524288, count, "a step's tokens (finetune: examples)"),
@@ -1291,6 +1330,23 @@ def parse_args(argv):
 
 def check_args(p, args):
     """What no flag's type can check alone, before anything runs."""
+    # torch.compiler.set_stance, FSDP2 on CPUs: 2.7 (dev/check_torch.sh runs every mode on one).
+    installed = tuple(int(part) for part in torch.__version__.split(".")[:2])
+    if installed < (2, 7):
+        p.error(
+            f"torch {torch.__version__} is older than 2.7, which this file needs: pip install --upgrade torch"
+        )
+    out_dir = getattr(args, "out_dir", None)
+    if out_dir == "":
+        p.error("--out_dir is empty: name a folder")
+    # A link that leads back to itself, a name too long: found now, not after the work.
+    try:
+        if out_dir is not None:
+            os.stat(out_dir)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        p.error(f"--out_dir {out_dir}: {e.strerror}; choose another folder")
     env = [os.environ.get(name) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE")]
     if any(env) and not all(value and value.isdigit() for value in env):
         p.error(
@@ -1381,6 +1437,8 @@ def load_array(path, dtype, length=None):
     """A .npy file of prepare_data.py's, memory-mapped; its header and length checked (for free)."""
     try:
         array = np.load(path, mmap_mode="r")
+    except PermissionError:
+        raise UserError(f"cannot read {path}: permission denied; check its permissions")
     except OSError as e:  # missing, or unreadable
         raise UserError(f"{path} is {e.strerror}: {REPREPARE}")
     # A header numpy cannot read, or fewer bytes than it says.
@@ -1523,6 +1581,12 @@ def load_model(init_from, padded_vocab_size=0):
         if hf.n_inner not in (None, 4 * hf.n_embd):
             raise ValueError(f"it sets n_inner={hf.n_inner}: not a GPT-2 as this one")
         model = GPT.from_pretrained(init_from, padded_vocab_size)
+    # weights_only refused a pytorch_model.bin: loading it would run code.
+    except pickle.UnpicklingError:
+        weights = os.path.join(init_from, "pytorch_model.bin")
+        raise UserError(
+            f"{weights} holds Python objects, which loading would run: re-save its tensors"
+        )
     # A missing, broken or foreign folder.
     except (OSError, ValueError, SafetensorError) as e:
         raise UserError(f"could not load {init_from!r} as a GPT-2 checkpoint: {first_line(e)}")
@@ -1646,11 +1710,18 @@ class RunGuard:
 
 
 def raise_if_disk_full(path, error):
-    """After a failed write to path: an OSError that says the disk is full, in the stead of the
-    writer's own error ("unexpected pos", "I/O error"), when that is why."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not isinstance(error, OSError) and shutil.disk_usage(folder).free < 2**24:
+    """After a failed write to path: the OSError that the writer's own error ("unexpected pos",
+    "I/O error") stands for, when it is a full disk or a limit on a file's size."""
+    if isinstance(error, OSError):
+        return
+    if shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2**24:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from error
+    # ulimit -f (Windows has no such limits).
+    with contextlib.suppress(ImportError):
+        import resource
+
+        if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG), path) from error
 
 
 def load_run_to_resume(args):
@@ -1689,12 +1760,35 @@ def check_resume(checkpoint, loaders, max_steps, args):
         raise UserError(
             f"{args.out_dir} is at step {step}, past --max_steps {max_steps}: give at least {step}"
         )
+    # A --max_steps other than the run's reshapes its cosine from here on: said, with the jump.
+    before = checkpoint.get("max_steps", max_steps)
+    if before != max_steps:
+        min_lr = args.max_lr * args.min_lr_ratio
+        old_lr = get_lr(step, args.max_lr, min_lr, args.warmup_steps, before)
+        new_lr = get_lr(step, args.max_lr, min_lr, args.warmup_steps, max_steps)
+        print0(
+            f"note: the run's schedule changes: its cosine ends at step {max_steps}, not {before}; "
+            f"at step {step} the learning rate goes from {old_lr:.2e} to {new_lr:.2e}"
+        )
     # Checked: the shards' names and lengths, each one's first 32 KB (or, fine-tuning, the whole).
     if checkpoint["data"] != [loader.fingerprint for loader in loaders]:
         raise UserError(
             f"{args.data_dir} is not the data this run was reading (prepared again?): resume on "
             f"that data, or start a new run from its weights with --init_from {args.out_dir}/ckpt.pt"
         )
+
+
+def fitting_batch_size(device):
+    """The micro-batch of GPT-2 124M at 1024 tokens that fits the GPU: 64 in 80 GB (its eager loss
+    keeps ~53 GiB there), halved for each halving of the memory; 8 on a CPU or a Mac."""
+    if not device.startswith("cuda"):
+        return 8
+    memory = torch.cuda.get_device_properties(device).total_memory
+    batch_size = 64
+    while batch_size > 1 and memory < 80e9 * batch_size / 64:
+        batch_size //= 2
+    print0(f"--batch_size {batch_size}: what GPT-2 124M fits in {memory / 2**30:.0f} GiB")
+    return batch_size
 
 
 def non_finite_error(step, loss, grad_norm, checkpoint_path, saved_step):
@@ -1716,8 +1810,11 @@ def one_line(e, args):
     None: a bug, which keeps its traceback."""
     if isinstance(e, UserError):
         return str(e)
-    if isinstance(e, torch.OutOfMemoryError):
+    # CUDA's out of memory, or a CPU's (torch's allocator says "can't allocate memory").
+    if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
         return out_of_memory_advice(args)
+    if not isinstance(e, OSError):
+        return None
     advice = {
         errno.ENOSPC: "free some space, or ",
         errno.EDQUOT: "free some space, or ",
@@ -1726,6 +1823,9 @@ def one_line(e, args):
         errno.EROFS: "",
         errno.EACCES: "check its permissions, or ",
         errno.EPERM: "check its permissions, or ",
+        errno.EFBIG: "the file system, or ulimit -f, limits a file's size: ",
+        errno.ELOOP: "a link in its path leads back to itself: ",
+        errno.ENAMETOOLONG: "",
     }
     if e.errno not in advice:
         return None
@@ -1864,8 +1964,12 @@ class InstructionLoader:
     def batch(self, indices):
         """(B, L) inputs and targets of these examples, right-padded to the longest: a causal
         model never reads the padding from the real tokens."""
-        x = pad_sequence([self.examples[i][0] for i in indices], True, EOT_TOKEN)
-        y = pad_sequence([self.examples[i][1] for i in indices], True, -100)
+        x = pad_sequence(
+            [self.examples[i][0] for i in indices], batch_first=True, padding_value=EOT_TOKEN
+        )
+        y = pad_sequence(
+            [self.examples[i][1] for i in indices], batch_first=True, padding_value=-100
+        )
         return x, y
 
     def steps_per_epoch(self, grad_accum):
@@ -2014,8 +2118,8 @@ def score_item(model, enc, item, dtype):
         # -100: not the ending, not counted.
         target[: -len(ending_ids)] = -100
         targets.append(target)
-    ids = pad_sequence(inputs, True, EOT_TOKEN)  # (4, width)
-    targets = pad_sequence(targets, True, -100)
+    ids = pad_sequence(inputs, batch_first=True, padding_value=EOT_TOKEN)  # (4, width)
+    targets = pad_sequence(targets, batch_first=True, padding_value=-100)
     with autocast(device, dtype):
         logits, _ = model(ids.to(device))  # (4, width, vocab)
     losses = F.cross_entropy(
@@ -2059,21 +2163,29 @@ def evaluate(args):
     rank, world_size = rank_and_world_size()
     dtype = pick_dtype(device, args.dtype)
     if args.hellaswag:
+        limit = args.hellaswag_limit
+        # A CPU takes many minutes over all 10,042 items: it takes a quick look, unless told.
+        if limit is None and not device.startswith("cuda"):
+            limit = 200
+            print0(
+                "HellaSwag on a CPU: the first 200 items, a quick look (all: --hellaswag_limit 10042)"
+            )
         # A bad file fails now, not after the model has loaded (a minute for gpt2-xl).
-        items = load_hellaswag(args.hellaswag_path, args.hellaswag_limit)
+        items = load_hellaswag(args.hellaswag_path, limit)
     model, _ = load_model(args.init_from)
     model.to(device)
     model.eval()
     results = {"model": args.init_from}
     if args.data_dir is not None:
-        # At the model's own block_size; the folder says how to read it.
-        # Checked by check_args.
+        # At the model's own block_size; the folder says how to read it (checked by check_args).
         meta = read_meta(args.data_dir)
         Loader = InstructionLoader if meta["kind"] == "sft" else PretrainLoader
         block_size = model.config.block_size
         loader = Loader(args.data_dir, "val", args.batch_size, block_size, rank, world_size)
         results["val_loss"] = evaluate_loss(model, loader, args.val_steps, dtype)
-        results["val_batches"] = loader.eval_steps(args.val_steps)
+        # What it was measured on: another batch size or block size gives another val loss.
+        n = loader.eval_steps(args.val_steps)
+        results["val_loss_of"] = f"{n} batches of {args.batch_size} x {block_size}"
     if args.hellaswag:
         t0 = time.time()
         for harness in (False, True):  # both published conventions
@@ -2081,15 +2193,15 @@ def evaluate(args):
         results["hellaswag_items_per_s"] = results["hellaswag_items"] / (time.time() - t0)
     if rank != 0:  # the results are summed over the ranks already
         return results
-    # A table, and the same numbers as JSON for scripts.
-    for key, value in results.items():
-        if isinstance(value, float):
-            value = f"{value:.4f}"
-        print(f"{key:<24}  {value}")
+    # The numbers as JSON for scripts, then a table (written first: a closed screen loses none).
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, "eval.json")
     with atomic_write(path) as f:
         f.write(json.dumps(results, indent=2).encode())
+    for key, value in results.items():
+        if isinstance(value, float):
+            value = f"{value:.4f}"
+        print(f"{key:<24}  {value}")
     print(f"wrote {path}")
     return results
 
@@ -2192,6 +2304,10 @@ def write_hf_folder(model, template, folder):
         state[key] = value
     hf_model = GPT2LMHeadModel(hf_config)
     hf_model.load_state_dict(state)
+    # generate() samples as --mode sample and chat do, and stops at <|endoftext|>.
+    hf_model.generation_config.update(
+        do_sample=True, temperature=0.8, top_k=200, pad_token_id=EOT_TOKEN
+    )
     hf_model.save_pretrained(folder)
     # model.safetensors as readable as config.json (the umask's), not private
     shutil.copymode(os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors"))
@@ -2223,6 +2339,8 @@ def export(args):
             f"{args.out_dir} exists and is not an empty folder: export never overwrites files; "
             "give a new --out_dir, or move that one away first"
         )
+    # The tokenizer's files are copied from tiktoken's cache: they must be there.
+    get_tokenizer()
     print(f"reading {args.init_from}")
     model, template = load_model(args.init_from)
     # A sibling: the final rename stays on one filesystem.
@@ -2250,6 +2368,8 @@ def export(args):
 # Dense bf16 tensor-core peak, TFLOP/s, by the GPU's model as torch names it, matched whole (the
 # first match): "L40S" is not "L4".
 PEAK_TFLOPS = {
+    r"GB200\b.*": 2500,
+    r"B[23]00\b.*": 2250,
     r"H[128]00.*PCIe": 756,
     r"H[12]00.*NVL": 835,
     r"G?H[128]00\b.*": 989,
@@ -2270,9 +2390,15 @@ def peak_flops(device):
     if not device.startswith("cuda"):
         return None
     name = re.sub(r"^(NVIDIA )?(GeForce |Tesla )?", "", torch.cuda.get_device_name(device))
+    # A MIG slice ("H100 80GB HBM3 MIG 3g.40gb") has g of the GPU's 7 compute slices.
+    share = 1
+    mig = re.search(r" MIG (\d)g\..*", name)
+    if mig:
+        share = int(mig[1]) / 7
+        name = name[: mig.start()]
     for pattern, tflops in PEAK_TFLOPS.items():
         if re.fullmatch(pattern, name):
-            return tflops * 1e12
+            return tflops * 1e12 * share
     return None
 
 
@@ -2292,6 +2418,8 @@ def bench(args):
     dtype = pick_dtype(device, args.dtype)
     cuda = device.startswith("cuda")
     torch.manual_seed(args.seed)
+    if args.batch_size is None:
+        args.batch_size = fitting_batch_size(device)
     # Random weights: the speed is the same.
     raw_model = GPT(new_model_config(args)).to(device)
     model = parallelize(raw_model, dtype, args)  # as a training run's
