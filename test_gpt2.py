@@ -2043,7 +2043,7 @@ def test_a_run_killed_after_its_checkpoint_logs_each_step_once(shakespeare, tmp_
     run_script("train_gpt2.py", *args, "--out_dir", cut)
     shutil.copy(tmp_path / "at_step_3.pt", cut / "ckpt.pt")
     with open(cut / "log.jsonl", "a") as f:
-        f.write('{"step": 7, "lo')  # killed in the middle of a line, too
+        f.write('\n{"step": 7, "lo')  # a blank line, and one killed in its middle
     run_script("train_gpt2.py", *args, "--out_dir", cut, "--init_from", "resume")
 
     def timeless(d):
@@ -2053,8 +2053,8 @@ def test_a_run_killed_after_its_checkpoint_logs_each_step_once(shakespeare, tmp_
 
 
 def test_resume_refuses_data_that_changed(tmp_path):
-    """Prepared again (bigger), or two shards of equal length swapped: the same position would be other
-    tokens, so the run refuses to resume on them (one line, nothing touched)."""
+    """Prepared again (bigger), two shards of equal length swapped, or another val shard: the same
+    position would be other tokens, so the run refuses to resume on them (one line, nothing touched)."""
     data = make_shards(tmp_path / "data", [3000, 3000], val_length=300)
     args = [
         "--mode",
@@ -2068,10 +2068,19 @@ def test_resume_refuses_data_that_changed(tmp_path):
         "cpu",
     ]
     run_script("train_gpt2.py", *args, "--max_steps", 2)
-    (data / "train_000000.npy").rename(data / "swap")
-    (data / "train_000001.npy").rename(data / "train_000000.npy")
-    (data / "swap").rename(data / "train_000001.npy")
+
+    def swap_train_shards():
+        (data / "train_000000.npy").rename(data / "swap")
+        (data / "train_000001.npy").rename(data / "train_000000.npy")
+        (data / "swap").rename(data / "train_000001.npy")
+
+    swap_train_shards()
     resume, before = ["--init_from", "resume", "--max_steps", 4], snapshot(tmp_path)
+    assert "not the data this run was reading" in main_error(*args, *resume)
+    assert snapshot(tmp_path) == before
+    swap_train_shards()  # back as they were; now a val shard of other tokens
+    pdata.save_npy(data / "val_000000.npy", np.ones(300, np.uint16))
+    before = snapshot(tmp_path)
     assert "not the data this run was reading" in main_error(*args, *resume)
     assert snapshot(tmp_path) == before
     shutil.rmtree(data)
@@ -2754,15 +2763,11 @@ def test_first_commands_offline_say_what_to_do_in_seconds(tmp_path, monkeypatch)
     says what to do, in seconds (not a minute of retries, not a worker's traceback)."""
     import huggingface_hub.constants as hub
 
-    monkeypatch.setattr(
-        hub, "ENDPOINT", "https://hub.invalid"
-    )  # a name that never resolves (RFC 6761)
-    monkeypatch.setattr(
-        hub, "HF_HUB_CACHE", str(tmp_path / "cache")
-    )  # nothing in Hugging Face's cache
-    monkeypatch.setattr(
-        "urllib.request.getproxies", dict
-    )  # no proxy (a proxy is trusted to reach the hub)
+    # A name that never resolves (RFC 6761), nothing in Hugging Face's cache, no proxy (a proxy is
+    # trusted to reach the hub).
+    monkeypatch.setattr(hub, "ENDPOINT", "https://hub.invalid")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("urllib.request.getproxies", dict)
     for args in (
         [],
         ["--mode", "sample", "--prompt", "Hi"],
@@ -2776,11 +2781,8 @@ def test_first_commands_offline_say_what_to_do_in_seconds(tmp_path, monkeypatch)
             and "downloaded from hub.invalid once" in message
             and "local model" in message
         )
-    for args in (
-        ["--sft"],
-        [],
-        ["--hellaswag"],
-    ):  # the Hub's datasets: Alpaca, FineWeb-Edu, HellaSwag, streamed
+    # The Hub's datasets, streamed: Alpaca, FineWeb-Edu, HellaSwag.
+    for args in (["--sft"], [], ["--hellaswag"]):
         t0 = time.time()
         proc = run_script("prepare_data.py", *args, "--out_dir", tmp_path / "hub", check=False)
         assert (
@@ -2792,13 +2794,11 @@ def test_first_commands_offline_say_what_to_do_in_seconds(tmp_path, monkeypatch)
             proc, "is streamed from hub.invalid, which cannot be reached", "--files"
         )
     monkeypatch.setattr("urllib.request.getproxies", lambda: {"https": "http://proxy.invalid:3128"})
-    assert (
-        tg.not_downloadable("gpt2") is None
-    )  # behind a proxy only a download can tell: it is tried
+    # Behind a proxy only a download can tell: it is tried.
+    assert tg.not_downloadable("gpt2") is None
+    # tiktoken's GPT-2 files not downloaded yet.
     (tmp_path / "no_tiktoken").mkdir()
-    offline = {
-        "TIKTOKEN_CACHE_DIR": str(tmp_path / "no_tiktoken")
-    }  # tiktoken's GPT-2 files not downloaded yet
+    offline = {"TIKTOKEN_CACHE_DIR": str(tmp_path / "no_tiktoken")}
     prepare = run_script(
         "prepare_data.py",
         "--files",
@@ -2817,7 +2817,19 @@ def test_first_commands_offline_say_what_to_do_in_seconds(tmp_path, monkeypatch)
         "train_gpt2.py", "--init_from", tmp_path / "model.pt", env=offline, check=False
     )
     assert_one_line_error(sample, "tiktoken", "TIKTOKEN_CACHE_DIR")
+    export = [
+        "--mode",
+        "export",
+        "--init_from",
+        tmp_path / "model.pt",
+        "--out_dir",
+        tmp_path / "hf",
+    ]
+    assert_one_line_error(
+        run_script("train_gpt2.py", *export, env=offline, check=False), "tiktoken", "CACHE_DIR"
+    )
     assert not (tmp_path / "d").exists() and not (tmp_path / "d.partial").exists()
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.partial").exists()
 
 
 def test_windows_without_fcntl_or_triton_needs_no_extra_flag(tmp_path, monkeypatch):
@@ -3857,6 +3869,12 @@ def test_finetune_resume_equals_uninterrupted(sft_data, base_model, tmp_path):
         "transformer.wpe.weight"
     ].shape == (100, 64)
     assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "straight")
+    # Started without --block_size, resumed with the model's own 128: the same run, not a change.
+    plain = [*args[:-2], "--max_steps", 2, "--out_dir", tmp_path / "plain"]
+    run_script("train_gpt2.py", *plain)
+    resume = ["--init_from", "resume", "--max_steps", 3, "--block_size", 128]
+    run_script("train_gpt2.py", *plain, *resume)
+    assert [step for step, loss in train_losses(tmp_path / "plain")] == [1, 2, 3]
 
 
 def read_until(proc, text, timeout=120):
@@ -4123,6 +4141,7 @@ def test_eval_mode_with_two_ranks_equals_one(hellaswag_file, shakespeare, base_m
     ]
     proc = run_script("train_gpt2.py", *args, "--out_dir", tmp_path / "one")
     assert "hellaswag_acc_norm" in proc.stdout and "val_loss" in proc.stdout
+    assert "HellaSwag on a CPU: the first 200 items, a quick look" in proc.stdout
     subprocess.run(
         TORCHRUN
         + [
@@ -4142,9 +4161,9 @@ def test_eval_mode_with_two_ranks_equals_one(hellaswag_file, shakespeare, base_m
         one["hellaswag_acc"] == two["hellaswag_acc"]
         and one["hellaswag_acc_norm"] == two["hellaswag_acc_norm"]
     )
-    assert two["val_loss"] == pytest.approx(
-        one["val_loss"], rel=1e-6
-    )  # the same 5 batches, split over 2 ranks
+    # The same 5 batches, split over 2 ranks.
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-6)
+    assert one["val_loss_of"] == "5 batches of 2 x 128"
 
 
 def test_hellaswag_during_pretraining_and_plot(shakespeare, hellaswag_file, tmp_path):
@@ -4469,6 +4488,15 @@ def full_disk(monkeypatch, error):
     return fail_with(error)
 
 
+def file_size_limit(monkeypatch, error):
+    """What a limit on a file's size (ulimit -f, or FAT32 past 4 GiB) looks like: the writer fails in its
+    own words, the disk has room, and the limit is finite."""
+    import resource
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (2**20, resource.RLIM_INFINITY))
+    return fail_with(error)
+
+
 def export_filled_by_another(monkeypatch, out_dir):
     """A second export into the same new folder that finishes first, while this one writes its weights."""
     from transformers import GPT2LMHeadModel
@@ -4498,6 +4526,19 @@ FAULTS = {  # name: (set up the fault (monkeypatch, tmp folder), the command (tm
         EXPORT,
         ["hf: No space left", "free some"],
     ),
+    "export past a limit on a file's size": (
+        lambda mp, t: mp.setattr(
+            "transformers.GPT2LMHeadModel.save_pretrained",
+            file_size_limit(
+                mp,
+                __import__("safetensors").SafetensorError(
+                    "Error while serializing: File too large"
+                ),
+            ),
+        ),
+        EXPORT,
+        ["hf: File too large", "ulimit -f"],
+    ),
     "export under a read-only folder": (
         lambda mp, t: mp.setattr(
             "transformers.GPT2LMHeadModel.save_pretrained",
@@ -4524,6 +4565,18 @@ FAULTS = {  # name: (set up the fault (monkeypatch, tmp folder), the command (tm
         ),
         lambda t, train: [*train, "--init_from", "resume", "--max_steps", 4],
         ["ckpt.pt: No space left"],
+    ),
+    "a checkpoint past a limit on a file's size": (
+        lambda mp, t: mp.setattr(
+            torch,
+            "save",
+            file_size_limit(
+                mp,
+                RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),
+            ),
+        ),
+        lambda t, train: [*train, "--init_from", "resume", "--max_steps", 4],
+        ["ckpt.pt: File too large", "ulimit -f"],
     ),
     "eval.json onto a full disk": (
         lambda mp, t: mp.setattr(os, "fsync", fail_with(OSError(28, "No space left on device"))),
