@@ -1330,11 +1330,18 @@ def parse_args(argv):
 
 def check_args(p, args):
     """What no flag's type can check alone, before anything runs."""
-    # torch.compiler.set_stance, FSDP2 on CPUs: 2.7 (dev/check_torch.sh runs every mode on one).
+    # torch.compiler.set_stance and transformers 5: 2.6 (dev/check_torch.sh runs every mode on one).
     installed = tuple(int(part) for part in torch.__version__.split(".")[:2])
-    if installed < (2, 7):
+    if installed < (2, 6):
         p.error(
-            f"torch {torch.__version__} is older than 2.7, which this file needs: pip install --upgrade torch"
+            f"torch {torch.__version__} is older than 2.6, which this file needs: pip install --upgrade torch"
+        )
+    # FSDP2 of torch 2.6 fails on gloo; 2.7 and 2.8 sum the ranks' gradients there instead of
+    # averaging them; 2.9's clip_grad_norm_ returns one shard's norm: 2.10 is the first to equal DDP.
+    if getattr(args, "fsdp", 0) and installed < (2, 10):
+        p.error(
+            f"--fsdp 1 needs torch 2.10 or newer (this is {torch.__version__}): pip install --upgrade "
+            "torch, or train without --fsdp"
         )
     out_dir = getattr(args, "out_dir", None)
     if out_dir == "":

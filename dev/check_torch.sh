@@ -72,7 +72,11 @@ step pretrain python train_gpt2.py $PRE --max_steps 6 --out_dir "$R/pre" --hella
 step resume python train_gpt2.py $PRE --max_steps 8 --out_dir "$R/pre" --init_from resume
 step compile python train_gpt2.py $PRE --max_steps 2 --out_dir "$R/compiled" --compile 1
 step ddp torchrun --standalone --nproc_per_node=2 train_gpt2.py $PRE --max_steps 3 --out_dir "$R/ddp"
-step fsdp torchrun --standalone --nproc_per_node=2 train_gpt2.py $PRE --max_steps 3 --out_dir "$R/fsdp" --fsdp 1
+if python -c 'import sys, torch; sys.exit(tuple(map(int, torch.__version__.split(".")[:2])) < (2, 10))'; then
+    step fsdp torchrun --standalone --nproc_per_node=2 train_gpt2.py $PRE --max_steps 3 --out_dir "$R/fsdp" --fsdp 1
+else  # FSDP needs 2.10 (older ones get its gradients wrong): refused in one line
+    step fsdp_refused bash -c "python train_gpt2.py $PRE --max_steps 3 --out_dir '$R/fsdp' --fsdp 1 2>&1 | grep 'needs torch 2.10'"
+fi
 step finetune python train_gpt2.py --mode finetune --init_from "$R/pre" --data_dir "$D/sft" --batch_size 2 --total_batch_size 4 --max_steps 3 --eval_interval 3 --val_steps 1 --eval_samples 1 --device cpu --out_dir "$R/ft"
 step sample python train_gpt2.py --mode sample --init_from "$R/pre" --prompt "GPT-2" --max_new_tokens 8 --device cpu
 step chat bash -c "printf 'Add 1 and 2.\n/quit\n' | python train_gpt2.py --mode chat --init_from '$R/ft' --max_new_tokens 8 --device cpu"
