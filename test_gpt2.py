@@ -2910,10 +2910,10 @@ def test_another_run_in_the_same_folder_is_refused(shakespeare, tmp_path):
 
 
 def test_torch_older_than_the_floor_is_one_line(monkeypatch, tmp_path):
-    monkeypatch.setattr(torch, "__version__", "2.5.1+cu124")
+    monkeypatch.setattr(torch, "__version__", "2.6.0+cu124")
     message = main_error("--mode", "plot", "--out_dir", tmp_path)
-    assert "torch 2.5.1+cu124 is older than 2.6" in message and not list(tmp_path.iterdir())
-    # FSDP's own floor (dev/check_torch.sh found it failing or wrong on 2.6 to 2.9).
+    assert "torch 2.6.0+cu124 is older than 2.7" in message and not list(tmp_path.iterdir())
+    # FSDP's own floor (dev/check_torch.sh found it wrong on 2.7 to 2.9).
     monkeypatch.setattr(torch, "__version__", "2.9.1+cu128")
     message = main_error(*PRETRAIN, "--fsdp", 1, "--out_dir", tmp_path / "run")
     assert "--fsdp 1 needs torch 2.10 or newer (this is 2.9.1+cu128)" in message

@@ -908,7 +908,7 @@ def train(args):
     saved_step = start_step  # the step of the checkpoint on the disk
     state = None
     tracker = None
-    guard = RunGuard(args.out_dir)  # (appendix) --out_dir locked; Ctrl-C saves, then stops
+    guard = RunGuard(args.out_dir, rank)  # (appendix) --out_dir locked; Ctrl-C saves, then stops
     print0(
         f"{args.mode}: {num_params(raw_model):,} parameters, {world_size} process(es) on {device}, "
         f"{grad_accum} micro-steps of {args.batch_size} a step, {max_steps} steps "
@@ -1330,14 +1330,15 @@ def parse_args(argv):
 
 def check_args(p, args):
     """What no flag's type can check alone, before anything runs."""
-    # torch.compiler.set_stance and transformers 5: 2.6 (dev/check_torch.sh runs every mode on one).
+    # torch.compiler.set_stance and transformers 5 need 2.6, and 2.6's compiled step gets the tied
+    # embedding's gradient wrong on a CPU: 2.7 (dev/check_torch.sh runs every mode on one).
     installed = tuple(int(part) for part in torch.__version__.split(".")[:2])
-    if installed < (2, 6):
+    if installed < (2, 7):
         p.error(
-            f"torch {torch.__version__} is older than 2.6, which this file needs: pip install --upgrade torch"
+            f"torch {torch.__version__} is older than 2.7, which this file needs: pip install --upgrade torch"
         )
-    # FSDP2 of torch 2.6 fails on gloo; 2.7 and 2.8 sum the ranks' gradients there instead of
-    # averaging them; 2.9's clip_grad_norm_ returns one shard's norm: 2.10 is the first to equal DDP.
+    # FSDP2 of torch 2.7 and 2.8 sums the ranks' gradients on gloo instead of averaging them; 2.9's
+    # clip_grad_norm_ returns one shard's norm: 2.10 is the first to equal DDP.
     if getattr(args, "fsdp", 0) and installed < (2, 10):
         p.error(
             f"--fsdp 1 needs torch 2.10 or newer (this is {torch.__version__}): pip install --upgrade "
@@ -1666,13 +1667,13 @@ class RunGuard:
     dies (not on Windows), since two runs would mix their checkpoints and logs. And its stop
     button: Ctrl-C or SIGTERM saves a checkpoint at the next step, then stops."""
 
-    def __init__(self, out_dir):
+    def __init__(self, out_dir, rank):
         self.out_dir = out_dir
         # Removed again if the run leaves nothing in it.
         self.made = not os.path.exists(out_dir)
         self.folder = None
         self.stop_requested = False
-        if is_master():
+        if rank == 0:
             self.lock()
         self.previous = {
             sig: signal.signal(sig, self.handler) for sig in (signal.SIGINT, signal.SIGTERM)

@@ -3,7 +3,7 @@
 # mode runs once (pretrain with evaluations, samples, checkpoints and a resume; finetune; sample;
 # chat; eval; export; bench; plot; DDP and FSDP on gloo; --compile 1), then the test suite.
 #
-#     bash dev/check_torch.sh 2.6.0          # from the project root; SUITE=0 skips the suite
+#     bash dev/check_torch.sh 2.7.1          # from the project root; SUITE=0 skips the suite
 #
 # PyPI's torch for Linux is a CUDA build (~3 GB with its libraries); it runs on a CPU too. Older
 # CPU builds are not on every index: this is a script for a developer, not for CI. A line per
