@@ -52,8 +52,8 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
-# train_gpt2.py refuses --fsdp 1 on torch older than 2.10 (dev/check_torch.sh found FSDP2 failing or
-# wrong on gloo before it): those tests run on 2.10 and newer.
+# train_gpt2.py refuses --fsdp 1 on torch older than 2.10 (dev/check_torch.sh found FSDP2 wrong on
+# gloo before it): those tests run on 2.10 and newer.
 needs_fsdp_torch = pytest.mark.skipif(
     tuple(map(int, torch.__version__.split(".")[:2])) < (2, 10), reason="FSDP needs torch 2.10"
 )
@@ -4500,14 +4500,11 @@ def test_readme_python_blocks_run_as_printed(exports, base_model, capsys):
         exec(block.replace('"gpt2"', repr(str(base_model.parent))), {})
     chat = tg.parse_args(["--mode", "chat"])
     sampling = GenerationConfig.from_pretrained(export)
-    assert sampling.do_sample and (sampling.temperature, sampling.top_k) == (
-        chat.temperature,
-        chat.top_k,
-    )
+    assert sampling.do_sample
+    assert (sampling.temperature, sampling.top_k) == (chat.temperature, chat.top_k)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[-2].startswith("The capital of France is") and lines[-1].startswith(
-        "Once upon a time"
-    )
+    assert lines[-2].startswith("The capital of France is")
+    assert lines[-1].startswith("Once upon a time")
     assert "<|endoftext|>" not in "".join(lines)
 
 
