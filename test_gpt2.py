@@ -2185,8 +2185,143 @@ def test_pretrain_bad_input(shakespeare, tmp_path):
     assert "already holds a checkpoint" in pretrain("--data_dir", shakespeare)
 
 
-# Every mistake a user can make with train_gpt2.py, in every mode: each must end the command
-# with one line that names the problem, and leave every file the user has exactly as it was.
+def test_a_failure_after_training_started_saves_the_steps_done(tmp_path):
+    # Steps read 128 (+1) tokens each; a token id past the vocabulary at 900 stops the 8th
+    # step. The 7 steps done must not be lost, although no checkpoint was due.
+    data = make_shards(tmp_path / "data", [1400], val_length=300)
+    bad = np.load(data / "train_000000.npy")
+    bad[900] = 50300
+    np.save(data / "train_000000.npy", bad)
+    args = [
+        "--mode",
+        "pretrain",
+        *TINY,
+        "--total_batch_size",
+        128,
+        "--data_dir",
+        data,
+        "--out_dir",
+        tmp_path / "o",
+        "--max_steps",
+        10,
+        "--eval_interval",
+        100,
+        "--ckpt_interval",
+        100,
+    ]
+    message = main_error(*args)
+    assert "train_000000.npy" in message and "50300" in message
+    assert [e["step"] for e in read_log(tmp_path / "o") if "loss" in e] == list(range(1, 8))
+    assert torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)["step"] == 7
+
+
+def test_half_precision_trains_on_cpu(shakespeare, tmp_path, capsys):
+    """bfloat16 autocast and float16 with its gradient scaler, run on a CPU: the path a GPU
+    takes, exercised where CI can run it."""
+    for dtype in ("bfloat16", "float16"):
+        out = tmp_path / dtype
+        tg.main(
+            [
+                *map(str, TINY),
+                "--mode",
+                "pretrain",
+                "--data_dir",
+                str(shakespeare),
+                "--out_dir",
+                str(out),
+                "--max_lr",
+                "1e-2",
+                "--batch_size",
+                "4",
+                "--max_steps",
+                "8",
+                "--eval_interval",
+                "8",
+                "--val_steps",
+                "2",
+                "--dtype",
+                dtype,
+            ]
+        )
+        losses = [loss for _, loss in train_losses(out)]
+        assert losses[-1] < losses[0] - 1.0  # it learns
+        scaler = torch.load(out / "ckpt.pt", weights_only=True)["scaler"]
+        assert (scaler.get("_growth_tracker") == 8) == (
+            dtype == "float16"
+        )  # the scaler ran every step, fp16 only
+    capsys.readouterr()
+    tg.main(
+        [
+            "--init_from",
+            str(tmp_path / "bfloat16"),
+            "--dtype",
+            "bfloat16",
+            "--device",
+            "cpu",
+            "--max_new_tokens",
+            "5",
+            "--temperature",
+            "0",
+        ]
+    )
+    assert capsys.readouterr().out.startswith("Hello, I'm a language model,")
+
+
+def test_dtype_follows_the_gpu(monkeypatch):
+    assert (
+        tg.pick_dtype("cpu") == torch.float32 and tg.pick_dtype("cpu", "bfloat16") == torch.bfloat16
+    )
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # A100, H100
+    assert tg.pick_dtype("cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # T4, V100
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    assert (
+        tg.pick_dtype("cuda") == torch.float16
+        and tg.pick_dtype("cuda:0", "float32") == torch.float32
+    )
+    with pytest.raises(tg.UserError, match="Tesla T4 has no bfloat16"):
+        tg.pick_dtype("cuda", "bfloat16")
+
+
+def test_wandb_logs_what_the_log_holds(shakespeare, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    tg.main(
+        [
+            *map(str, TINY),
+            "--mode",
+            "pretrain",
+            "--data_dir",
+            str(shakespeare),
+            "--out_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--eval_interval",
+            "2",
+            "--val_steps",
+            "1",
+            "--wandb_project",
+            "gpt2-test",
+        ]
+    )
+    import wandb
+
+    wandb.teardown()  # wandb's service writes the run file for good when it stops, as at exit
+    (run,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    record = run.read_bytes()
+    for key in ("loss", "val_loss", "grad_norm", "lr", "tok_per_s", "gpt2-test"):
+        assert key.encode() in record, key
+    assert (
+        torch.load(out / "ckpt.pt", weights_only=True)["wandb_id"] in run.name
+    )  # a resume continues this run
+
+
+# -----------------------------------------------------------------------------
+# The command line: every mistake a user can make with train_gpt2.py, in every mode, must end
+# the command with one line that names the problem, and leave every file the user has exactly
+# as it was.
 
 
 @pytest.fixture(scope="module")
@@ -3051,36 +3186,6 @@ def test_the_hub_check_follows_a_mirror_and_no_proxy(monkeypatch):
     assert "127.0.0.1" in tg.not_downloadable("gpt2")  # the proxy is bypassed: checked
 
 
-def test_a_failure_after_training_started_saves_the_steps_done(tmp_path):
-    # Steps read 128 (+1) tokens each; a token id past the vocabulary at 900 stops the 8th
-    # step. The 7 steps done must not be lost, although no checkpoint was due.
-    data = make_shards(tmp_path / "data", [1400], val_length=300)
-    bad = np.load(data / "train_000000.npy")
-    bad[900] = 50300
-    np.save(data / "train_000000.npy", bad)
-    args = [
-        "--mode",
-        "pretrain",
-        *TINY,
-        "--total_batch_size",
-        128,
-        "--data_dir",
-        data,
-        "--out_dir",
-        tmp_path / "o",
-        "--max_steps",
-        10,
-        "--eval_interval",
-        100,
-        "--ckpt_interval",
-        100,
-    ]
-    message = main_error(*args)
-    assert "train_000000.npy" in message and "50300" in message
-    assert [e["step"] for e in read_log(tmp_path / "o") if "loss" in e] == list(range(1, 8))
-    assert torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)["step"] == 7
-
-
 def test_out_of_memory_is_one_line_that_says_what_may_fit(shakespeare, tmp_path, monkeypatch):
     """CUDA's out-of-memory error at step 1 (raised here by hand: a CPU has no such limit) is one
     line naming a micro-batch half as big, and the run folder is left as it was (none)."""
@@ -3123,107 +3228,8 @@ def test_out_of_memory_is_one_line_that_says_what_may_fit(shakespeare, tmp_path,
     )
 
 
-def test_half_precision_trains_on_cpu(shakespeare, tmp_path, capsys):
-    """bfloat16 autocast and float16 with its gradient scaler, run on a CPU: the path a GPU
-    takes, exercised where CI can run it."""
-    for dtype in ("bfloat16", "float16"):
-        out = tmp_path / dtype
-        tg.main(
-            [
-                *map(str, TINY),
-                "--mode",
-                "pretrain",
-                "--data_dir",
-                str(shakespeare),
-                "--out_dir",
-                str(out),
-                "--max_lr",
-                "1e-2",
-                "--batch_size",
-                "4",
-                "--max_steps",
-                "8",
-                "--eval_interval",
-                "8",
-                "--val_steps",
-                "2",
-                "--dtype",
-                dtype,
-            ]
-        )
-        losses = [loss for _, loss in train_losses(out)]
-        assert losses[-1] < losses[0] - 1.0  # it learns
-        scaler = torch.load(out / "ckpt.pt", weights_only=True)["scaler"]
-        assert (scaler.get("_growth_tracker") == 8) == (
-            dtype == "float16"
-        )  # the scaler ran every step, fp16 only
-    capsys.readouterr()
-    tg.main(
-        [
-            "--init_from",
-            str(tmp_path / "bfloat16"),
-            "--dtype",
-            "bfloat16",
-            "--device",
-            "cpu",
-            "--max_new_tokens",
-            "5",
-            "--temperature",
-            "0",
-        ]
-    )
-    assert capsys.readouterr().out.startswith("Hello, I'm a language model,")
-
-
-def test_dtype_follows_the_gpu(monkeypatch):
-    assert (
-        tg.pick_dtype("cpu") == torch.float32 and tg.pick_dtype("cpu", "bfloat16") == torch.bfloat16
-    )
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # A100, H100
-    assert tg.pick_dtype("cuda") == torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # T4, V100
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
-    assert (
-        tg.pick_dtype("cuda") == torch.float16
-        and tg.pick_dtype("cuda:0", "float32") == torch.float32
-    )
-    with pytest.raises(tg.UserError, match="Tesla T4 has no bfloat16"):
-        tg.pick_dtype("cuda", "bfloat16")
-
-
-def test_wandb_logs_what_the_log_holds(shakespeare, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    out = tmp_path / "run"
-    tg.main(
-        [
-            *map(str, TINY),
-            "--mode",
-            "pretrain",
-            "--data_dir",
-            str(shakespeare),
-            "--out_dir",
-            str(out),
-            "--max_steps",
-            "2",
-            "--eval_interval",
-            "2",
-            "--val_steps",
-            "1",
-            "--wandb_project",
-            "gpt2-test",
-        ]
-    )
-    import wandb
-
-    wandb.teardown()  # wandb's service writes the run file for good when it stops, as at exit
-    (run,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
-    record = run.read_bytes()
-    for key in ("loss", "val_loss", "grad_norm", "lr", "tok_per_s", "gpt2-test"):
-        assert key.encode() in record, key
-    assert (
-        torch.load(out / "ckpt.pt", weights_only=True)["wandb_id"] in run.name
-    )  # a resume continues this run
+# -----------------------------------------------------------------------------
+# The README's commands, benchmarks and MFU
 
 
 def readme_commands(heading):
