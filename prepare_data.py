@@ -357,9 +357,10 @@ class ShardWriter:
     def add(self, tokens, position, done):
         """Tokens of the batch read from position, of which `done` were added before these."""
         while len(tokens):
+            split = self.split()
             # A shard ends at shard_size; a val shard also where the val split does.
             end = len(self.buffer)
-            if self.split() == "val":
+            if split == "val":
                 end = min(end, self.val_tokens - self.splits["val"]["tokens"])
             n = min(len(tokens), end - self.filled)
             self.buffer[self.filled : self.filled + n] = tokens[:n]
@@ -367,7 +368,7 @@ class ShardWriter:
             tokens = tokens[n:]
             done += n
             if self.filled == end:
-                self.write(self.split(), self.buffer[:end])
+                self.write(split, self.buffer[:end])
                 # The moment the shard counts. A resumed run reads this batch again and skips
                 # the `done` tokens of it that are in shards.
                 self.commit({"position": position, "skip": done})
@@ -592,12 +593,16 @@ def prepare_sft(args, staging):
 
 
 def hellaswag_item(row, where):
-    """A HellaSwag row checked: its ctx, 4 endings and label (0..3), and the fields that
-    lm-evaluation-harness builds its query from."""
-    if not isinstance(row, dict) or not {"ctx", "endings", "label"} <= row.keys():
+    """A HellaSwag row checked as train_gpt2.py's load_hellaswag reads it: the texts of both
+    conventions (ctx; lm-evaluation-harness's activity_label, ctx_a, ctx_b), 4 endings, a label."""
+    texts = ("ctx", "activity_label", "ctx_a", "ctx_b")
+    if not isinstance(row, dict) or not {*texts, "endings", "label"} <= row.keys():
         raise UserError(
-            f"{where} is not HellaSwag: rows need ctx, endings (4) and label; got {describe(row)}"
+            f"{where} is not HellaSwag: rows need {', '.join(texts)}, endings (4) and label; "
+            f"got {describe(row)}"
         )
+    if not all(isinstance(row[key], str) for key in texts):
+        raise UserError(f"{where}: HellaSwag's {', '.join(texts)} must be text")
     endings = row["endings"]
     if (
         not isinstance(endings, list)
@@ -613,12 +618,9 @@ def hellaswag_item(row, where):
         raise UserError(
             f"{where}: label {row['label']!r} is not 0..3 (the test split has none: use validation)"
         )
-    item = {"ctx": row["ctx"], "endings": endings, "label": int(label)}
-    # Kept where a row has them: lm-evaluation-harness builds its query from them, the plain
-    # completion convention from ctx alone.
-    for key in ("activity_label", "ctx_a", "ctx_b"):
-        if isinstance(row.get(key), str):
-            item[key] = row[key]
+    item = {key: row[key] for key in texts}
+    item["endings"] = endings
+    item["label"] = int(label)
     return item
 
 

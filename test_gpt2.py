@@ -1217,13 +1217,6 @@ def prepared(tmp):
     )
 
 
-def disk_full(tmp):
-    def no_space(path, array):
-        raise OSError(28, "No space left on device", f"{path}.tmp")
-
-    pdata.save_npy = no_space
-
-
 def failing_writes(code):
     """Every shard's write refused with errno code, as the disk would refuse it."""
 
@@ -1237,7 +1230,14 @@ def failing_writes(code):
 
 
 GOOD = {"ok.jsonl": "".join(json.dumps({"text": d}) + "\n" for d in DOCS[:5])}
-HS_ITEM = {"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 1}
+HS_ITEM = {
+    "ctx": "A man",
+    "activity_label": "Walking",
+    "ctx_a": "A man",
+    "ctx_b": "",
+    "endings": ["a", "b", "c", "d"],
+    "label": 1,
+}
 BAD_INPUTS = [  # (name, files in in/, arguments after --files, setup, words the one line must hold)
     ("missing file", {}, ["in/missing.txt"], None, ["file not found", "missing.txt"]),
     ("a folder as a file", {}, ["in"], None, ["cannot read", "folder"]),
@@ -1333,6 +1333,14 @@ BAD_INPUTS = [  # (name, files in in/, arguments after --files, setup, words the
         None,
         ["hs.jsonl, line 2", "label 7", "0..3"],
     ),
+    (
+        # train_gpt2.py scores both conventions: a row without the harness's texts is refused here.
+        "hellaswag without activity_label",
+        {"hs.jsonl": json.dumps({**HS_ITEM, "activity_label": None}) + "\n"},
+        ["in/hs.jsonl", "--hellaswag"],
+        None,
+        ["hs.jsonl, line 1", "must be text"],
+    ),
     ("hellaswag no items", {"hs.jsonl": "\n"}, ["in/hs.jsonl", "--hellaswag"], None, ["empty"]),
     (
         "alpaca without output",
@@ -1392,7 +1400,13 @@ BAD_INPUTS = [  # (name, files in in/, arguments after --files, setup, words the
         half_made_by_another_command,
         ["another command", "shard_size", "delete"],
     ),
-    ("disk full", {}, ["in/ok.jsonl"], disk_full, ["cannot write", "No space left", ".tmp"]),
+    (
+        "disk full",
+        {},
+        ["in/ok.jsonl"],
+        failing_writes(errno.ENOSPC),
+        ["cannot write", "No space left", ".tmp"],
+    ),
     (
         "quota exceeded",
         {},
@@ -3435,6 +3449,17 @@ def test_compare_train_against_build_nanogpt(capsys):
     ours = next(line for line in out.splitlines() if line.startswith("ours "))
     assert "tokens/s" in ours and "peak memory +" in ours and "build-nanogpt" in out
     assert "x build-nanogpt's speed" in out
+
+
+def test_compare_tokenize_against_a_pool(tmp_path, capsys):
+    """dev/compare.py tokenize, which the README quotes: both ways count the same tokens."""
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": doc * 20}) + "\n" for doc in DOCS[:4]))
+    compare.main(["tokenize", "--files", str(corpus), "--num_proc", "1"])
+    out = capsys.readouterr().out
+    counts = re.findall(r"^(?:prepare_data.py|Pool.imap chunksize=16) +([\d,]+) tokens", out, re.M)
+    assert len(counts) == 2 and counts[0] == counts[1] != "0", out
+    assert "ratio (ours / Pool.imap)" in out
 
 
 # -----------------------------------------------------------------------------

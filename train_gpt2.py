@@ -1191,7 +1191,7 @@ def flags():
     compile_default = int(torch.cuda.is_available() and sys.platform != "win32")
     models = "gpt2, gpt2-medium, gpt2-large, gpt2-xl | a .pt | a run or Hugging Face GPT-2 folder"
     run = "pretrain finetune sample chat eval bench"
-    train = "pretrain finetune"
+    train = " ".join(TRAIN)
     new = "pretrain bench"
     return [
         (
@@ -1412,7 +1412,8 @@ def check_data(data_dir, mode):
             f"--out_dir {folder}, then give --data_dir {folder}"
         )
     try:
-        meta = json.load(open(os.path.join(data_dir, "meta.json")))
+        with open(os.path.join(data_dir, "meta.json")) as f:
+            meta = json.load(f)
         kind = meta["kind"]
         # Each split's shards, and their lengths.
         shards = {}

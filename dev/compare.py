@@ -272,12 +272,12 @@ def compare_tokenize(args, doc_chars=4000):
                 docs, piece = docs + [piece], ""
         docs.append(piece)
     speeds = {}
+    counts = {}
     for name in ("prepare_data.py", "Pool.imap chunksize=16") * 3:
         t0, n = time.perf_counter(), 0
         if name == "prepare_data.py":
-            for _, tokens in pdata.tokenize_in_parallel(
-                pdata.batches_of_documents((d, None) for d in docs), args.num_proc
-            ):
+            batches = pdata.batches_of_documents(((d, None) for d in docs), start=None)
+            for _, tokens in pdata.tokenize_in_parallel(batches, args.num_proc, lock=None):
                 n += len(tokens)
         else:
             with mp.Pool(args.num_proc) as pool:
@@ -285,9 +285,11 @@ def compare_tokenize(args, doc_chars=4000):
                     len(tokens) for tokens in pool.imap(tokenize_like_fineweb, docs, chunksize=16)
                 )
         speeds[name] = max(speeds.get(name, 0), n / (time.perf_counter() - t0))
+        counts[name] = n
     for name, speed in speeds.items():
         print(
-            f"{name:24s} {n:,} tokens of {len(docs):,} documents, {args.num_proc} processes: {speed:,.0f} tokens/s"
+            f"{name:24s} {counts[name]:,} tokens of {len(docs):,} documents, {args.num_proc} "
+            f"processes: {speed:,.0f} tokens/s"
         )
     print(
         f"ratio (ours / Pool.imap): {speeds['prepare_data.py'] / speeds['Pool.imap chunksize=16']:.2f}x"

@@ -60,8 +60,7 @@ if [ "$DRY" = 1 ]; then
     DEV="--device cpu"
     C=${DRY_COMPILE:-0}
     SIZE="--n_layer 2 --n_head 2 --n_embd 64 --block_size 64"
-    BENCH="$SIZE --batch_size 4 --bench_steps 2 --bench_warmup 1"
-    BENCH_SHORT=$BENCH
+    BENCH_SHORT="$SIZE --batch_size 4 --bench_steps 2 --bench_warmup 1"
     GEN="$SIZE --max_new_tokens 8 --rounds 1"
     ANCHOR="$SIZE --batch_size 4 --rounds 2"
     PRE="$SIZE --batch_size 4 --total_batch_size 512 --max_steps 4 --warmup_steps 1 --eval_interval 2 --val_steps 1 --eval_samples 1 --ckpt_interval 2 --hellaswag_limit 8"
@@ -72,7 +71,6 @@ else
     DEV=""  # auto: cuda
     C=1
     SIZE=""  # GPT-2 124M, block 1024
-    BENCH="--batch_size 64"  # 20 timed steps after 5 warm-up (the defaults)
     BENCH_SHORT="--batch_size 64 --bench_steps 10 --bench_warmup 3"
     GEN="--n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --max_new_tokens 200 --rounds 5"  # GPT-2 124M
     ANCHOR="--n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --batch_size 16 --rounds 10"  # eager, both sides
